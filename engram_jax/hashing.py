@@ -1,0 +1,272 @@
+"""Compressed vocabulary and multi-head n-gram hashing for Engram.
+
+Everything here is pure and deterministic. `ngram_hash_ids` has a single body that
+runs on NumPy arrays (host: data pipelines, prefetch, offload) and on jax arrays under
+`jit` (device: training, generation). It uses only wrapping unsigned 32-bit arithmetic
+(multiply, XOR, shift, `mod p`), so both paths give bit-identical ids without
+`jax_enable_x64`.
+
+Notation: B batch, T sequence, O n-gram orders (2..N, so O = N-1), K hash heads per
+order, H = O*K heads in all, L Engram layers, N max n-gram order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import unicodedata
+from typing import Any, Sequence
+
+import numpy as np
+
+try:  # the host path must work without jax installed (data workers)
+  import jax.numpy as jnp
+except ImportError:  # pragma: no cover
+  jnp = None
+
+# Id of positions before the start of a sequence (or off the image grid). No
+# compressed token has this id: compressed vocabularies are far smaller than 2**32.
+PAD_ID = 0xFFFFFFFF
+
+# Seed stride between layers, as in the reference implementation.
+_LAYER_SEED_STRIDE = 10007
+_MAX_HEAD_ROWS = 2**31 - 1  # row ids are int32 on device (no x64)
+
+
+# ----------------------------------------------------------------------------------
+# Compressed vocabulary
+# ----------------------------------------------------------------------------------
+_WHITESPACE_RUN = re.compile(r"[ \t\r\n]+")
+
+
+def normalize_token_text(text: str) -> str:
+  """The canonical form two tokens must share to be merged.
+
+  NFKC, then NFD with combining marks removed (strip accents), lower-case, runs of
+  whitespace folded to one space, outer spaces stripped; a token that is only
+  whitespace keeps a single space so it does not merge with the empty string.
+  """
+  text = unicodedata.normalize("NFKC", text)
+  text = unicodedata.normalize("NFD", text)
+  text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
+  text = _WHITESPACE_RUN.sub(" ", text.lower())
+  if text == " ":
+    return text
+  return text.strip()
+
+
+def compressed_vocab_from_texts(texts: Sequence[str | None]) -> np.ndarray:
+  """Maps token id -> compressed id, merging tokens whose normalised texts are equal.
+
+  `texts[i]` is the decoded text of token i, or None when it does not decode to valid
+  text (a partial UTF-8 byte): such tokens keep an id of their own. Compressed ids are
+  dense, assigned in order of first appearance.
+  """
+  key_to_new: dict[Any, int] = {}
+  out = np.empty(len(texts), dtype=np.int32)
+  for token_id, text in enumerate(texts):
+    if text is None:
+      key: Any = ("raw", token_id)
+    else:
+      norm = normalize_token_text(text)
+      key = norm if norm else text
+    out[token_id] = key_to_new.setdefault(key, len(key_to_new))
+  return out
+
+
+def compressed_vocab_from_tokenizer(tokenizer) -> np.ndarray:
+  """Compressed vocabulary of a Hugging Face `tokenizers.Tokenizer`."""
+  texts = []
+  for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    texts.append(None if "\ufffd" in text else text)
+  return compressed_vocab_from_texts(texts)
+
+
+def identity_vocab(vocab_size: int) -> np.ndarray:
+  """The map used when there is no tokenizer (images, toy data)."""
+  return np.arange(vocab_size, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------------
+# Table sizes and multipliers
+# ----------------------------------------------------------------------------------
+def is_prime(n: int) -> bool:
+  """Deterministic Miller-Rabin, exact for every n < 3.3e24."""
+  if n < 2:
+    return False
+  small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+  for p in small:
+    if n % p == 0:
+      return n == p
+  d, s = n - 1, 0
+  while d % 2 == 0:
+    d //= 2
+    s += 1
+  for a in small:
+    x = pow(a, d, n)
+    if x in (1, n - 1):
+      continue
+    for _ in range(s - 1):
+      x = pow(x, 2, n)
+      if x == n - 1:
+        break
+    else:
+      return False
+  return True
+
+
+def _next_prime(after: int, taken: set[int]) -> int:
+  candidate = after + 1
+  while not is_prime(candidate) or candidate in taken:
+    candidate += 1
+  return candidate
+
+
+def head_table_sizes(num_layers: int, max_ngram: int, heads: int,
+                     min_rows: Sequence[int]) -> np.ndarray:
+  """Prime table sizes `[L, O, K]`, each >= its order's minimum, all distinct.
+
+  Search order (layer, order, head) and start point (`min_rows[o] - 1`) follow the
+  reference, so primes are distinct across heads, orders and layers.
+  """
+  taken: set[int] = set()
+  sizes = np.zeros((num_layers, max_ngram - 1, heads), dtype=np.int64)
+  for layer in range(num_layers):
+    for order in range(max_ngram - 1):
+      start = int(min_rows[order]) - 1
+      for head in range(heads):
+        start = _next_prime(start, taken)
+        taken.add(start)
+        sizes[layer, order, head] = start
+  if sizes.size and sizes.max() > _MAX_HEAD_ROWS:
+    raise ValueError(
+        f"engram.table_size: a head table of {sizes.max()} rows does not fit int32 row "
+        f"ids; use at most {_MAX_HEAD_ROWS} rows per head (add heads instead).")
+  return sizes
+
+
+def layer_multipliers(seed: int, layer_id: int, max_ngram: int,
+                      heads: int) -> np.ndarray:
+  """Odd uint32 multipliers `[O, K, N]` of one layer; zero past each order's length.
+
+  Per-layer seeding (`seed + 10007 * layer_id`) decorrelates layers; every head has its
+  own multipliers so the heads of one order are independent hash functions.
+  """
+  rng = np.random.default_rng(seed + _LAYER_SEED_STRIDE * layer_id)
+  mult = rng.integers(0, 2**31, size=(max_ngram - 1, heads, max_ngram),
+                      dtype=np.uint64) * 2 + 1
+  order_len = np.arange(2, max_ngram + 1)[:, None, None]  # n of each order
+  mult = np.where(np.arange(max_ngram)[None, None, :] < order_len, mult, 0)
+  return mult.astype(np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class HashSpec:
+  """Everything the hash of every Engram layer needs, as NumPy constants.
+
+  table_sizes_LxOxK: prime rows of each head's table.
+  multipliers_LxOxKxN: odd uint32 multipliers (0 past an order's length).
+  offsets_LxH: first row of each head in its layer's flat table.
+  """
+  layer_ids: tuple[int, ...]
+  max_ngram: int
+  heads: int
+  table_sizes_LxOxK: np.ndarray
+  multipliers_LxOxKxN: np.ndarray
+
+  @property
+  def num_heads_total(self) -> int:  # H
+    return (self.max_ngram - 1) * self.heads
+
+  @property
+  def sizes_LxH(self) -> np.ndarray:
+    return self.table_sizes_LxOxK.reshape(len(self.layer_ids), -1)
+
+  @property
+  def offsets_LxH(self) -> np.ndarray:
+    sizes = self.sizes_LxH
+    return np.concatenate(
+        [np.zeros_like(sizes[:, :1]), np.cumsum(sizes, axis=1)[:, :-1]], axis=1)
+
+  def rows(self, layer_index: int) -> int:
+    """Total rows of one layer's flat table."""
+    return int(self.sizes_LxH[layer_index].sum())
+
+
+@functools.lru_cache(maxsize=64)
+def make_hash_spec(layer_ids: tuple[int, ...], max_ngram: int, heads: int,
+                   min_rows: tuple[int, ...], seed: int) -> HashSpec:
+  """Builds (and caches) the hash constants of a configuration."""
+  sizes = head_table_sizes(len(layer_ids), max_ngram, heads, min_rows)
+  mults = np.zeros((0, max_ngram - 1, heads, max_ngram), np.uint32)
+  if layer_ids:
+    mults = np.stack([layer_multipliers(seed, l, max_ngram, heads) for l in layer_ids])
+  for constant in (sizes, mults):  # cached and shared: never to be edited in place
+    constant.setflags(write=False)
+  return HashSpec(tuple(layer_ids), max_ngram, heads, sizes, mults)
+
+
+# ----------------------------------------------------------------------------------
+# Hashing: one body for NumPy and jax
+# ----------------------------------------------------------------------------------
+def _xp(x):
+  return np if isinstance(x, (np.ndarray, np.generic)) else jnp
+
+
+def _fmix32(h, xp):
+  """Murmur3's 32-bit finaliser: spreads every input bit over the output bits."""
+  h = h ^ (h >> xp.uint32(16))
+  h = h * xp.uint32(0x85EBCA6B)
+  h = h ^ (h >> xp.uint32(13))
+  h = h * xp.uint32(0xC2B2AE35)
+  return h ^ (h >> xp.uint32(16))
+
+
+def mix_windows(windows_BxTxN, multipliers_LxOxKxN):
+  """Per-(layer, order, head) hash values `[B, T, L, O, K]` of n-gram windows.
+
+  `windows_BxTxN[..., k]` is the token k steps back from the predicted position (k = 0
+  is the current token); the 1D and 2D hashes differ only in how they build windows.
+  """
+  xp = _xp(windows_BxTxN)
+  w = windows_BxTxN.astype(xp.uint32)
+  m = xp.asarray(multipliers_LxOxKxN, dtype=xp.uint32)
+  mix = None
+  for k in range(m.shape[-1]):
+    term = w[:, :, None, None, None, k] * m[None, None, ..., k]
+    mix = term if mix is None else mix ^ term
+  return _fmix32(mix, xp)
+
+
+def hash_windows(windows_BxTxN, spec: HashSpec):
+  """Row ids `[B, T, L, H]` (int32, within each head's table) of n-gram windows."""
+  xp = _xp(windows_BxTxN)
+  mix = mix_windows(windows_BxTxN, spec.multipliers_LxOxKxN)
+  sizes = xp.asarray(spec.table_sizes_LxOxK.astype(np.uint32))
+  ids = mix % sizes[None, None]
+  b, t = windows_BxTxN.shape[:2]
+  return ids.reshape(b, t, len(spec.layer_ids), -1).astype(xp.int32)
+
+
+def ngram_windows(tokens_BxT, max_ngram: int, history_BxP=None):
+  """Windows `[B, T, N]` of the last N tokens at every position (1D, causal).
+
+  history_BxP: the P >= N-1 tokens that precede position 0 (decoding); PAD_ID when
+  None (start of sequence).
+  """
+  xp = _xp(tokens_BxT)
+  tokens = tokens_BxT.astype(xp.uint32)
+  b, t = tokens.shape
+  if history_BxP is None:
+    history = xp.full((b, max_ngram - 1), PAD_ID, dtype=xp.uint32)
+  else:
+    history = history_BxP.astype(xp.uint32)[:, history_BxP.shape[1] - (max_ngram - 1):]
+  ext = xp.concatenate([history, tokens], axis=1)
+  start = max_ngram - 1
+  return xp.stack([ext[:, start - k:start - k + t] for k in range(max_ngram)], axis=-1)
+
+
+def ngram_hash_ids(tokens_BxT, spec: HashSpec, history_BxP=None):
+  """Row ids `[B, T, L, H]` of the 1D n-grams ending at every position."""
+  return hash_windows(ngram_windows(tokens_BxT, spec.max_ngram, history_BxP), spec)
