@@ -1,0 +1,201 @@
+"""Typed model configuration and its validation.
+
+`configs/*.py` build `ml_collections.ConfigDict`s for the command line; `from_dict`
+turns their `model` part into these frozen dataclasses, which are hashable (so they can
+be static under `jit`) and validated before anything is traced or compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Union
+
+from engram_jax import hashing
+
+GateMode = Union[str, float]
+_GATE_NAMES = ("learned", "off")
+_REMAT = ("none", "full", "dots")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngramConfig:
+  """Where Engram sits and how its memory is hashed, stored and fused."""
+  layers: tuple[int, ...] = ()         # block indices with Engram; () = baseline
+  max_ngram: int = 3                   # N: orders 2..N are hashed
+  heads: int = 4                       # K hash heads per order
+  embed_per_ngram: int = 64            # width of one order's lookup (K * head_dim)
+  table_size: tuple[int, ...] = (10007,)  # min rows per head table, per order (or one for all)
+  kernel_size: int = 4                 # short causal conv taps (dilation = max_ngram)
+  gate: GateMode = "learned"           # "learned" | "off" | constant in [0, 1]
+  table_trainable: bool = True
+  table_init_std: float = 1.0
+  seed: int = 0
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_per_ngram // self.heads
+
+  @property
+  def orders(self) -> int:
+    return self.max_ngram - 1
+
+  @property
+  def features(self) -> int:
+    """Width of the concatenated lookup e_t: (N-1) * K * head_dim."""
+    return self.orders * self.embed_per_ngram
+
+  def min_rows_per_order(self) -> tuple[int, ...]:
+    sizes = tuple(self.table_size)
+    return sizes * self.orders if len(sizes) == 1 else sizes
+
+  def hash_spec(self) -> hashing.HashSpec:
+    return hashing.make_hash_spec(tuple(self.layers), self.max_ngram, self.heads,
+                                  self.min_rows_per_order(), self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only backbone; `engram.layers = ()` gives the plain baseline."""
+  vocab_size: int = 256
+  width: int = 64                      # d_model
+  depth: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 0                    # 0 = width // num_heads
+  mlp_dim: int = 0                     # 0 = 4 * width (SwiGLU hidden)
+  max_len: int = 256                   # longest sequence (KV cache size)
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-6
+  dtype: str = "float32"               # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"                  # "none" | "full" | "dots"
+  branches: int = 1                    # residual streams (hyper-connections; 1 = plain)
+  engram: EngramConfig = EngramConfig()
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+  @property
+  def resolved_mlp_dim(self) -> int:
+    return self.mlp_dim or 4 * self.width
+
+
+def _fail(field: str, got: Any, allowed: str) -> None:
+  raise ValueError(f"{field}={got!r} is invalid: {allowed}")
+
+
+def validate_gate(gate: GateMode) -> None:
+  if isinstance(gate, str):
+    if gate not in _GATE_NAMES:
+      try:
+        float(gate)
+      except ValueError:
+        _fail("engram.gate", gate, "use 'learned', 'off' or a constant in [0, 1]")
+      else:
+        validate_gate(float(gate))
+    return
+  if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0.0 <= gate <= 1.0:
+    _fail("engram.gate", gate, "use 'learned', 'off' or a constant in [0, 1]")
+
+
+def gate_constant(gate: GateMode) -> float | None:
+  """The fixed gate value, or None for a learned gate."""
+  if gate == "learned":
+    return None
+  if gate == "off":
+    return 0.0
+  return float(gate)
+
+
+def validate(cfg: ModelConfig) -> ModelConfig:
+  """Raises ValueError naming the first invalid field and what it accepts."""
+  for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "max_len",
+               "branches"):
+    if getattr(cfg, name) < 1:
+      _fail(f"model.{name}", getattr(cfg, name), "must be >= 1")
+  if cfg.head_dim == 0 and cfg.width % cfg.num_heads:
+    _fail("model.num_heads", cfg.num_heads,
+          f"must divide model.width={cfg.width} (or set model.head_dim)")
+  if cfg.num_heads % cfg.num_kv_heads:
+    _fail("model.num_kv_heads", cfg.num_kv_heads,
+          f"must divide model.num_heads={cfg.num_heads} (grouped-query attention)")
+  if cfg.resolved_head_dim % 2:
+    _fail("model.head_dim", cfg.resolved_head_dim, "must be even (RoPE rotates pairs)")
+  if cfg.branches != 1:
+    _fail("model.branches", cfg.branches,
+          "the LM backbone has one residual stream (hyper-connections add more); "
+          "the Engram layer itself takes any number of branches")
+  if cfg.remat not in _REMAT:
+    _fail("model.remat", cfg.remat, f"choose one of {_REMAT}")
+  for name in ("dtype", "param_dtype"):
+    if getattr(cfg, name) not in _DTYPES:
+      _fail(f"model.{name}", getattr(cfg, name), f"choose one of {_DTYPES}")
+
+  e = cfg.engram
+  if e.max_ngram < 2:
+    _fail("engram.max_ngram", e.max_ngram, "must be >= 2 (orders 2..max_ngram are hashed)")
+  if e.heads < 1:
+    _fail("engram.heads", e.heads, "must be >= 1")
+  if e.embed_per_ngram < 1 or e.embed_per_ngram % e.heads:
+    _fail("engram.embed_per_ngram", e.embed_per_ngram,
+          f"must be a positive multiple of engram.heads={e.heads}")
+  if e.kernel_size < 1:
+    _fail("engram.kernel_size", e.kernel_size, "must be >= 1")
+  if len(set(e.layers)) != len(e.layers):
+    _fail("engram.layers", e.layers, "must not repeat a layer")
+  for layer in e.layers:
+    if not 0 <= layer < cfg.depth:
+      _fail("engram.layers", e.layers,
+            f"every index must be in [0, model.depth={cfg.depth})")
+  sizes = tuple(e.table_size)
+  if len(sizes) not in (1, e.orders):
+    _fail("engram.table_size", sizes,
+          f"give one size or one per order ({e.orders} for max_ngram={e.max_ngram})")
+  for size in sizes:
+    if size < e.heads:
+      _fail("engram.table_size", sizes,
+            f"every size must be >= engram.heads={e.heads} rows")
+  validate_gate(e.gate)
+  if e.table_init_std <= 0:
+    _fail("engram.table_init_std", e.table_init_std, "must be > 0")
+  return cfg
+
+
+def _as_tuple(value: Any) -> tuple:
+  if isinstance(value, str):
+    return tuple(int(v) for v in value.split(",") if v.strip())
+  if isinstance(value, (int, float)):
+    return (int(value),)
+  return tuple(int(v) for v in value)
+
+
+def from_dict(model: Mapping[str, Any]) -> ModelConfig:
+  """Builds and validates a ModelConfig from a (ConfigDict-like) mapping.
+
+  Unknown fields are errors; list fields accept "1,3" strings (command-line overrides).
+  """
+  model = dict(model)
+  engram = dict(model.pop("engram", {}) or {})
+  for name, fields, value in (("model", ModelConfig, model), ("engram", EngramConfig, engram)):
+    known = {f.name for f in dataclasses.fields(fields)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+      raise ValueError(f"{name}.{unknown[0]} is not a known field; known: {sorted(known)}")
+  for key in ("layers", "table_size"):
+    if key in engram:
+      engram[key] = _as_tuple(engram[key])
+  if "gate" in engram and isinstance(engram["gate"], str) and engram["gate"] not in _GATE_NAMES:
+    validate_gate(engram["gate"])
+    engram["gate"] = float(engram["gate"])
+  return validate(ModelConfig(**model, engram=EngramConfig(**engram)))
+
+
+def to_dict(cfg: ModelConfig) -> dict[str, Any]:
+  """Inverse of `from_dict` (JSON-friendly), stored beside checkpoints."""
+  out = dataclasses.asdict(cfg)
+  out["engram"]["layers"] = list(cfg.engram.layers)
+  out["engram"]["table_size"] = list(cfg.engram.table_size)
+  return out
+

@@ -1,0 +1,1 @@
+"""Flax linen building blocks: norms, attention, MLP, Engram."""

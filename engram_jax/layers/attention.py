@@ -1,0 +1,90 @@
+"""Grouped-query causal self-attention with RoPE and a fixed-size KV cache.
+
+Modes (static): None = full forward (training, scoring); "prefill" = full forward
+that also writes the prompt's keys/values into the cache; "decode" = the new
+positions attend to everything cached so far. Every row carries its own positions,
+so prompts of different lengths share one batch without left padding: a key slot s
+is visible to a query at position p iff s <= p.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax.layers.mlp import dense_init
+
+Mode = Optional[str]  # None | "prefill" | "decode"
+MODES = (None, "prefill", "decode")
+
+
+def rope(x_BxTxNxH, positions_BxT, theta: float):
+  """Rotary embedding over the last axis (pairs = the two halves)."""
+  half = x_BxTxNxH.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def write_at(buffer_BxSx_, update_BxTx_, start_B):
+  """Writes each row's update into its buffer at its own start index."""
+  def one(buf, upd, start):
+    return jax.lax.dynamic_update_slice_in_dim(buf, upd.astype(buf.dtype), start, axis=0)
+  return jax.vmap(one)(buffer_BxSx_, update_BxTx_, start_B)
+
+
+def gqa_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxTxS):
+  """Softmax attention where each of K kv heads serves N/K query heads."""
+  b, t, n, h = q_BxTxNxH.shape
+  kv = k_BxSxKxH.shape[2]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(h).astype(jnp.float32)
+  scores = jnp.where(visible_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  """Causal GQA with RoPE; keys/values live in the `cache` collection when decoding."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  max_len: int
+  rope_theta: float = 10000.0
+  mode: Mode = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT):
+    proj = lambda heads, axes, name: nn.DenseGeneral(
+        (heads, self.head_dim), use_bias=False, kernel_init=dense_init(axes),
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q = proj(self.num_heads, ("embed", "heads", "head_dim"), "query")(x_BxTxD)
+    k = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "key")(x_BxTxD)
+    v = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "value")(x_BxTxD)
+    q = rope(q, positions_BxT, self.rope_theta)
+    k = rope(k, positions_BxT, self.rope_theta)
+
+    if self.mode is None:
+      key_positions_BxS = positions_BxT
+    else:
+      b = x_BxTxD.shape[0]
+      shape = (b, self.max_len, self.num_kv_heads, self.head_dim)
+      cached_k = self.variable("cache", "k", jnp.zeros, shape, self.dtype)
+      cached_v = self.variable("cache", "v", jnp.zeros, shape, self.dtype)
+      cached_k.value = write_at(cached_k.value, k, positions_BxT[:, 0])
+      cached_v.value = write_at(cached_v.value, v, positions_BxT[:, 0])
+      k, v = cached_k.value, cached_v.value
+      key_positions_BxS = jnp.broadcast_to(jnp.arange(self.max_len), (b, self.max_len))
+    visible_BxTxS = key_positions_BxS[:, None, :] <= positions_BxT[:, :, None]
+    out_BxTxNxH = gqa_attention(q, k, v, visible_BxTxS)
+    return nn.DenseGeneral(
+        x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False,
+        kernel_init=dense_init(("heads", "head_dim", "embed")), dtype=self.dtype,
+        param_dtype=self.param_dtype, name="out")(out_BxTxNxH)

@@ -1,0 +1,139 @@
+"""The Engram layer: hashed n-gram memory fused through a context-aware gate.
+
+For a position t with hidden state h_t (one per residual branch m) and row ids z_t of
+its n-grams (from `engram_jax.hashing`, one per order and head):
+
+  e_t   = concat_{n,k} E[offset_{n,k} + z_{t,n,k}]         lookup, width (N-1)*K*d_head
+  key   = W_K^m e_t,  value = W_V e_t                      W_V shared, W_K per branch
+  s     = <RMSNorm(h_t^m), RMSNorm(key)> / sqrt(D)
+  alpha = sigmoid(sign(s) * sqrt(|s|))                     (or a constant, or 0)
+  v     = alpha * value
+  y     = v + SiLU(CausalDepthwiseConv(RMSNorm(v)))         kernel 4, dilation N, zero init
+
+and the block adds y to its residual stream. Row ids depend only on tokens, so the
+lookup can run anywhere (host-side hashing, sharded or offloaded tables).
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import config as config_lib
+from engram_jax.layers.attention import Mode
+from engram_jax.layers.mlp import dense_init
+from engram_jax.layers.norms import RMSNorm
+
+_GATE_EPS = 1e-6
+
+
+def lookup_rows(table_RxE, row_ids_BxTxH):
+  """Gathers `[B, T, H, E]` rows of a flat table (the unsharded lookup)."""
+  return jnp.take(table_RxE, row_ids_BxTxH, axis=0, mode="clip")
+
+
+def context_gate(h_norm_BxTxMxD, key_norm_BxTxMxD):
+  """alpha = sigmoid(sign(s) * sqrt(|s|)), s = <h, key> / sqrt(D); `[B, T, M, 1]`."""
+  width = h_norm_BxTxMxD.shape[-1]
+  s = jnp.sum(h_norm_BxTxMxD.astype(jnp.float32) * key_norm_BxTxMxD.astype(jnp.float32),
+              axis=-1, keepdims=True) / np.sqrt(width)
+  return jax.nn.sigmoid(jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), _GATE_EPS)))
+
+
+def causal_dilated_conv(x_BxTxC, kernel_KxC, dilation: int, history_BxPxC):
+  """Depthwise causal conv: y_t = sum_j kernel[j] * x[t - (K-1-j) * dilation].
+
+  history_BxPxC holds the P = (K-1)*dilation inputs before position 0 (zeros at the
+  start of a sequence, the decode state when generating).
+  """
+  taps = kernel_KxC.shape[0]
+  span = (taps - 1) * dilation
+  t = x_BxTxC.shape[1]
+  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
+  y = jnp.zeros_like(x_BxTxC)
+  for j in range(taps):
+    start = span - (taps - 1 - j) * dilation
+    y = y + kernel_KxC[j].astype(x_BxTxC.dtype) * ext[:, start:start + t]
+  return y
+
+
+def conv_history_at(ext_BxUxC, ends_B, span: int):
+  """The `span` inputs before each row's end (ext indexes from -span)."""
+  def one(row, end):
+    return jax.lax.dynamic_slice_in_dim(row, end, span, axis=0)
+  return jax.vmap(one)(ext_BxUxC, ends_B)
+
+
+class Engram(nn.Module):
+  """One Engram layer over M residual branches: `[B,T,M,D] x [B,T,H] -> [B,T,M,D]`.
+
+  table_rows: rows of this layer's flat table (sum of its heads' prime sizes).
+  In "prefill" mode `lengths_B` says where each row's prompt ends, so the conv state
+  for decoding is taken at the right place for prompts of different lengths.
+  """
+  engram: config_lib.EngramConfig
+  table_rows: int
+  norm_eps: float = 1e-6
+  mode: Mode = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _branch_norm(self, name):
+    return RMSNorm(("branch", "embed"), self.norm_eps, self.dtype, self.param_dtype,
+                   name=name)
+
+  @nn.compact
+  def __call__(self, h_BxTxMxD, row_ids_BxTxH, lengths_B: Optional[jax.Array] = None):
+    cfg = self.engram
+    b, t, branches, width = h_BxTxMxD.shape
+    table = self.param(
+        "table", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.table_init_std), ("table_rows", "table_dim")),
+        (self.table_rows, cfg.head_dim), self.param_dtype)
+    if not cfg.table_trainable:
+      table = jax.lax.stop_gradient(table)
+    e_BxTxF = lookup_rows(table, row_ids_BxTxH).reshape(b, t, cfg.features)
+    e_BxTxF = e_BxTxF.astype(self.dtype)
+
+    value_BxTxD = nn.Dense(
+        width, use_bias=False, kernel_init=dense_init(("engram_features", "embed")),
+        dtype=self.dtype, param_dtype=self.param_dtype, name="value")(e_BxTxF)
+
+    constant = config_lib.gate_constant(cfg.gate)
+    if constant is None:
+      w_key_MxFxD = self.param(
+          "key", nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(in_axis=1, out_axis=2),
+              ("branch", "engram_features", "embed")),
+          (branches, cfg.features, width), self.param_dtype)
+      key_BxTxMxD = jnp.einsum("btf,mfd->btmd", e_BxTxF, w_key_MxFxD.astype(self.dtype))
+      alpha_BxTxMx1 = context_gate(self._branch_norm("hidden_norm")(h_BxTxMxD),
+                                   self._branch_norm("key_norm")(key_BxTxMxD))
+    else:
+      alpha_BxTxMx1 = jnp.full((b, t, branches, 1), constant, jnp.float32)
+    v_BxTxMxD = (alpha_BxTxMx1 * value_BxTxD[:, :, None, :]).astype(self.dtype)
+
+    conv_in = self._branch_norm("conv_norm")(v_BxTxMxD).reshape(b, t, branches * width)
+    kernel = self.param(
+        "conv", nn.with_logical_partitioning(nn.initializers.zeros,
+                                             ("conv_taps", "branch", "embed")),
+        (cfg.kernel_size, branches, width), self.param_dtype)
+    conv_out = self._conv(conv_in, kernel.reshape(cfg.kernel_size, -1), lengths_B)
+    return v_BxTxMxD + nn.silu(conv_out).reshape(b, t, branches, width)
+
+  def _conv(self, x_BxTxC, kernel_KxC, lengths_B):
+    """Runs the short conv, reading and writing the decode state when caching."""
+    dilation = self.engram.max_ngram
+    span = (self.engram.kernel_size - 1) * dilation
+    b, t, c = x_BxTxC.shape
+    zeros = jnp.zeros((b, span, c), x_BxTxC.dtype)
+    if self.mode is None:
+      return causal_dilated_conv(x_BxTxC, kernel_KxC, dilation, zeros)
+    state = self.variable("cache", "conv_history", lambda: zeros)
+    history = zeros if self.mode == "prefill" else state.value
+    y = causal_dilated_conv(x_BxTxC, kernel_KxC, dilation, history)
+    ext = jnp.concatenate([history, x_BxTxC], axis=1)
+    ends = jnp.full((b,), t, jnp.int32) if lengths_B is None else lengths_B
+    state.value = conv_history_at(ext, ends, span)
+    return y

@@ -1,0 +1,1 @@
+"""Models built from engram_jax.layers."""

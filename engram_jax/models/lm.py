@@ -1,0 +1,198 @@
+"""EngramLM: a decoder-only Transformer with Engram memory at chosen layers.
+
+embed -> blocks -> RMSNorm -> logits. A block is pre-norm attention + SwiGLU; an
+Engram block first adds the Engram output to its residual stream. Runs of plain blocks
+between Engram layers are one `nn.scan` each, so compile time does not grow with depth.
+
+Hash ids of all Engram layers depend only on the tokens, so they are computed once up
+front (or given by the data pipeline as `hash_ids`). Engram hashes the compressed
+vocabulary: pass `ngram_tokens` (compressed ids) unless the map is the identity.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import config as config_lib
+from engram_jax import hashing
+from engram_jax.layers.attention import Attention, Mode
+from engram_jax.layers.engram import Engram
+from engram_jax.layers.mlp import SwiGLU
+from engram_jax.layers.norms import RMSNorm
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+class Block(nn.Module):
+  """Pre-norm block; with `engram_index` set, Engram first adds to the residual."""
+  cfg: config_lib.ModelConfig
+  engram_index: Optional[int] = None
+  mode: Mode = None
+
+  @nn.compact
+  def __call__(self, h_BxTxD, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None):
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    norm = lambda name: RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name=name)
+    if self.engram_index is not None:
+      spec = cfg.engram.hash_spec()
+      i = self.engram_index
+      offsets = jnp.asarray(spec.offsets_LxH[i].astype(np.int32))
+      row_ids_BxTxH = hash_ids_BxTxLxH[:, :, i, :] + offsets
+      y = Engram(cfg.engram, spec.rows(i), cfg.norm_eps, self.mode, dtype, pdtype,
+                 name="engram")(h_BxTxD[:, :, None, :], row_ids_BxTxH, lengths_B)
+      h_BxTxD = h_BxTxD + y[:, :, 0, :]
+    h_BxTxD = h_BxTxD + Attention(
+        cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.max_len,
+        cfg.rope_theta, self.mode, dtype, pdtype, name="attention")(
+            norm("attention_norm")(h_BxTxD), positions_BxT)
+    h_BxTxD = h_BxTxD + SwiGLU(cfg.resolved_mlp_dim, dtype, pdtype, name="mlp")(
+        norm("mlp_norm")(h_BxTxD))
+    return h_BxTxD
+
+
+class ScanBlock(Block):
+  """Block with the (carry, x) -> (carry, y) signature `nn.scan` wants."""
+
+  def __call__(self, h_BxTxD, positions_BxT):  # pytype: disable=signature-mismatch
+    return super().__call__(h_BxTxD, positions_BxT), None
+
+
+def segments(cfg: config_lib.ModelConfig) -> list[tuple[str, int, int]]:
+  """The layer plan: ("engram", layer, 1) or ("scan", first_layer, run_length)."""
+  engram_layers = set(cfg.engram.layers)
+  plan, run_start = [], 0
+  for layer in range(cfg.depth + 1):
+    if layer == cfg.depth or layer in engram_layers:
+      if layer > run_start:
+        plan.append(("scan", run_start, layer - run_start))
+      if layer < cfg.depth:
+        plan.append(("engram", layer, 1))
+      run_start = layer + 1
+  return plan
+
+
+def _maybe_remat(module_cls, cfg, static_argnums=()):
+  if cfg.remat == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False,
+                  static_argnums=static_argnums)
+
+
+class EngramLM(nn.Module):
+  """Logits `[B, T, V]` (float32) for tokens `[B, T]`.
+
+  positions_BxT: absolute positions (default 0..T-1), used by RoPE and the cache.
+  ngram_tokens_BxT: compressed-vocabulary ids Engram hashes (default: the tokens).
+  hash_ids_BxTxLxH: precomputed row ids (host-side hashing); skips in-graph hashing.
+  lengths_B: prompt lengths, "prefill" mode only (where each row's decode state is).
+  mode: None (full forward), "prefill" or "decode" (see layers/attention.py).
+  """
+  cfg: config_lib.ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, *, positions_BxT=None, ngram_tokens_BxT=None,
+               hash_ids_BxTxLxH=None, lengths_B=None, mode: Mode = None):
+    cfg = self.cfg
+    b, t = tokens_BxT.shape
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cfg.engram.layers and hash_ids_BxTxLxH is None:
+      hash_ids_BxTxLxH = self._hash(
+          tokens_BxT if ngram_tokens_BxT is None else ngram_tokens_BxT, lengths_B, mode)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=pdtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(1.0), ("vocab", "embed")), name="embed")
+    h_BxTxD = embed(tokens_BxT)
+
+    for kind, first, length in segments(cfg):
+      if kind == "engram":
+        block = _maybe_remat(Block, cfg)(cfg, engram_index=cfg.engram.layers.index(first),
+                                         mode=mode, name=f"block_{first}")
+        h_BxTxD = block(h_BxTxD, positions_BxT, hash_ids_BxTxLxH, lengths_B)
+      else:
+        scanned = nn.scan(
+            _maybe_remat(ScanBlock, cfg), variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True}, in_axes=nn.broadcast, length=length,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        h_BxTxD, _ = scanned(cfg, mode=mode, name=f"blocks_{first}_{first + length - 1}")(
+            h_BxTxD, positions_BxT)
+
+    h_BxTxD = RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name="final_norm")(h_BxTxD)
+    if cfg.tie_embeddings:
+      logits = embed.attend(h_BxTxD)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
+                        kernel_init=nn.with_logical_partitioning(
+                            nn.initializers.lecun_normal(), ("embed", "vocab")),
+                        name="unembed")(h_BxTxD)
+    return logits.astype(jnp.float32)
+
+  def _hash(self, ngram_tokens_BxT, lengths_B, mode):
+    """In-graph hashing; when caching, keeps the last N-1 tokens as decode state."""
+    spec = self.cfg.engram.hash_spec()
+    if mode is None:
+      return hashing.ngram_hash_ids(ngram_tokens_BxT, spec)
+    b, t = ngram_tokens_BxT.shape
+    keep = spec.max_ngram - 1
+    pad = jnp.full((b, keep), hashing.PAD_ID, jnp.uint32)
+    state = self.variable("cache", "ngram_history", lambda: pad)
+    history = pad if mode == "prefill" else state.value
+    ids = hashing.ngram_hash_ids(ngram_tokens_BxT, spec, history)
+    ext = jnp.concatenate([history, ngram_tokens_BxT.astype(jnp.uint32)], axis=1)
+    ends = jnp.full((b,), t, jnp.int32) if lengths_B is None else lengths_B
+    state.value = jax.vmap(lambda row, end: jax.lax.dynamic_slice_in_dim(row, end, keep))(
+        ext, ends)
+    return ids
+
+
+# ----------------------------------------------------------------------------------
+# Moving parameters between layer plans (baseline <-> Engram at other layers)
+# ----------------------------------------------------------------------------------
+def unstack_blocks(params, cfg: config_lib.ModelConfig) -> list[dict]:
+  """Per-layer block params (scanned runs split), in layer order."""
+  layers = []
+  for kind, first, length in segments(cfg):
+    if kind == "engram":
+      layers.append(params[f"block_{first}"])
+    else:
+      stacked = params[f"blocks_{first}_{first + length - 1}"]
+      layers.extend(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+                    for i in range(length))
+  return layers
+
+
+def relayout_params(params, src: config_lib.ModelConfig, dst: config_lib.ModelConfig,
+                    engram_params: Optional[dict] = None):
+  """The same backbone weights laid out for `dst`'s Engram layers.
+
+  Engram sub-trees are dropped where `dst` has none; where `dst` has Engram at a layer,
+  `engram_params[layer]` (or the source's Engram params at that layer) fill it.
+  """
+  layers = unstack_blocks(params, src)
+  engram_params = dict(engram_params or {})
+  out = {k: v for k, v in params.items() if not k.startswith("block")}
+  for kind, first, length in segments(dst):
+    chunk = [{k: v for k, v in layers[l].items() if k != "engram"}
+             for l in range(first, first + length)]
+    if kind == "engram":
+      source = engram_params.get(first, layers[first].get("engram"))
+      if source is None:
+        raise ValueError(f"relayout_params: no Engram params for layer {first}; pass "
+                         "engram_params={layer: params} for layers the source lacks")
+      out[f"block_{first}"] = {**chunk[0], "engram": source}
+    else:
+      out[f"blocks_{first}_{first + length - 1}"] = jax.tree_util.tree_map(
+          lambda *xs: jnp.stack(xs), *chunk)
+  return out

@@ -1,0 +1,51 @@
+"""Optimizer with the paper's parameter groups.
+
+Engram tables train with their own learning-rate multiplier and no weight decay (a
+frozen table gets no update at all); norms and other vectors get no weight decay;
+matrices get AdamW. Gradients are clipped by global norm first.
+"""
+from typing import Any, Callable, Union
+
+import jax
+import optax
+
+Schedule = Union[float, Callable[[Any], Any]]
+
+
+def param_group(path, leaf) -> str:
+  """'table' for Engram tables, 'no_decay' for vectors, 'decay' for the rest."""
+  names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+  if names and names[-1] == "table" and "engram" in names:
+    return "table"
+  if names and names[-1] in ("scale", "bias", "conv"):
+    return "no_decay"
+  return "decay"
+
+
+def param_groups(params):
+  return jax.tree_util.tree_map_with_path(param_group, params)
+
+
+def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
+                  final_fraction: float = 0.1) -> optax.Schedule:
+  """Linear warm-up to `peak_lr`, then cosine decay to `final_fraction * peak_lr`."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak_lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+      end_value=peak_lr * final_fraction)
+
+
+def make_optimizer(learning_rate: Schedule, *, weight_decay: float = 0.1,
+                   table_lr_multiplier: float = 1.0, table_trainable: bool = True,
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   grad_clip: float = 1.0) -> optax.GradientTransformation:
+  lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+  table_lr = lambda step: lr(step) * table_lr_multiplier
+  groups = {
+      "decay": optax.adamw(lr, b1, b2, eps, weight_decay=weight_decay),
+      "no_decay": optax.adam(lr, b1, b2, eps),
+      "table": optax.adam(table_lr, b1, b2, eps) if table_trainable else optax.set_to_zero(),
+  }
+  chain = [optax.multi_transform(groups, param_groups)]
+  if grad_clip and grad_clip > 0:
+    chain.insert(0, optax.clip_by_global_norm(grad_clip))
+  return optax.chain(*chain)
