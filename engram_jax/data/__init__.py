@@ -1,0 +1,1 @@
+"""Input pipelines: text (LM) and images, built on grain."""

@@ -1,0 +1,649 @@
+"""Text batches for LM training: documents -> tokens -> packed rows -> batches (grain).
+
+Sources (`TextDataConfig.source`):
+  "stdlib": the running interpreter's standard-library `*.py` files (a real corpus on
+            every machine); `site-packages`, `test`/`tests`/`idle_test` dirs skipped.
+  "files":  local text files matching `files_glob` (recursive `**` allowed).
+  "tfds":   a tfds dataset prepared as ArrayRecord, read with `tfds.data_source`.
+
+Local corpora are split into train/val by file (a stable hash of the path relative to
+the corpus root), tokenized once into a flat int32 stream (every document followed by
+EOS) cached as `.npy`, and cut into rows of `seq_len + 1` tokens: random access over
+rows makes shuffling, per-process sharding and resuming exact and cheap. tfds datasets
+(too large to tokenize up front) are streamed: records are shuffled, tokenized and
+packed by grain's concat-then-split.
+
+Every batch is a dict of int32 NumPy arrays: `inputs`, `targets` `[b, T]` (a row's
+tokens shifted by one), plus `ngram_tokens` `[b, T]` (compressed ids) and `hash_ids`
+`[b, T, L, H]` when asked to hash on the host. Rows are independent sequences: the
+n-gram history is padding at every row start, as in the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import sysconfig
+import tempfile
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+import tokenizers
+
+from engram_jax import hashing
+from engram_jax import tokenizer as tokenizer_lib
+
+_SOURCES = ("stdlib", "files", "tfds")
+_SPLITS = ("train", "val")
+_STDLIB_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+_CACHE_VERSION = 1
+_ENCODE_CHUNK = 64          # documents per `encode_batch` call
+_TOKENIZER_SAMPLE_RECORDS = 50_000  # leading tfds train records a BPE is trained on
+_TOKENIZER_SAMPLE_FILES = 64
+# A few batches ahead is enough for a trainer; grain's default (500) would hold
+# hundreds of batches of hash ids in memory. tfds records are small: read further ahead.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+_RECORD_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataConfig:
+  """Where text comes from and how it is cut into batches (see the module docstring)."""
+  source: str = "stdlib"            # "stdlib" | "files" | "tfds"
+  files_glob: str = ""
+  tfds_name: str = ""               # e.g. "lm1b"
+  tfds_data_dir: str = ""           # default: $TFDS_DATA_DIR (gs:// works)
+  tfds_train_split: str = "train"
+  tfds_val_split: str = "test"
+  text_field: str = "text"
+  val_fraction: float = 0.02
+  max_files: int = 0                # 0 = all; small values for tests/tiny runs
+  seq_len: int = 128
+  batch_size: int = 8               # global; per process: batch_size // process_count
+  seed: int = 0
+  worker_count: int = 0
+  tokenizer_path: str = ""
+  vocab_size: int = 1024            # BPE size when training a tokenizer
+
+
+def validate(cfg: TextDataConfig) -> TextDataConfig:
+  """Fails on the first bad field, naming it, before any file is read."""
+  if cfg.source not in _SOURCES:
+    raise ValueError(f"data.source={cfg.source!r}: use one of {list(_SOURCES)}.")
+  if cfg.source == "files" and not cfg.files_glob:
+    raise ValueError("data.files_glob is empty: set it to a glob of text files "
+                     "(e.g. '/data/**/*.txt') when data.source='files'.")
+  if cfg.source == "tfds" and not cfg.tfds_name:
+    raise ValueError("data.tfds_name is empty: set it (e.g. 'lm1b') when "
+                     "data.source='tfds'.")
+  if not 0.0 <= cfg.val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction={cfg.val_fraction}: use a value in [0, 1).")
+  for name in ("seq_len", "batch_size"):
+    if getattr(cfg, name) < 1:
+      raise ValueError(f"data.{name}={getattr(cfg, name)}: use a positive integer.")
+  for name in ("max_files", "worker_count"):
+    if getattr(cfg, name) < 0:
+      raise ValueError(f"data.{name}={getattr(cfg, name)}: use 0 or more.")
+  return cfg
+
+
+def per_process_batch(cfg: TextDataConfig, process_index: int,
+                      process_count: int) -> int:
+  """Rows each process contributes to a global batch."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+  if cfg.batch_size % process_count:
+    raise ValueError(
+        f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} "
+        f"processes; use a multiple of {process_count}.")
+  return cfg.batch_size // process_count
+
+
+def _check_split(split: str) -> None:
+  if split not in _SPLITS:
+    raise ValueError(f"split={split!r}: use one of {list(_SPLITS)}.")
+
+
+# ----------------------------------------------------------------------------------
+# Local corpora: file lists and their train/val split
+# ----------------------------------------------------------------------------------
+def _stdlib_files() -> tuple[str, list[str]]:
+  """Root and sorted non-empty `*.py` files of this interpreter's standard library."""
+  root = sysconfig.get_paths()["stdlib"]
+  found = []
+  for directory, subdirs, names in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs if d not in _STDLIB_SKIP_DIRS)
+    found += [os.path.join(directory, n) for n in names if n.endswith(".py")]
+  return root, sorted(f for f in found if os.path.getsize(f) > 0)
+
+
+def _glob_root(pattern: str) -> str:
+  """The directory before the first wildcard: split hashes are relative to it."""
+  head = os.path.dirname(pattern)
+  while glob.has_magic(head):
+    head = os.path.dirname(head)
+  return head or "."
+
+
+def _glob_files(pattern: str) -> tuple[str, list[str]]:
+  """Root and sorted non-empty files matching a glob; no match is an error."""
+  pattern = os.path.expanduser(pattern)
+  files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+  if not files:
+    raise ValueError(f"data.files_glob={pattern!r} matches no files; check the path "
+                     f"(use '**' to recurse into directories).")
+  nonempty = [f for f in files if os.path.getsize(f) > 0]
+  if not nonempty:
+    raise ValueError(f"data.files_glob={pattern!r} matches only empty files "
+                     f"({len(files)}); point it at files with text.")
+  return _glob_root(pattern), nonempty
+
+
+def _unit_hash(key: str) -> float:
+  """A stable hash in [0, 1): the same on every machine and Python run."""
+  digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "big") / 2.0**64
+
+
+def split_files(files: Sequence[str], root: str,
+                val_fraction: float) -> tuple[list[str], list[str]]:
+  """Train and val files, by a stable hash of each path relative to `root`.
+
+  A file's split never depends on which other files exist, so adding files does not
+  move old ones. Train is never empty (a lone file trains), and with val_fraction > 0
+  and at least two files neither is val: the file with the smallest hash goes there
+  if none landed, the one with the largest stays in train if all did.
+  """
+  keys = {f: _unit_hash(os.path.relpath(f, root).replace(os.sep, "/")) for f in files}
+  val = [f for f in files if keys[f] < val_fraction]
+  if val_fraction > 0 and not val and len(files) >= 2:
+    val = [min(files, key=keys.__getitem__)]
+  if files and len(val) == len(files):
+    val.remove(max(files, key=keys.__getitem__))
+  val_set = set(val)
+  return [f for f in files if f not in val_set], val
+
+
+def _spread(files: list[str], max_files: int) -> list[str]:
+  """At most `max_files` files spread evenly over the sorted list (not just its head)."""
+  if max_files <= 0 or len(files) <= max_files:
+    return files
+  picks = np.linspace(0, len(files) - 1, max_files).round().astype(int)
+  return [files[i] for i in picks]
+
+
+def corpus_files(cfg: TextDataConfig, split: str) -> list[str]:
+  """Sorted files of one split ("train" | "val") of a "stdlib" or "files" source."""
+  validate(cfg)
+  _check_split(split)
+  if cfg.source == "tfds":
+    raise ValueError("data.source='tfds' has no files: corpus_files is for the "
+                     "'stdlib' and 'files' sources.")
+  root, files = _stdlib_files() if cfg.source == "stdlib" else _glob_files(cfg.files_glob)
+  train, val = split_files(files, root, cfg.val_fraction)
+  return _spread(train if split == "train" else val, cfg.max_files)
+
+
+# ----------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------
+def _tfds_sample_files(cfg: TextDataConfig, directory: str) -> list[str]:
+  """The leading train records as a few text files, for training a BPE on tfds data.
+
+  Leading records are a fair sample: tfds shuffles examples when it prepares a
+  dataset, and reading them in order is fast even from gs://.
+  """
+  source = _tfds_source(cfg, cfg.tfds_train_split)
+  count = min(len(source), _TOKENIZER_SAMPLE_RECORDS)
+  paths = []
+  parts = np.array_split(np.arange(count), _TOKENIZER_SAMPLE_FILES)
+  for part, records in enumerate(parts):
+    if not len(records):
+      continue
+    path = os.path.join(directory, f"sample-{part:03d}.txt")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("\n".join(_record_text(source[int(i)], cfg.text_field) for i in records))
+    paths.append(path)
+  return paths
+
+
+def build_tokenizer(cfg: TextDataConfig, workdir: str) -> tokenizers.Tokenizer:
+  """The run's tokenizer (see `tokenizer.load_or_train`); trains on the train split."""
+  validate(cfg)
+  path = cfg.tokenizer_path or None
+  if cfg.source != "tfds":
+    return tokenizer_lib.load_or_train(
+        workdir, lambda: corpus_files(cfg, "train"), cfg.vocab_size, path)
+  with tempfile.TemporaryDirectory() as tmp:
+    return tokenizer_lib.load_or_train(
+        workdir, lambda: _tfds_sample_files(cfg, tmp), cfg.vocab_size, path)
+
+
+def _plain_encoder(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+  """The tokenizer without truncation or padding, which would silently cut documents."""
+  if tok.truncation is None and tok.padding is None:
+    return tok
+  plain = tokenizers.Tokenizer.from_str(tok.to_str())
+  plain.no_truncation()
+  plain.no_padding()
+  return plain
+
+
+def _encode_texts(tok: tokenizers.Tokenizer, texts: Sequence[str],
+                  eos: int) -> np.ndarray:
+  """Token ids of documents, each followed by EOS, as one flat int32 array."""
+  pieces = []
+  for encoding in tok.encode_batch(list(texts), add_special_tokens=False):
+    pieces += [np.asarray(encoding.ids, np.int32), np.array([eos], np.int32)]
+  return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+
+
+def _check_compressed_vocab(compressed_vocab, tok: tokenizers.Tokenizer):
+  if compressed_vocab is None:
+    return None
+  vocab = np.asarray(compressed_vocab)
+  size = tok.get_vocab_size(with_added_tokens=True)
+  if vocab.ndim != 1 or len(vocab) < size:
+    raise ValueError(
+        f"compressed_vocab has shape {vocab.shape} but the tokenizer has {size} tokens; "
+        f"build it with hashing.compressed_vocab_from_tokenizer(tokenizer).")
+  return vocab.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------
+# Local corpora: cached token stream and rows
+# ----------------------------------------------------------------------------------
+def default_cache_dir() -> str:
+  return os.path.join(os.path.expanduser("~"), ".cache", "engram_jax", "tokens")
+
+
+def _cache_key(tok: tokenizers.Tokenizer, files: Sequence[str]) -> str:
+  """Changes when the tokenizer, the file list or any file's size/mtime changes."""
+  digest = hashlib.sha256(f"v{_CACHE_VERSION}\n{tok.to_str()}".encode("utf-8"))
+  for path in files:
+    stat = os.stat(path)
+    digest.update(f"\n{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}"
+                  .encode("utf-8"))
+  return digest.hexdigest()[:24]
+
+
+def _tokenize_files(tok: tokenizers.Tokenizer, files: Sequence[str]) -> np.ndarray:
+  encoder, eos = _plain_encoder(tok), tokenizer_lib.eos_id(tok)
+  chunks = [_encode_texts(encoder, [tokenizer_lib.read_text(f) for f in
+                                    files[i:i + _ENCODE_CHUNK]], eos)
+            for i in range(0, len(files), _ENCODE_CHUNK)]
+  return np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+
+
+def _token_stream_path(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: str,
+                       cache_dir: str | None) -> str:
+  """Tokenizes a split once; later calls (and other processes) reuse the `.npy`."""
+  files = corpus_files(cfg, split)
+  if not files:
+    raise ValueError(
+        f"data.val_fraction={cfg.val_fraction}: the {split} split of the "
+        f"{cfg.source!r} corpus has no files; raise data.val_fraction or add files.")
+  name = f"{cfg.source}-{split}-{_cache_key(tok, files)}.npy"
+  path = os.path.join(cache_dir or default_cache_dir(), name)
+  if os.path.exists(path):
+    return path
+  tokens = _tokenize_files(tok, files)
+  if not (tokens != tokenizer_lib.eos_id(tok)).any():
+    raise ValueError(
+        f"data.files_glob: the {split} split ({len(files)} files) tokenizes to no "
+        f"tokens; point data.source/data.files_glob at files with text.")
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      np.save(f, tokens)
+
+  tokenizer_lib.atomic_write(path, write)
+  return path
+
+
+def token_stream(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: str,
+                 cache_dir: str | None = None) -> np.ndarray:
+  """A local split as one flat int32 token stream (documents + EOS), memory-mapped."""
+  return np.load(_token_stream_path(cfg, tok, split, cache_dir), mmap_mode="r")
+
+
+class _Rows:
+  """Row i of a cached token stream: tokens [i*(T+1), (i+1)*(T+1)).
+
+  A grain random-access source. It pickles as just the path, so worker processes map
+  the file themselves. The map is opened at construction (and unpickling), never
+  lazily in `__getitem__`: grain calls that from several threads, and `np.load`
+  parses the header with `ast`, which is not thread-safe in CPython 3.11 ("SystemError:
+  AST constructor recursion depth mismatch").
+  """
+
+  def __init__(self, path: str, row_len: int):
+    self._path, self._row_len = path, row_len
+    self._tokens = np.load(path, mmap_mode="r")
+
+  def __len__(self) -> int:
+    return len(self._tokens) // self._row_len
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    start = int(index) * self._row_len
+    return np.array(self._tokens[start:start + self._row_len], np.int32)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"path": self._path, "row_len": self._row_len}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["path"], state["row_len"])
+
+
+# ----------------------------------------------------------------------------------
+# tfds
+# ----------------------------------------------------------------------------------
+def tfds_data_dir(cfg: TextDataConfig) -> str | None:
+  """`data.tfds_data_dir`, else $TFDS_DATA_DIR, else tfds' default."""
+  return cfg.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def _tfds_source(cfg: TextDataConfig, split: str):
+  """A random-access tfds source over ArrayRecord files; never downloads."""
+  import tensorflow_datasets as tfds  # only tfds runs pay for the import
+
+  data_dir = tfds_data_dir(cfg)
+  try:
+    return tfds.data_source(cfg.tfds_name, split=split, data_dir=data_dir,
+                            download=False)
+  except Exception as err:  # tfds raises many types; all mean "not readable here"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    raise ValueError(
+        f"data.tfds_name={cfg.tfds_name!r} split {split!r} is not readable from "
+        f"data dir {data_dir or 'tfds default (~/tensorflow_datasets)'} ({reason}); "
+        f"prepare it with `tfds build {cfg.tfds_name} --file_format=array_record "
+        f"--data_dir=DIR` and set data.tfds_data_dir or TFDS_DATA_DIR.") from err
+
+
+def _record_text(record: Any, field: str) -> str:
+  if not isinstance(record, dict) or field not in record:
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"data.text_field={field!r} is not in the tfds records ({keys}); "
+                     f"set data.text_field to the text feature.")
+  text = record[field]
+  if isinstance(text, np.ndarray):
+    text = text.item()
+  return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+class _EncodeRecord:
+  """tfds record -> {'tokens': its token ids + EOS}."""
+
+  def __init__(self, tok: tokenizers.Tokenizer, field: str):
+    self._tok, self._field = _plain_encoder(tok), field
+    self._eos = tokenizer_lib.eos_id(tok)
+
+  def __call__(self, record: Any) -> dict[str, np.ndarray]:
+    ids = self._tok.encode(_record_text(record, self._field),
+                           add_special_tokens=False).ids
+    return {"tokens": np.asarray([*ids, self._eos], np.int32)}
+
+
+def _packed_tokens(packed: dict[str, np.ndarray]) -> np.ndarray:
+  return packed["tokens"]
+
+
+def _tfds_prefix(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: str,
+                 num_tokens: int) -> np.ndarray:
+  """The first `num_tokens` of a split's token stream, reading records in order."""
+  source = _tfds_source(cfg, split)
+  encoder, eos = _plain_encoder(tok), tokenizer_lib.eos_id(tok)
+  pieces, total, start = [], 0, 0
+  while total < num_tokens and start < len(source):
+    stop = min(start + _ENCODE_CHUNK, len(source))
+    texts = [_record_text(source[i], cfg.text_field) for i in range(start, stop)]
+    pieces.append(_encode_texts(encoder, texts, eos))
+    total += len(pieces[-1])
+    start = stop
+  return np.concatenate(pieces)[:num_tokens] if pieces else np.zeros(0, np.int32)
+
+
+# ----------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------
+class _Features:
+  """Packed rows `[b, T+1]` -> the batch dict (and host-side n-gram hashing)."""
+
+  def __init__(self, compressed_vocab: np.ndarray | None,
+               hash_spec: hashing.HashSpec | None):
+    self._vocab, self._spec = compressed_vocab, hash_spec
+
+  def __call__(self, rows_BxT1: np.ndarray) -> dict[str, np.ndarray]:
+    rows = np.asarray(rows_BxT1, np.int32)
+    inputs_BxT = np.ascontiguousarray(rows[:, :-1])
+    batch = {"inputs": inputs_BxT, "targets": np.ascontiguousarray(rows[:, 1:])}
+    if self._vocab is None and self._spec is None:
+      return batch
+    ngram_BxT = inputs_BxT if self._vocab is None else self._vocab[inputs_BxT]
+    batch["ngram_tokens"] = ngram_BxT
+    if self._spec is not None:
+      batch["hash_ids"] = hashing.ngram_hash_ids(ngram_BxT, self._spec)
+    return batch
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags, unparsed outside absl.app (tests, REPL)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class TrainIterator:
+  """Infinite iterator of batches whose position can be saved and restored.
+
+  `get_state()` returns a small JSON-serialisable dict; `set_state(state)` on an
+  iterator built from the same config and tokenizer continues with exactly the batches
+  that followed. Over a local corpus the state is just the batch count (batches are
+  random access), so it survives a change of `worker_count`; over tfds it is grain's
+  iterator state, which is tied to `worker_count`.
+  """
+
+  def __init__(self, dataset_at: Callable[[int], grain.IterDataset], worker_count: int,
+               by_index: bool):
+    self._dataset_at = dataset_at  # first batch -> dataset of the batches from there
+    self._worker_count = worker_count
+    self._by_index = by_index
+    self._batches = 0
+    self._it = None
+    self._pending = None  # tfds: grain state to restore when (re)opening
+
+  def _open(self, start: int) -> Iterator[dict[str, np.ndarray]]:
+    dataset = self._dataset_at(start)
+    if self._worker_count:
+      _ensure_absl_flags_parsed()
+      dataset = dataset.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._worker_count))
+    return iter(dataset)
+
+  def _current(self):
+    if self._it is None:
+      self._it = self._open(self._batches if self._by_index else 0)
+      if self._pending is not None:
+        self._it.set_state(self._pending)
+        self._pending = None
+    return self._it
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._current())
+    self._batches += 1
+    if self._worker_count:  # own the memory: grain's shared-memory arrays that
+      batch = {k: np.array(v) for k, v in batch.items()}  # outlive it warn at exit
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    if self._by_index:
+      return {"batches": self._batches}
+    return {"batches": self._batches, "worker_count": self._worker_count,
+            "grain": self._current().get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.close()
+    self._batches = int(state["batches"])
+    if self._by_index:
+      return
+    if state.get("worker_count") != self._worker_count:
+      raise ValueError(
+          f"data.worker_count={self._worker_count}, but this tfds data state was saved "
+          f"with worker_count={state.get('worker_count')}; resume with that value.")
+    self._pending = state["grain"]
+
+  def close(self) -> None:
+    """Stops grain's worker processes, if any; iterating again resumes in place."""
+    if self._it is None:
+      return
+    if not self._by_index:
+      self._pending = self._it.get_state()
+    if hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+  def __enter__(self) -> "TrainIterator":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _rows_of_process(rows: grain.MapDataset, process_index: int,
+                     process_count: int) -> grain.MapDataset:
+  """Every process_count-th row: disjoint, equal-sized shards that mix the corpus."""
+  usable = len(rows) // process_count * process_count
+  return rows[:usable][process_index::process_count]
+
+
+def _too_small(cfg: TextDataConfig, split: str, rows: int, needed: int,
+               what: str) -> ValueError:
+  return ValueError(
+      f"data.seq_len/data.batch_size: the {split} split has {rows} rows of "
+      f"seq_len+1={cfg.seq_len + 1} tokens {what}, fewer than one batch of {needed}; "
+      f"use more data (data.max_files, data.val_fraction) or lower data.batch_size "
+      f"or data.seq_len.")
+
+
+def _local_train(cfg: TextDataConfig, tok: tokenizers.Tokenizer, process_index: int,
+                 process_count: int, features: _Features,
+                 cache_dir: str | None) -> TrainIterator:
+  per_process = per_process_batch(cfg, process_index, process_count)
+  path = _token_stream_path(cfg, tok, "train", cache_dir)
+  rows = _rows_of_process(grain.MapDataset.source(_Rows(path, cfg.seq_len + 1)),
+                          process_index, process_count)
+  if len(rows) < per_process:
+    raise _too_small(cfg, "train", len(rows), per_process, "per process")
+  batches = (rows.shuffle(seed=cfg.seed).repeat()
+             .batch(per_process, drop_remainder=True).map(features))
+
+  def dataset_at(start: int) -> grain.IterDataset:
+    return batches[start:].to_iter_dataset(_READ_OPTIONS)
+
+  return TrainIterator(dataset_at, cfg.worker_count, by_index=True)
+
+
+def _tfds_train(cfg: TextDataConfig, tok: tokenizers.Tokenizer, process_index: int,
+                process_count: int, features: _Features) -> TrainIterator:
+  per_process = per_process_batch(cfg, process_index, process_count)
+  source = _tfds_source(cfg, cfg.tfds_train_split)
+  if len(source) < process_count:
+    raise ValueError(
+        f"data.tfds_name={cfg.tfds_name!r}: split {cfg.tfds_train_split!r} has "
+        f"{len(source)} records, fewer than the {process_count} processes.")
+  records = grain.MapDataset.source(source)[process_index::process_count]
+  docs = (records.shuffle(seed=cfg.seed).repeat()
+          .map(_EncodeRecord(tok, cfg.text_field)).to_iter_dataset(_RECORD_READ_OPTIONS))
+  rows = grain.experimental.ConcatThenSplitIterDataset(
+      docs, length_struct={"tokens": cfg.seq_len + 1})
+  batches = (rows.map(_packed_tokens)
+             .batch(per_process, drop_remainder=True).map(features))
+  # A stream: positions are restored from grain's state, not from a start index.
+  return TrainIterator(lambda _: batches, cfg.worker_count, by_index=False)
+
+
+def _features(tok: tokenizers.Tokenizer, compressed_vocab,
+              hash_spec: hashing.HashSpec | None) -> _Features:
+  return _Features(_check_compressed_vocab(compressed_vocab, tok), hash_spec)
+
+
+def train_iterator(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
+                   process_index: int = 0, process_count: int = 1,
+                   compressed_vocab: np.ndarray | None = None,
+                   hash_spec: hashing.HashSpec | None = None,
+                   cache_dir: str | None = None) -> TrainIterator:
+  """Infinite, reshuffled-per-epoch batches of this process's share of the train split.
+
+  Each process reads only its own rows (local corpora) or records (tfds) and yields
+  `batch_size // process_count` rows per batch. `compressed_vocab` adds
+  `ngram_tokens`; `hash_spec` adds host-computed `hash_ids` (identity vocabulary when
+  no compressed one is given).
+  """
+  validate(cfg)
+  features = _features(tokenizer, compressed_vocab, hash_spec)
+  if cfg.source == "tfds":
+    return _tfds_train(cfg, tokenizer, process_index, process_count, features)
+  return _local_train(cfg, tokenizer, process_index, process_count, features,
+                      cache_dir)
+
+
+class EvalBatches:
+  """A fixed, finite sequence of batches: the same ones on every pass.
+
+  Global batch j is rows [j*B, (j+1)*B) of the split's packed stream; each process
+  yields its contiguous `B // process_count` of them, so every process yields the same
+  number of batches.
+  """
+
+  def __init__(self, tokens: np.ndarray, row_len: int, global_batch: int,
+               per_process: int, process_index: int, num_batches: int,
+               features: _Features):
+    self._tokens, self._row_len = tokens, row_len
+    self._global_batch, self._per_process = global_batch, per_process
+    self._process_index, self._num_batches = process_index, num_batches
+    self._features = features
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    for j in range(self._num_batches):
+      first_row = j * self._global_batch + self._process_index * self._per_process
+      start = first_row * self._row_len
+      chunk = self._tokens[start:start + self._per_process * self._row_len]
+      yield self._features(np.array(chunk, np.int32).reshape(self._per_process, -1))
+
+
+def eval_batches(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
+                 max_batches: int, process_index: int = 0, process_count: int = 1,
+                 compressed_vocab: np.ndarray | None = None,
+                 hash_spec: hashing.HashSpec | None = None,
+                 cache_dir: str | None = None) -> EvalBatches:
+  """The first `max_batches` global batches of the val split (fewer if it is short).
+
+  Deterministic: no shuffling, the same batches on every call and every pass. Over
+  tfds only the records needed are read and tokenized (`data.tfds_val_split`).
+  """
+  validate(cfg)
+  if max_batches < 1:
+    raise ValueError(f"max_batches={max_batches}: use a positive number of batches.")
+  per_process = per_process_batch(cfg, process_index, process_count)
+  features = _features(tokenizer, compressed_vocab, hash_spec)
+  row_len = cfg.seq_len + 1
+  if cfg.source == "tfds":
+    tokens = _tfds_prefix(cfg, tokenizer, cfg.tfds_val_split,
+                          max_batches * cfg.batch_size * row_len)
+  else:
+    tokens = token_stream(cfg, tokenizer, "val", cache_dir)
+  rows = len(tokens) // row_len
+  if rows < cfg.batch_size:
+    raise _too_small(cfg, "val", rows, cfg.batch_size, "in all")
+  num_batches = min(max_batches, rows // cfg.batch_size)
+  return EvalBatches(tokens, row_len, cfg.batch_size, per_process, process_index,
+                     num_batches, features)

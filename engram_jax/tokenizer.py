@@ -1,0 +1,178 @@
+"""Hugging Face `tokenizers`: byte-level BPE training, loading, and per-token facts.
+
+A run's tokenizer lives in `workdir/tokenizer.json` so that a workdir is self-contained:
+resuming, evaluating or generating from it never depends on where the tokenizer first
+came from. Only the data side imports this module; the core never does.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from typing import Callable, Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOS_TOKEN = "<|eos|>"
+# End-of-document tokens of common tokenizers, tried in order when loading one we did
+# not train ourselves (GPT-2 style, SentencePiece style).
+_EOS_CANDIDATES = (EOS_TOKEN, "<|endoftext|>", "</s>", "<eos>")
+_BYTE_ALPHABET = 256
+WORKDIR_TOKENIZER = "tokenizer.json"
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """Runs `write(tmp_path)` then renames tmp over `path`.
+
+  Readers (other processes sharing a cache or workdir) see either no file or a whole
+  one, never a partial write.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+  os.close(fd)
+  try:
+    write(tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_text(path: str) -> str:
+  """A whole file as text; bytes that are not UTF-8 become U+FFFD rather than fail."""
+  with open(path, "rb") as f:
+    return f.read().decode("utf-8", errors="replace")
+
+
+def train_bpe(files: Sequence[str], vocab_size: int,
+              save_path: str) -> tokenizers.Tokenizer:
+  """Trains a byte-level BPE on text files; `<|eos|>` gets id 0.
+
+  Byte level means every byte string is encodable (no unknown token) and every token
+  stands for an exact byte string, which bits-per-byte needs. Each file is one
+  training text (not one per line, as `Tokenizer.train` does), so merges across
+  newlines and indentation are learned as they occur when whole documents are encoded.
+  """
+  if vocab_size < _BYTE_ALPHABET + 1:
+    raise ValueError(
+        f"data.vocab_size={vocab_size} is too small: byte-level BPE needs at least "
+        f"{_BYTE_ALPHABET + 1} (256 bytes + {EOS_TOKEN}); raise data.vocab_size.")
+  if not files:
+    raise ValueError("train_bpe: no training files; point data.files_glob (or the "
+                     "tfds source) at a non-empty corpus.")
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator((read_text(path) for path in files), trainer,
+                          length=len(files))
+  assert tok.token_to_id(EOS_TOKEN) == 0, "special tokens come first in BpeTrainer"
+  atomic_write(save_path, tok.save)
+  return tok
+
+
+def load_tokenizer(path: str) -> tokenizers.Tokenizer:
+  """Loads a `tokenizers` JSON file; anything unreadable is a one-line ValueError."""
+  try:
+    return tokenizers.Tokenizer.from_file(path)
+  except Exception as err:  # tokenizers raises its own untyped Exception
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    raise ValueError(
+        f"data.tokenizer_path: cannot load tokenizer {path!r} ({reason}); point it at "
+        f"a Hugging Face tokenizers JSON file.") from None
+
+
+def _same_tokenizer(a: tokenizers.Tokenizer, b: tokenizers.Tokenizer) -> bool:
+  return json.loads(a.to_str()) == json.loads(b.to_str())
+
+
+def load_or_train(workdir: str, files: Sequence[str] | Callable[[], Sequence[str]],
+                  vocab_size: int,
+                  tokenizer_path: str | None = None) -> tokenizers.Tokenizer:
+  """The run's tokenizer, kept in `workdir/tokenizer.json`.
+
+  Given `tokenizer_path`: load it, and copy it into the workdir on first use; if the
+  workdir already holds a different one (resuming with another tokenizer) refuse.
+  Otherwise reuse the workdir's tokenizer, or train one on `files` (a list, or a
+  callable returning one so that a costly corpus is only built when needed).
+  """
+  local = os.path.join(workdir, WORKDIR_TOKENIZER)
+  if tokenizer_path:
+    tok = load_tokenizer(tokenizer_path)
+    if os.path.exists(local):
+      if not _same_tokenizer(tok, load_tokenizer(local)):
+        raise ValueError(
+            f"data.tokenizer_path: {tokenizer_path!r} differs from the tokenizer this "
+            f"workdir was trained with ({local}); resume with that tokenizer (leave "
+            f"data.tokenizer_path empty) or use a new workdir.")
+    else:
+      atomic_write(local, tok.save)
+    return tok
+  if os.path.exists(local):
+    return load_tokenizer(local)
+  return train_bpe(files() if callable(files) else files, vocab_size, local)
+
+
+def eos_id(tok: tokenizers.Tokenizer) -> int:
+  """Id of the end-of-document token appended after every document."""
+  for token in _EOS_CANDIDATES:
+    token_id = tok.token_to_id(token)
+    if token_id is not None:
+      return int(token_id)
+  raise ValueError(
+      f"data.tokenizer_path: the tokenizer has none of the end-of-document tokens "
+      f"{list(_EOS_CANDIDATES)}; add one as a special token.")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+  """Inverse of GPT-2's bytes_to_unicode: byte-level character -> the byte it encodes.
+
+  Printable Latin-1 bytes map to themselves; the other 68 bytes map to U+0100 onwards
+  in byte order.
+  """
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+               *range(ord("\xae"), ord("\xff") + 1)]
+  chars = dict(zip(printable, printable))
+  shifted = [b for b in range(_BYTE_ALPHABET) if b not in chars]
+  chars.update({b: _BYTE_ALPHABET + i for i, b in enumerate(shifted)})
+  return {chr(c): b for b, c in chars.items()}
+
+
+def _is_byte_level(tok: tokenizers.Tokenizer) -> bool:
+  decoder = json.loads(tok.to_str()).get("decoder")
+  return '"ByteLevel"' in json.dumps(decoder)
+
+
+def token_byte_lengths(tok: tokenizers.Tokenizer) -> np.ndarray:
+  """UTF-8 bytes each token id stands for, int32 `[vocab]`; special tokens count 0.
+
+  For bits-per-byte. Byte-level tokens are mapped back to their bytes character by
+  character, which is exact even for tokens holding part of a multi-byte character
+  (where decoding the token alone would give U+FFFD). Other tokenizers fall back to
+  the UTF-8 length of the decoded token, an approximation.
+  """
+  vocab = tok.get_vocab_size(with_added_tokens=True)
+  added = tok.get_added_tokens_decoder()
+  byte_level = _is_byte_level(tok)
+  inverse = _byte_decoder()
+  lengths = np.zeros(vocab, dtype=np.int32)
+  for token_id in range(vocab):
+    token = tok.id_to_token(token_id)
+    if token is None or (token_id in added and added[token_id].special):
+      continue
+    if token_id in added:  # plain added tokens are stored as raw text
+      lengths[token_id] = len(token.encode("utf-8"))
+    elif byte_level:
+      lengths[token_id] = sum(1 if ch in inverse else len(ch.encode("utf-8"))
+                              for ch in token)
+    else:
+      lengths[token_id] = len(tok.decode([token_id]).encode("utf-8"))
+  return lengths
