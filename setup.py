@@ -1,0 +1,25 @@
+"""engram_jax: Engram conditional memory (hashed n-gram tables) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = ["jax>=0.4.35", "flax>=0.10", "numpy>=1.26", "optax>=0.2.4"]
+DATA = ["grain>=0.2.10", "tokenizers>=0.20", "tensorflow-datasets>=4.9.7",
+        "array_record>=0.7", "importlib_resources", "absl-py"]
+TRAIN = DATA + ["orbax-checkpoint>=0.11", "clu>=0.0.12", "ml_collections>=1.0"]
+
+setup(
+    name="engram_jax",
+    version="0.1.0",
+    description="Engram conditional memory (hashed n-gram tables) for JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["engram_jax", "engram_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "train": TRAIN,
+        "test": TRAIN + ["pytest>=8"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+)
