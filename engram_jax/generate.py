@@ -49,3 +49,64 @@ def teacher_forced_logits(model: EngramLM, params, prompt_BxT, lengths_B, next_t
   steps = jnp.arange(next_tokens_BxS.shape[1])
   _, logits_SxBxV = jax.lax.scan(step, cache, (next_tokens_BxS.T, steps))
   return jnp.swapaxes(logits_SxBxV, 0, 1)
+
+
+# ----------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------
+def filter_logits(logits_BxV, top_k: int = 0, top_p: float = 1.0):
+  """Sets logits outside the top-k and the top-p nucleus to -inf (0 / 1.0 = off)."""
+  neg_inf = jnp.finfo(logits_BxV.dtype).min
+  if top_k and top_k < logits_BxV.shape[-1]:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, neg_inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+    # keep a token while the mass before it is < top_p (the first one always stays)
+    keep = (cumulative - jax.nn.softmax(sorted_BxV, axis=-1)) < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff, neg_inf, logits_BxV)
+  return logits_BxV
+
+
+def sample(logits_BxV, rng, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """One token per row; `temperature == 0` is greedy. Each row has its own RNG stream."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits_BxV.astype(jnp.float32) / temperature, top_k, top_p)
+  keys = jax.random.split(rng, logits_BxV.shape[0])
+  return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+def generate(model: EngramLM, params, prompt_BxT, lengths_B, rng, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, pad_id: int = 0,
+             vocab_map_V: Optional[jax.Array] = None):
+  """New tokens `[B, max_new_tokens]`: prefill, then one `lax.scan` of decode steps.
+
+  Rows that produced `eos_id` keep emitting `pad_id`. Jit with the sampling arguments
+  static; it compiles once per (batch, prompt bucket, max_new_tokens).
+  """
+  t = prompt_BxT.shape[1]
+  if t + max_new_tokens > model.cfg.max_len:
+    raise ValueError(f"prompt bucket {t} + max_new_tokens {max_new_tokens} exceeds "
+                     f"model.max_len={model.cfg.max_len}; shorten the prompt or ask for fewer tokens")
+  logits_BxTxV, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V)
+  last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  rng, first_rng = jax.random.split(rng)
+  first_B = sample(last_BxV, first_rng, temperature, top_k, top_p)
+  done_B = jnp.zeros_like(first_B, bool) if eos_id is None else first_B == eos_id
+
+  def step(carry, step_rng):
+    cache, token_B, position_B, done_B = carry
+    logits_BxV, cache = decode_step(model, params, cache, token_B, position_B, vocab_map_V)
+    new_B = sample(logits_BxV, step_rng, temperature, top_k, top_p)
+    new_B = jnp.where(done_B, pad_id, new_B)
+    if eos_id is not None:
+      done_B = done_B | (new_B == eos_id)
+    return (cache, new_B, position_B + 1, done_B), new_B
+
+  carry = (cache, first_B, lengths_B, done_B)
+  _, rest_SxB = jax.lax.scan(step, carry, jax.random.split(rng, max_new_tokens - 1))
+  return jnp.concatenate([first_B[:, None], rest_SxB.T], axis=1)
