@@ -1,0 +1,259 @@
+"""Training loop: jit train step, periodic eval, orbax checkpoints, clu metrics.
+
+`train_and_evaluate(config, workdir)` trains `config.model` on `config.data` and resumes
+from the latest good checkpoint in `workdir` (params, optimizer state, step and the data
+iterator's state), so N steps, a stop and N more equal 2N steps in one run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engram_jax import config as config_lib
+from engram_jax import hashing, optim
+from engram_jax.models.lm import EngramLM
+
+
+class TrainingError(RuntimeError):
+  """A run that must stop (non-finite loss); the message names the step."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def cross_entropy(logits_BxTxV, targets_BxT):
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+
+
+def model_inputs(batch: dict) -> dict:
+  """Keyword arguments of EngramLM from a data-pipeline batch."""
+  kwargs = {}
+  if "ngram_tokens" in batch:
+    kwargs["ngram_tokens_BxT"] = batch["ngram_tokens"]
+  if "hash_ids" in batch:
+    kwargs["hash_ids_BxTxLxH"] = batch["hash_ids"]
+  return kwargs
+
+
+def make_train_step(model: EngramLM, tx: optax.GradientTransformation):
+  def train_step(state: TrainState, batch: dict):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch))
+      return cross_entropy(logits, batch["targets"]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: EngramLM):
+  @jax.jit
+  def eval_step(params, batch, byte_lengths_V):
+    logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch))
+    nll = cross_entropy(logits, batch["targets"])
+    return nll.sum(), nll.size, byte_lengths_V[batch["targets"]].sum()
+  return eval_step
+
+
+def evaluate(eval_step, params, batches, byte_lengths_V) -> dict[str, float]:
+  """Loss (nats/token), perplexity and bits per UTF-8 byte over the validation batches."""
+  nll, tokens, nbytes = 0.0, 0, 0
+  for batch in batches:
+    n, t, b = eval_step(params, batch, byte_lengths_V)
+    nll, tokens, nbytes = nll + float(n), tokens + int(t), nbytes + int(b)
+  loss = nll / tokens
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+          "eval_bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+
+
+def parameter_overview(params) -> dict[str, int]:
+  """Counts split into embeddings, Engram tables and the rest of the backbone."""
+  counts = {"embeddings": 0, "engram_tables": 0, "backbone": 0}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [getattr(k, "key", str(k)) for k in path]
+    group = optim.param_group(path, leaf)
+    if group == "table":
+      counts["engram_tables"] += leaf.size
+    elif names[0] in ("embed", "unembed"):
+      counts["embeddings"] += leaf.size
+    else:
+      counts["backbone"] += leaf.size
+  counts["total"] = sum(counts.values())
+  return counts
+
+
+class JsonlWriter:
+  """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`."""
+
+  def __init__(self, path: str):
+    self._path = path
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if jax.process_index() != 0:
+      return
+    with open(self._path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+              + "\n")
+
+
+def _data_config(config):
+  from engram_jax.data import text
+  data_cfg = text.validate(text.TextDataConfig(**dict(config.data)))
+  return data_cfg
+
+
+def _checkpoint_manager(workdir: str, config):
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.keep_checkpoints, create=True,
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options, item_names=("state", "data"))
+
+
+def restore_latest(manager, abstract_state):
+  """Restores the newest readable checkpoint, falling back to older ones with a warning."""
+  import orbax.checkpoint as ocp
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      return restored["state"], restored["data"]
+    except Exception as err:  # a torn or corrupt save: use the one before
+      logging.warning("checkpoint %d unreadable (%s); falling back to an older one", step,
+                      (str(err).splitlines() or [type(err).__name__])[0][:200])
+  return None, None
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains, evaluates and checkpoints; returns the final eval metrics."""
+  import orbax.checkpoint as ocp
+  from clu import metric_writers, periodic_actions
+  from engram_jax import tokenizer as tokenizer_lib
+  from engram_jax.data import text
+
+  os.makedirs(workdir, exist_ok=True)
+  data_cfg = _data_config(config)
+  tok = text.build_tokenizer(data_cfg, workdir)
+  model_dict = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  if not model_dict.get("vocab_size"):
+    model_dict["vocab_size"] = tok.get_vocab_size()
+  model_cfg = config_lib.from_dict(model_dict)
+  with open(os.path.join(workdir, "model_config.json"), "w", encoding="utf-8") as f:
+    json.dump(config_lib.to_dict(model_cfg), f, indent=1)
+  model = EngramLM(model_cfg)
+
+  compressed = hashing.compressed_vocab_from_tokenizer(tok) if model_cfg.engram.layers else None
+  spec = model_cfg.engram.hash_spec() if (model_cfg.engram.layers and
+                                          config.train.host_hashing) else None
+  pidx, pcount = jax.process_index(), jax.process_count()
+  cache_dir = os.path.join(workdir, "token_cache")
+  train_iter = text.train_iterator(data_cfg, tok, process_index=pidx, process_count=pcount,
+                                   compressed_vocab=compressed, hash_spec=spec,
+                                   cache_dir=cache_dir)
+  eval_batches = text.eval_batches(data_cfg, tok, max_batches=config.train.eval_batches,
+                                   process_index=pidx, process_count=pcount,
+                                   compressed_vocab=compressed, hash_spec=spec,
+                                   cache_dir=cache_dir)
+  byte_lengths = jnp.asarray(tokenizer_lib.token_byte_lengths(tok))
+
+  t = config.train
+  schedule = optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
+  tx = optim.make_optimizer(schedule, weight_decay=t.weight_decay,
+                            table_lr_multiplier=t.table_lr_multiplier,
+                            table_trainable=model_cfg.engram.table_trainable,
+                            grad_clip=t.grad_clip)
+
+  def init_state(rng):
+    dummy = jnp.zeros((1, data_cfg.seq_len), jnp.int32)
+    params = nn.unbox(model.init(rng, dummy))["params"]
+    return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+
+  rng = jax.random.key(config.seed)
+  manager = _checkpoint_manager(workdir, config)
+  abstract = jax.eval_shape(init_state, rng)
+  state, data_state = restore_latest(manager, abstract)
+  if state is None:
+    state = jax.jit(init_state)(rng)
+  else:
+    train_iter.set_state(data_state)
+  start = int(state.step)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=pidx > 0)
+  jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  def write(step, scalars):
+    writer.write_scalars(step, scalars)
+    jsonl.write(step, scalars)
+
+  overview = parameter_overview(state.params)
+  logging.info("parameters: %s", overview)
+  print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in overview.items()), flush=True)
+  if start:
+    print(f"resumed from step {start}", flush=True)
+
+  stop_requested = []
+  def on_signal(signum, _frame):
+    stop_requested.append(signum)
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  train_step = make_train_step(model, tx)
+  eval_step = make_eval_step(model)
+  progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
+
+  def save(step):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state())),
+        force=True)
+
+  metrics = {}
+  try:
+    for step in range(start + 1, t.steps + 1):
+      batch = next(train_iter)
+      new_state, step_metrics = train_step(state, batch)
+      loss = float(step_metrics["loss"])
+      if not math.isfinite(loss):
+        raise TrainingError(f"non-finite loss {loss} at step {step}; the last good "
+                            "checkpoint is kept (lower train.learning_rate?)")
+      state = new_state
+      progress(step)
+      if step % t.log_every == 0 or step == t.steps:
+        write(step, {"train_loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
+                     "learning_rate": float(schedule(step))})
+      if step % t.eval_every == 0 or step == t.steps:
+        metrics = evaluate(eval_step, state.params, eval_batches, byte_lengths)
+        write(step, metrics)
+      if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
+        save(step)
+      budget_spent = t.get("stop_after_steps", 0) and step - start >= t.stop_after_steps
+      if budget_spent and not stop_requested:
+        save(step)
+      if stop_requested or budget_spent:
+        print(f"stopped at step {step}; checkpoint saved", flush=True)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    train_iter.close()
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if metrics:
+    print(f"final: step {int(state.step)} " +
+          " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+  return metrics
