@@ -28,3 +28,13 @@ def real_token_stream() -> np.ndarray:
   files = sorted(stdlib.glob("*.py"))[:20]
   data = b"".join(f.read_bytes() for f in files)
   return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+
+def with_random_conv(params, cfg: config_lib.ModelConfig):
+  """Engram conv kernels start at zero; randomise them so tests exercise the conv path."""
+  import jax
+  out = jax.tree_util.tree_map(lambda x: x, params)
+  for layer in cfg.engram.layers:
+    engram = out[f"block_{layer}"]["engram"]
+    engram["conv"] = jax.random.normal(jax.random.key(layer), engram["conv"].shape)
+  return out

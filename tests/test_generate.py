@@ -8,7 +8,7 @@ import numpy as np
 from engram_jax import generate
 from engram_jax.models.lm import EngramLM
 
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, with_random_conv
 
 CFG = tiny_model_config()
 
@@ -18,11 +18,7 @@ def test_prefill_plus_cached_decode_equals_full_forward():
   seq = rng.integers(0, CFG.vocab_size, (3, 30)).astype(np.int32)
   lengths = np.array([4, 11, 7], np.int32)
   model = EngramLM(CFG)
-  params = nn.unbox(model.init(jax.random.key(0), seq))["params"]
-  for layer in CFG.engram.layers:  # conv starts at zero: make it count
-    conv = params[f"block_{layer}"]["engram"]["conv"]
-    params[f"block_{layer}"]["engram"]["conv"] = jax.random.normal(jax.random.key(layer),
-                                                                   conv.shape)
+  params = with_random_conv(nn.unbox(model.init(jax.random.key(0), seq))["params"], CFG)
   full = np.asarray(model.apply({"params": params}, seq))
   prompt = np.where(np.arange(11)[None] < lengths[:, None], seq[:, :11], 0)
   steps = 30 - int(lengths.max())
@@ -36,12 +32,7 @@ def test_prefill_plus_cached_decode_equals_full_forward():
 
 
 def _params_with_conv(model, seq):
-  params = nn.unbox(model.init(jax.random.key(0), seq))["params"]
-  for layer in CFG.engram.layers:
-    conv = params[f"block_{layer}"]["engram"]["conv"]
-    params[f"block_{layer}"]["engram"]["conv"] = jax.random.normal(jax.random.key(layer),
-                                                                   conv.shape)
-  return params
+  return with_random_conv(nn.unbox(model.init(jax.random.key(0), seq))["params"], CFG)
 
 
 def test_greedy_equals_full_forward_argmax_loop():

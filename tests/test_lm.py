@@ -12,7 +12,7 @@ from engram_jax import config as config_lib
 from engram_jax import hashing, optim
 from engram_jax.models.lm import EngramLM, relayout_params, segments
 
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, with_random_conv
 
 CFG = tiny_model_config()
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 24)).astype(np.int32)
@@ -24,13 +24,7 @@ def params():
 
 
 def _with_random_conv(params):
-  """Conv kernels start at zero; randomise them so the conv path is exercised."""
-  out = jax.tree_util.tree_map(lambda x: x, params)
-  for layer in CFG.engram.layers:
-    conv = out[f"block_{layer}"]["engram"]["conv"]
-    out[f"block_{layer}"]["engram"]["conv"] = jax.random.normal(jax.random.key(layer),
-                                                                conv.shape)
-  return out
+  return with_random_conv(params, CFG)
 
 
 def test_layer_plan_scans_runs_between_engram_layers():
