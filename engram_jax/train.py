@@ -17,7 +17,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from engram_jax import config as config_lib

@@ -5,7 +5,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from engram_jax import config as config_lib
 from engram_jax.layers.engram import Engram

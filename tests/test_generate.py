@@ -1,6 +1,4 @@
 """Cached decoding equals the full forward (Engram at two layers, ragged prompts)."""
-import dataclasses
-
 import flax.linen as nn
 import jax
 import numpy as np

@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from engram_jax import config as config_lib
 from engram_jax import hashing, optim
 from engram_jax.models.lm import EngramLM, relayout_params, segments
 

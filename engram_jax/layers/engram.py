@@ -58,11 +58,16 @@ def causal_dilated_conv(x_BxTxC, kernel_KxC, dilation: int, history_BxPxC):
   return y
 
 
-def conv_history_at(ext_BxUxC, ends_B, span: int):
-  """The `span` inputs before each row's end (ext indexes from -span)."""
-  def one(row, end):
-    return jax.lax.dynamic_slice_in_dim(row, end, span, axis=0)
-  return jax.vmap(one)(ext_BxUxC, ends_B)
+def history_before(ext_BxUx_, ends_B: Optional[jax.Array], span: int):
+  """Decode state: the `span` inputs before each row's end.
+
+  ext holds `span` history entries then the new inputs, so position p is ext[p + span];
+  `ends_B` (prompt lengths) defaults to the end of the new inputs.
+  """
+  if ends_B is None:
+    return ext_BxUx_[:, ext_BxUx_.shape[1] - span:]
+  return jax.vmap(lambda row, end: jax.lax.dynamic_slice_in_dim(row, end, span, axis=0))(
+      ext_BxUx_, ends_B)
 
 
 class Engram(nn.Module):
@@ -133,7 +138,5 @@ class Engram(nn.Module):
     state = self.variable("cache", "conv_history", lambda: zeros)
     history = zeros if self.mode == "prefill" else state.value
     y = causal_dilated_conv(x_BxTxC, kernel_KxC, dilation, history)
-    ext = jnp.concatenate([history, x_BxTxC], axis=1)
-    ends = jnp.full((b,), t, jnp.int32) if lengths_B is None else lengths_B
-    state.value = conv_history_at(ext, ends, span)
+    state.value = history_before(jnp.concatenate([history, x_BxTxC], axis=1), lengths_B, span)
     return y

@@ -8,7 +8,7 @@ Hash ids of all Engram layers depend only on the tokens, so they are computed on
 front (or given by the data pipeline as `hash_ids`). Engram hashes the compressed
 vocabulary: pass `ngram_tokens` (compressed ids) unless the map is the identity.
 """
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -18,7 +18,7 @@ import numpy as np
 from engram_jax import config as config_lib
 from engram_jax import hashing
 from engram_jax.layers.attention import Attention, Mode
-from engram_jax.layers.engram import Engram
+from engram_jax.layers.engram import Engram, history_before
 from engram_jax.layers.mlp import SwiGLU
 from engram_jax.layers.norms import RMSNorm
 
@@ -26,10 +26,6 @@ _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def dtype_of(name: str):
-  return jnp.dtype(name)
 
 
 class Block(nn.Module):
@@ -41,7 +37,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, h_BxTxD, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None):
     cfg = self.cfg
-    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = lambda name: RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name=name)
     if self.engram_index is not None:
       spec = cfg.engram.hash_spec()
@@ -104,7 +100,7 @@ class EngramLM(nn.Module):
                hash_ids_BxTxLxH=None, lengths_B=None, mode: Mode = None):
     cfg = self.cfg
     b, t = tokens_BxT.shape
-    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if cfg.engram.layers and hash_ids_BxTxLxH is None:
@@ -144,16 +140,14 @@ class EngramLM(nn.Module):
     spec = self.cfg.engram.hash_spec()
     if mode is None:
       return hashing.ngram_hash_ids(ngram_tokens_BxT, spec)
-    b, t = ngram_tokens_BxT.shape
+    b = ngram_tokens_BxT.shape[0]
     keep = spec.max_ngram - 1
     pad = jnp.full((b, keep), hashing.PAD_ID, jnp.uint32)
     state = self.variable("cache", "ngram_history", lambda: pad)
     history = pad if mode == "prefill" else state.value
     ids = hashing.ngram_hash_ids(ngram_tokens_BxT, spec, history)
     ext = jnp.concatenate([history, ngram_tokens_BxT.astype(jnp.uint32)], axis=1)
-    ends = jnp.full((b,), t, jnp.int32) if lengths_B is None else lengths_B
-    state.value = jax.vmap(lambda row, end: jax.lax.dynamic_slice_in_dim(row, end, keep))(
-        ext, ends)
+    state.value = history_before(ext, lengths_B, keep)
     return ids
 
 
