@@ -2,6 +2,10 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Mesh tests need several devices; on CPU, 8 simulated ones (set before jax loads).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 
 import sysconfig  # noqa: E402
 from pathlib import Path  # noqa: E402
