@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 CORE = ["jax>=0.4.35", "flax>=0.10", "numpy>=1.26", "optax>=0.2.4"]
 DATA = ["grain>=0.2.10", "tokenizers>=0.20", "tensorflow-datasets>=4.9.7",
-        "array_record>=0.7", "importlib_resources", "absl-py"]
+        "array_record>=0.7", "importlib_resources", "absl-py", "scikit-learn>=1.3"]
 # clu's metric writers import TensorFlow + tensorboard (real event files).
 TRAIN = DATA + ["orbax-checkpoint>=0.11", "clu>=0.0.12", "ml_collections>=1.0",
                  "tensorflow-cpu>=2.16", "tensorboard"]

@@ -1,0 +1,329 @@
+"""Image pipeline: digits, npz/ArrayRecord codes, ids, resume, shards, CFG dropout."""
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from engram_jax import hashing
+from engram_jax.data import images
+
+pytest.importorskip("sklearn")
+
+SPEC = hashing.make_hash_spec((0, 2), 3, 2, (53, 59), 4)
+STENCIL = ((0, -1), (-1, 0), (-1, 1))
+H, W, CODEBOOK, CLASSES = 3, 5, 50, 4
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _same(batches_a, batches_b):
+  return len(batches_a) == len(batches_b) and all(
+      a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+      for a, b in zip(batches_a, batches_b))
+
+
+def _keys(batch):
+  """One bytes key per image of a batch (its cells)."""
+  return [r.tobytes() for r in batch["targets"]]
+
+
+DIGITS = images.ImageDataConfig(levels=4, batch_size=8)
+
+
+# ----------------------------------------------------------------------------------
+# Fixtures: one small set of codes, stored as npz and as ArrayRecord
+# ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory):
+  """42 train and 12 val images of distinct random codes, written in both formats."""
+  root = tmp_path_factory.mktemp("codes")
+  rng = np.random.default_rng(0)
+  paths = {}
+  for split, n in (("train", 42), ("val", 12)):
+    codes_NxHxW = rng.integers(0, CODEBOOK, size=(n, H, W)).astype(np.int16)
+    labels_N = rng.integers(0, CLASSES, size=n)
+    np.savez(root / f"{split}.npz", codes=codes_NxHxW, labels=labels_N)
+    half = n // 2  # two ArrayRecord shards, read through one glob
+    for shard, part in enumerate((slice(0, half), slice(half, n))):
+      images.write_array_record(str(root / f"{split}-{shard}.array_record"),
+                                codes_NxHxW[part], labels_N[part])
+    paths[split] = (codes_NxHxW, labels_N)
+  assert len({c.tobytes() for c in paths["train"][0]}) == 42
+  common = dict(height=H, width=W, codebook_size=CODEBOOK, num_classes=CLASSES,
+                batch_size=4)
+  npz = images.ImageDataConfig(source="npz", train_path=str(root / "train.npz"),
+                               val_path=str(root / "val.npz"), **common)
+  record = images.ImageDataConfig(
+      source="array_record", train_path=str(root / "train-*.array_record"),
+      val_path=str(root / "val-*.array_record"), **common)
+  return dict(root=root, npz=npz, array_record=record, arrays=paths)
+
+
+# ----------------------------------------------------------------------------------
+# digits
+# ----------------------------------------------------------------------------------
+def test_digits_splits_are_stratified_disjoint_and_seeded():
+  split = images.digits_split_indices(0)
+  sizes = {s: len(i) for s, i in split.items()}
+  assert sizes == {"train": 1439, "val": 179, "test": 179}
+  everything = np.concatenate(list(split.values()))
+  np.testing.assert_array_equal(np.sort(everything), np.arange(1797))
+  _, labels = images._digits_raw()
+  for s in ("val", "test"):
+    counts = np.bincount(labels[split[s]], minlength=10)
+    assert counts.min() >= 17 and counts.max() <= 18  # 10% of every class
+  again = images.digits_split_indices(0)
+  assert all(np.array_equal(split[s], again[s]) for s in split)
+  other = images.digits_split_indices(1)
+  assert not np.array_equal(split["val"], other["val"])
+  assert len(other["val"]) == 179
+
+
+def test_digits_quantisation():
+  values = np.arange(17)
+  np.testing.assert_array_equal(images.quantize_digits(values, 17), values)
+  np.testing.assert_array_equal(images.quantize_digits(values, 4),
+                                [0] * 5 + [1] * 4 + [2] * 4 + [3] * 4)
+  np.testing.assert_array_equal(images.quantize_digits(values, 2), [0] * 9 + [1] * 8)
+  for levels in (2, 4, 8, 17):
+    assert len(np.unique(images.quantize_digits(values, levels))) == levels
+
+
+def test_digits_batches_hold_shifted_cells_and_class_tokens():
+  vocab = images.image_vocab(DIGITS)
+  assert (vocab.codebook_size, vocab.num_classes, vocab.null_class, vocab.size) == \
+      (4, 10, 14, 15)
+  pixels, labels = images._digits_raw()
+  train = images.digits_split_indices(0)["train"]
+  known = {images.quantize_digits(p, 4).reshape(-1).tobytes(): int(l)
+           for p, l in zip(pixels[train], labels[train])}
+  for batch in _take(images.train_iterator(DIGITS), 3):
+    assert set(batch) == {"inputs", "targets", "labels"}
+    assert batch["inputs"].shape == batch["targets"].shape == (8, 64)
+    assert batch["labels"].shape == (8,)
+    assert all(v.dtype == np.int32 for v in batch.values())
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    np.testing.assert_array_equal(batch["inputs"][:, 0], 4 + batch["labels"])
+    assert batch["targets"].min() >= 0 and batch["targets"].max() < 4
+    for key, label in zip(_keys(batch), batch["labels"]):  # real train images
+      assert known[key] == label
+
+
+def test_digits_eval_is_fixed_and_split_between_processes():
+  ev = images.eval_batches(DIGITS, "test")
+  first = list(ev)
+  assert len(ev) == len(first) == 179 // 8
+  assert _same(first, list(images.eval_batches(DIGITS, "test")))
+  pixels, labels = images._digits_raw()
+  test = images.digits_split_indices(0)["test"]
+  np.testing.assert_array_equal(first[0]["labels"], labels[test[:8]])
+  np.testing.assert_array_equal(first[1]["targets"],
+                                images.quantize_digits(pixels[test[8:16]], 4)
+                                .reshape(8, 64))
+  halves = [list(images.eval_batches(DIGITS, "test", max_batches=3, process_index=p,
+                                     process_count=2)) for p in range(2)]
+  assert len(halves[0]) == 3
+  for j in range(3):
+    np.testing.assert_array_equal(
+        np.concatenate([halves[0][j]["targets"], halves[1][j]["targets"]]),
+        first[j]["targets"])
+
+
+# ----------------------------------------------------------------------------------
+# Pre-tokenised codes: npz and ArrayRecord through the same pipeline
+# ----------------------------------------------------------------------------------
+def test_npz_and_array_record_give_the_same_batches(codes):
+  kw = dict(hash_spec=SPEC, stencil=STENCIL)
+  npz = _take(images.train_iterator(codes["npz"], **kw), 12)  # > one epoch
+  rec = _take(images.train_iterator(codes["array_record"], **kw), 12)
+  assert _same(npz, rec)
+  assert _same(list(images.eval_batches(codes["npz"], **kw)),
+               list(images.eval_batches(codes["array_record"], **kw)))
+  codes_NxHxW, labels_N = codes["arrays"]["train"]
+  known = {c.reshape(-1).astype(np.int32).tobytes(): int(l)
+           for c, l in zip(codes_NxHxW, labels_N)}
+  for batch in npz:
+    assert batch["inputs"].shape == (4, H * W)
+    np.testing.assert_array_equal(batch["inputs"][:, 0], CODEBOOK + batch["labels"])
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert [known[k] for k in _keys(batch)] == batch["labels"].tolist()
+    ids = batch["hash_ids"]
+    assert ids.dtype == np.int32 and ids.shape == (4, H * W, 2, 4)
+    np.testing.assert_array_equal(
+        ids, hashing.spatial_hash_ids(batch["targets"], SPEC, H, W, STENCIL))
+
+
+def test_records_round_trip():
+  image = np.arange(12).reshape(3, 4)
+  decoded, label = images.decode_record(images.encode_record(image, 7))
+  np.testing.assert_array_equal(decoded, image)
+  assert label == 7 and decoded.dtype == np.int32
+  with pytest.raises(ValueError, match="not an image record.*write_array_record"):
+    images.decode_record(b"\x01\x02\x03\x04" * 5)
+
+
+def test_sources_pickle_for_worker_processes(codes):
+  for cfg in (codes["npz"], codes["array_record"], DIGITS):
+    source = images.image_source(cfg, "train")
+    clone = pickle.loads(pickle.dumps(source))
+    assert len(clone) == len(source)
+    for i in (0, len(source) - 1):
+      np.testing.assert_array_equal(clone[i]["codes"], source[i]["codes"])
+      assert clone[i]["label"] == source[i]["label"]
+
+
+# ----------------------------------------------------------------------------------
+# Errors name the field
+# ----------------------------------------------------------------------------------
+def _raises(cfg, match, split="train"):
+  with pytest.raises(ValueError, match=match):
+    images.eval_batches(cfg, split)
+
+
+def test_config_errors():
+  _raises(dataclasses.replace(DIGITS, source="png"), "data.source='png'")
+  _raises(dataclasses.replace(DIGITS, levels=18), "data.levels=18")
+  _raises(dataclasses.replace(DIGITS, levels=1), "data.levels=1")
+  _raises(dataclasses.replace(DIGITS, codebook_size=16), "data.codebook_size=16")
+  _raises(dataclasses.replace(DIGITS, height=16), "data.height=16")
+  _raises(dataclasses.replace(DIGITS, num_classes=1000), "data.num_classes=1000")
+  _raises(dataclasses.replace(DIGITS, label_dropout=1.5), "data.label_dropout=1.5")
+  _raises(dataclasses.replace(DIGITS, batch_size=0), "data.batch_size=0")
+  _raises(dataclasses.replace(DIGITS, batch_size=200), "data.batch_size=200.*179",
+          "val")
+  _raises(DIGITS, "split='dev'", "dev")
+  codes_cfg = images.ImageDataConfig(source="npz", codebook_size=8)
+  _raises(codes_cfg, "data.train_path is empty")
+  _raises(dataclasses.replace(codes_cfg, train_path="x.npz", codebook_size=0),
+          "data.codebook_size=0")
+  with pytest.raises(ValueError, match="data.batch_size=9 is not divisible"):
+    images.train_iterator(dataclasses.replace(DIGITS, batch_size=9), process_count=2)
+  with pytest.raises(ValueError, match="engram.stencil has 2 offsets"):
+    images.train_iterator(DIGITS, hash_spec=SPEC, stencil=STENCIL[:2])
+
+
+def test_file_errors(codes):
+  root, npz, rec = codes["root"], codes["npz"], codes["array_record"]
+  _raises(dataclasses.replace(npz, train_path=str(root / "nope.npz")),
+          "data.train_path=.*nope.npz' does not exist")
+  _raises(dataclasses.replace(rec, train_path=str(root / "nope-*")),
+          "data.train_path=.*nope-\\*' matches no files")
+  _raises(dataclasses.replace(npz, test_path=""), "data.test_path is empty", "test")
+  codes_NxHxW, labels_N = codes["arrays"]["train"]
+
+  def npz_with(name, **arrays):
+    np.savez(root / name, **arrays)
+    return dataclasses.replace(npz, train_path=str(root / name))
+
+  _raises(npz_with("keys.npz", codes=codes_NxHxW), "lacks \\['labels'\\]")
+  _raises(npz_with("shape.npz", codes=codes_NxHxW[:, :, :4], labels=labels_N),
+          "shape \\(42, 3, 4\\).*data.height x data.width is 3 x 5")
+  _raises(npz_with("flat.npz", codes=codes_NxHxW.reshape(42, -1), labels=labels_N),
+          "data.height x data.width")
+  _raises(npz_with("nlabels.npz", codes=codes_NxHxW, labels=labels_N[:5]),
+          "labels have shape \\(5,\\)")
+  _raises(npz_with("float.npz", codes=codes_NxHxW * 0.5, labels=labels_N),
+          "codes have dtype float64")
+  big = codes_NxHxW.copy()
+  big[3, 1, 2] = CODEBOOK
+  _raises(npz_with("vocab.npz", codes=big, labels=labels_N),
+          "codes span \\[0, 50\\].*data.codebook_size=50")
+  _raises(npz_with("neg.npz", codes=-1 - codes_NxHxW, labels=labels_N),
+          "outside the vocabulary")
+  _raises(npz_with("class.npz", codes=codes_NxHxW, labels=labels_N + CLASSES),
+          "labels span.*data.num_classes=4")
+  # ArrayRecord: the first record is checked up front, the others as they are read.
+  images.write_array_record(str(root / "bad-first.array_record"), big[3:], labels_N[3:])
+  _raises(dataclasses.replace(rec, train_path=str(root / "bad-first.array_record")),
+          "data.train_path record 0: codes span .*data.codebook_size=50")
+  images.write_array_record(str(root / "bad-later.array_record"), big, labels_N)
+  source = images.image_source(
+      dataclasses.replace(rec, train_path=str(root / "bad-later.array_record")),
+      "train")
+  with pytest.raises(ValueError, match="record 3: codes span.*data.codebook_size"):
+    source[3]  # noqa: B018
+  images.write_array_record(str(root / "wide.array_record"),
+                            np.zeros((2, 3, 6), np.int32), labels_N[:2])
+  _raises(dataclasses.replace(rec, train_path=str(root / "wide.array_record")),
+          "record 0: codes have shape \\(1, 3, 6\\)")
+
+
+# ----------------------------------------------------------------------------------
+# Resume, seeds, process shards
+# ----------------------------------------------------------------------------------
+def test_resume_gives_the_same_following_batches(codes):
+  cfg = dataclasses.replace(codes["array_record"], label_dropout=0.5)
+  it = images.train_iterator(cfg, hash_spec=SPEC, stencil=STENCIL)
+  _take(it, 7)
+  state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+  following = _take(it, 9)  # crosses an epoch boundary (42 images, 4 a batch)
+  fresh = images.train_iterator(cfg, hash_spec=SPEC, stencil=STENCIL)
+  fresh.set_state(state)
+  assert _same(_take(fresh, 9), following)
+  it.set_state(state)
+  assert _same(_take(it, 9), following)
+
+
+def test_seed_decides_the_order_and_epochs_reshuffle(codes):
+  def first(seed, n=21):  # two epochs of 42 images, 4 per batch
+    return _take(images.train_iterator(dataclasses.replace(codes["npz"], seed=seed)), n)
+  a = first(0)
+  assert _same(a, first(0)) and not _same(a, first(1))
+  stream = [k for b in a for k in _keys(b)]  # epochs run on across batches
+  epoch0, epoch1 = stream[:42], stream[42:]
+  assert len(set(epoch0)) == 42 and set(epoch0) == set(epoch1)
+  assert epoch0 != epoch1
+
+
+def test_processes_read_disjoint_shards(codes):
+  cfg = codes["npz"]
+  shards = []
+  for p in range(2):
+    it = images.train_iterator(cfg, process_index=p, process_count=2)
+    batches = _take(it, 10)  # 21 images per process, 2 per batch: one epoch
+    assert batches[0]["inputs"].shape == (2, H * W)
+    shards.append({k for b in batches for k in _keys(b)})
+  assert len(shards[0]) == len(shards[1]) == 20
+  assert not shards[0] & shards[1]
+  train_codes = codes["arrays"]["train"][0]
+  every = {c.reshape(-1).astype(np.int32).tobytes() for c in train_codes}
+  assert shards[0] | shards[1] <= every
+
+
+# ----------------------------------------------------------------------------------
+# Label dropout (classifier-free guidance)
+# ----------------------------------------------------------------------------------
+def _dropped(batches, vocab):
+  rows = []
+  for b in batches:
+    dropped = b["inputs"][:, 0] == vocab.null_class
+    kept = ~dropped
+    np.testing.assert_array_equal(b["inputs"][kept, 0],
+                                  vocab.class_token(b["labels"][kept]))
+    assert (b["labels"] < vocab.num_classes).all()  # true labels stay in `labels`
+    rows.append(dropped)
+  return np.concatenate(rows)
+
+
+def test_label_dropout_rate_uses_null_class_and_is_deterministic():
+  cfg = dataclasses.replace(DIGITS, batch_size=32, label_dropout=0.25)
+  vocab = images.image_vocab(cfg)
+  mask = _dropped(_take(images.train_iterator(cfg), 50), vocab)
+  assert len(mask) == 1600 and abs(mask.mean() - 0.25) < 0.04  # ~3.6 sigma
+  again = _dropped(_take(images.train_iterator(cfg), 50), vocab)
+  np.testing.assert_array_equal(mask, again)
+  other = _dropped(_take(images.train_iterator(dataclasses.replace(cfg, seed=1)), 50),
+                   vocab)
+  assert not np.array_equal(mask, other)
+  procs = [_dropped(_take(images.train_iterator(cfg, process_index=p, process_count=2),
+                          20), vocab) for p in range(2)]
+  assert not np.array_equal(procs[0], procs[1])  # processes draw independently
+  always = dataclasses.replace(cfg, label_dropout=1.0)
+  assert _dropped(_take(images.train_iterator(always), 2), vocab).all()
+  assert not _dropped(_take(images.train_iterator(DIGITS), 5), vocab).any()
+  # Eval batches never drop the class token.
+  assert not _dropped(list(images.eval_batches(always)), vocab).any()
