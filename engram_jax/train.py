@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import optax
 
 from engram_jax import config as config_lib
-from engram_jax import hashing, optim
+from engram_jax import checkpoints, hashing, optim
 from engram_jax.models.lm import EngramLM
 
 
 class TrainingError(RuntimeError):
-  """A run that must stop (non-finite loss); the message names the step."""
+  """A run that must stop (non-finite loss or parameters); the message names the step."""
 
 
 @flax.struct.dataclass
@@ -57,7 +57,9 @@ def make_train_step(model: EngramLM, tx: optax.GradientTransformation):
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    finite = jax.tree_util.tree_reduce(
+        lambda ok, x: ok & jnp.all(jnp.isfinite(x)), new.params, jnp.isfinite(loss))
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
   return jax.jit(train_step, donate_argnums=0)
 
 
@@ -97,6 +99,40 @@ def parameter_overview(params) -> dict[str, int]:
   return counts
 
 
+def abstract_train_state(model: EngramLM, tx: optax.GradientTransformation, seq_len: int):
+  """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState(jnp.array(0, jnp.int32), params, tx.init(nn.unbox(params)))
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def _tree_bytes(tree) -> int:
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def dry_run_report(config) -> str:
+  """Parameter counts by group and bytes of the train state, from shapes alone."""
+  data_cfg = _data_config(config)
+  model_cfg = model_config(config, vocab_size=data_cfg.vocab_size)
+  t = config.train
+  tx = optim.make_optimizer(optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps),
+                            weight_decay=t.weight_decay,
+                            table_lr_multiplier=t.table_lr_multiplier,
+                            table_trainable=model_cfg.engram.table_trainable,
+                            grad_clip=t.grad_clip)
+  state = abstract_train_state(EngramLM(model_cfg), tx, data_cfg.seq_len)
+  params = nn.unbox(state.params)
+  counts = parameter_overview(params)
+  gib = lambda n: f"{n / 2**30:.3f} GiB"
+  lines = [f"model: width {model_cfg.width}, depth {model_cfg.depth}, vocab "
+           f"{model_cfg.vocab_size}, Engram layers {list(model_cfg.engram.layers)}"]
+  lines += [f"  {k:<14} {v:>16,} params" for k, v in counts.items()]
+  lines.append(f"  params {gib(_tree_bytes(params))}, optimizer state "
+               f"{gib(_tree_bytes(state.opt_state))} (unsharded)")
+  return "\n".join(lines)
+
+
 class JsonlWriter:
   """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`."""
 
@@ -111,49 +147,45 @@ class JsonlWriter:
               + "\n")
 
 
+def ensure_writable_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable before any work that would be lost."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as err:
+    raise ValueError(f"--workdir={workdir!r} is not a writable directory "
+                     f"({err.strerror or type(err).__name__}); choose another "
+                     "--workdir") from None
+
+
+def model_config(config, vocab_size: int) -> config_lib.ModelConfig:
+  """The validated model config; `model.vocab_size = 0` means the tokenizer's size."""
+  model_dict = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  if not model_dict.get("vocab_size"):
+    model_dict["vocab_size"] = vocab_size
+  return config_lib.from_dict(model_dict)
+
+
 def _data_config(config):
   from engram_jax.data import text
   data_cfg = text.validate(text.TextDataConfig(**dict(config.data)))
   return data_cfg
 
 
-def _checkpoint_manager(workdir: str, config):
-  import orbax.checkpoint as ocp
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, create=True,
-      enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "data"))
-
-
-def restore_latest(manager, abstract_state):
-  """Restores the newest readable checkpoint, falling back to older ones with a warning."""
-  import orbax.checkpoint as ocp
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      return restored["state"], restored["data"]
-    except Exception as err:  # a torn or corrupt save: use the one before
-      logging.warning("checkpoint %d unreadable (%s); falling back to an older one", step,
-                      (str(err).splitlines() or [type(err).__name__])[0][:200])
-  return None, None
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, evaluates and checkpoints; returns the final eval metrics."""
-  import orbax.checkpoint as ocp
   from clu import metric_writers, periodic_actions
   from engram_jax import tokenizer as tokenizer_lib
   from engram_jax.data import text
 
-  os.makedirs(workdir, exist_ok=True)
   data_cfg = _data_config(config)
+  model_config(config, vocab_size=data_cfg.vocab_size)  # fail fast, before any work
+  ensure_writable_workdir(workdir)
   tok = text.build_tokenizer(data_cfg, workdir)
-  model_dict = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-  if not model_dict.get("vocab_size"):
-    model_dict["vocab_size"] = tok.get_vocab_size()
-  model_cfg = config_lib.from_dict(model_dict)
+  model_cfg = model_config(config, vocab_size=tok.get_vocab_size())
   with open(os.path.join(workdir, "model_config.json"), "w", encoding="utf-8") as f:
     json.dump(config_lib.to_dict(model_cfg), f, indent=1)
   model = EngramLM(model_cfg)
@@ -185,9 +217,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
 
   rng = jax.random.key(config.seed)
-  manager = _checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config.train.keep_checkpoints)
   abstract = jax.eval_shape(init_state, rng)
-  state, data_state = restore_latest(manager, abstract)
+  state, data_state, unreadable = checkpoints.restore_latest(manager, abstract)
+  if unreadable:
+    manager.close()
+    checkpoints.quarantine_steps(workdir, unreadable)
+    manager = checkpoints.manager(workdir, config.train.keep_checkpoints)
   if state is None:
     state = jax.jit(init_state)(rng)
   else:
@@ -216,9 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
 
   def save(step):
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state())),
-        force=True)
+    checkpoints.save(manager, step, state, train_iter.get_state())
 
   metrics = {}
   try:
@@ -226,9 +260,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       batch = next(train_iter)
       new_state, step_metrics = train_step(state, batch)
       loss = float(step_metrics["loss"])
-      if not math.isfinite(loss):
-        raise TrainingError(f"non-finite loss {loss} at step {step}; the last good "
-                            "checkpoint is kept (lower train.learning_rate?)")
+      if not bool(step_metrics["finite"]):
+        what = f"loss {loss}" if not math.isfinite(loss) else "parameters after the update"
+        raise TrainingError(f"non-finite {what} at step {step}; this state is not saved and "
+                            "the last good checkpoint is kept (lower train.learning_rate?)")
       state = new_state
       progress(step)
       if step % t.log_every == 0 or step == t.steps:

@@ -1,28 +1,28 @@
-"""Training: resume determinism, NaN stop, bad input exits cleanly."""
+"""Training: resume determinism, preemption, NaN stop, corrupt checkpoints, bad input."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
 
 pytest.importorskip("clu")
 pytest.importorskip("orbax.checkpoint")
 
-from engram_jax import train  # noqa: E402
+from engram_jax import checkpoints, train  # noqa: E402
+
+from tests import lm_test_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import lm as lm_configs  # noqa: E402
+CONFIG_FLAG = "--config=tests/lm_test_config.py:tiny"
 
 
 def _config(steps=6, **train_overrides):
-  c = lm_configs.get_config("tiny")
-  c.model.update(width=32, depth=2, max_len=32)
-  c.model.engram.update(layers=(1,), heads=2, embed_per_ngram=16, table_size=(509,))
-  c.data.update(max_files=12, seq_len=16, batch_size=4, vocab_size=300)
-  c.train.update(steps=steps, warmup_steps=2, log_every=1, eval_every=steps,
-                 eval_batches=2, checkpoint_every=100)
+  c = lm_test_config.get_config("tiny")
+  c.train.update(steps=steps, eval_every=steps)
   c.train.update(train_overrides)
   return c
 
@@ -33,33 +33,128 @@ def _losses(workdir):
   return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
 
+def _steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit())
+
+
+def _main(*args, **kwargs):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  return subprocess.Popen([sys.executable, "-m", "engram_jax.main", *args], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kwargs)
+
+
 def test_resume_is_deterministic(tmp_path):
   one = str(tmp_path / "one")
   train.train_and_evaluate(_config(), one)
   two = str(tmp_path / "two")
   train.train_and_evaluate(_config(stop_after_steps=3), two)
-  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["3"]
+  assert _steps(two) == [3]
   train.train_and_evaluate(_config(), two)
   assert _losses(one) == _losses(two) and len(_losses(one)) == 6
 
 
+def test_host_and_in_graph_hashing_give_identical_losses(tmp_path):
+  device = str(tmp_path / "device")
+  host = str(tmp_path / "host")
+  train.train_and_evaluate(_config(steps=4, host_hashing=False), device)
+  train.train_and_evaluate(_config(steps=4, host_hashing=True), host)
+  assert len(_losses(host)) == 4
+  assert _losses(host) == _losses(device)
+
+
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  import numpy as np
+  import orbax.checkpoint as ocp
   workdir = str(tmp_path / "nan")
   train.train_and_evaluate(_config(steps=2), workdir)
-  with pytest.raises(train.TrainingError, match=r"non-finite loss .* at step \d+"):
+  with pytest.raises(train.TrainingError, match=r"non-finite .* at step \d+") as err:
     train.train_and_evaluate(_config(steps=40, learning_rate=1e12,
                                      warmup_steps=0, checkpoint_every=1), workdir)
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
-  assert steps, "the good checkpoint must survive"
+  steps = _steps(workdir)
+  assert steps and f"at step {max(steps) + 1};" in str(err.value)
+  # the newest kept checkpoint is the state before the bad step, and it is finite
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(max(steps)), "state"))
+  assert int(state["step"]) == max(steps)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
 
 
-def test_empty_corpus_is_one_line_error(tmp_path):
-  empty = tmp_path / "empty"
-  empty.mkdir()
-  proc = subprocess.run(
-      [sys.executable, "-m", "engram_jax.main", "--config=configs/lm.py:tiny",
-       f"--workdir={tmp_path / 'w'}", "--config.data.source=files",
-       f"--config.data.files_glob={empty}/*.txt"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2
-  assert "data.files_glob" in proc.stderr and "Traceback" not in proc.stderr
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capsys):
+  workdir = str(tmp_path / "corrupt")
+  train.train_and_evaluate(_config(steps=4, checkpoint_every=2), workdir)
+  assert _steps(workdir) == [2, 4]
+  data_dir = os.path.join(workdir, "checkpoints", "4", "state", "ocdbt.process_0", "d")
+  for name in os.listdir(data_dir):
+    with open(os.path.join(data_dir, name), "wb") as f:
+      f.write(b"torn write")
+  capsys.readouterr()
+  train.train_and_evaluate(_config(steps=6, checkpoint_every=2), workdir)
+  out = capsys.readouterr().out
+  assert "checkpoint 4 is unreadable" in out and "resumed from step 2" in out
+  assert _steps(workdir) == [2, 4, 6]
+  kept = os.path.join(workdir, checkpoints.UNREADABLE_DIR, "4", "state", "ocdbt.process_0", "d")
+  assert os.listdir(kept), "the unreadable checkpoint is moved aside, not deleted"
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, capsys):
+  workdir = str(tmp_path / "preempted")
+  proc = _main(CONFIG_FLAG, f"--workdir={workdir}", "--config.train.steps=100000",
+               "--config.train.checkpoint_every=100000")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "checkpoint saved" in out
+  (saved,) = _steps(workdir)
+  capsys.readouterr()
+  config = _config(steps=100000, checkpoint_every=100000, stop_after_steps=2)
+  train.train_and_evaluate(config, workdir)
+  assert f"resumed from step {saved}" in capsys.readouterr().out
+  assert _steps(workdir)[-1] == saved + 2
+
+
+def _bad_tokenizer(tmp_path):
+  path = tmp_path / "tokenizer.json"
+  path.write_text("{not json")
+  return [f"--config.data.tokenizer_path={path}"], "data.tokenizer_path"
+
+
+def _missing_tokenizer(tmp_path):
+  return [f"--config.data.tokenizer_path={tmp_path / 'absent.json'}"], "data.tokenizer_path"
+
+
+def _empty_corpus(tmp_path):
+  (tmp_path / "empty").mkdir()
+  return ["--config.data.source=files",
+          f"--config.data.files_glob={tmp_path / 'empty'}/*.txt"], "data.files_glob"
+
+
+def _unwritable_workdir(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  return [f"--workdir={blocker / 'run'}"], "--workdir"
+
+
+def _bad_model_field(tmp_path):
+  return ["--config.model.engram.layers=0,7"], "engram.layers"
+
+
+@pytest.mark.parametrize("case", [_bad_tokenizer, _missing_tokenizer, _empty_corpus,
+                                  _unwritable_workdir, _bad_model_field],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_is_one_line_error(tmp_path, case):
+  args, field = case(tmp_path)
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path / 'w'}")
+  proc = _main(CONFIG_FLAG, *args)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, (out, err)
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and field in lines[0], err
+  assert "Traceback" not in err

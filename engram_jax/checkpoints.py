@@ -1,0 +1,109 @@
+"""orbax checkpoints of a workdir: save layout, resume with fallback, inference loads.
+
+A workdir's `checkpoints/STEP/` holds two items: `state` (the TrainState) and `data`
+(the data iterator's JSON state). Resuming restores the newest readable step; a torn
+or corrupt one is moved to `checkpoints_unreadable/` (never deleted) and the one
+before it is used. Inference restores only `state.params`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+
+CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints_unreadable"
+ITEMS = ("state", "data")
+
+
+def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
+  """The workdir's CheckpointManager (keep-last-`keep` rotation, async saves)."""
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                         enable_async_checkpointing=async_saves)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               options=options, item_names=ITEMS)
+
+
+def save(mngr, step: int, state, data_state: dict) -> None:
+  """Saves (asynchronously) the train state and the data iterator's state at `step`."""
+  import orbax.checkpoint as ocp
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+
+def _first_line(err: Exception) -> str:
+  return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
+  """The newest readable checkpoint as (state, data_state, unreadable_steps).
+
+  Falls back to older steps with a warning; (None, None, steps) when none is readable.
+  """
+  import orbax.checkpoint as ocp
+  unreadable = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      return restored["state"], restored["data"], unreadable
+    except Exception as err:  # orbax/tensorstore raise many types for a bad save
+      logging.warning("checkpoint %d unreadable (%s)", step, _first_line(err))
+      print(f"warning: checkpoint {step} is unreadable ({_first_line(err)}); falling back "
+            "to an older one", flush=True)
+      unreadable.append(step)
+  return None, None, unreadable
+
+
+def quarantine_steps(workdir: str, steps) -> None:
+  """Moves unreadable checkpoints out of the manager's sight, never deleting them.
+
+  The run then saves those step numbers again; the old bytes stay in
+  `workdir/checkpoints_unreadable/STEP[.N]` for a human to inspect. Process 0 moves,
+  every process waits for it.
+  """
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    root = os.path.join(os.path.abspath(workdir), UNREADABLE_DIR)
+    os.makedirs(root, exist_ok=True)
+    for step in steps:
+      target, n = os.path.join(root, str(step)), 0
+      while os.path.exists(target):
+        n += 1
+        target = os.path.join(root, f"{step}.{n}")
+      os.replace(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step)), target)
+      print(f"moved unreadable checkpoint {step} to {target}", flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("engram_jax: unreadable checkpoints moved")
+
+
+def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:
+  """(params, step) of the newest readable checkpoint, for inference.
+
+  `abstract_params` (ShapeDtypeStructs, optionally with shardings) says what to load;
+  the optimizer state is not read. A workdir without a readable checkpoint is a
+  ValueError naming `--workdir`.
+  """
+  import orbax.checkpoint as ocp
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  steps = []
+  if os.path.isdir(directory):
+    mngr = manager(workdir, async_saves=False, create=False)
+    steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise ValueError(f"--workdir={workdir!r} has no checkpoint ({directory} is empty or "
+                     "missing); train first with `python -m engram_jax.main`")
+  errors = []
+  for step in steps:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)))
+      return restored["state"]["params"], step
+    except Exception as err:  # see restore_latest
+      errors.append(f"step {step}: {_first_line(err)}")
+  raise ValueError(f"--workdir={workdir!r}: no readable checkpoint ({'; '.join(errors)})")
