@@ -98,11 +98,17 @@ def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:
   if not steps:
     raise ValueError(f"--workdir={workdir!r} has no checkpoint ({directory} is empty or "
                      "missing); train first with `python -m engram_jax.main`")
+  item = {"params": abstract_params}
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restore_args = jax.tree_util.tree_map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default,
+                                     dtype=x.dtype), item)
   errors = []
   for step in steps:
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)))
+          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                       partial_restore=True)))
       return restored["state"]["params"], step
     except Exception as err:  # see restore_latest
       errors.append(f"step {step}: {_first_line(err)}")

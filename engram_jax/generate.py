@@ -9,6 +9,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engram_jax.models.lm import EngramLM
 
@@ -110,3 +111,94 @@ def generate(model: EngramLM, params, prompt_BxT, lengths_B, rng, *, max_new_tok
   carry = (cache, first_B, lengths_B, done_B)
   _, rest_SxB = jax.lax.scan(step, carry, jax.random.split(rng, max_new_tokens - 1))
   return jnp.concatenate([first_B[:, None], rest_SxB.T], axis=1)
+
+
+# ----------------------------------------------------------------------------------
+# Command line: python -m engram_jax.generate --workdir=DIR --prompt="def "
+# ----------------------------------------------------------------------------------
+def prompt_bucket(length: int, max_new_tokens: int, max_len: int) -> int:
+  """Padded prompt length: the next power of two (>= 8), so few shapes compile."""
+  bucket = max(8, 1 << max(length - 1, 0).bit_length())
+  return min(bucket, max_len - max_new_tokens)
+
+
+def load_workdir(workdir: str):
+  """(model, params, tokenizer, vocab_map_V, step) of a training workdir's newest checkpoint."""
+  import json
+  import os
+
+  import flax.linen as nn
+
+  from engram_jax import checkpoints, config as config_lib, hashing
+  from engram_jax import tokenizer as tokenizer_lib
+
+  config_path = os.path.join(workdir, "model_config.json")
+  if not os.path.exists(config_path):
+    raise ValueError(f"--workdir={workdir!r} has no model_config.json; point it at a "
+                     "directory written by `python -m engram_jax.main`")
+  with open(config_path, encoding="utf-8") as f:
+    cfg = config_lib.from_dict(json.load(f))
+  tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
+  model = EngramLM(cfg)
+  abstract = jax.eval_shape(
+      lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+  params, step = checkpoints.restore_params(workdir, abstract["params"])
+  vocab_map = None
+  if cfg.engram.layers:
+    vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
+  return model, params, tok, vocab_map, step
+
+
+def main(argv=None) -> int:
+  import argparse
+  import sys
+
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.generate",
+      description="Sample continuations from the newest checkpoint of a training workdir.")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--prompt", default="")
+  parser.add_argument("--max_new_tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  parser.add_argument("--top_k", type=int, default=0, help="0 = off")
+  parser.add_argument("--top_p", type=float, default=1.0, help="1.0 = off")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num_samples", type=int, default=1)
+  args = parser.parse_args(argv)
+  try:
+    for name in ("max_new_tokens", "num_samples"):
+      if getattr(args, name) < 1:
+        raise ValueError(f"--{name}={getattr(args, name)}: use a positive integer")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+      raise ValueError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
+    model, params, tok, vocab_map, step = load_workdir(args.workdir)
+    from engram_jax import tokenizer as tokenizer_lib
+    eos = tokenizer_lib.eos_id(tok)
+    ids = tok.encode(args.prompt, add_special_tokens=False).ids or [eos]
+    max_len = model.cfg.max_len
+    if len(ids) + args.max_new_tokens > max_len:
+      raise ValueError(f"--prompt is {len(ids)} tokens; with --max_new_tokens="
+                       f"{args.max_new_tokens} that exceeds the model's context "
+                       f"model.max_len={max_len}; shorten the prompt or ask for fewer tokens")
+    bucket = prompt_bucket(len(ids), args.max_new_tokens, max_len)
+    prompt = np.zeros((args.num_samples, bucket), np.int32)
+    prompt[:, :len(ids)] = ids
+    lengths = np.full((args.num_samples,), len(ids), np.int32)
+    run = jax.jit(generate, static_argnums=0, static_argnames=(
+        "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
+    new = np.asarray(run(model, params, prompt, lengths, jax.random.key(args.seed),
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=eos,
+                         vocab_map_V=vocab_map))
+  except (ValueError, OSError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(f"# {args.workdir} step {step}", flush=True)
+  for i, row in enumerate(new):
+    cut = list(row[:list(row).index(eos)]) if eos in row else list(row)
+    print(f"--- sample {i} ---\n{args.prompt}{tok.decode(cut)}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
