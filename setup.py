@@ -6,7 +6,7 @@ DATA = ["grain>=0.2.10", "tokenizers>=0.20", "tensorflow-datasets>=4.9.7",
         "array_record>=0.7", "importlib_resources", "absl-py", "scikit-learn>=1.3"]
 # clu's metric writers import TensorFlow + tensorboard (real event files).
 TRAIN = DATA + ["orbax-checkpoint>=0.11", "clu>=0.0.12", "ml_collections>=1.0",
-                 "tensorflow-cpu>=2.16", "tensorboard"]
+                 "tensorflow-cpu>=2.16", "tensorboard", "matplotlib>=3.7"]
 
 setup(
     name="engram_jax",
@@ -20,7 +20,8 @@ setup(
     extras_require={
         "data": DATA,
         "train": TRAIN,
-        "test": TRAIN + ["pytest>=8"],
+        # nbclient + ipykernel execute colab/ notebooks in the tests
+        "test": TRAIN + ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

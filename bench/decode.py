@@ -5,7 +5,6 @@ per-token latency of the cached path. Greedy, so both paths emit the same tokens
 (checked before timing).
 """
 import argparse
-import time
 
 import flax.linen as nn
 import jax
@@ -15,15 +14,7 @@ import numpy as np
 from engram_jax import config as config_lib
 from engram_jax import generate
 from engram_jax.models.lm import EngramLM
-
-
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+from timing import median_seconds  # bench/timing.py (scripts run from bench/)
 
 
 def main():
@@ -65,8 +56,8 @@ def main():
     return buf[:, args.prompt:]
 
   same = np.array_equal(np.asarray(cached(params, prompt)), np.asarray(recompute(params, prompt)))
-  t_cached = _median_time(lambda: cached(params, prompt), args.repeats)
-  t_full = _median_time(lambda: recompute(params, prompt), args.repeats)
+  t_cached = median_seconds(lambda: cached(params, prompt), args.repeats)
+  t_full = median_seconds(lambda: recompute(params, prompt), args.repeats)
   new_tokens = args.batch * args.new
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices); "
         f"batch {args.batch}, prompt {args.prompt} + {args.new} new, width {args.width}, "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from engram_jax import hash_quality as hq  # noqa: E402
 from engram_jax import hashing  # noqa: E402
+from timing import median_seconds  # bench/timing.py (scripts run from bench/)
 
 
 def parse_args():
@@ -84,15 +84,6 @@ def numpy_reference_lookup(tokens_BxT, sizes_LxOxK, mult_LxN, pad_id, offsets_Lx
     else:
       out[:, :, l] = table[rows_BxTxLxH[:, :, l]]
   return out
-
-
-def median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
