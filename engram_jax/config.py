@@ -15,6 +15,7 @@ GateMode = Union[str, float]
 _GATE_NAMES = ("learned", "off")
 _REMAT = ("none", "full", "dots")
 _DTYPES = ("float32", "bfloat16", "float16")
+LOOKUPS = ("gather", "psum", "all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,10 @@ class EngramConfig:
   table_trainable: bool = True
   table_init_std: float = 1.0
   seed: int = 0
+  lookup: str = "gather"               # "gather" | "psum" | "all_to_all" (docs/sharding.md)
+  table_row_multiple: int = 512        # pad each layer's table rows to a multiple (sharding)
+  # Images only: causal (dy, dx) neighbours; order n hashes the first n (docs/vision.md).
+  stencil: tuple[tuple[int, int], ...] = hashing.DEFAULT_STENCIL
 
   @property
   def head_dim(self) -> int:
@@ -47,6 +52,12 @@ class EngramConfig:
   def min_rows_per_order(self) -> tuple[int, ...]:
     sizes = tuple(self.table_size)
     return sizes * self.orders if len(sizes) == 1 else sizes
+
+  def padded_rows(self, rows: int) -> int:
+    """Rows of the stored table: `rows` rounded up so that any mesh dividing
+    `table_row_multiple` (every power of two up to it, by default) splits it evenly.
+    Rows past `rows` are never addressed by a hash id."""
+    return -(-rows // self.table_row_multiple) * self.table_row_multiple
 
   def hash_spec(self) -> hashing.HashSpec:
     return hashing.make_hash_spec(tuple(self.layers), self.max_ngram, self.heads,
@@ -160,6 +171,11 @@ def validate(cfg: ModelConfig) -> ModelConfig:
   validate_gate(e.gate)
   if e.table_init_std <= 0:
     _fail("engram.table_init_std", e.table_init_std, "must be > 0")
+  if e.lookup not in LOOKUPS:
+    _fail("engram.lookup", e.lookup, f"choose one of {LOOKUPS}")
+  if isinstance(e.table_row_multiple, bool) or e.table_row_multiple < 1:
+    _fail("engram.table_row_multiple", e.table_row_multiple,
+          "must be >= 1 (a multiple of the number of table shards; 1 = no padding)")
   return cfg
 
 
@@ -169,6 +185,17 @@ def _as_tuple(value: Any) -> tuple:
   if isinstance(value, (int, float)):
     return (int(value),)
   return tuple(int(v) for v in value)
+
+
+def _as_pairs(value: Any) -> tuple[tuple[int, int], ...]:
+  """(dy, dx) pairs from pairs or a "dy,dx;dy,dx" string (command-line overrides)."""
+  if isinstance(value, str):
+    value = [pair.split(",") for pair in value.split(";") if pair.strip()]
+  try:
+    return tuple((int(dy), int(dx)) for dy, dx in value)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"engram.stencil={value!r} is invalid: give (dy, dx) integer pairs "
+                     f"or a string such as '0,-1;-1,0;-1,-1'") from err
 
 
 def from_dict(model: Mapping[str, Any]) -> ModelConfig:
@@ -186,6 +213,8 @@ def from_dict(model: Mapping[str, Any]) -> ModelConfig:
   for key in ("layers", "table_size"):
     if key in engram:
       engram[key] = _as_tuple(engram[key])
+  if "stencil" in engram:
+    engram["stencil"] = _as_pairs(engram["stencil"])
   if "gate" in engram and isinstance(engram["gate"], str) and engram["gate"] not in _GATE_NAMES:
     validate_gate(engram["gate"])
     engram["gate"] = float(engram["gate"])
@@ -197,5 +226,6 @@ def to_dict(cfg: ModelConfig) -> dict[str, Any]:
   out = dataclasses.asdict(cfg)
   out["engram"]["layers"] = list(cfg.engram.layers)
   out["engram"]["table_size"] = list(cfg.engram.table_size)
+  out["engram"]["stencil"] = [list(pair) for pair in cfg.engram.stencil]
   return out
 

@@ -14,7 +14,8 @@ Schedule = Union[float, Callable[[Any], Any]]
 
 def param_group(path, leaf) -> str:
   """'table' for Engram tables, 'no_decay' for vectors, 'decay' for the rest."""
-  names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+  # dict keys only: boxed (nn.Partitioned) params add a trailing `.value` attribute
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
   if names and names[-1] == "table" and "engram" in names:
     return "table"
   if names and names[-1] in ("scale", "bias", "conv"):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import config as config_lib
+from engram_jax import sharding
 from engram_jax.layers.attention import Mode
 from engram_jax.layers.mlp import dense_init
 from engram_jax.layers.norms import RMSNorm
@@ -28,9 +29,15 @@ from engram_jax.layers.norms import RMSNorm
 _GATE_EPS = 1e-6
 
 
-def lookup_rows(table_RxE, row_ids_BxTxH):
-  """Gathers `[B, T, H, E]` rows of a flat table (the unsharded lookup)."""
-  return jnp.take(table_RxE, row_ids_BxTxH, axis=0, mode="clip")
+def lookup_rows(table_RxE, row_ids_BxTxH, strategy: str = "gather"):
+  """Gathers `[B, T, H, E]` rows of a flat table.
+
+  "gather" is a plain `jnp.take` (XLA decides how to gather a sharded table); "psum"
+  and "all_to_all" run under `shard_map` on the ambient mesh (see engram_jax.sharding).
+  """
+  if strategy == "gather":
+    return jnp.take(table_RxE, row_ids_BxTxH, axis=0, mode="clip")
+  return sharding.sharded_lookup(table_RxE, row_ids_BxTxH, strategy)
 
 
 def context_gate(h_norm_BxTxMxD, key_norm_BxTxMxD):
@@ -73,7 +80,8 @@ def history_before(ext_BxUx_, ends_B: Optional[jax.Array], span: int):
 class Engram(nn.Module):
   """One Engram layer over M residual branches: `[B,T,M,D] x [B,T,H] -> [B,T,M,D]`.
 
-  table_rows: rows of this layer's flat table (sum of its heads' prime sizes).
+  table_rows: rows of this layer's flat table (sum of its heads' prime sizes); the
+    param is padded to `engram.padded_rows(table_rows)` so that meshes divide it.
   In "prefill" mode `lengths_B` says where each row's prompt ends, so the conv state
   for decoding is taken at the right place for prompts of different lengths.
   """
@@ -95,10 +103,10 @@ class Engram(nn.Module):
     table = self.param(
         "table", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.table_init_std), ("table_rows", "table_dim")),
-        (self.table_rows, cfg.head_dim), self.param_dtype)
+        (cfg.padded_rows(self.table_rows), cfg.head_dim), self.param_dtype)
     if not cfg.table_trainable:
       table = jax.lax.stop_gradient(table)
-    e_BxTxF = lookup_rows(table, row_ids_BxTxH).reshape(b, t, cfg.features)
+    e_BxTxF = lookup_rows(table, row_ids_BxTxH, cfg.lookup).reshape(b, t, cfg.features)
     e_BxTxF = e_BxTxF.astype(self.dtype)
 
     value_BxTxD = nn.Dense(
