@@ -18,7 +18,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                  dtype="float32", remat="none", tie_embeddings=False,
                  engram=dict(layers=(1,), max_ngram=3, heads=4, embed_per_ngram=32,
                              table_size=(4001,), gate="learned", table_trainable=True,
-                             table_init_std=1.0, seed=0))
+                             table_init_std=1.0, seed=0, lookup="gather",
+                             table_row_multiple=512))
   c.data = dict(source="stdlib", files_glob="", tfds_name="", tfds_data_dir="",
                 max_files=120, seq_len=64, batch_size=8, seed=0, worker_count=0,
                 tokenizer_path="", vocab_size=1024, val_fraction=0.02)
@@ -27,6 +28,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                  log_every=25, eval_every=100, eval_batches=8, checkpoint_every=100,
                  keep_checkpoints=3,
                  stop_after_steps=0)  # > 0: stop (and save) after this many steps of this run
+  # Devices per mesh axis (-1 = the rest); num_devices 0 = every visible device. Tables
+  # are row-sharded over all axes (docs/sharding.md); engram.lookup picks the strategy.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0)
   if variant.startswith("small"):
     c.model.update(width=512, depth=8, num_heads=8, num_kv_heads=4, max_len=1024,
                    dtype="bfloat16")

@@ -49,7 +49,9 @@ def model_inputs(batch: dict) -> dict:
   return kwargs
 
 
-def make_train_step(model: EngramLM, tx: optax.GradientTransformation):
+def make_train_step(model: EngramLM, tx: optax.GradientTransformation,
+                    state_shardings=None):
+  """The jitted, state-donating step; with `state_shardings` the state keeps its layout."""
   def train_step(state: TrainState, batch: dict):
     def loss_fn(params):
       logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch))
@@ -60,7 +62,9 @@ def make_train_step(model: EngramLM, tx: optax.GradientTransformation):
     finite = jax.tree_util.tree_reduce(
         lambda ok, x: ok & jnp.all(jnp.isfinite(x)), new.params, jnp.isfinite(loss))
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
-  return jax.jit(train_step, donate_argnums=0)
+  if state_shardings is None:
+    return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
 def make_eval_step(model: EngramLM):
@@ -99,6 +103,48 @@ def parameter_overview(params) -> dict[str, int]:
   return counts
 
 
+def optimizer_from_config(config, model_cfg: config_lib.ModelConfig):
+  """(schedule, tx) of `config.train`: AdamW + warmup-cosine with the table group."""
+  t = config.train
+  schedule = optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
+  tx = optim.make_optimizer(schedule, weight_decay=t.weight_decay,
+                            table_lr_multiplier=t.table_lr_multiplier,
+                            table_trainable=model_cfg.engram.table_trainable,
+                            grad_clip=t.grad_clip)
+  return schedule, tx
+
+
+def mesh_from_config(config, abstract: bool = False):
+  """The device mesh of `config.mesh` (all devices, or the first `num_devices`).
+
+  `abstract=True` gives a device-free `AbstractMesh` of `num_devices` devices, so a
+  dry run can size a pod-scale mesh on a laptop.
+  """
+  from engram_jax import sharding
+  m = dict(config.get("mesh", {}))
+  count = int(m.pop("num_devices", 0) or 0)
+  mesh_cfg = sharding.MeshConfig(**m)
+  if abstract:
+    count = count or jax.device_count()
+    return jax.sharding.AbstractMesh(
+        mesh_cfg.shape(count), sharding.MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
+  if count > jax.device_count():
+    raise ValueError(f"mesh.num_devices={count} but only {jax.device_count()} devices "
+                     "are visible; lower it (0 = all devices)")
+  return sharding.make_mesh(mesh_cfg, jax.devices()[:count] if count else None)
+
+
+def train_state_shardings(model: EngramLM, tx: optax.GradientTransformation, seq_len: int,
+                          mesh):
+  """`TrainState` of NamedShardings: params and optimizer moments by logical axes."""
+  from engram_jax import sharding
+  boxed = abstract_train_state(model, tx, seq_len).params
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return TrainState(replicated, sharding.state_shardings(boxed, mesh),
+                    sharding.opt_state_shardings(tx, boxed, mesh))
+
+
 def abstract_train_state(model: EngramLM, tx: optax.GradientTransformation, seq_len: int):
   """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
   def init(rng):
@@ -113,23 +159,33 @@ def _tree_bytes(tree) -> int:
 
 def dry_run_report(config) -> str:
   """Parameter counts by group and bytes of the train state, from shapes alone."""
+  from engram_jax import sharding
   data_cfg = _data_config(config)
   model_cfg = model_config(config, vocab_size=data_cfg.vocab_size)
-  t = config.train
-  tx = optim.make_optimizer(optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps),
-                            weight_decay=t.weight_decay,
-                            table_lr_multiplier=t.table_lr_multiplier,
-                            table_trainable=model_cfg.engram.table_trainable,
-                            grad_clip=t.grad_clip)
-  state = abstract_train_state(EngramLM(model_cfg), tx, data_cfg.seq_len)
+  _, tx = optimizer_from_config(config, model_cfg)
+  model = EngramLM(model_cfg)
+  state = abstract_train_state(model, tx, data_cfg.seq_len)
   params = nn.unbox(state.params)
   counts = parameter_overview(params)
+  mesh = mesh_from_config(config, abstract=True)
+  shardings = train_state_shardings(model, tx, data_cfg.seq_len, mesh)
+  groups = jax.tree_util.tree_leaves(optim.param_groups(params))
+  tables = [(leaf, sh) for leaf, sh, group in zip(
+      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings.params), groups)
+            if group == "table"]
   gib = lambda n: f"{n / 2**30:.3f} GiB"
+  mesh_text = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
   lines = [f"model: width {model_cfg.width}, depth {model_cfg.depth}, vocab "
-           f"{model_cfg.vocab_size}, Engram layers {list(model_cfg.engram.layers)}"]
-  lines += [f"  {k:<14} {v:>16,} params" for k, v in counts.items()]
-  lines.append(f"  params {gib(_tree_bytes(params))}, optimizer state "
-               f"{gib(_tree_bytes(state.opt_state))} (unsharded)")
+           f"{model_cfg.vocab_size}, Engram layers {list(model_cfg.engram.layers)}, "
+           f"lookup {model_cfg.engram.lookup!r}"]
+  lines += [f"  {k:<14} {v:>18,} params" for k, v in counts.items()]
+  lines.append(f"  total bytes: params {gib(_tree_bytes(params))}, optimizer state "
+               f"{gib(_tree_bytes(state.opt_state))}")
+  lines.append(f"mesh {mesh_text} ({mesh.size} devices), bytes per device:")
+  table_bytes = sharding.bytes_per_device([t for t, _ in tables], [s for _, s in tables])
+  lines.append(f"  params {gib(sharding.bytes_per_device(params, shardings.params))} "
+               f"(Engram tables {gib(table_bytes)}), optimizer state "
+               f"{gib(sharding.bytes_per_device(state.opt_state, shardings.opt_state))}")
   return "\n".join(lines)
 
 
@@ -177,7 +233,7 @@ def _data_config(config):
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, evaluates and checkpoints; returns the final eval metrics."""
-  from clu import metric_writers, periodic_actions
+  from engram_jax import sharding
   from engram_jax import tokenizer as tokenizer_lib
   from engram_jax.data import text
 
@@ -204,28 +260,44 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                    cache_dir=cache_dir)
   byte_lengths = jnp.asarray(tokenizer_lib.token_byte_lengths(tok))
 
+  schedule, tx = optimizer_from_config(config, model_cfg)
+  mesh = mesh_from_config(config)
+  with sharding.use_mesh(mesh):
+    return _train_loop(config, workdir, model, tx, schedule, mesh, data_cfg.seq_len,
+                       train_iter, eval_batches, byte_lengths)
+
+
+def _global_batch(batch: dict, batch_sharding) -> dict:
+  """This process's rows as one global array per key, laid out over the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in batch.items()}
+
+
+def _train_loop(config, workdir, model, tx, schedule, mesh, seq_len, train_iter,
+                eval_batches, byte_lengths):
+  from clu import metric_writers, periodic_actions
+  from engram_jax import sharding
   t = config.train
-  schedule = optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
-  tx = optim.make_optimizer(schedule, weight_decay=t.weight_decay,
-                            table_lr_multiplier=t.table_lr_multiplier,
-                            table_trainable=model_cfg.engram.table_trainable,
-                            grad_clip=t.grad_clip)
+  pidx = jax.process_index()
+  state_sh = train_state_shardings(model, tx, seq_len, mesh)
+  batch_sh = sharding.batch_sharding(mesh, batch_size=config.data.batch_size)
 
   def init_state(rng):
-    dummy = jnp.zeros((1, data_cfg.seq_len), jnp.int32)
-    params = nn.unbox(model.init(rng, dummy))["params"]
+    params = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))["params"]
     return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
 
   rng = jax.random.key(config.seed)
-  manager = checkpoints.manager(workdir, config.train.keep_checkpoints)
-  abstract = jax.eval_shape(init_state, rng)
+  manager = checkpoints.manager(workdir, t.keep_checkpoints)
+  abstract = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      jax.eval_shape(init_state, rng), state_sh)
   state, data_state, unreadable = checkpoints.restore_latest(manager, abstract)
   if unreadable:
     manager.close()
     checkpoints.quarantine_steps(workdir, unreadable)
-    manager = checkpoints.manager(workdir, config.train.keep_checkpoints)
+    manager = checkpoints.manager(workdir, t.keep_checkpoints)
   if state is None:
-    state = jax.jit(init_state)(rng)
+    state = jax.jit(init_state, out_shardings=state_sh)(rng)
   else:
     train_iter.set_state(data_state)
   start = int(state.step)
@@ -247,8 +319,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     stop_requested.append(signum)
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-  train_step = make_train_step(model, tx)
+  train_step = make_train_step(model, tx, state_sh)
   eval_step = make_eval_step(model)
+  eval_batches = [_global_batch(b, batch_sh) for b in eval_batches]
   progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
 
   def save(step):
@@ -257,7 +330,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   metrics = {}
   try:
     for step in range(start + 1, t.steps + 1):
-      batch = next(train_iter)
+      batch = _global_batch(next(train_iter), batch_sh)
       new_state, step_metrics = train_step(state, batch)
       loss = float(step_metrics["loss"])
       if not bool(step_metrics["finite"]):

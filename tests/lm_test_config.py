@@ -17,4 +17,5 @@ def get_config(variant: str = "tiny"):
   c.data.update(max_files=12, seq_len=16, batch_size=4, vocab_size=300)
   c.train.update(steps=6, warmup_steps=2, log_every=1, eval_every=6, eval_batches=2,
                  checkpoint_every=100)
+  c.mesh.update(num_devices=1)  # tests see 8 simulated devices; mesh tests opt in
   return c

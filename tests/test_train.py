@@ -158,3 +158,24 @@ def test_bad_input_is_one_line_error(tmp_path, case):
   lines = [l for l in err.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and field in lines[0], err
   assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("single"))
+  train.train_and_evaluate(_config(steps=3), workdir)
+  return _losses(workdir)
+
+
+@pytest.mark.parametrize("lookup", ["gather", "psum", "all_to_all"])
+def test_sharded_training_matches_single_device(tmp_path, single_device_losses, lookup):
+  """8 simulated devices (data 2 x fsdp 2 x tensor 2), tables row-sharded over all."""
+  config = _config(steps=3)
+  config.mesh.update(num_devices=8, data=2, fsdp=2, tensor=2)
+  config.model.engram.lookup = lookup
+  workdir = str(tmp_path / lookup)
+  train.train_and_evaluate(config, workdir)
+  sharded = _losses(workdir)
+  assert sharded.keys() == single_device_losses.keys()
+  for step, loss in single_device_losses.items():
+    assert sharded[step] == pytest.approx(loss, rel=2e-5), step
