@@ -1,4 +1,4 @@
-"""Grouped-query causal self-attention with RoPE and a fixed-size KV cache.
+"""Grouped-query causal self-attention with RoPE (1D or 2D) and a fixed-size KV cache.
 
 Modes (static): None = full forward (training, scoring); "prefill" = full forward
 that also writes the prompt's keys/values into the cache; "decode" = the new
@@ -19,10 +19,22 @@ MODES = (None, "prefill", "decode")
 
 
 def rope(x_BxTxNxH, positions_BxT, theta: float):
-  """Rotary embedding over the last axis (pairs = the two halves)."""
-  half = x_BxTxNxH.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  """Rotary embedding over the last axis; pair i is (x[i], x[i + H/2]).
+
+  positions_BxT: `[B, T]` (1D), or `[B, T, A]` for A position axes (2D RoPE: A = 2,
+  (row, column)). Axis a rotates the contiguous pairs [a*P, (a+1)*P), P = H/(2A), each
+  axis with the full frequency ladder theta^(-k/P), k < P; A = 1 is the usual RoPE.
+  """
+  b, t, _, head_dim = x_BxTxNxH.shape
+  half = head_dim // 2
+  positions_BxTxA = positions_BxT if positions_BxT.ndim == 3 else positions_BxT[..., None]
+  axes = positions_BxTxA.shape[-1]
+  if half % axes:
+    raise ValueError(f"model.head_dim={head_dim}: {axes}-axis RoPE needs a multiple of "
+                     f"{2 * axes} (each axis rotates head_dim / {2 * axes} pairs)")
+  per_axis = half // axes
+  inv_freq = theta ** (-jnp.arange(per_axis, dtype=jnp.float32) / per_axis)
+  angles = (positions_BxTxA.astype(jnp.float32)[..., None] * inv_freq).reshape(b, t, half)
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -61,15 +73,19 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT):
+  def __call__(self, x_BxTxD, positions_BxT, rope_positions_BxTxA=None):
+    """positions_BxT: sequence positions (causal mask and KV-cache slots);
+    rope_positions_BxTxA: what RoPE rotates with (`rope`), default `positions_BxT`."""
     proj = lambda heads, axes, name: nn.DenseGeneral(
         (heads, self.head_dim), use_bias=False, kernel_init=dense_init(axes),
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     q = proj(self.num_heads, ("embed", "heads", "head_dim"), "query")(x_BxTxD)
     k = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "key")(x_BxTxD)
     v = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "value")(x_BxTxD)
-    q = rope(q, positions_BxT, self.rope_theta)
-    k = rope(k, positions_BxT, self.rope_theta)
+    if rope_positions_BxTxA is None:
+      rope_positions_BxTxA = positions_BxT
+    q = rope(q, rope_positions_BxTxA, self.rope_theta)
+    k = rope(k, rope_positions_BxTxA, self.rope_theta)
 
     if self.mode is None:
       key_positions_BxS = positions_BxT

@@ -35,7 +35,8 @@ class Block(nn.Module):
   mode: Mode = None
 
   @nn.compact
-  def __call__(self, h_BxTxD, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None):
+  def __call__(self, h_BxTxD, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None,
+               rope_positions_BxTxA=None):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = lambda name: RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name=name)
@@ -50,7 +51,7 @@ class Block(nn.Module):
     h_BxTxD = h_BxTxD + Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.max_len,
         cfg.rope_theta, self.mode, dtype, pdtype, name="attention")(
-            norm("attention_norm")(h_BxTxD), positions_BxT)
+            norm("attention_norm")(h_BxTxD), positions_BxT, rope_positions_BxTxA)
     h_BxTxD = h_BxTxD + SwiGLU(cfg.resolved_mlp_dim, dtype, pdtype, name="mlp")(
         norm("mlp_norm")(h_BxTxD))
     return h_BxTxD
@@ -59,8 +60,10 @@ class Block(nn.Module):
 class ScanBlock(Block):
   """Block with the (carry, x) -> (carry, y) signature `nn.scan` wants."""
 
-  def __call__(self, h_BxTxD, positions_BxT):  # pytype: disable=signature-mismatch
-    return super().__call__(h_BxTxD, positions_BxT), None
+  def __call__(self, h_BxTxD, positions_BxT,  # pytype: disable=signature-mismatch
+               rope_positions_BxTxA=None):
+    return super().__call__(h_BxTxD, positions_BxT,
+                            rope_positions_BxTxA=rope_positions_BxTxA), None
 
 
 def segments(cfg: config_lib.ModelConfig) -> list[tuple[str, int, int]]:
@@ -82,6 +85,30 @@ def _maybe_remat(module_cls, cfg, static_argnums=()):
     return module_cls
   return nn.remat(module_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False,
                   static_argnums=static_argnums)
+
+
+def apply_blocks(cfg: config_lib.ModelConfig, h_BxTxD, positions_BxT, hash_ids_BxTxLxH,
+                 lengths_B, mode: Mode, rope_positions_BxTxA=None):
+  """The layer plan of `segments(cfg)`, run inside the calling module's `nn.compact`.
+
+  Shared by every decoder (EngramLM, the image model) so that they have the same
+  parameter layout; `rope_positions_BxTxA` (e.g. 2D (row, column)) defaults to the
+  sequence positions.
+  """
+  extra = () if rope_positions_BxTxA is None else (rope_positions_BxTxA,)
+  for kind, first, length in segments(cfg):
+    if kind == "engram":
+      block = _maybe_remat(Block, cfg)(cfg, engram_index=cfg.engram.layers.index(first),
+                                       mode=mode, name=f"block_{first}")
+      h_BxTxD = block(h_BxTxD, positions_BxT, hash_ids_BxTxLxH, lengths_B, *extra)
+    else:
+      scanned = nn.scan(
+          _maybe_remat(ScanBlock, cfg), variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True}, in_axes=nn.broadcast, length=length,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      h_BxTxD, _ = scanned(cfg, mode=mode, name=f"blocks_{first}_{first + length - 1}")(
+          h_BxTxD, positions_BxT, *extra)
+  return h_BxTxD
 
 
 class EngramLM(nn.Module):
@@ -110,21 +137,8 @@ class EngramLM(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=pdtype,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(1.0), ("vocab", "embed")), name="embed")
-    h_BxTxD = embed(tokens_BxT)
-
-    for kind, first, length in segments(cfg):
-      if kind == "engram":
-        block = _maybe_remat(Block, cfg)(cfg, engram_index=cfg.engram.layers.index(first),
-                                         mode=mode, name=f"block_{first}")
-        h_BxTxD = block(h_BxTxD, positions_BxT, hash_ids_BxTxLxH, lengths_B)
-      else:
-        scanned = nn.scan(
-            _maybe_remat(ScanBlock, cfg), variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True}, in_axes=nn.broadcast, length=length,
-            metadata_params={nn.PARTITION_NAME: "layers"})
-        h_BxTxD, _ = scanned(cfg, mode=mode, name=f"blocks_{first}_{first + length - 1}")(
-            h_BxTxD, positions_BxT)
-
+    h_BxTxD = apply_blocks(cfg, embed(tokens_BxT), positions_BxT, hash_ids_BxTxLxH,
+                           lengths_B, mode)
     h_BxTxD = RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name="final_norm")(h_BxTxD)
     if cfg.tie_embeddings:
       logits = embed.attend(h_BxTxD)
