@@ -2,26 +2,99 @@
 
 `--dry_run` sizes the config instead: parameter counts and bytes per device on the
 config's mesh, from abstract shapes only (nothing is allocated or compiled).
+
+Several processes (hosts) join one run through `jax.distributed.initialize`, called
+here before jax touches a device: with `--coordinator_address`, `--num_processes` and
+`--process_id` (or `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`),
+or with `--distributed=on` where jax detects them itself (Cloud TPU pods, SLURM, Open
+MPI). One process needs none of it. docs/scale_out.md has the launch commands.
 """
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer loads TF
+# clu's TensorBoard writer loads TensorFlow: keep its start-up chatter off the console
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
 flags.DEFINE_bool("dry_run", False, "Print parameter counts and per-device bytes; no training.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Join a multi-process run: auto = when the address/count/id flags or "
+                  "env vars are set, or under SLURM/Open MPI with several tasks; on = "
+                  "always (jax detects what is unset: TPU pods, SLURM, Open MPI); off = never.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 (default $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (default $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 "
+                     "(default $JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config"])
+
+
+def _env_int(name: str):
+  value = os.environ.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"${name}={value!r} is not an integer; unset it or fix it") from None
+
+
+def _cluster_detected() -> bool:
+  """SLURM or Open MPI launched several tasks (jax reads their variables itself)."""
+  slurm_tasks = os.environ.get("SLURM_NTASKS", "1")
+  return ("SLURM_JOB_ID" in os.environ and slurm_tasks.isdigit() and int(slurm_tasks) > 1
+          or "OMPI_MCA_orte_hnp_uri" in os.environ)
+
+
+def init_distributed(mode: str = "auto", coordinator_address=None, num_processes=None,
+                     process_id=None) -> int:
+  """Calls `jax.distributed.initialize` when the run has several processes.
+
+  Must run before anything asks jax for its devices. Returns the process count. On
+  CPU, cross-process collectives use gloo (jax 0.10's default, set explicitly for
+  older versions where it is off).
+  """
+  import jax
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = _env_int("JAX_NUM_PROCESSES") if num_processes is None else num_processes
+  process_id = _env_int("JAX_PROCESS_ID") if process_id is None else process_id
+  given = (coordinator_address, num_processes, process_id)
+  if mode == "off" or num_processes == 1:
+    return 1
+  if mode == "auto" and all(v is None for v in given) and not _cluster_detected():
+    return 1
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"--num_processes={num_processes}: use 1 or more")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} is outside [0, --num_processes="
+                     f"{num_processes})")
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"jax.distributed.initialize failed ({err}): pass "
+                     "--coordinator_address=HOST:PORT, --num_processes and --process_id "
+                     "(or run where jax detects them: a TPU pod, SLURM, Open MPI), or "
+                     "--distributed=off for one process") from None
+  return jax.process_count()
 
 
 def main(argv):
   del argv
-  from engram_jax import train
+  if not FLAGS["verbosity"].present:  # orbax/clu INFO logs drown the progress lines
+    logging.set_verbosity(logging.WARNING)
+  from engram_jax import train  # importing touches no device: initialize can follow
   try:
+    if not FLAGS.dry_run:
+      init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                       FLAGS.process_id)
     if FLAGS.dry_run:
       print(train.dry_run_report(FLAGS.config))
       return

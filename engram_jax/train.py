@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import time
 from typing import Any
 
 import flax
@@ -189,6 +190,22 @@ def dry_run_report(config) -> str:
   return "\n".join(lines)
 
 
+class ConsoleProgress:
+  """One line per logged step on process 0: loss, steps/s and ETA since this run began."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self._start, self._total = start_step, total_steps
+    self._began = time.perf_counter()
+
+  def report(self, step: int, loss: float) -> None:
+    if jax.process_index() != 0:
+      return
+    rate = (step - self._start) / max(time.perf_counter() - self._began, 1e-9)
+    eta = (self._total - step) / max(rate, 1e-9)
+    print(f"step {step}/{self._total} train_loss {loss:.4f} ({rate:.2f} steps/s, "
+          f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s)", flush=True)
+
+
 class JsonlWriter:
   """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`."""
 
@@ -323,6 +340,7 @@ def _train_loop(config, workdir, model, tx, schedule, mesh, seq_len, train_iter,
   eval_step = make_eval_step(model)
   eval_batches = [_global_batch(b, batch_sh) for b in eval_batches]
   progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
+  console = ConsoleProgress(start, t.steps)
 
   def save(step):
     checkpoints.save(manager, step, state, train_iter.get_state())
@@ -342,6 +360,7 @@ def _train_loop(config, workdir, model, tx, schedule, mesh, seq_len, train_iter,
       if step % t.log_every == 0 or step == t.steps:
         write(step, {"train_loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
                      "learning_rate": float(schedule(step))})
+        console.report(step, loss)
       if step % t.eval_every == 0 or step == t.steps:
         metrics = evaluate(eval_step, state.params, eval_batches, byte_lengths)
         write(step, metrics)
