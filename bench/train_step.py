@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import optim, train  # noqa: E402
+from engram_jax import tasks, train  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
 
@@ -25,11 +25,8 @@ def build(config, vocab_size: int, engram: bool):
   config = config.copy_and_resolve_references()
   if not engram:
     config.model.engram.layers = ()
-  model_cfg = train.model_config(config, vocab_size=vocab_size)
-  t = config.train
-  tx = optim.make_optimizer(optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps),
-                            weight_decay=t.weight_decay,
-                            table_lr_multiplier=t.table_lr_multiplier, grad_clip=t.grad_clip)
+  model_cfg = tasks.lm_model_config(config, vocab_size=vocab_size)
+  _, tx = train.optimizer_from_config(config, model_cfg)
   model = EngramLM(model_cfg)
   seq = config.data.seq_len
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, seq), jnp.int32)))

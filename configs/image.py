@@ -59,6 +59,7 @@ def _baseline_of(family: str) -> str:
 
 def _base(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "image"
   c.seed = 0
   c.model = dict(vocab_size=0, max_len=0,  # 0 = derived from the grid
                  width=64, depth=4, num_heads=4, num_kv_heads=4, mlp_dim=0,
@@ -75,6 +76,7 @@ def _base(variant: str) -> ml_collections.ConfigDict:
                  log_every=100, eval_every=500, eval_batches=4, checkpoint_every=500,
                  keep_checkpoints=3,
                  stop_after_steps=0)  # > 0: stop (and save) after this many steps of this run
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0)  # docs/sharding.md
   c.sample = dict(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0, num_samples=16)
   if variant.startswith("ar_b"):
     # mlp_dim 2048 = 8/3 * 768 rounded to 256: SwiGLU at the parameters of a 4x MLP.

@@ -12,6 +12,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant not in variants:
     raise ValueError(f"configs/lm.py: unknown variant {variant!r}; choose one of {variants}")
   c = ml_collections.ConfigDict()
+  c.task = "lm"
   c.seed = 0
   c.model = dict(vocab_size=0,  # 0 = the tokenizer's size
                  width=64, depth=4, num_heads=4, num_kv_heads=2, max_len=128,

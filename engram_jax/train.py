@@ -1,8 +1,9 @@
 """Training loop: jit train step, periodic eval, orbax checkpoints, clu metrics.
 
-`train_and_evaluate(config, workdir)` trains `config.model` on `config.data` and resumes
-from the latest good checkpoint in `workdir` (params, optimizer state, step and the data
-iterator's state), so N steps, a stop and N more equal 2N steps in one run.
+`train_and_evaluate(config, workdir)` trains the config's task (`engram_jax.tasks`: the
+LM on text, or the class-conditional image model on codes) on the config's mesh and
+resumes from the latest good checkpoint in `workdir` (params, optimizer state, step and
+the data iterator's state), so N steps, a stop and N more equal 2N steps in one run.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from engram_jax import config as config_lib
-from engram_jax import checkpoints, hashing, optim
-from engram_jax.models.lm import EngramLM
+from engram_jax import checkpoints, optim, tasks
 
 
 class TrainingError(RuntimeError):
@@ -41,7 +41,7 @@ def cross_entropy(logits_BxTxV, targets_BxT):
 
 
 def model_inputs(batch: dict) -> dict:
-  """Keyword arguments of EngramLM from a data-pipeline batch."""
+  """Model keyword arguments from a data-pipeline batch (LM and image models alike)."""
   kwargs = {}
   if "ngram_tokens" in batch:
     kwargs["ngram_tokens_BxT"] = batch["ngram_tokens"]
@@ -50,7 +50,7 @@ def model_inputs(batch: dict) -> dict:
   return kwargs
 
 
-def make_train_step(model: EngramLM, tx: optax.GradientTransformation,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     state_shardings=None):
   """The jitted, state-donating step; with `state_shardings` the state keeps its layout."""
   def train_step(state: TrainState, batch: dict):
@@ -68,24 +68,30 @@ def make_train_step(model: EngramLM, tx: optax.GradientTransformation,
   return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
-def make_eval_step(model: EngramLM):
+def make_eval_step(model: nn.Module):
   @jax.jit
   def eval_step(params, batch, byte_lengths_V):
     logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch))
     nll = cross_entropy(logits, batch["targets"])
-    return nll.sum(), nll.size, byte_lengths_V[batch["targets"]].sum()
+    nbytes = 0 if byte_lengths_V is None else byte_lengths_V[batch["targets"]].sum()
+    return nll.sum(), nll.size, nbytes
   return eval_step
 
 
-def evaluate(eval_step, params, batches, byte_lengths_V) -> dict[str, float]:
-  """Loss (nats/token), perplexity and bits per UTF-8 byte over the validation batches."""
+def evaluate(eval_step, params, batches, byte_lengths_V=None) -> dict[str, float]:
+  """Loss (nats/token), perplexity, and bits per UTF-8 byte (text: `byte_lengths_V`
+  given) or bits per token (image codes) over the validation batches."""
   nll, tokens, nbytes = 0.0, 0, 0
   for batch in batches:
     n, t, b = eval_step(params, batch, byte_lengths_V)
     nll, tokens, nbytes = nll + float(n), tokens + int(t), nbytes + int(b)
   loss = nll / tokens
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-          "eval_bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+  metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+  if byte_lengths_V is None:
+    metrics["eval_bits_per_token"] = loss / math.log(2)
+  else:
+    metrics["eval_bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
+  return metrics
 
 
 def parameter_overview(params) -> dict[str, int]:
@@ -136,7 +142,7 @@ def mesh_from_config(config, abstract: bool = False):
   return sharding.make_mesh(mesh_cfg, jax.devices()[:count] if count else None)
 
 
-def train_state_shardings(model: EngramLM, tx: optax.GradientTransformation, seq_len: int,
+def train_state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
                           mesh):
   """`TrainState` of NamedShardings: params and optimizer moments by logical axes."""
   from engram_jax import sharding
@@ -146,7 +152,7 @@ def train_state_shardings(model: EngramLM, tx: optax.GradientTransformation, seq
                     sharding.opt_state_shardings(tx, boxed, mesh))
 
 
-def abstract_train_state(model: EngramLM, tx: optax.GradientTransformation, seq_len: int):
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
   def init(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
@@ -161,22 +167,21 @@ def _tree_bytes(tree) -> int:
 def dry_run_report(config) -> str:
   """Parameter counts by group and bytes of the train state, from shapes alone."""
   from engram_jax import sharding
-  data_cfg = _data_config(config)
-  model_cfg = model_config(config, vocab_size=data_cfg.vocab_size)
+  task = tasks.abstract(config, check_data=False)
+  model, model_cfg, seq_len = task.model, task.model_cfg, task.seq_len
   _, tx = optimizer_from_config(config, model_cfg)
-  model = EngramLM(model_cfg)
-  state = abstract_train_state(model, tx, data_cfg.seq_len)
+  state = abstract_train_state(model, tx, seq_len)
   params = nn.unbox(state.params)
   counts = parameter_overview(params)
   mesh = mesh_from_config(config, abstract=True)
-  shardings = train_state_shardings(model, tx, data_cfg.seq_len, mesh)
+  shardings = train_state_shardings(model, tx, seq_len, mesh)
   groups = jax.tree_util.tree_leaves(optim.param_groups(params))
   tables = [(leaf, sh) for leaf, sh, group in zip(
       jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings.params), groups)
             if group == "table"]
   gib = lambda n: f"{n / 2**30:.3f} GiB"
   mesh_text = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
-  lines = [f"model: width {model_cfg.width}, depth {model_cfg.depth}, vocab "
+  lines = [f"{task.kind} model: width {model_cfg.width}, depth {model_cfg.depth}, vocab "
            f"{model_cfg.vocab_size}, Engram layers {list(model_cfg.engram.layers)}, "
            f"lookup {model_cfg.engram.lookup!r}"]
   lines += [f"  {k:<14} {v:>18,} params" for k, v in counts.items()]
@@ -234,54 +239,68 @@ def ensure_writable_workdir(workdir: str) -> None:
                      "--workdir") from None
 
 
-def model_config(config, vocab_size: int) -> config_lib.ModelConfig:
-  """The validated model config; `model.vocab_size = 0` means the tokenizer's size."""
-  model_dict = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-  if not model_dict.get("vocab_size"):
-    model_dict["vocab_size"] = vocab_size
-  return config_lib.from_dict(model_dict)
-
-
-def _data_config(config):
-  from engram_jax.data import text
-  data_cfg = text.validate(text.TextDataConfig(**dict(config.data)))
-  return data_cfg
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, evaluates and checkpoints; returns the final eval metrics."""
   from engram_jax import sharding
-  from engram_jax import tokenizer as tokenizer_lib
-  from engram_jax.data import text
-
-  data_cfg = _data_config(config)
-  model_config(config, vocab_size=data_cfg.vocab_size)  # fail fast, before any work
+  tasks.abstract(config)  # validate every field before any work
   ensure_writable_workdir(workdir)
-  tok = text.build_tokenizer(data_cfg, workdir)
-  model_cfg = model_config(config, vocab_size=tok.get_vocab_size())
-  with open(os.path.join(workdir, "model_config.json"), "w", encoding="utf-8") as f:
-    json.dump(config_lib.to_dict(model_cfg), f, indent=1)
-  model = EngramLM(model_cfg)
-
-  compressed = hashing.compressed_vocab_from_tokenizer(tok) if model_cfg.engram.layers else None
-  spec = model_cfg.engram.hash_spec() if (model_cfg.engram.layers and
-                                          config.train.host_hashing) else None
-  pidx, pcount = jax.process_index(), jax.process_count()
-  cache_dir = os.path.join(workdir, "token_cache")
-  train_iter = text.train_iterator(data_cfg, tok, process_index=pidx, process_count=pcount,
-                                   compressed_vocab=compressed, hash_spec=spec,
-                                   cache_dir=cache_dir)
-  eval_batches = text.eval_batches(data_cfg, tok, max_batches=config.train.eval_batches,
-                                   process_index=pidx, process_count=pcount,
-                                   compressed_vocab=compressed, hash_spec=spec,
-                                   cache_dir=cache_dir)
-  byte_lengths = jnp.asarray(tokenizer_lib.token_byte_lengths(tok))
-
-  schedule, tx = optimizer_from_config(config, model_cfg)
+  task = _process_zero_first(lambda: tasks.build(config, workdir), "tokenizer and data")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort")
+              else json.dumps(dict(config), indent=1))
+    with open(os.path.join(workdir, "model_config.json"), "w", encoding="utf-8") as f:
+      json.dump(config_lib.to_dict(task.model_cfg), f, indent=1)
+  schedule, tx = optimizer_from_config(config, task.model_cfg)
   mesh = mesh_from_config(config)
   with sharding.use_mesh(mesh):
-    return _train_loop(config, workdir, model, tx, schedule, mesh, data_cfg.seq_len,
-                       train_iter, eval_batches, byte_lengths)
+    return _train_loop(config, workdir, task, tx, schedule, mesh)
+
+
+def _process_zero_first(fn, what: str):
+  """`fn()` on process 0, then on the others: they load what process 0 wrote to the
+  (shared) workdir, e.g. a tokenizer it trained, instead of racing to make their own."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"engram_jax: {what} ready")
+  return fn() if result is None else result
+
+
+def _all_data_states(state: dict) -> dict:
+  """The data iterator states of every process, for a checkpoint.
+
+  orbax writes a JSON item from process 0 only, but each process reads its own share
+  of the data (its own grain state over tfds), so with several processes all states
+  are gathered and saved as {"processes": [state_0, state_1, ...]}.
+  """
+  if jax.process_count() == 1:
+    return state
+  import numpy as np
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return {"processes": [json.loads(bytes(row[:int(n)]).decode("utf-8"))
+                        for row, n in zip(gathered, lengths.reshape(-1))]}
+
+
+def _own_data_state(saved: dict) -> dict:
+  """This process's state from `_all_data_states` (or a one-process checkpoint)."""
+  if "processes" not in saved:
+    return saved
+  states, count = saved["processes"], jax.process_count()
+  if len(states) == count:
+    return states[jax.process_index()]
+  if all(s == states[0] for s in states):  # local corpora: just the batch count
+    return states[0]
+  raise ValueError(f"the checkpoint's data state was saved by {len(states)} processes "
+                   f"and this run has {count}: per-process tfds iterators cannot be "
+                   f"split differently; resume with {len(states)} processes (or use a "
+                   "new --workdir)")
 
 
 def _global_batch(batch: dict, batch_sharding) -> dict:
@@ -290,11 +309,12 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
           for k, v in batch.items()}
 
 
-def _train_loop(config, workdir, model, tx, schedule, mesh, seq_len, train_iter,
-                eval_batches, byte_lengths):
+def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
   from clu import metric_writers, periodic_actions
   from engram_jax import sharding
   t = config.train
+  model, seq_len, train_iter = task.model, task.seq_len, task.train_iter
+  byte_lengths = None if task.byte_lengths_V is None else jnp.asarray(task.byte_lengths_V)
   pidx = jax.process_index()
   state_sh = train_state_shardings(model, tx, seq_len, mesh)
   batch_sh = sharding.batch_sharding(mesh, batch_size=config.data.batch_size)
@@ -316,7 +336,7 @@ def _train_loop(config, workdir, model, tx, schedule, mesh, seq_len, train_iter,
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sh)(rng)
   else:
-    train_iter.set_state(data_state)
+    train_iter.set_state(_own_data_state(data_state))
   start = int(state.step)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=pidx > 0)
@@ -338,12 +358,12 @@ def _train_loop(config, workdir, model, tx, schedule, mesh, seq_len, train_iter,
 
   train_step = make_train_step(model, tx, state_sh)
   eval_step = make_eval_step(model)
-  eval_batches = [_global_batch(b, batch_sh) for b in eval_batches]
+  eval_batches = [_global_batch(b, batch_sh) for b in task.eval_batches]
   progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
   console = ConsoleProgress(start, t.steps)
 
   def save(step):
-    checkpoints.save(manager, step, state, train_iter.get_state())
+    checkpoints.save(manager, step, state, _all_data_states(train_iter.get_state()))
 
   metrics = {}
   try:

@@ -16,6 +16,8 @@ from engram_jax import checkpoints, train  # noqa: E402
 
 from tests import lm_test_config  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FLAG = "--config=tests/lm_test_config.py:tiny"
 
@@ -179,3 +181,30 @@ def test_sharded_training_matches_single_device(tmp_path, single_device_losses, 
   assert sharded.keys() == single_device_losses.keys()
   for step, loss in single_device_losses.items():
     assert sharded[step] == pytest.approx(loss, rel=2e-5), step
+
+
+def _image_config(steps=4, **train_overrides):
+  from configs import image as image_configs
+  c = image_configs.get_config("digits")
+  c.model.update(width=32, depth=2, num_heads=2, num_kv_heads=2)
+  c.model.engram.update(layers=(1,), heads=2, embed_per_ngram=16, table_size=(61,))
+  c.data.update(batch_size=8)
+  c.train.update(steps=steps, warmup_steps=1, log_every=1, eval_every=steps,
+                 eval_batches=1, checkpoint_every=100)
+  c.train.update(train_overrides)
+  c.mesh.update(num_devices=1)
+  return c
+
+
+def test_image_task_trains_resumes_and_saves_its_config(tmp_path):
+  """The same loop trains the class-conditional image model (configs/image.py)."""
+  import ml_collections
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  metrics = train.train_and_evaluate(_image_config(), one)
+  assert "eval_bits_per_token" in metrics and "eval_bits_per_byte" not in metrics
+  train.train_and_evaluate(_image_config(stop_after_steps=2), two)
+  train.train_and_evaluate(_image_config(), two)
+  assert _losses(one) == _losses(two) and len(_losses(one)) == 4
+  with open(os.path.join(one, "config.json")) as f:
+    saved = ml_collections.ConfigDict(json.load(f))
+  assert saved.task == "image" and saved.model.engram.table_size == [61]
