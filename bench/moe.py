@@ -9,7 +9,6 @@ median of `--repeats` runs; every MoE path is checked to match the one-hot refer
 before timing.
 """
 import argparse
-import time
 
 import flax.linen as nn
 import jax
@@ -18,15 +17,7 @@ import numpy as np
 
 from engram_jax.layers import moe
 from engram_jax.layers.mlp import SwiGLU
-
-
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+from timing import median_seconds  # bench/timing.py (scripts run from bench/)
 
 
 def main():
@@ -86,7 +77,7 @@ def main():
     for name, model in models.items():
       fn = make(model)
       jax.block_until_ready(fn(params[name], x))      # compile + warm up
-      rate[name] = tokens / _median_time(lambda: fn(params[name], x), args.repeats)
+      rate[name] = tokens / median_seconds(lambda: fn(params[name], x), args.repeats)
     print(f"{label}: moe sort (tiles) vs dense {rate['sort'] / rate['dense']:.2f}x, "
           f"moe capacity vs dense {rate['capacity'] / rate['dense']:.2f}x; "
           f"sort (tiles) vs one-hot dispatch {rate['sort'] / rate['one_hot']:.2f}x, "

@@ -42,3 +42,15 @@ def with_random_conv(params, cfg: config_lib.ModelConfig):
     engram = out[f"block_{layer}"]["engram"]
     engram["conv"] = jax.random.normal(jax.random.key(layer), engram["conv"].shape)
   return out
+
+
+def take(iterator, n):
+  """The next n batches of a data iterator."""
+  return [next(iterator) for _ in range(n)]
+
+
+def same_batches(batches_a, batches_b) -> bool:
+  """Two lists of batch dicts hold the same keys and arrays, in order."""
+  return len(batches_a) == len(batches_b) and all(
+      a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+      for a, b in zip(batches_a, batches_b))

@@ -9,6 +9,8 @@ import pytest
 from engram_jax import hashing
 from engram_jax.data import images
 
+from tests.conftest import same_batches, take
+
 pytest.importorskip("sklearn")
 
 SPEC = hashing.make_hash_spec((0, 2), 3, 2, (53, 59), 4)
@@ -16,14 +18,6 @@ STENCIL = ((0, -1), (-1, 0), (-1, 1))
 H, W, CODEBOOK, CLASSES = 3, 5, 50, 4
 
 
-def _take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def _same(batches_a, batches_b):
-  return len(batches_a) == len(batches_b) and all(
-      a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-      for a, b in zip(batches_a, batches_b))
 
 
 def _keys(batch):
@@ -101,7 +95,7 @@ def test_digits_batches_hold_shifted_cells_and_class_tokens():
   train = images.digits_split_indices(0)["train"]
   known = {images.quantize_digits(p, 4).reshape(-1).tobytes(): int(l)
            for p, l in zip(pixels[train], labels[train])}
-  for batch in _take(images.train_iterator(DIGITS), 3):
+  for batch in take(images.train_iterator(DIGITS), 3):
     assert set(batch) == {"inputs", "targets", "labels"}
     assert batch["inputs"].shape == batch["targets"].shape == (8, 64)
     assert batch["labels"].shape == (8,)
@@ -117,7 +111,7 @@ def test_digits_eval_is_fixed_and_split_between_processes():
   ev = images.eval_batches(DIGITS, "test")
   first = list(ev)
   assert len(ev) == len(first) == 179 // 8
-  assert _same(first, list(images.eval_batches(DIGITS, "test")))
+  assert same_batches(first, list(images.eval_batches(DIGITS, "test")))
   pixels, labels = images._digits_raw()
   test = images.digits_split_indices(0)["test"]
   np.testing.assert_array_equal(first[0]["labels"], labels[test[:8]])
@@ -138,10 +132,10 @@ def test_digits_eval_is_fixed_and_split_between_processes():
 # ----------------------------------------------------------------------------------
 def test_npz_and_array_record_give_the_same_batches(codes):
   kw = dict(hash_spec=SPEC, stencil=STENCIL)
-  npz = _take(images.train_iterator(codes["npz"], **kw), 12)  # > one epoch
-  rec = _take(images.train_iterator(codes["array_record"], **kw), 12)
-  assert _same(npz, rec)
-  assert _same(list(images.eval_batches(codes["npz"], **kw)),
+  npz = take(images.train_iterator(codes["npz"], **kw), 12)  # > one epoch
+  rec = take(images.train_iterator(codes["array_record"], **kw), 12)
+  assert same_batches(npz, rec)
+  assert same_batches(list(images.eval_batches(codes["npz"], **kw)),
                list(images.eval_batches(codes["array_record"], **kw)))
   codes_NxHxW, labels_N = codes["arrays"]["train"]
   known = {c.reshape(-1).astype(np.int32).tobytes(): int(l)
@@ -258,21 +252,21 @@ def test_file_errors(codes):
 def test_resume_gives_the_same_following_batches(codes):
   cfg = dataclasses.replace(codes["array_record"], label_dropout=0.5)
   it = images.train_iterator(cfg, hash_spec=SPEC, stencil=STENCIL)
-  _take(it, 7)
+  take(it, 7)
   state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
-  following = _take(it, 9)  # crosses an epoch boundary (42 images, 4 a batch)
+  following = take(it, 9)  # crosses an epoch boundary (42 images, 4 a batch)
   fresh = images.train_iterator(cfg, hash_spec=SPEC, stencil=STENCIL)
   fresh.set_state(state)
-  assert _same(_take(fresh, 9), following)
+  assert same_batches(take(fresh, 9), following)
   it.set_state(state)
-  assert _same(_take(it, 9), following)
+  assert same_batches(take(it, 9), following)
 
 
 def test_seed_decides_the_order_and_epochs_reshuffle(codes):
   def first(seed, n=21):  # two epochs of 42 images, 4 per batch
-    return _take(images.train_iterator(dataclasses.replace(codes["npz"], seed=seed)), n)
+    return take(images.train_iterator(dataclasses.replace(codes["npz"], seed=seed)), n)
   a = first(0)
-  assert _same(a, first(0)) and not _same(a, first(1))
+  assert same_batches(a, first(0)) and not same_batches(a, first(1))
   stream = [k for b in a for k in _keys(b)]  # epochs run on across batches
   epoch0, epoch1 = stream[:42], stream[42:]
   assert len(set(epoch0)) == 42 and set(epoch0) == set(epoch1)
@@ -284,7 +278,7 @@ def test_processes_read_disjoint_shards(codes):
   shards = []
   for p in range(2):
     it = images.train_iterator(cfg, process_index=p, process_count=2)
-    batches = _take(it, 10)  # 21 images per process, 2 per batch: one epoch
+    batches = take(it, 10)  # 21 images per process, 2 per batch: one epoch
     assert batches[0]["inputs"].shape == (2, H * W)
     shards.append({k for b in batches for k in _keys(b)})
   assert len(shards[0]) == len(shards[1]) == 20
@@ -312,18 +306,18 @@ def _dropped(batches, vocab):
 def test_label_dropout_rate_uses_null_class_and_is_deterministic():
   cfg = dataclasses.replace(DIGITS, batch_size=32, label_dropout=0.25)
   vocab = images.image_vocab(cfg)
-  mask = _dropped(_take(images.train_iterator(cfg), 50), vocab)
+  mask = _dropped(take(images.train_iterator(cfg), 50), vocab)
   assert len(mask) == 1600 and abs(mask.mean() - 0.25) < 0.04  # ~3.6 sigma
-  again = _dropped(_take(images.train_iterator(cfg), 50), vocab)
+  again = _dropped(take(images.train_iterator(cfg), 50), vocab)
   np.testing.assert_array_equal(mask, again)
-  other = _dropped(_take(images.train_iterator(dataclasses.replace(cfg, seed=1)), 50),
+  other = _dropped(take(images.train_iterator(dataclasses.replace(cfg, seed=1)), 50),
                    vocab)
   assert not np.array_equal(mask, other)
-  procs = [_dropped(_take(images.train_iterator(cfg, process_index=p, process_count=2),
+  procs = [_dropped(take(images.train_iterator(cfg, process_index=p, process_count=2),
                           20), vocab) for p in range(2)]
   assert not np.array_equal(procs[0], procs[1])  # processes draw independently
   always = dataclasses.replace(cfg, label_dropout=1.0)
-  assert _dropped(_take(images.train_iterator(always), 2), vocab).all()
-  assert not _dropped(_take(images.train_iterator(DIGITS), 5), vocab).any()
+  assert _dropped(take(images.train_iterator(always), 2), vocab).all()
+  assert not _dropped(take(images.train_iterator(DIGITS), 5), vocab).any()
   # Eval batches never drop the class token.
   assert not _dropped(list(images.eval_batches(always)), vocab).any()

@@ -13,6 +13,8 @@ from engram_jax import hashing
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.data import text
 
+from tests.conftest import same_batches, take
+
 SPEC = hashing.make_hash_spec((1, 3), 3, 2, (61, 67), 5)
 
 
@@ -21,14 +23,6 @@ def _rows_of(batch):
   return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
 
 
-def _take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def _same(batches_a, batches_b):
-  return len(batches_a) == len(batches_b) and all(
-      a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-      for a, b in zip(batches_a, batches_b))
 
 
 def _stream_rows(cfg, tok, split, cache_dir):
@@ -95,7 +89,7 @@ def test_stdlib_split_is_deterministic_and_disjoint():
 def test_batches_are_shifted_rows_of_the_packed_stream(stdlib_cfg, stdlib_tok, cache_dir):
   it = text.train_iterator(stdlib_cfg, stdlib_tok, cache_dir=cache_dir)
   rows = {r.tobytes() for r in _stream_rows(stdlib_cfg, stdlib_tok, "train", cache_dir)}
-  for batch in _take(it, 3):
+  for batch in take(it, 3):
     assert set(batch) == {"inputs", "targets"}
     for v in batch.values():
       assert v.shape == (4, 16) and v.dtype == np.int32
@@ -112,8 +106,8 @@ def test_eval_batches_are_the_leading_val_rows_every_time(stdlib_cfg, stdlib_tok
   ev = text.eval_batches(stdlib_cfg, stdlib_tok, **kw)
   first = list(ev)
   assert len(ev) == len(first) == 3
-  assert _same(first, list(ev))
-  assert _same(first, list(text.eval_batches(stdlib_cfg, stdlib_tok, **kw)))
+  assert same_batches(first, list(ev))
+  assert same_batches(first, list(text.eval_batches(stdlib_cfg, stdlib_tok, **kw)))
   rows = _stream_rows(stdlib_cfg, stdlib_tok, "val", cache_dir)
   np.testing.assert_array_equal(np.concatenate([_rows_of(b) for b in first]), rows[:12])
   # Two processes split every global batch between them, in order.
@@ -129,28 +123,28 @@ def test_eval_batches_are_the_leading_val_rows_every_time(stdlib_cfg, stdlib_tok
 # ----------------------------------------------------------------------------------
 def test_resume_gives_the_same_following_batches(files_cfg, files_tok, cache_dir):
   it = text.train_iterator(files_cfg, files_tok, cache_dir=cache_dir)
-  _take(it, 3)
+  take(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
-  following = _take(it, 5)
+  following = take(it, 5)
   fresh = text.train_iterator(files_cfg, files_tok, cache_dir=cache_dir)
   fresh.set_state(state)
-  assert _same(_take(fresh, 5), following)
+  assert same_batches(take(fresh, 5), following)
   it.set_state(state)  # rewinding an iterator in use works too
-  assert _same(_take(it, 5), following)
+  assert same_batches(take(it, 5), following)
 
 
 def test_seed_decides_the_order(files_cfg, files_tok, cache_dir):
   def first(seed):
     cfg = dataclasses.replace(files_cfg, seed=seed)
-    return _take(text.train_iterator(cfg, files_tok, cache_dir=cache_dir), 4)
-  assert _same(first(0), first(0))
-  assert not _same(first(0), first(1))
+    return take(text.train_iterator(cfg, files_tok, cache_dir=cache_dir), 4)
+  assert same_batches(first(0), first(0))
+  assert not same_batches(first(0), first(1))
 
 
 def test_every_epoch_is_a_new_permutation_of_all_rows(files_cfg, files_tok, cache_dir):
   rows = _stream_rows(files_cfg, files_tok, "train", cache_dir)
   it = text.train_iterator(files_cfg, files_tok, cache_dir=cache_dir)
-  seen = np.concatenate([_rows_of(b) for b in _take(it, 2 * len(rows) // 4 + 1)])
+  seen = np.concatenate([_rows_of(b) for b in take(it, 2 * len(rows) // 4 + 1)])
   epoch0, epoch1 = seen[:len(rows)], seen[len(rows):2 * len(rows)]
   key = lambda a: sorted(r.tobytes() for r in a)  # noqa: E731
   assert key(epoch0) == key(epoch1) == key(rows)
@@ -164,7 +158,7 @@ def test_processes_read_disjoint_halves(files_cfg, files_tok, cache_dir):
   for p in range(2):
     it = text.train_iterator(files_cfg, files_tok, process_index=p, process_count=2,
                              cache_dir=cache_dir)
-    batches = _take(it, -(-half // 2))
+    batches = take(it, -(-half // 2))
     assert batches[0]["inputs"].shape == (2, 8)  # batch_size 4 over 2 processes
     epoch = np.concatenate([_rows_of(b) for b in batches])[:half]
     shards.append({r.tobytes() for r in epoch})
@@ -175,13 +169,13 @@ def test_processes_read_disjoint_halves(files_cfg, files_tok, cache_dir):
 
 def test_worker_processes_give_the_same_batches(files_cfg, files_tok, cache_dir):
   in_process = text.train_iterator(files_cfg, files_tok, cache_dir=cache_dir)
-  expected = _take(in_process, 6)
+  expected = take(in_process, 6)
   cfg = dataclasses.replace(files_cfg, worker_count=1)
   with text.train_iterator(cfg, files_tok, cache_dir=cache_dir) as workers:
-    assert _same(_take(workers, 4), expected[:4])
+    assert same_batches(take(workers, 4), expected[:4])
     state = workers.get_state()
   in_process.set_state(state)  # a local-corpus state does not depend on worker_count
-  assert _same(_take(in_process, 2), expected[4:])
+  assert same_batches(take(in_process, 2), expected[4:])
 
 
 # ----------------------------------------------------------------------------------
@@ -190,7 +184,7 @@ def test_worker_processes_give_the_same_batches(files_cfg, files_tok, cache_dir)
 def test_host_hashing_matches_hashing_module(stdlib_cfg, stdlib_tok, cache_dir):
   vocab = hashing.compressed_vocab_from_tokenizer(stdlib_tok)
   kw = dict(compressed_vocab=vocab, hash_spec=SPEC, cache_dir=cache_dir)
-  train = _take(text.train_iterator(stdlib_cfg, stdlib_tok, **kw), 2)
+  train = take(text.train_iterator(stdlib_cfg, stdlib_tok, **kw), 2)
   evals = list(text.eval_batches(stdlib_cfg, stdlib_tok, max_batches=2, **kw))
   for batch in train + evals:
     np.testing.assert_array_equal(batch["ngram_tokens"], vocab[batch["inputs"]])
@@ -306,18 +300,18 @@ def test_tfds_source_trains_resumes_and_evaluates(tfds_dir, tmp_path, monkeypatc
   batch = next(it)
   assert batch["inputs"].shape == (4, 12) and batch["hash_ids"].shape == (4, 12, 2, 4)
   np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
-  _take(it, 2)
+  take(it, 2)
   state = json.loads(json.dumps(it.get_state()))
-  following = _take(it, 4)
+  following = take(it, 4)
   fresh = text.train_iterator(cfg, tok, compressed_vocab=hashing.identity_vocab(300),
                               hash_spec=SPEC)
   fresh.set_state(state)
-  resumed = _take(fresh, 2)
+  resumed = take(fresh, 2)
   fresh.close()  # closing keeps the position
-  assert _same(resumed + _take(fresh, 2), following)
+  assert same_batches(resumed + take(fresh, 2), following)
   ev = text.eval_batches(cfg, tok, max_batches=2)
   assert len(ev) == 2
-  assert _same(list(ev), list(text.eval_batches(cfg, tok, max_batches=2)))
+  assert same_batches(list(ev), list(text.eval_batches(cfg, tok, max_batches=2)))
   shards = [next(text.train_iterator(cfg, tok, process_index=p, process_count=2))
             for p in range(2)]
   assert shards[0]["inputs"].shape == (2, 12)
