@@ -7,6 +7,8 @@ Variants:
   ar_b              AR-B (arXiv 2605.13179): 24 layers, width 768, 16 heads, 2D RoPE, on
                     16x16 VQ codes (codebook 16384, 1000 classes), no Engram.
   ar_b_engram       ar_b plus Engram at layers 1 and 12.
+  *_frozen_table    digits / ar_b_engram with the tables frozen at their N(0, 1) init
+                    (the paper's frozen random table probe: no gradient, no update).
   ar_b_rho_R,       the budget-ratio family: the backbone holds the share R of the
   digits_rho_R      parameter budget (the count of ar_b / digits_baseline), Engram
                     tables the rest (`solve_budget`); the paper's sweep is `PAPER_RHOS`,
@@ -27,7 +29,8 @@ from engram_jax.models import image
 
 PAPER_RHOS = (0.17, 0.32, 0.41, 0.51, 0.63, 0.76, 0.90)
 _FAMILIES = ("digits", "ar_b")
-_BASE_VARIANTS = ("digits", "digits_baseline", "ar_b", "ar_b_engram")
+_BASE_VARIANTS = ("digits", "digits_baseline", "digits_frozen_table", "ar_b", "ar_b_engram",
+                  "ar_b_engram_frozen_table")
 _MLP_MULTIPLE = {"digits": 1, "ar_b": 8}  # solved MLP widths round down to these
 
 
@@ -90,6 +93,8 @@ def _base(variant: str) -> ml_collections.ConfigDict:
                    log_every=500, eval_every=10_000, eval_batches=16,
                    checkpoint_every=10_000)
     c.sample.update(cfg_scale=2.0, num_samples=64)
+  if variant.endswith("_frozen_table"):  # the paper's probe: a frozen N(0, 1) table
+    c.model.engram.update(table_trainable=False, table_init_std=1.0)
   if variant in ("digits_baseline", "ar_b"):
     c.model.engram.layers = ()
   return c

@@ -111,3 +111,168 @@ def generate_images(model: ImageARModel, params, labels_B, rng, *, cfg_scale: fl
   _, rest_SxB = jax.lax.scan(step, (cache, feed_B), (keys[1:], positions))
   codes_BxHW = jnp.concatenate([first_B[:, None], rest_SxB.T], axis=1)
   return codes_BxHW.reshape(-1, g.height, g.width)
+
+
+# ----------------------------------------------------------------------------------
+# Command line: python -m engram_jax.generate_image --workdir=DIR --classes=0,1,2
+# ----------------------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+
+
+def read_workdir_config(workdir: str):
+  """The run's full config (`DIR/config.json`) as an `ml_collections.ConfigDict`."""
+  import json
+  import os
+
+  import ml_collections
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"--workdir={workdir!r} has no {CONFIG_FILE}; point it at a "
+                     "directory written by `python -m engram_jax.main "
+                     "--config=configs/image.py:digits --workdir=DIR`")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def is_image_workdir(workdir: str) -> bool:
+  """Whether the workdir's config.json describes an image run (a data grid and classes)."""
+  try:
+    config = read_workdir_config(workdir)
+  except (ValueError, OSError):
+    return False
+  data = config.get("data") or {}
+  return all(k in data for k in ("height", "width", "num_classes"))
+
+
+def load_image_workdir(workdir: str):
+  """(config, model, params, step) of an image workdir's newest readable checkpoint."""
+  from engram_jax import checkpoints
+  from engram_jax.models import image
+
+  config = read_workdir_config(workdir)
+  if not all(k in config for k in ("model", "data")) or not is_image_workdir(workdir):
+    raise ValueError(f"--workdir={workdir!r}: its {CONFIG_FILE} is not an image run (no "
+                     "data.height/width/num_classes); for a language model use "
+                     "`python -m engram_jax.generate`")
+  model_cfg = image.make_image_config(config.model, config.data)
+  params, step = checkpoints.restore_params(workdir, image.abstract_params(model_cfg))
+  return config, ImageARModel(model_cfg), params, step
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+  """`"0,1,2"` -> [0, 1, 2], each checked against `[0, num_classes)`."""
+  try:
+    classes = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"--classes={text!r}: give comma-separated class ids, e.g. 0,1,2") from None
+  if not classes:
+    raise ValueError("--classes is empty: give comma-separated class ids, e.g. 0,1,2")
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f"--classes: class {bad[0]} is outside [0, data.num_classes="
+                     f"{num_classes}); use ids 0..{num_classes - 1}")
+  return classes
+
+
+def save_grid_png(path: str, codes_RxSxHxW, classes, vmax: int) -> None:
+  """One row of samples per class, each cell a grey level (0 light, `vmax` dark)."""
+  import numpy as np
+  from matplotlib.figure import Figure
+
+  codes = np.asarray(codes_RxSxHxW, np.float64)
+  rows, cols, h, w = codes.shape
+  grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), vmax / 2)  # grey borders
+  for r in range(rows):
+    for c in range(cols):
+      grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = codes[r, c]
+  fig = Figure(figsize=(max(2.0, 0.5 * cols + 1.0), max(1.5, 0.5 * rows + 0.5)))
+  ax = fig.add_subplot()
+  ax.imshow(grid, cmap="gray_r", vmin=0, vmax=vmax, interpolation="nearest")
+  ax.set_yticks([1 + r * (h + 1) + (h - 1) / 2 for r in range(rows)],
+                [f"class {c}" for c in classes])
+  ax.set_xticks([])
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+SAMPLING_TYPES = dict(cfg_scale=float, temperature=float, top_k=int, top_p=float)
+
+
+def sampling_settings(config, overrides=None) -> dict:
+  """cfg_scale, temperature, top_k, top_p: `overrides` (attributes, None = unset), else
+  the config's `sample` section, else no guidance and plain sampling."""
+  settings = dict(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0)
+  settings.update({k: v for k, v in (config.get("sample") or {}).items() if k in settings})
+  for k in settings:
+    if getattr(overrides, k, None) is not None:
+      settings[k] = getattr(overrides, k)
+  return {k: SAMPLING_TYPES[k](v) for k, v in settings.items()}
+
+
+def main(argv=None) -> int:
+  import argparse
+  import os
+  import sys
+
+  import numpy as np
+
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.generate_image",
+      description="Sample images per class from the newest checkpoint of an image workdir; "
+                  "writes a PNG grid (rows = classes) and the codes as npz.")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--classes", default="", help="comma-separated ids (default: all)")
+  parser.add_argument("--samples_per_class", type=int, default=8)
+  parser.add_argument("--cfg_scale", type=float, default=None,
+                      help="classifier-free guidance (default: config sample.cfg_scale; "
+                           "0 or 1 = off)")
+  parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+  parser.add_argument("--top_k", type=int, default=None, help="0 = off")
+  parser.add_argument("--top_p", type=float, default=None, help="1.0 = off")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="", help="PNG path (default: in the workdir)")
+  args = parser.parse_args(argv)
+  try:
+    if args.samples_per_class < 1:
+      raise ValueError(f"--samples_per_class={args.samples_per_class}: use a positive integer")
+    config, model, params, step = load_image_workdir(args.workdir)
+    g = model.cfg
+    classes = (parse_classes(args.classes, g.num_classes) if args.classes
+               else list(range(g.num_classes)))
+    sampling = sampling_settings(config, args)
+    if (sampling["temperature"] < 0 or not 0 < sampling["top_p"] <= 1
+        or sampling["top_k"] < 0 or sampling["cfg_scale"] < 0):
+      raise ValueError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0, "
+                       "--cfg_scale >= 0")
+    labels = np.repeat(np.asarray(classes, np.int32), args.samples_per_class)
+    run = jax.jit(generate_images, static_argnums=0, static_argnames=tuple(sampling))
+    codes = np.asarray(run(model, params, labels, jax.random.key(args.seed), **sampling))
+    out = args.out or os.path.join(args.workdir, f"samples_step{step}_seed{args.seed}.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_grid_png(out, codes.reshape(len(classes), args.samples_per_class, g.height, g.width),
+                  classes, g.codebook_size - 1)
+    np.savez(os.path.splitext(out)[0] + ".npz", codes=codes, labels=labels)
+  except (ValueError, OSError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(f"# {args.workdir} step {step}: {len(labels)} samples, " +
+        ", ".join(f"{k}={v}" for k, v in sampling.items()), flush=True)
+  print(out, flush=True)
+  return 0
+
+
+def main_if_image_workdir(argv=None):
+  """For `python -m engram_jax.generate`: runs `main(argv)` when `--workdir` is an image
+  run and returns its exit code; None otherwise (the LM CLI goes on)."""
+  import argparse
+  import sys
+
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--workdir")
+  known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  if known.workdir and is_image_workdir(known.workdir):
+    return main(argv)
+  return None
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -277,3 +277,14 @@ def test_stencil_round_trips_through_the_model_dict():
   assert config_lib.from_dict(d) == CFG.model
   d["engram"]["stencil"] = "0,-1; -1,0; -1,-1"
   assert config_lib.from_dict(d).engram.stencil == ((0, -1), (-1, 0), (-1, -1))
+
+
+def test_frozen_table_variants_differ_only_in_the_table_switch():
+  from configs import image as image_configs
+  for base in ("digits", "ar_b_engram"):
+    frozen = image_configs.get_config(base + "_frozen_table")
+    plain = image_configs.get_config(base)
+    assert frozen.model.engram.table_trainable is False
+    assert frozen.model.engram.table_init_std == 1.0
+    frozen.model.engram.table_trainable = True
+    assert frozen.to_dict() == plain.to_dict()
