@@ -41,10 +41,12 @@ def _first_line(err: Exception) -> str:
 def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
   """The newest readable checkpoint as (state, data_state, unreadable_steps).
 
-  Falls back to older steps with a warning; (None, None, steps) when none is readable.
+  Falls back to older steps with a warning; (None, None, []) when there is none. When
+  checkpoints exist but none restores, that is not a torn write but a different state
+  layout (other code or config): a ValueError, rather than a silent restart from step 0.
   """
   import orbax.checkpoint as ocp
-  unreadable = []
+  unreadable, first_error = [], None
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
@@ -55,6 +57,12 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
       print(f"warning: checkpoint {step} is unreadable ({_first_line(err)}); falling back "
             "to an older one", flush=True)
       unreadable.append(step)
+      first_error = first_error or _first_line(err)
+  if unreadable:
+    raise ValueError(
+        f"--workdir: none of the checkpoints {sorted(unreadable)} in {mngr.directory} "
+        f"restores ({first_error}); resume with the code and config that wrote them, "
+        "or use a new --workdir")
   return None, None, unreadable
 
 
@@ -89,6 +97,13 @@ def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:
   the optimizer state is not read. A workdir without a readable checkpoint is a
   ValueError naming `--workdir`.
   """
+  variables, step = restore_state_items(workdir, {"params": abstract_params})
+  return variables["params"], step
+
+
+def restore_state_items(workdir: str, abstract_items: dict) -> tuple[dict, int]:
+  """({name: tree}, step): the named TrainState fields (e.g. "params", "routing") of
+  the newest readable checkpoint; nothing else is read."""
   import orbax.checkpoint as ocp
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   steps = []
@@ -98,7 +113,7 @@ def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:
   if not steps:
     raise ValueError(f"--workdir={workdir!r} has no checkpoint ({directory} is empty or "
                      "missing); train first with `python -m engram_jax.main`")
-  item = {"params": abstract_params}
+  item = dict(abstract_items)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default,
@@ -109,7 +124,7 @@ def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                        partial_restore=True)))
-      return restored["state"]["params"], step
+      return {name: restored["state"][name] for name in item}, step
     except Exception as err:  # see restore_latest
       errors.append(f"step {step}: {_first_line(err)}")
   raise ValueError(f"--workdir={workdir!r}: no readable checkpoint ({'; '.join(errors)})")

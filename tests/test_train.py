@@ -208,3 +208,13 @@ def test_image_task_trains_resumes_and_saves_its_config(tmp_path):
   with open(os.path.join(one, "config.json")) as f:
     saved = ml_collections.ConfigDict(json.load(f))
   assert saved.task == "image" and saved.model.engram.table_size == [61]
+
+
+def test_checkpoints_of_another_layout_stop_instead_of_restarting(tmp_path):
+  workdir = str(tmp_path / "other_layout")
+  train.train_and_evaluate(_config(steps=2), workdir)
+  wider = _config(steps=4)
+  wider.model.width = 64  # a different state layout: nothing restores
+  with pytest.raises(ValueError, match=r"--workdir: none of the checkpoints \[2\]"):
+    train.train_and_evaluate(wider, workdir)
+  assert _steps(workdir) == [2], "the checkpoints stay where they are"
