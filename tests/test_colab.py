@@ -36,3 +36,19 @@ def test_lm_quickstart(tmp_path):
   assert "tiny_baseline: eval loss" in text and "tiny: eval loss" in text
   assert os.path.getsize(tmp_path / "loss_curves.png") > 1000
   assert text.count("'def ") == 2  # two samples continue the prompt
+
+
+def test_image_quickstart(tmp_path):
+  toy = ("--config.model.width=32 --config.model.depth=3 --config.model.num_heads=2 "
+         "--config.model.num_kv_heads=2 --config.model.engram.table_size=61 "
+         "--config.mesh.num_devices=1")
+  nb = _execute("image_quickstart.ipynb", tmp_path, ENGRAM_COLAB_STEPS="3",
+                ENGRAM_COLAB_EXTRA=toy, ENGRAM_COLAB_SAMPLES="0")
+  text = _outputs(nb)
+  assert "digits final: step 3" in text and "digits_baseline final: step 3" in text
+  for name in ("digits_samples.png", "digits_baseline_samples.png"):
+    assert os.path.getsize(tmp_path / name) > 200
+  assert "| gate" in text or "gate" in text.lower()
+  for probe in ("gate_clamp", "table"):
+    for ext in ("md", "csv", "png"):
+      assert (tmp_path / "digits" / "probes" / f"{probe}.{ext}").exists()
