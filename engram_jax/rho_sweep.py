@@ -1,0 +1,145 @@
+"""The budget-ratio sweep of arXiv 2605.13179: FID vs rho against the baseline.
+
+`python -m engram_jax.rho_sweep --family=digits --rhos=0.32,0.51,0.76 --workdir=ROOT`
+trains `configs/image.py:{family}_baseline` (`ar_b` for the ar_b family) and every
+`{family}_rho_R` into `ROOT/<variant>` (a point whose newest checkpoint already reached
+`--steps` is not trained again; an interrupted one resumes), evaluates each on one split
+(NLL in bits/token; FID and IS of class-balanced samples scored by one shared feature
+network) and writes `ROOT/rho_sweep.{md,csv,png}`. rho is the backbone's share of the
+fixed parameter budget (docs/vision.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _image_configs():
+  sys.path.insert(0, _ROOT)  # configs/ lives beside the package in a checkout
+  from configs import image as image_configs
+  return image_configs
+
+
+def baseline_variant(family: str) -> str:
+  return "ar_b" if family == "ar_b" else f"{family}_baseline"
+
+
+def variants(family: str, rhos: Sequence[float]) -> list[tuple[str, float]]:
+  """(variant, rho) of the sweep: the baseline (rho 1) first, then each point."""
+  return [(baseline_variant(family), 1.0)] + [(f"{family}_rho_{r:g}", r) for r in rhos]
+
+
+def _finished_step(workdir: str) -> int:
+  from engram_jax import checkpoints
+  if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
+    return 0
+  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
+  return max(mngr.all_steps(), default=0)
+
+
+def train_point(variant: str, workdir: str, steps: int, overrides: Callable = None) -> None:
+  """Trains one variant to `steps` (skipped when its checkpoints are there already)."""
+  from engram_jax import train
+  if _finished_step(workdir) >= steps:
+    print(f"{variant}: trained to step {steps} already, skipped", flush=True)
+    return
+  config = _image_configs().get_config(variant)
+  config.train.steps = steps
+  config.train.eval_every = steps
+  config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
+  if overrides:
+    overrides(config)
+  train.train_and_evaluate(config, workdir)
+
+
+def evaluate_point(workdir: str, split: str, quality) -> dict[str, float]:
+  """NLL (bits/token) on `split` and FID / IS by `quality` of a workdir's newest step."""
+  import jax
+  from engram_jax import evaluate, generate_image
+  from engram_jax.data import images
+  config, model, params, step = generate_image.load_image_workdir(workdir)
+  data_cfg = images.ImageDataConfig(**config.data.to_dict())
+  row = {"step": step, "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
+         "nll_bits_per_token": evaluate.nll_bits_per_token(
+             model, params, images.eval_batches(data_cfg, split))}
+  if quality is not None:
+    row.update(quality(model, params))
+  return row
+
+
+def plot(rows: Sequence[dict]) -> Callable:
+  def draw(fig):
+    points = [r for r in rows if r["rho"] < 1.0]
+    base = [r for r in rows if r["rho"] == 1.0][0]
+    metrics = [m for m in ("fid", "nll_bits_per_token") if m in base]
+    for i, metric in enumerate(metrics):
+      ax = fig.add_subplot(1, len(metrics), i + 1)
+      ax.plot([r["rho"] for r in points], [r[metric] for r in points], "o-", label="Engram")
+      ax.axhline(base[metric], color="gray", linestyle="--", label="baseline")
+      ax.set_xlabel("rho (backbone share of the budget)")
+      ax.set_ylabel(metric)
+      ax.legend()
+  return draw
+
+
+def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str,
+        samples_per_class: int, seed: int = 0) -> list[str]:
+  """Trains and evaluates the sweep; returns the report's paths."""
+  from engram_jax import evaluate, probes
+  points = variants(family, rhos)
+  for variant, _ in points:
+    train_point(variant, os.path.join(root, variant), steps)
+  quality = None
+  if samples_per_class:
+    config = _image_configs().get_config(points[0][0])
+    quality = evaluate.quality_from_config(config, split, samples_per_class=samples_per_class,
+                                           seed=seed, cache_dir=root)
+  rows = []
+  for variant, rho in points:
+    row = {"variant": variant, "rho": rho,
+           **evaluate_point(os.path.join(root, variant), split, quality)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  header = (f"{steps} steps per point, split `{split}`, "
+            + (f"FID/IS: {samples_per_class} samples per class, {quality.describe}"
+               if quality else "NLL only"))
+  return probes.write_report(root, "rho_sweep", [("points", rows)], plot(rows), header)
+
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m engram_jax.rho_sweep", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--family", default="digits", choices=("digits", "ar_b"))
+  parser.add_argument("--rhos", default="0.17,0.32,0.41,0.51,0.63,0.76,0.90")
+  parser.add_argument("--workdir", required=True, help="root: one workdir per variant")
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--split", default="test", choices=("val", "test"))
+  parser.add_argument("--samples_per_class", type=int, default=20, help="0 = NLL only")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    try:
+      rhos = [float(r) for r in args.rhos.split(",") if r.strip()]
+    except ValueError:
+      raise ValueError(f"--rhos={args.rhos!r}: give numbers in (0, 1), e.g. 0.32,0.51") from None
+    if not rhos or not all(0 < r < 1 for r in rhos):
+      raise ValueError(f"--rhos={args.rhos!r}: give numbers in (0, 1), e.g. 0.32,0.51")
+    if args.steps < 1 or args.samples_per_class < 0:
+      raise ValueError("--steps must be >= 1 and --samples_per_class >= 0")
+    paths = run(args.family, rhos, args.workdir, steps=args.steps, split=args.split,
+                samples_per_class=args.samples_per_class, seed=args.seed)
+  except (ValueError, OSError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  for path in paths:
+    print(path, flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
