@@ -17,8 +17,9 @@ Variants:
 The model section is `engram_jax.config.ModelConfig` (vocab_size and max_len 0 =
 derived from the grid), the data section `engram_jax.data.images.ImageDataConfig`;
 `engram_jax.models.image.make_image_config(c.model, c.data)` builds the model config.
-The rho variants also carry `budget` (read-only): rho and the budget in parameters; pick
-another rho by the variant name, since overriding model fields afterwards leaves it.
+The rho variants also carry `budget`: a record of rho and the budget in parameters (editing
+it changes nothing); pick another rho by the variant name, since overriding model fields
+afterwards does not re-solve the budget.
 """
 import math
 
@@ -148,7 +149,8 @@ def solve_budget(c: ml_collections.ConfigDict, rho: float, budget: int,
                      f"exceed the budget of {budget:,} parameters; use a smaller rho")
   c.model.update(depth=depth, mlp_dim=mlp)
   c.model.engram.update(layers=layers, table_size=(size,))
-  c.budget = ml_collections.FrozenConfigDict(dict(rho=rho, params=budget))
+  # A record of what was solved (read by reports); editing it changes nothing.
+  c.budget = ml_collections.ConfigDict(dict(rho=rho, params=budget))
   return c
 
 

@@ -30,3 +30,15 @@ def test_sweep_trains_once_and_reports(tmp_path, capsys):
 def test_bad_rhos_name_the_flag(tmp_path, capsys):
   assert rho_sweep.main(["--rhos=0,2", f"--workdir={tmp_path}"]) == 2
   assert "--rhos" in capsys.readouterr().err
+
+
+def test_rho_variants_load_through_the_command_line():
+  """config_flags locks the config it loads: every section must be lockable."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "engram_jax.main", "--dry_run",
+                         "--config=configs/image.py:digits_rho_0.51"],
+                        cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "image model" in proc.stdout
