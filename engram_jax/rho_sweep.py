@@ -83,6 +83,7 @@ def plot(rows: Sequence[dict]) -> Callable:
       ax.set_xlabel("rho (backbone share of the budget)")
       ax.set_ylabel(metric)
       ax.legend()
+    fig.subplots_adjust(wspace=0.35)
   return draw
 
 
