@@ -3,12 +3,21 @@
 Variants: tiny (2-core CPU, minutes), tiny_baseline (same backbone, no Engram),
 small (one GPU). Example: `--config=configs/lm.py:tiny --config.train.steps=50
 --config.model.engram.layers=1,3`.
+
+Paper scale (docs/scale_out.md has their `--dry_run` sizes): paper_dense is the Engram
+paper's layout on a ~3.5B dense backbone (30 blocks of width 2560, Engram at layers 1
+and 15, N = 2, 3 with 8 heads each and 1280 features, ~5.6B table params as in
+Engram-27B), paper_dense_100b the same with ~100B table params (the paper's host
+offload experiment). Suffixes pick a mesh: _v5p (64 chips of a v5p-128, fully
+sharded) and _8gpu (an 8xH100 box); without one the mesh is every visible device.
 """
 import ml_collections
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-  variants = ("tiny", "tiny_baseline", "small", "small_baseline")
+  variants = ("tiny", "tiny_baseline", "small", "small_baseline", "paper_dense",
+              "paper_dense_v5p", "paper_dense_8gpu", "paper_dense_100b",
+              "paper_dense_100b_v5p", "paper_dense_100b_8gpu")
   if variant not in variants:
     raise ValueError(f"configs/lm.py: unknown variant {variant!r}; choose one of {variants}")
   c = ml_collections.ConfigDict()
@@ -40,6 +49,31 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.update(max_files=0, seq_len=512, batch_size=32, vocab_size=8192)
     c.train.update(steps=5000, learning_rate=1e-3, warmup_steps=200, eval_every=500,
                    checkpoint_every=500)
+  if variant.startswith("paper_dense"):
+    _paper_dense(c, variant)
   if variant.endswith("baseline"):
     c.model.engram.layers = ()
   return c
+
+
+# Min rows per hash head: 2 layers x 16 heads x 80 dims x rows = table params.
+_PAPER_TABLE_ROWS = {"paper_dense": 2_200_000,      # ~5.6B (Engram-27B: 5.7B)
+                     "paper_dense_100b": 39_062_500}  # ~100B (the offload experiment)
+
+
+def _paper_dense(c: ml_collections.ConfigDict, variant: str) -> None:
+  """The paper's Engram layout on a dense backbone; a mesh per suffix."""
+  base = variant.removesuffix("_v5p").removesuffix("_8gpu")
+  c.model.update(vocab_size=0, width=2560, depth=30, num_heads=32, num_kv_heads=8,
+                 max_len=4096, dtype="bfloat16", remat="full")
+  c.model.engram.update(layers=(1, 15), max_ngram=3, heads=8, embed_per_ngram=640,
+                        table_size=(_PAPER_TABLE_ROWS[base],), lookup="psum")
+  # A real run points these at its corpus and a 128k tokenizer (data.tokenizer_path).
+  c.data.update(source="tfds", tfds_name="c4/en", max_files=0, seq_len=4096,
+                batch_size=256, vocab_size=131072, worker_count=4)
+  c.train.update(steps=100_000, learning_rate=4e-4, warmup_steps=2000, log_every=100,
+                 eval_every=5000, checkpoint_every=1000, host_hashing=True)
+  if variant.endswith("_v5p"):    # v5p-128: 64 chips, params and batch over all
+    c.mesh.update(data=1, fsdp=-1, num_devices=64)
+  elif variant.endswith("_8gpu"):  # 8xH100: fsdp over the 8 GPUs of the box
+    c.mesh.update(data=1, fsdp=-1, num_devices=8)

@@ -11,7 +11,8 @@ its n-grams (from `engram_jax.hashing`, one per order and head):
   y     = v + SiLU(CausalDepthwiseConv(RMSNorm(v)))         kernel 4, dilation N, zero init
 
 and the block adds y to its residual stream. Row ids depend only on tokens, so the
-lookup can run anywhere (host-side hashing, sharded or offloaded tables).
+lookup can run anywhere (host-side hashing, sharded or offloaded tables): rows given
+in the `engram_rows` collection replace the table (see engram_jax.offload).
 """
 from typing import Any, Optional
 
@@ -27,6 +28,9 @@ from engram_jax.layers.mlp import dense_init
 from engram_jax.layers.norms import RMSNorm
 
 _GATE_EPS = 1e-6
+# Variable collection of rows looked up outside the model, `[B, T, H, E]` under each
+# Engram layer's path as "rows": `apply({"params": p, ROWS_COLLECTION: rows}, ...)`.
+ROWS_COLLECTION = "engram_rows"
 
 
 def lookup_rows(table_RxE, row_ids_BxTxH, strategy: str = "gather"):
@@ -84,6 +88,8 @@ class Engram(nn.Module):
     param is padded to `engram.padded_rows(table_rows)` so that meshes divide it.
   In "prefill" mode `lengths_B` says where each row's prompt ends, so the conv state
   for decoding is taken at the right place for prompts of different lengths.
+  With a `ROWS_COLLECTION` variable "rows" (the rows of `row_ids_BxTxH`, gathered
+  elsewhere, e.g. from a host-memory table) the layer reads those and has no table.
   """
   engram: config_lib.EngramConfig
   table_rows: int
@@ -100,14 +106,21 @@ class Engram(nn.Module):
   def __call__(self, h_BxTxMxD, row_ids_BxTxH, lengths_B: Optional[jax.Array] = None):
     cfg = self.engram
     b, t, branches, width = h_BxTxMxD.shape
-    table = self.param(
-        "table", nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.table_init_std), ("table_rows", "table_dim")),
-        (cfg.padded_rows(self.table_rows), cfg.head_dim), self.param_dtype)
-    if not cfg.table_trainable:
-      table = jax.lax.stop_gradient(table)
-    e_BxTxF = lookup_rows(table, row_ids_BxTxH, cfg.lookup).reshape(b, t, cfg.features)
-    e_BxTxF = e_BxTxF.astype(self.dtype)
+    if self.has_variable(ROWS_COLLECTION, "rows"):
+      rows_BxTxHxE = self.get_variable(ROWS_COLLECTION, "rows")
+      if rows_BxTxHxE.shape != (*row_ids_BxTxH.shape, cfg.head_dim):
+        raise ValueError(f"{ROWS_COLLECTION} rows of {self.name}: shape "
+                         f"{rows_BxTxHxE.shape}, expected {(*row_ids_BxTxH.shape, cfg.head_dim)}"
+                         " ([B, T, heads, head_dim] for this call's tokens)")
+    else:
+      table = self.param(
+          "table", nn.with_logical_partitioning(
+              nn.initializers.normal(cfg.table_init_std), ("table_rows", "table_dim")),
+          (cfg.padded_rows(self.table_rows), cfg.head_dim), self.param_dtype)
+      if not cfg.table_trainable:
+        table = jax.lax.stop_gradient(table)
+      rows_BxTxHxE = lookup_rows(table, row_ids_BxTxH, cfg.lookup)
+    e_BxTxF = rows_BxTxHxE.reshape(b, t, cfg.features).astype(self.dtype)
 
     value_BxTxD = nn.Dense(
         width, use_bias=False, kernel_init=dense_init(("engram_features", "embed")),

@@ -1,0 +1,358 @@
+"""Engram tables in host memory for inference, their rows gathered on the host.
+
+A table row is read only when an n-gram hashes to it, and the hash depends only on
+tokens, so the rows a step needs are known as soon as its tokens are: the tables can
+live in host RAM (NumPy) while the device holds the backbone. `split_params` moves a
+trained model's tables out of its params; `load_workdir` restores a checkpoint's
+tables straight into host memory (a table larger than the device never lands on it).
+
+How rows reach the model: `layers.engram.ROWS_COLLECTION`, a variable collection of
+`[B, T, H, E]` rows under each Engram layer's path, which the layer reads instead of
+its (absent) table.
+
+  known tokens (prompt, scoring, teacher forcing): hash and `np.take` on the host, then
+    `jax.device_put`, which returns at once and copies while the device runs what is
+    already queued; `RowPrefetcher` does it for the next batches in a thread.
+  decoding: the next token is known only once sampled on the device, so its rows
+    cannot be fetched ahead. `generate` keeps the one `lax.scan` of generate.py and
+    asks the host for each new token's rows by `jax.pure_callback` inside the scan.
+    Exact (same rows, same logits, same tokens as on-device tables); the gather and
+    two small transfers sit on each step's path. Whether the device runs the layers
+    before the first Engram layer meanwhile is up to the runtime (it does not on CPU,
+    where the callback runs in line).
+
+docs/scale_out.md has the design notes and bench/offload.py the measured overhead.
+"""
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import config as config_lib
+from engram_jax import generate as generate_lib
+from engram_jax import hashing
+from engram_jax.layers.engram import ROWS_COLLECTION
+
+TABLE = "table"
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
+
+
+def engram_paths(cfg: config_lib.ModelConfig) -> list[tuple[str, ...]]:
+  """Param paths of the Engram layers, in `engram.layers` order (the hash ids' L axis)."""
+  return [(f"block_{layer}", "engram") for layer in cfg.engram.layers]
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _nest(paths, leaves) -> dict:
+  """A nested dict with `leaves[i]` at `paths[i]`."""
+  out: dict = {}
+  for path, leaf in zip(paths, leaves):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return out
+
+
+class HostTables:
+  """The Engram tables of one model in host memory, and lookups of their rows.
+
+  tables_L: one `[rows, head_dim]` array per Engram layer (in `engram.layers` order),
+    as stored in the params (padded rows included; they are never addressed).
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, tables_L: Sequence[np.ndarray]):
+    e = cfg.engram
+    if len(tables_L) != len(e.layers):
+      raise ValueError(f"{len(tables_L)} tables for engram.layers={e.layers}: give one per "
+                       "Engram layer")
+    self.cfg, self.spec = cfg, e.hash_spec()
+    self.paths = engram_paths(cfg)
+    self.tables_L = [np.ascontiguousarray(t) for t in tables_L]
+    for i, (path, table) in enumerate(zip(self.paths, self.tables_L)):
+      if table.ndim != 2 or table.shape[1] != e.head_dim or table.shape[0] < self.spec.rows(i):
+        raise ValueError(f"table of {'/'.join(path)} has shape {table.shape}; this model "
+                         f"needs [>= {self.spec.rows(i)}, engram head_dim={e.head_dim}]")
+    self.offsets_LxH = self.spec.offsets_LxH.astype(np.int64)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(t.nbytes for t in self.tables_L)
+
+  def hash_ids(self, tokens_BxT: np.ndarray, vocab_map_V=None) -> np.ndarray:
+    """Host-side hash ids `[B, T, L, H]` (bit-identical to the model's in-graph hash)."""
+    tokens = np.asarray(tokens_BxT)
+    ngram = tokens if vocab_map_V is None else np.asarray(vocab_map_V)[tokens]
+    return hashing.ngram_hash_ids(ngram, self.spec)
+
+  def gather(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
+    """Rows `[B, T, H, E]` per layer; `np.take`, the fast NumPy row copy."""
+    ids = np.asarray(hash_ids_BxTxLxH).astype(np.int64)
+    return [np.take(table, ids[:, :, l] + self.offsets_LxH[l], axis=0)
+            for l, table in enumerate(self.tables_L)]
+
+  def rows(self, hash_ids_BxTxLxH) -> dict:
+    """The `ROWS_COLLECTION` tree of the ids' rows, as host arrays."""
+    return _nest([p + ("rows",) for p in self.paths], self.gather(hash_ids_BxTxLxH))
+
+  def device_rows(self, hash_ids_BxTxLxH, sharding=None) -> dict:
+    """`rows` put on the device; returns before the copy ends (jax transfers async)."""
+    return jax.device_put(self.rows(hash_ids_BxTxLxH), sharding)
+
+  def callback_rows(self, hash_ids_BxTxLxH) -> dict:
+    """`rows` from inside `jit`: a host callback gathers them when the ids are ready.
+
+    `pure_callback`, not `io_callback`: the lookup has no side effects, so XLA may
+    schedule it freely (or drop it if unused).
+    """
+    b, t, _, h = hash_ids_BxTxLxH.shape
+    dtypes = [t_.dtype for t_ in self.tables_L]
+    shapes = [jax.ShapeDtypeStruct((b, t, h, self.cfg.engram.head_dim), d) for d in dtypes]
+    rows_L = jax.pure_callback(lambda ids: self.gather(ids), shapes, hash_ids_BxTxLxH)
+    return _nest([p + ("rows",) for p in self.paths], list(rows_L))
+
+
+# ----------------------------------------------------------------------------------
+# Moving tables to the host
+# ----------------------------------------------------------------------------------
+def _without(tree, paths) -> Any:
+  """Copy of the nested dict `tree` without the leaves at `paths`."""
+  drop = {tuple(p) for p in paths}
+
+  def walk(node, prefix):
+    if not hasattr(node, "items"):
+      return node
+    return {k: walk(v, prefix + (k,)) for k, v in node.items() if prefix + (k,) not in drop}
+  return walk(tree, ())
+
+
+def split_params(params, cfg: config_lib.ModelConfig):
+  """(device_params, HostTables): the Engram tables copied to host memory and left out
+  of the params. Drop other references to `params` to free the device copies.
+
+  A table sharded over several hosts is not addressable from one; load such a model
+  with `load_workdir`, which reads the tables from the checkpoint instead.
+  """
+  tables = []
+  for path in engram_paths(cfg):
+    try:
+      table = _get(params, path + (TABLE,))
+    except (KeyError, TypeError):
+      raise ValueError(f"params have no Engram table at {'/'.join(path + (TABLE,))}; pass "
+                       "the params of a model with engram.layers="
+                       f"{cfg.engram.layers}") from None
+    if isinstance(table, jax.Array) and not table.is_fully_addressable:
+      raise ValueError(f"the table at {'/'.join(path)} spans several processes; use "
+                       "offload.load_workdir to read it from the checkpoint")
+    tables.append(np.asarray(jax.device_get(table)))
+  device = _without(params, [p + (TABLE,) for p in engram_paths(cfg)])
+  return device, HostTables(cfg, tables)
+
+
+def host_memory_sharding(device=None):
+  """A sharding in host memory of `device` (pinned if it has it), else its default
+  memory: restores into it never touch accelerator memory."""
+  device = device or jax.devices()[0]
+  kinds = {m.kind for m in device.addressable_memories()}
+  for kind in HOST_MEMORY_KINDS:
+    if kind in kinds:
+      return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+  return jax.sharding.SingleDeviceSharding(device)
+
+
+def load_workdir(workdir: str):
+  """(model, device_params, HostTables, tokenizer, vocab_map_V, step) of a training
+  workdir's newest checkpoint, with the tables restored into host memory.
+
+  The tables are restored with a `pinned_host` sharding (orbax writes them straight
+  into host RAM), then wrapped as NumPy; the rest goes to the default device.
+  """
+  import json
+  import os
+
+  import flax.linen as nn
+
+  from engram_jax import checkpoints
+  from engram_jax import tokenizer as tokenizer_lib
+  from engram_jax.models.lm import EngramLM
+
+  config_path = os.path.join(workdir, "model_config.json")
+  if not os.path.exists(config_path):
+    raise ValueError(f"--workdir={workdir!r} has no model_config.json; point it at a "
+                     "directory written by `python -m engram_jax.main`")
+  with open(config_path, encoding="utf-8") as f:
+    cfg = config_lib.from_dict(json.load(f))
+  if not cfg.engram.layers:
+    raise ValueError(f"--workdir={workdir!r} holds a model without Engram "
+                     "(model.engram.layers is empty): there are no tables to offload")
+  tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
+  model = EngramLM(cfg)
+  abstract = jax.eval_shape(
+      lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))["params"]
+  device, host = jax.sharding.SingleDeviceSharding(jax.devices()[0]), host_memory_sharding()
+  table_paths = {p + (TABLE,) for p in engram_paths(cfg)}
+
+  def place(path, leaf):
+    keys = tuple(getattr(k, "key", k) for k in path)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                sharding=host if keys in table_paths else device)
+  params, step = checkpoints.restore_params(
+      workdir, jax.tree_util.tree_map_with_path(place, abstract))
+  device_params, tables = split_params(params, cfg)
+  vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
+  return model, device_params, tables, tok, vocab_map, step
+
+
+# ----------------------------------------------------------------------------------
+# Inference with host tables
+# ----------------------------------------------------------------------------------
+def logits(model, device_params, tables: HostTables, tokens_BxT, vocab_map_V=None):
+  """Full-forward logits `[B, T, V]`; the rows are gathered on the host up front."""
+  ids = tables.hash_ids(tokens_BxT, vocab_map_V)
+  return _apply(model, {"params": device_params, ROWS_COLLECTION: tables.device_rows(ids)},
+                jnp.asarray(tokens_BxT), jnp.asarray(ids))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, variables, tokens_BxT, hash_ids_BxTxLxH):
+  return model.apply(variables, tokens_BxT, hash_ids_BxTxLxH=hash_ids_BxTxLxH)
+
+
+class RowPrefetcher:
+  """Yields `(tokens_BxT, hash_ids_BxTxLxH, engram_rows)` for each batch of tokens,
+  with the next `depth` batches hashed, gathered and sent to the device by a thread
+  while the device computes the current one (the training-style prefetch)."""
+
+  def __init__(self, tables: HostTables, batches: Iterable[np.ndarray], vocab_map_V=None,
+               depth: int = 2, sharding=None):
+    self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+    self._finished: Optional[BaseException] = None  # raised again by every later next()
+    self._thread = threading.Thread(
+        target=self._fill, args=(tables, iter(batches), vocab_map_V, sharding), daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    """Blocks until there is room or `close()`; False when closed."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _fill(self, tables, batches, vocab_map_V, sharding):
+    try:
+      for tokens in batches:
+        ids = tables.hash_ids(tokens, vocab_map_V)
+        item = (jax.device_put(np.asarray(tokens), sharding), jax.device_put(ids, sharding),
+                tables.device_rows(ids, sharding))
+        if not self._put(item):
+          return
+      self._put(StopIteration())
+    except BaseException as err:  # re-raised in the consumer's thread
+      self._put(err)
+
+  def __iter__(self) -> Iterator:
+    return self
+
+  def __next__(self):
+    if self._finished is not None:
+      raise self._finished
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self._finished = StopIteration() if isinstance(item, StopIteration) else item
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+def _forced_ids(tables: HostTables, prompt_BxT, lengths_B, next_tokens_BxS, vocab_map_V):
+  """Host hash ids of the forced tokens `[S, B, 1, L, H]`: row b's n-grams run over
+  its prompt's first `lengths_B[b]` tokens then the forced ones."""
+  prompt, forced = np.asarray(prompt_BxT), np.asarray(next_tokens_BxS)
+  lengths, s = np.asarray(lengths_B), forced.shape[1]
+  ids = []
+  for b in range(prompt.shape[0]):
+    seq = np.concatenate([prompt[b, :lengths[b]], forced[b]])[None]
+    ids.append(tables.hash_ids(seq, vocab_map_V)[0, lengths[b]:lengths[b] + s])
+  return np.stack(ids, axis=1)[:, :, None]
+
+
+def teacher_forced_logits(model, device_params, tables: HostTables, prompt_BxT, lengths_B,
+                          next_tokens_BxS, vocab_map_V=None):
+  """`generate.teacher_forced_logits` with host tables: every token is known, so all
+  rows (prompt and forced steps) are gathered on the host and sent before the scan."""
+  prompt_ids = tables.hash_ids(prompt_BxT, vocab_map_V)
+  step_ids = _forced_ids(tables, prompt_BxT, lengths_B, next_tokens_BxS, vocab_map_V)
+  prompt_rows = tables.device_rows(prompt_ids)
+  step_rows = tables.device_rows(step_ids.reshape(-1, *step_ids.shape[2:]))
+  s, b = step_ids.shape[:2]
+  step_rows = jax.tree_util.tree_map(lambda r: r.reshape(s, b, *r.shape[1:]), step_rows)
+  vocab = None if vocab_map_V is None else jnp.asarray(vocab_map_V)
+  return _teacher_forced(model, device_params, jnp.asarray(prompt_BxT), jnp.asarray(lengths_B),
+                         jnp.asarray(next_tokens_BxS), jnp.asarray(prompt_ids), prompt_rows,
+                         jnp.asarray(step_ids), step_rows, vocab)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher_forced(model, params, prompt_BxT, lengths_B, next_tokens_BxS, prompt_ids,
+                    prompt_rows, step_ids_SxBx1xLxH, step_rows, vocab_map_V):
+  _, cache = generate_lib.prefill(model, params, prompt_BxT, lengths_B, vocab_map_V,
+                                  hash_ids_BxTxLxH=prompt_ids, engram_rows=prompt_rows)
+
+  def step(cache, inputs):
+    token_B, s, ids, rows = inputs
+    logits_BxV, cache = generate_lib.decode_step(
+        model, params, cache, token_B, lengths_B + s, vocab_map_V, hash_ids_BxTxLxH=ids,
+        engram_rows=rows)
+    return cache, logits_BxV
+
+  steps = jnp.arange(next_tokens_BxS.shape[1])
+  _, logits_SxBxV = jax.lax.scan(
+      step, cache, (next_tokens_BxS.T, steps, step_ids_SxBx1xLxH, step_rows))
+  return jnp.swapaxes(logits_SxBxV, 0, 1)
+
+
+_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
+             "engram_rows_fn")
+_generate_jit = jax.jit(generate_lib.generate, static_argnums=0, static_argnames=_SAMPLING)
+
+
+def generate(model, device_params, tables: HostTables, prompt_BxT, lengths_B, rng, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
+             vocab_map_V=None):
+  """`generate.generate` with host tables (jitted; compiles once per shape and tables).
+
+  The prompt's rows are hashed and gathered on the host and sent before the call; each
+  decode step's rows come from `tables.callback_rows` inside the scan. The compiled
+  step holds the tables' callback: keep one HostTables per model (`jax.clear_caches()`
+  lets go of it).
+  """
+  if prompt_BxT.shape[1] + max_new_tokens > model.cfg.max_len:
+    raise ValueError(f"prompt bucket {prompt_BxT.shape[1]} + max_new_tokens "
+                     f"{max_new_tokens} exceeds model.max_len={model.cfg.max_len}; shorten "
+                     "the prompt or ask for fewer tokens")
+  prompt_rows = tables.device_rows(tables.hash_ids(prompt_BxT, vocab_map_V))
+  vocab = None if vocab_map_V is None else jnp.asarray(vocab_map_V)
+  return _generate_jit(model, device_params, jnp.asarray(prompt_BxT), jnp.asarray(lengths_B),
+                       rng, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
+                       vocab_map_V=vocab, engram_rows_fn=tables.callback_rows,
+                       prompt_engram_rows=prompt_rows)

@@ -1,0 +1,245 @@
+"""Two processes on 127.0.0.1 train as one job, checkpoint, stop, resume, and match one process.
+
+`launch/multiprocess_cpu.sh 2 ...` starts two `engram_jax.main` processes (2 simulated
+CPU devices each, gloo collectives), so the mesh has 4 devices over 2 processes. The
+reference is one process on a 4-device mesh fed the same global batches: each
+process reads its own share of the train rows, so the reference's iterator joins the
+two processes' iterators (process 0's rows first, as on the mesh).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("clu")
+pytest.importorskip("orbax.checkpoint")
+
+from engram_jax import train  # noqa: E402
+
+from tests import lm_test_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "multiprocess_cpu.sh")
+STEPS = 4
+RUN_TIMEOUT_S = 420  # per launch: import, tokenizer, compile and 2 steps on a busy 2-core CPU
+
+
+def _launch(workdir, *overrides):
+  """Runs the launch script to completion; its process group is killed on timeout."""
+  env = {**os.environ, "DEVICES_PER_PROCESS": "2", "TIMEOUT": str(RUN_TIMEOUT_S - 20),
+         "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)  # the pytest process's 8 devices are not the workers'
+  proc = subprocess.Popen(
+      ["bash", SCRIPT, "2", "tests/lm_test_config.py:tiny", workdir,
+       f"--config.train.steps={STEPS}", f"--config.train.eval_every={STEPS}", *overrides],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
+  try:
+    out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    pytest.fail(f"two-process run exceeded {RUN_TIMEOUT_S}s:\n{out[-4000:]}")
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _process_log(workdir, i):
+  with open(os.path.join(workdir, "logs", f"process_{i}.log")) as f:
+    return f.read()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """Steps 1-2, stop (checkpoint), then steps 3-4 resumed: two launches of 2 processes."""
+  workdir = str(tmp_path_factory.mktemp("two_process"))
+  _launch(workdir, "--config.train.stop_after_steps=2")
+  first = [_process_log(workdir, i) for i in range(2)]
+  _launch(workdir)
+  second = [_process_log(workdir, i) for i in range(2)]
+  return workdir, first, second
+
+
+class _Joined:
+  """One iterator yielding the per-process batches of several processes, concatenated."""
+
+  def __init__(self, parts):
+    self._parts = parts
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = [next(p) for p in self._parts]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return self._parts[0].get_state()
+
+  def set_state(self, state):
+    for p in self._parts:
+      p.set_state(state)
+
+  def close(self):
+    for p in self._parts:
+      p.close()
+
+
+@pytest.fixture(scope="module")
+def one_process_metrics(tmp_path_factory):
+  """One process, a 4-device mesh, the two processes' global batches."""
+  from engram_jax.data import text
+  real = text.train_iterator
+
+  def joined(cfg, tok, *, process_index=0, process_count=1, **kwargs):
+    del process_index, process_count
+    return _Joined([real(cfg, tok, process_index=i, process_count=2, **kwargs)
+                    for i in range(2)])
+
+  workdir = str(tmp_path_factory.mktemp("one_process"))
+  config = lm_test_config.get_config("tiny")
+  config.train.update(steps=STEPS, eval_every=STEPS)
+  config.mesh.update(num_devices=4)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(text, "train_iterator", joined)
+    train.train_and_evaluate(config, workdir)
+  return _metrics(workdir)
+
+
+def test_two_processes_checkpoint_and_resume(two_process_run):
+  workdir, first, second = two_process_run
+  for i in range(2):
+    assert "stopped at step 2; checkpoint saved" in first[i], first[i][-2000:]
+    assert "resumed from step 2" in second[i], second[i][-2000:]
+    assert f"final: step {STEPS}" in second[i], second[i][-2000:]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if s.isdigit())
+  assert steps == [2, STEPS]
+  state_dir = os.path.join(workdir, "checkpoints", str(STEPS), "state")
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
+  # every process's data state is in the checkpoint (orbax writes JSON from process 0)
+  data_file = os.path.join(workdir, "checkpoints", str(STEPS), "data", "metadata")
+  with open(data_file) as f:
+    assert json.load(f) == {"processes": [{"batches": STEPS}, {"batches": STEPS}]}
+  # metrics are written once, by process 0
+  train_steps = [r["step"] for r in _metrics(workdir) if "train_loss" in r]
+  assert train_steps == list(range(1, STEPS + 1))
+
+
+def test_two_processes_match_one_process(two_process_run, one_process_metrics):
+  workdir, _, _ = two_process_run
+  got, want = _metrics(workdir), one_process_metrics
+  assert [sorted(r) for r in got] == [sorted(r) for r in want]
+  for g, w in zip(got, want):
+    assert g["step"] == w["step"]
+    for key in w:
+      assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (g["step"], key)
+
+
+# ----------------------------------------------------------------------------------
+# Distributed flags and the launch scripts (no second process needed)
+# ----------------------------------------------------------------------------------
+def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
+  from engram_jax import main
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+               "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
+    monkeypatch.delenv(name, raising=False)
+  assert main.init_distributed("auto") == 1
+  assert main.init_distributed("on", num_processes=1) == 1
+  assert main.init_distributed("off", "127.0.0.1:1234", 2, 0) == 1
+  with pytest.raises(ValueError, match="--process_id=5"):
+    main.init_distributed("auto", "127.0.0.1:1234", 2, 5)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+    main.init_distributed("auto")
+
+
+def test_missing_coordinator_is_a_one_line_error(tmp_path):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
+    env.pop(name, None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "engram_jax.main", "--config=tests/lm_test_config.py:tiny",
+       f"--workdir={tmp_path}", "--num_processes=2", "--process_id=0"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--coordinator_address" in errors[0], proc.stderr[-2000:]
+
+
+def test_multiprocess_script_fails_when_a_process_fails(tmp_path):
+  env = {**os.environ, "TIMEOUT": "240", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      ["bash", SCRIPT, "2", "tests/lm_test_config.py:tiny", str(tmp_path),
+       "--config.model.engram.layers=0,7"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      start_new_session=True)
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "engram.layers" in proc.stdout and "exited with status 2" in proc.stderr
+  usage = subprocess.run(["bash", SCRIPT, "two", "c", str(tmp_path)], capture_output=True,
+                         text=True, timeout=30)
+  assert usage.returncode == 2 and "N=two" in usage.stderr
+
+
+def _dry_run(script, *args, **env):
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args],
+                        env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True,
+                        text=True, timeout=60)
+
+
+def test_launch_scripts_parse_and_dry_run():
+  for script in ("multiprocess_cpu.sh", "gpu_local.sh", "tpu_pod.sh"):
+    check = subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", script)],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, (script, check.stderr)
+
+  tpu = _dry_run("tpu_pod.sh", "configs/lm.py:paper_dense_v5p", "gs://bkt/runs/a",
+                 "--config.train.steps=10", "--config.data.files_glob=/data/my corpus/*.txt",
+                 TPU_NAME="engram-pod", ZONE="us-east5-a", PROJECT="proj")
+  assert tpu.returncode == 0, tpu.stderr
+  lines = [l for l in tpu.stdout.splitlines() if l.startswith("gcloud ")]
+  assert lines[0].startswith("gcloud compute tpus tpu-vm describe engram-pod --zone=us-east5-a "
+                             "--project=proj")
+  assert lines[1] == ("gcloud compute tpus tpu-vm create engram-pod --zone=us-east5-a "
+                      "--project=proj --accelerator-type=v5p-128 --version=v2-alpha-tpuv5")
+  assert " scp " in lines[2] and lines[2].endswith("--worker=all")
+  assert all("--worker=all" in l for l in lines[3:]) and len(lines) == 6
+  assert 'pip install -q -e ".[tpu,train]"' in lines[3]
+  assert "gcsfuse" in lines[4] and "bkt /mnt/gcs/bkt" in lines[4]
+  assert ("python -m engram_jax.main --config=configs/lm.py:paper_dense_v5p "
+          "--workdir=/mnt/gcs/bkt/runs/a --distributed=on --config.train.steps=10 "
+          "'\\''--config.data.files_glob=/data/my corpus/*.txt'\\''") in lines[5]
+
+  local = _dry_run("tpu_pod.sh", "configs/lm.py:tiny", "/tmp/run", TPU_NAME="t", ZONE="z")
+  assert local.returncode == 2 and "WORKDIR=/tmp/run" in local.stderr
+  unnamed = _dry_run("tpu_pod.sh", "configs/lm.py:tiny", "gs://b/r", ZONE="z")
+  assert unnamed.returncode != 0 and "TPU_NAME" in unnamed.stderr
+
+  gpu = _dry_run("gpu_local.sh", "configs/lm.py:paper_dense_8gpu", "/tmp/run",
+                 "--config.train.steps=10")
+  assert gpu.returncode == 0, gpu.stderr
+  assert "JAX_PLATFORMS=cuda" in gpu.stdout and "--distributed=off" in gpu.stdout
+  assert "--config=configs/lm.py:paper_dense_8gpu --workdir=/tmp/run" in gpu.stdout
+
+
+def test_paper_scale_configs_size_on_an_abstract_mesh():
+  """The paper layout's tables split over all 64 chips of a v5p-128 (docs/scale_out.md)."""
+  sys.path.insert(0, ROOT)
+  from configs import lm
+  report = train.dry_run_report(lm.get_config("paper_dense_v5p"))
+  assert "Engram layers [1, 15], lookup 'psum'" in report
+  assert "engram_tables       5,632,737,280 params" in report
+  assert "(64 devices)" in report and "(Engram tables 0.328 GiB)" in report
