@@ -10,12 +10,14 @@ import dataclasses
 from typing import Any, Mapping, Union
 
 from engram_jax import hashing
+from engram_jax.layers import moe as moe_lib
 
 GateMode = Union[str, float]
 _GATE_NAMES = ("learned", "off")
 _REMAT = ("none", "full", "dots")
 _DTYPES = ("float32", "bfloat16", "float16")
 LOOKUPS = ("gather", "psum", "all_to_all")
+HYPER = ("auto", "dynamic", "static", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,38 @@ class EngramConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """DeepSeek-style MoE FFN (layers/moe.py, docs/moe.md); num_experts 0 = dense."""
+  num_experts: int = 0                 # routed experts E; 0 = SwiGLU in every block
+  expert_dim: int = 0                  # hidden width F of one routed expert
+  top_k: int = 2                       # routed experts per token
+  num_shared: int = 0                  # always-on experts
+  shared_dim: int = 0                  # hidden width of one shared expert; 0 = expert_dim
+  score_fn: str = "sigmoid"            # "sigmoid" (DeepSeek-V3) | "softmax" (V2)
+  normalize_weights: bool = True
+  routed_scale: float = 1.0
+  balance: str = "aux_loss"            # "aux_loss" | "bias" (loss-free) | "none"
+  aux_loss_coef: float = 1e-3
+  bias_rate: float = 1e-3              # balance="bias": per-step bias update
+  capacity_factor: float = 0.0         # 0 = dropless; > 0 = [E, C] buffers, overflow dropped
+  first_dense_layers: int = 0          # the first k blocks keep the dense SwiGLU (DeepSeek)
+  dispatch: str = "sort"               # "sort" | "one_hot" (dense reference, tests only)
+  group_matmul: str = "auto"           # dropless grouped matmul: "auto" | "ragged_dot" | "tiles"
+  tile: int = 128
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_experts > 0
+
+  @property
+  def resolved_shared_dim(self) -> int:
+    return self.shared_dim or self.expert_dim
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.enabled and layer >= self.first_dense_layers
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder-only backbone; `engram.layers = ()` gives the plain baseline."""
   vocab_size: int = 256
@@ -81,8 +115,11 @@ class ModelConfig:
   dtype: str = "float32"               # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"                  # "none" | "full" | "dots"
-  branches: int = 1                    # residual streams (hyper-connections; 1 = plain)
+  branches: int = 1                    # M residual streams (hyper-connections)
+  hyper: str = "auto"                  # "auto": dynamic HC when branches > 1, plain at 1;
+                                       # "dynamic" | "static": HC at any M; "none": plain
   engram: EngramConfig = EngramConfig()
+  moe: MoEConfig = MoEConfig()
 
   @property
   def resolved_head_dim(self) -> int:
@@ -91,6 +128,11 @@ class ModelConfig:
   @property
   def resolved_mlp_dim(self) -> int:
     return self.mlp_dim or 4 * self.width
+
+  @property
+  def hyper_connections(self) -> bool:
+    """Whether blocks wrap their sublayers in hyper-connections (layers/hyper.py)."""
+    return self.hyper in ("dynamic", "static") or (self.hyper == "auto" and self.branches > 1)
 
 
 def _fail(field: str, got: Any, allowed: str) -> None:
@@ -134,15 +176,18 @@ def validate(cfg: ModelConfig) -> ModelConfig:
           f"must divide model.num_heads={cfg.num_heads} (grouped-query attention)")
   if cfg.resolved_head_dim % 2:
     _fail("model.head_dim", cfg.resolved_head_dim, "must be even (RoPE rotates pairs)")
-  if cfg.branches != 1:
-    _fail("model.branches", cfg.branches,
-          "the LM backbone has one residual stream (hyper-connections add more); "
-          "the Engram layer itself takes any number of branches")
+  if cfg.hyper not in HYPER:
+    _fail("model.hyper", cfg.hyper, f"choose one of {HYPER}")
+  if cfg.hyper == "none" and cfg.branches != 1:
+    _fail("model.hyper", cfg.hyper,
+          f"model.branches={cfg.branches} needs hyper-connections; use 'auto', 'dynamic' "
+          "or 'static', or set model.branches=1")
   if cfg.remat not in _REMAT:
     _fail("model.remat", cfg.remat, f"choose one of {_REMAT}")
   for name in ("dtype", "param_dtype"):
     if getattr(cfg, name) not in _DTYPES:
       _fail(f"model.{name}", getattr(cfg, name), f"choose one of {_DTYPES}")
+  validate_moe(cfg)
 
   e = cfg.engram
   if e.max_ngram < 2:
@@ -179,6 +224,35 @@ def validate(cfg: ModelConfig) -> ModelConfig:
   return cfg
 
 
+def validate_moe(cfg: ModelConfig) -> None:
+  """The `moe` section; with num_experts 0 only the sign of the fields is checked."""
+  m = cfg.moe
+  for name in ("num_experts", "expert_dim", "num_shared", "shared_dim", "first_dense_layers"):
+    value = getattr(m, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      _fail(f"moe.{name}", value, "must be an integer >= 0")
+  for name in ("aux_loss_coef", "bias_rate", "capacity_factor"):
+    if getattr(m, name) < 0:
+      _fail(f"moe.{name}", getattr(m, name), "must be >= 0")
+  if not m.enabled:
+    return
+  if m.expert_dim < 1:
+    _fail("moe.expert_dim", m.expert_dim,
+          "must be >= 1 when moe.num_experts > 0 (the hidden width of one routed expert)")
+  if not 1 <= m.top_k <= m.num_experts:
+    _fail("moe.top_k", m.top_k, f"must be in [1, moe.num_experts={m.num_experts}]")
+  if m.first_dense_layers >= cfg.depth:
+    _fail("moe.first_dense_layers", m.first_dense_layers,
+          f"must be < model.depth={cfg.depth} (or set moe.num_experts=0 for a dense model)")
+  for name, allowed in (("score_fn", moe_lib.SCORE_FNS), ("balance", moe_lib.BALANCE),
+                        ("dispatch", moe_lib.DISPATCH),
+                        ("group_matmul", moe_lib.GROUP_MATMULS)):
+    if getattr(m, name) not in allowed:
+      _fail(f"moe.{name}", getattr(m, name), f"choose one of {allowed}")
+  if m.tile < 1:
+    _fail("moe.tile", m.tile, "must be >= 1 (rows per block of the tiled grouped matmul)")
+
+
 def _as_tuple(value: Any) -> tuple:
   if isinstance(value, str):
     return tuple(int(v) for v in value.split(",") if v.strip())
@@ -205,7 +279,9 @@ def from_dict(model: Mapping[str, Any]) -> ModelConfig:
   """
   model = dict(model)
   engram = dict(model.pop("engram", {}) or {})
-  for name, fields, value in (("model", ModelConfig, model), ("engram", EngramConfig, engram)):
+  moe = dict(model.pop("moe", {}) or {})
+  for name, fields, value in (("model", ModelConfig, model), ("engram", EngramConfig, engram),
+                              ("moe", MoEConfig, moe)):
     known = {f.name for f in dataclasses.fields(fields)}
     unknown = sorted(set(value) - known)
     if unknown:
@@ -218,7 +294,7 @@ def from_dict(model: Mapping[str, Any]) -> ModelConfig:
   if "gate" in engram and isinstance(engram["gate"], str) and engram["gate"] not in _GATE_NAMES:
     validate_gate(engram["gate"])
     engram["gate"] = float(engram["gate"])
-  return validate(ModelConfig(**model, engram=EngramConfig(**engram)))
+  return validate(ModelConfig(**model, engram=EngramConfig(**engram), moe=MoEConfig(**moe)))
 
 
 def to_dict(cfg: ModelConfig) -> dict[str, Any]:

@@ -4,33 +4,92 @@ The KV cache and the Engram decode state (last N-1 compressed tokens; the short 
 last (kernel-1)*N inputs) live in the model's `cache` collection; each decode step
 hashes, looks up and convolves only the new position. Rows carry their own positions,
 so prompts of different lengths share a batch.
+
+Engram rows can come from outside the model (host-memory tables, engram_jax.offload):
+`prefill`/`decode_step` take `hash_ids_BxTxLxH` with their looked-up `engram_rows`
+(the `layers.engram.ROWS_COLLECTION` tree), and `generate(engram_rows_fn=...)` hashes
+each new token itself and asks `engram_rows_fn(hash_ids)` for its rows, so the params
+need no tables.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax.models.lm import EngramLM
+from engram_jax import hashing
+from engram_jax.layers.engram import ROWS_COLLECTION, history_before
+from engram_jax.models.lm import EngramLM, as_variables
 
 
-def prefill(model: EngramLM, params, tokens_BxT, lengths_B, vocab_map_V=None):
-  """Runs the (right-padded) prompts; returns logits `[B, T, V]` and the cache."""
+def _variables(params, cache=None, engram_rows=None) -> dict:
+  """`params` is a parameter tree or a variables dict (MoE `routing` biases beside it)."""
+  variables = as_variables(params)
+  if cache is not None:
+    variables["cache"] = cache
+  if engram_rows is not None:
+    variables[ROWS_COLLECTION] = engram_rows
+  return variables
+
+
+def prefill(model: EngramLM, params, tokens_BxT, lengths_B, vocab_map_V=None, *,
+            hash_ids_BxTxLxH=None, engram_rows=None):
+  """Runs the (right-padded) prompts; returns logits `[B, T, V]` and the cache.
+
+  `engram_rows` (rows of `hash_ids_BxTxLxH`, looked up elsewhere) replace the tables.
+  """
   ngram = None if vocab_map_V is None else vocab_map_V[tokens_BxT]
   logits, variables = model.apply(
-      {"params": params}, tokens_BxT, ngram_tokens_BxT=ngram, lengths_B=lengths_B,
-      mode="prefill", mutable=["cache"])
+      _variables(params, engram_rows=engram_rows), tokens_BxT, ngram_tokens_BxT=ngram,
+      hash_ids_BxTxLxH=hash_ids_BxTxLxH, lengths_B=lengths_B, mode="prefill",
+      mutable=["cache"])
   return logits, variables["cache"]
 
 
-def decode_step(model: EngramLM, params, cache, token_B, position_B, vocab_map_V=None):
-  """Feeds one token per row at its position; returns logits `[B, V]` and the cache."""
+def decode_step(model: EngramLM, params, cache, token_B, position_B, vocab_map_V=None, *,
+                hash_ids_BxTxLxH=None, engram_rows=None):
+  """Feeds one token per row at its position; returns logits `[B, V]` and the cache.
+
+  With `hash_ids_BxTxLxH` (`[B, 1, L, H]`) the caller hashes, and keeps the n-gram
+  history; `engram_rows` are then their rows (see `prefill`).
+  """
   tokens = token_B[:, None]
   ngram = None if vocab_map_V is None else vocab_map_V[tokens]
   logits, variables = model.apply(
-      {"params": params, "cache": cache}, tokens, positions_BxT=position_B[:, None],
-      ngram_tokens_BxT=ngram, mode="decode", mutable=["cache"])
+      _variables(params, cache, engram_rows), tokens, positions_BxT=position_B[:, None],
+      ngram_tokens_BxT=ngram, hash_ids_BxTxLxH=hash_ids_BxTxLxH, mode="decode",
+      mutable=["cache"])
   return logits[:, 0], variables["cache"]
+
+
+class _Hasher:
+  """Hash ids outside the model: the prompt's, then one token's at a time with the
+  last N-1 compressed tokens carried by the caller (as the model's cache does)."""
+
+  def __init__(self, model: EngramLM, vocab_map_V):
+    if not model.cfg.engram.layers:
+      raise ValueError("engram_rows_fn is given but model.engram.layers is empty: a "
+                       "model without Engram has no rows to look up")
+    self.spec = model.cfg.engram.hash_spec()
+    self.keep = self.spec.max_ngram - 1
+    self.vocab_map_V = vocab_map_V
+
+  def ngram(self, tokens_BxT):
+    return tokens_BxT if self.vocab_map_V is None else self.vocab_map_V[tokens_BxT]
+
+  def prompt(self, prompt_BxT, lengths_B):
+    """(hash ids `[B, T, L, H]`, history `[B, N-1]` before each row's end)."""
+    ngram_BxT = self.ngram(prompt_BxT)
+    pad_BxP = jnp.full((prompt_BxT.shape[0], self.keep), hashing.PAD_ID, jnp.uint32)
+    ext = jnp.concatenate([pad_BxP, ngram_BxT.astype(jnp.uint32)], axis=1)
+    return (hashing.ngram_hash_ids(ngram_BxT, self.spec),
+            history_before(ext, lengths_B, self.keep))
+
+  def step(self, token_B, history_BxP):
+    """(hash ids `[B, 1, L, H]` of the token, the history after it)."""
+    ngram_Bx1 = self.ngram(token_B[:, None]).astype(jnp.uint32)
+    ids = hashing.ngram_hash_ids(ngram_Bx1, self.spec, history_BxP)
+    return ids, jnp.concatenate([history_BxP, ngram_Bx1], axis=1)[:, 1:]
 
 
 def teacher_forced_logits(model: EngramLM, params, prompt_BxT, lengths_B, next_tokens_BxS,
@@ -83,32 +142,52 @@ def sample(logits_BxV, rng, temperature: float = 1.0, top_k: int = 0, top_p: flo
 def generate(model: EngramLM, params, prompt_BxT, lengths_B, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Optional[int] = None, pad_id: int = 0,
-             vocab_map_V: Optional[jax.Array] = None):
+             vocab_map_V: Optional[jax.Array] = None,
+             engram_rows_fn: Optional[Callable] = None, prompt_engram_rows=None):
   """New tokens `[B, max_new_tokens]`: prefill, then one `lax.scan` of decode steps.
 
   Rows that produced `eos_id` keep emitting `pad_id`. Jit with the sampling arguments
   static; it compiles once per (batch, prompt bucket, max_new_tokens).
+
+  engram_rows_fn: `hash_ids_BxTxLxH -> engram_rows` (a `ROWS_COLLECTION` tree) looks
+    up Engram rows outside the model, e.g. from host memory by a callback
+    (`offload.HostTables.callback_rows`); each step asks it for the rows of the token
+    just sampled. `prompt_engram_rows` are the prompt's rows when the caller gathered
+    them already (default: `engram_rows_fn` of the prompt's ids).
   """
   t = prompt_BxT.shape[1]
   if t + max_new_tokens > model.cfg.max_len:
     raise ValueError(f"prompt bucket {t} + max_new_tokens {max_new_tokens} exceeds "
                      f"model.max_len={model.cfg.max_len}; shorten the prompt or ask for fewer tokens")
-  logits_BxTxV, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V)
+  hasher = None if engram_rows_fn is None else _Hasher(model, vocab_map_V)
+  history_BxP = None
+  if hasher is None:
+    logits_BxTxV, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V)
+  else:
+    ids, history_BxP = hasher.prompt(prompt_BxT, lengths_B)
+    rows = engram_rows_fn(ids) if prompt_engram_rows is None else prompt_engram_rows
+    logits_BxTxV, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V,
+                                  hash_ids_BxTxLxH=ids, engram_rows=rows)
   last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   rng, first_rng = jax.random.split(rng)
   first_B = sample(last_BxV, first_rng, temperature, top_k, top_p)
   done_B = jnp.zeros_like(first_B, bool) if eos_id is None else first_B == eos_id
 
   def step(carry, step_rng):
-    cache, token_B, position_B, done_B = carry
-    logits_BxV, cache = decode_step(model, params, cache, token_B, position_B, vocab_map_V)
+    cache, token_B, position_B, done_B, history_BxP = carry
+    if hasher is None:
+      logits_BxV, cache = decode_step(model, params, cache, token_B, position_B, vocab_map_V)
+    else:
+      ids, history_BxP = hasher.step(token_B, history_BxP)
+      logits_BxV, cache = decode_step(model, params, cache, token_B, position_B, vocab_map_V,
+                                      hash_ids_BxTxLxH=ids, engram_rows=engram_rows_fn(ids))
     new_B = sample(logits_BxV, step_rng, temperature, top_k, top_p)
     new_B = jnp.where(done_B, pad_id, new_B)
     if eos_id is not None:
       done_B = done_B | (new_B == eos_id)
-    return (cache, new_B, position_B + 1, done_B), new_B
+    return (cache, new_B, position_B + 1, done_B, history_BxP), new_B
 
-  carry = (cache, first_B, lengths_B, done_B)
+  carry = (cache, first_B, lengths_B, done_B, history_BxP)
   _, rest_SxB = jax.lax.scan(step, carry, jax.random.split(rng, max_new_tokens - 1))
   return jnp.concatenate([first_B[:, None], rest_SxB.T], axis=1)
 
@@ -123,7 +202,11 @@ def prompt_bucket(length: int, max_new_tokens: int, max_len: int) -> int:
 
 
 def load_workdir(workdir: str):
-  """(model, params, tokenizer, vocab_map_V, step) of a training workdir's newest checkpoint."""
+  """(model, params, tokenizer, vocab_map_V, step) of a training workdir's newest checkpoint.
+
+  `params` is a variables dict (params and routing biases) for MoE models with
+  `moe.balance="bias"`; every function here takes either.
+  """
   import json
   import os
 
@@ -142,7 +225,12 @@ def load_workdir(workdir: str):
   model = EngramLM(cfg)
   abstract = jax.eval_shape(
       lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
-  params, step = checkpoints.restore_params(workdir, abstract["params"])
+  from engram_jax.layers import moe
+  if abstract.get(moe.BIAS):  # MoE loss-free balancing: the trained routing biases too
+    params, step = checkpoints.restore_state_items(
+        workdir, {"params": abstract["params"], moe.BIAS: abstract[moe.BIAS]})
+  else:
+    params, step = checkpoints.restore_params(workdir, abstract["params"])
   vocab_map = None
   if cfg.engram.layers:
     vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
@@ -153,6 +241,10 @@ def main(argv=None) -> int:
   import argparse
   import sys
 
+  from engram_jax import generate_image
+  image_exit = generate_image.main_if_image_workdir(argv)
+  if image_exit is not None:  # an image workdir: --classes, --cfg_scale, a PNG grid
+    return image_exit
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.generate",
       description="Sample continuations from the newest checkpoint of a training workdir.")

@@ -13,13 +13,16 @@ Schedule = Union[float, Callable[[Any], Any]]
 
 
 def param_group(path, leaf) -> str:
-  """'table' for Engram tables, 'no_decay' for vectors, 'decay' for the rest."""
+  """'table' for Engram tables, 'no_decay' for vectors and hyper-connection
+  coefficients, 'decay' for the rest."""
   # dict keys only: boxed (nn.Partitioned) params add a trailing `.value` attribute
   names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
   if names and names[-1] == "table" and "engram" in names:
     return "table"
   if names and names[-1] in ("scale", "bias", "conv"):
     return "no_decay"
+  if any(n.endswith("_hc") for n in names) and names[-1] != "kernel":
+    return "no_decay"  # hyper-connection coefficients (init 1 / identity) and scales
   return "decay"
 
 

@@ -20,9 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from engram_jax import config as config_lib
 from engram_jax import checkpoints, optim, tasks
+from engram_jax.layers import moe
 
 
 class TrainingError(RuntimeError):
@@ -31,9 +33,44 @@ class TrainingError(RuntimeError):
 
 @flax.struct.dataclass
 class TrainState:
+  """step, params, optimizer state and the MoE `routing` collection (loss-free
+  balancing biases, updated by the step, not by the optimizer; `{}` without them)."""
   step: jax.Array
   params: Any
   opt_state: Any
+  routing: Any = flax.struct.field(default_factory=dict)
+
+
+def state_variables(state: TrainState) -> dict:
+  """The model variables of a train state: params, and routing biases if any."""
+  return {"params": state.params, **({moe.BIAS: state.routing} if state.routing else {})}
+
+
+def _moe_config(model: nn.Module) -> config_lib.MoEConfig:
+  """The MoE section of an LM's (or image model's) config; disabled for other models."""
+  cfg = getattr(model, "cfg", None)
+  cfg = getattr(cfg, "model", cfg)
+  return getattr(cfg, "moe", config_lib.MoEConfig())
+
+
+def routing_metrics(stats) -> dict[str, jax.Array]:
+  """Routing statistics over every MoE layer of a sown `moe.STATS` collection.
+
+  moe_max_violation: the worst layer's max(load) / mean(load) - 1; moe_mean_violation:
+  its mean over layers; moe_dropped_fraction: mean over layers; moe_aux_loss: the sum
+  (already times aux_loss_coef, 0 unless balance="aux_loss").
+  """
+  by_name = {}
+  for path, value in traverse_util.flatten_dict(nn.unbox(stats)).items():
+    values = value if isinstance(value, tuple) else (value,)
+    by_name.setdefault(path[-1], []).extend(jnp.ravel(v) for v in values)
+  if "max_violation" not in by_name:
+    return {}
+  violation = jnp.concatenate(by_name["max_violation"])
+  return {"moe_max_violation": jnp.max(violation),
+          "moe_mean_violation": jnp.mean(violation),
+          "moe_dropped_fraction": jnp.mean(jnp.concatenate(by_name["dropped_fraction"])),
+          "moe_aux_loss": moe.total_aux_loss(stats)}
 
 
 def cross_entropy(logits_BxTxV, targets_BxT):
@@ -52,26 +89,46 @@ def model_inputs(batch: dict) -> dict:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     state_shardings=None):
-  """The jitted, state-donating step; with `state_shardings` the state keeps its layout."""
+  """The jitted, state-donating step; with `state_shardings` the state keeps its layout.
+
+  The gradient is of cross-entropy plus the MoE aux losses sown by the model; `loss`
+  in the metrics is the cross-entropy alone (comparable with dense models). With
+  `moe.balance="bias"` the routing biases are updated from this step's expert loads.
+  """
+  moe_cfg = _moe_config(model)
+
   def train_step(state: TrainState, batch: dict):
     def loss_fn(params):
-      logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch))
-      return cross_entropy(logits, batch["targets"]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      logits, sown = model.apply({**state_variables(state), "params": params},
+                                 batch["inputs"], mutable=[moe.STATS],
+                                 **model_inputs(batch))
+      stats = sown.get(moe.STATS, {})
+      ce = cross_entropy(logits, batch["targets"]).mean()
+      return ce + moe.total_aux_loss(stats), (ce, stats)
+    (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    routing = state.routing
+    if moe_cfg.enabled and moe_cfg.balance == "bias":
+      routing = moe.update_routing_biases(routing, stats, moe_cfg.bias_rate)
+    new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state,
+                     routing)
     finite = jax.tree_util.tree_reduce(
-        lambda ok, x: ok & jnp.all(jnp.isfinite(x)), new.params, jnp.isfinite(loss))
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
+        lambda ok, x: ok & jnp.all(jnp.isfinite(x)), new.params, jnp.isfinite(total))
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite,
+                 **routing_metrics(stats)}
   if state_shardings is None:
     return jax.jit(train_step, donate_argnums=0)
   return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
 def make_eval_step(model: nn.Module):
+  """Summed NLL, token and byte counts of a batch; `params` may be a variables dict
+  (`state_variables`: params and MoE routing biases)."""
+  from engram_jax.models.lm import as_variables
+
   @jax.jit
   def eval_step(params, batch, byte_lengths_V):
-    logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch))
+    logits = model.apply(as_variables(params), batch["inputs"], **model_inputs(batch))
     nll = cross_entropy(logits, batch["targets"])
     nbytes = 0 if byte_lengths_V is None else byte_lengths_V[batch["targets"]].sum()
     return nll.sum(), nll.size, nbytes
@@ -94,18 +151,32 @@ def evaluate(eval_step, params, batches, byte_lengths_V=None) -> dict[str, float
   return metrics
 
 
+def overview_group(path, leaf) -> str:
+  """embeddings | engram_tables | routed_experts | shared_experts | backbone.
+
+  routed_experts: the expert kernels of MoE layers (`moe/{gate,up,down}`; the router
+  is backbone); shared_experts: `moe/shared/...`; backbone: everything else.
+  """
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  if optim.param_group(path, leaf) == "table":
+    return "engram_tables"
+  if names[0] in ("embed", "unembed"):
+    return "embeddings"
+  if "moe" in names:
+    below = names[names.index("moe") + 1:]
+    if below[:1] == ["shared"]:
+      return "shared_experts"
+    if below in (["gate"], ["up"], ["down"]):
+      return "routed_experts"
+  return "backbone"
+
+
 def parameter_overview(params) -> dict[str, int]:
-  """Counts split into embeddings, Engram tables and the rest of the backbone."""
+  """Counts split into embeddings, Engram tables, MoE experts and the rest."""
   counts = {"embeddings": 0, "engram_tables": 0, "backbone": 0}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [getattr(k, "key", str(k)) for k in path]
-    group = optim.param_group(path, leaf)
-    if group == "table":
-      counts["engram_tables"] += leaf.size
-    elif names[0] in ("embed", "unembed"):
-      counts["embeddings"] += leaf.size
-    else:
-      counts["backbone"] += leaf.size
+    group = overview_group(path, leaf)
+    counts[group] = counts.get(group, 0) + leaf.size
   counts["total"] = sum(counts.values())
   return counts
 
@@ -146,17 +217,21 @@ def train_state_shardings(model: nn.Module, tx: optax.GradientTransformation, se
                           mesh):
   """`TrainState` of NamedShardings: params and optimizer moments by logical axes."""
   from engram_jax import sharding
-  boxed = abstract_train_state(model, tx, seq_len).params
+  abstract = abstract_train_state(model, tx, seq_len)
+  boxed = abstract.params
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return TrainState(replicated, sharding.state_shardings(boxed, mesh),
-                    sharding.opt_state_shardings(tx, boxed, mesh))
+                    sharding.opt_state_shardings(tx, boxed, mesh),
+                    jax.tree_util.tree_map(lambda _: replicated, abstract.routing))
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
   def init(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return TrainState(jnp.array(0, jnp.int32), params, tx.init(nn.unbox(params)))
+    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    params = variables["params"]
+    return TrainState(jnp.array(0, jnp.int32), params, tx.init(nn.unbox(params)),
+                      nn.unbox(variables.get(moe.BIAS, {})))
   return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -170,27 +245,37 @@ def dry_run_report(config) -> str:
   task = tasks.abstract(config, check_data=False)
   model, model_cfg, seq_len = task.model, task.model_cfg, task.seq_len
   _, tx = optimizer_from_config(config, model_cfg)
-  state = abstract_train_state(model, tx, seq_len)
+  mesh = mesh_from_config(config, abstract=True)
+  with jax.sharding.use_abstract_mesh(mesh):  # psum/all_to_all lookups trace on a mesh
+    state = abstract_train_state(model, tx, seq_len)
+    shardings = train_state_shardings(model, tx, seq_len, mesh)
   params = nn.unbox(state.params)
   counts = parameter_overview(params)
-  mesh = mesh_from_config(config, abstract=True)
-  shardings = train_state_shardings(model, tx, seq_len, mesh)
-  groups = jax.tree_util.tree_leaves(optim.param_groups(params))
-  tables = [(leaf, sh) for leaf, sh, group in zip(
-      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings.params), groups)
-            if group == "table"]
+  by_group = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params),
+                              jax.tree_util.tree_leaves(shardings.params)):
+    by_group.setdefault(overview_group(path, leaf), []).append((leaf, sh))
+  group_bytes = lambda group: sharding.bytes_per_device(
+      [t for t, _ in by_group.get(group, [])], [s for _, s in by_group.get(group, [])])
   gib = lambda n: f"{n / 2**30:.3f} GiB"
   mesh_text = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+  m = model_cfg.moe
   lines = [f"{task.kind} model: width {model_cfg.width}, depth {model_cfg.depth}, vocab "
            f"{model_cfg.vocab_size}, Engram layers {list(model_cfg.engram.layers)}, "
            f"lookup {model_cfg.engram.lookup!r}"]
+  if m.enabled:
+    lines.append(f"  MoE: {m.num_experts} routed experts (top {m.top_k}, width "
+                 f"{m.expert_dim}) + {m.num_shared} shared (width {m.resolved_shared_dim}) "
+                 f"from layer {m.first_dense_layers}; branches {model_cfg.branches}")
   lines += [f"  {k:<14} {v:>18,} params" for k, v in counts.items()]
   lines.append(f"  total bytes: params {gib(_tree_bytes(params))}, optimizer state "
                f"{gib(_tree_bytes(state.opt_state))}")
   lines.append(f"mesh {mesh_text} ({mesh.size} devices), bytes per device:")
-  table_bytes = sharding.bytes_per_device([t for t, _ in tables], [s for _, s in tables])
+  parts = [f"Engram tables {gib(group_bytes('engram_tables'))}"]
+  if m.enabled:
+    parts.append(f"routed experts {gib(group_bytes('routed_experts'))}")
   lines.append(f"  params {gib(sharding.bytes_per_device(params, shardings.params))} "
-               f"(Engram tables {gib(table_bytes)}), optimizer state "
+               f"({', '.join(parts)}), optimizer state "
                f"{gib(sharding.bytes_per_device(state.opt_state, shardings.opt_state))}")
   return "\n".join(lines)
 
@@ -320,8 +405,10 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
   batch_sh = sharding.batch_sharding(mesh, batch_size=config.data.batch_size)
 
   def init_state(rng):
-    params = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))["params"]
-    return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+    variables = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))
+    params = variables["params"]
+    return TrainState(jnp.array(0, jnp.int32), params, tx.init(params),
+                      variables.get(moe.BIAS, {}))
 
   rng = jax.random.key(config.seed)
   manager = checkpoints.manager(workdir, t.keep_checkpoints)
@@ -379,10 +466,12 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
       progress(step)
       if step % t.log_every == 0 or step == t.steps:
         write(step, {"train_loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
-                     "learning_rate": float(schedule(step))})
+                     "learning_rate": float(schedule(step)),
+                     **{k: float(v) for k, v in step_metrics.items()
+                        if k.startswith("moe_")}})
         console.report(step, loss)
       if step % t.eval_every == 0 or step == t.steps:
-        metrics = evaluate(eval_step, state.params, eval_batches, byte_lengths)
+        metrics = evaluate(eval_step, state_variables(state), eval_batches, byte_lengths)
         write(step, metrics)
       if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
         save(step)

@@ -1,13 +1,17 @@
 """EngramLM: a decoder-only Transformer with Engram memory at chosen layers.
 
-embed -> blocks -> RMSNorm -> logits. A block is pre-norm attention + SwiGLU; an
-Engram block first adds the Engram output to its residual stream. Runs of plain blocks
-between Engram layers are one `nn.scan` each, so compile time does not grow with depth.
+embed -> blocks -> RMSNorm -> logits. A block is pre-norm attention + SwiGLU (or, from
+`moe.first_dense_layers` on, a DeepSeek-style MoE FFN); an Engram block first adds the
+Engram output to its residual stream. Runs of plain blocks between Engram layers (and
+the dense/MoE boundary) are one `nn.scan` each, so compile time does not grow with
+depth. With `model.branches = M > 1` the residual stream is M branches joined by
+hyper-connections (layers/hyper.py).
 
 Hash ids of all Engram layers depend only on the tokens, so they are computed once up
 front (or given by the data pipeline as `hash_ids`). Engram hashes the compressed
 vocabulary: pass `ngram_tokens` (compressed ids) unless the map is the identity.
 """
+from collections.abc import Mapping
 from typing import Optional
 
 import flax.linen as nn
@@ -17,8 +21,10 @@ import numpy as np
 
 from engram_jax import config as config_lib
 from engram_jax import hashing
+from engram_jax.layers import moe
 from engram_jax.layers.attention import Attention, Mode
 from engram_jax.layers.engram import Engram, history_before
+from engram_jax.layers.hyper import HyperConnection, collapse_branches, expand_branches
 from engram_jax.layers.mlp import SwiGLU
 from engram_jax.layers.norms import RMSNorm
 
@@ -28,55 +34,100 @@ _REMAT_POLICIES = {
 }
 
 
+def moe_layer(cfg: config_lib.ModelConfig, name: str = "moe") -> moe.MoE:
+  """The MoE FFN of `cfg.moe` (experts over the `expert` mesh axis when it has one)."""
+  m = cfg.moe
+  return moe.MoE(
+      m.num_experts, m.expert_dim, m.top_k, m.num_shared, m.shared_dim, m.score_fn,
+      m.normalize_weights, m.routed_scale, m.balance, m.aux_loss_coef,
+      m.capacity_factor or None, m.group_matmul, m.tile, m.dispatch,
+      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+
+
 class Block(nn.Module):
-  """Pre-norm block; with `engram_index` set, Engram first adds to the residual."""
+  """Pre-norm block; with `engram_index` set, Engram first adds to the residual.
+
+  layer: the (first) block index, static: it picks SwiGLU or MoE (`moe.is_moe_layer`).
+  With hyper-connections (`cfg.hyper_connections`) `h` is `[B, T, M, D]`: attention
+  and the FFN are sublayers 2l and 2l+1 wrapped in `HyperConnection`s, while Engram
+  reads every branch and adds its per-branch output to that branch (docs/moe.md, "In
+  the LM", says why). `layer_offset` (a scanned int, 0 outside `nn.scan`) makes l = layer +
+  layer_offset, so scanned blocks get the paper's init (sublayer l reads branch l mod M).
+  """
   cfg: config_lib.ModelConfig
   engram_index: Optional[int] = None
   mode: Mode = None
+  layer: int = 0
 
   @nn.compact
-  def __call__(self, h_BxTxD, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None,
-               rope_positions_BxTxA=None):
+  def __call__(self, h, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None,
+               rope_positions_BxTxA=None, layer_offset=0):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = lambda name: RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name=name)
+    hyper = cfg.hyper_connections
     if self.engram_index is not None:
       spec = cfg.engram.hash_spec()
       i = self.engram_index
       offsets = jnp.asarray(spec.offsets_LxH[i].astype(np.int32))
       row_ids_BxTxH = hash_ids_BxTxLxH[:, :, i, :] + offsets
-      y = Engram(cfg.engram, spec.rows(i), cfg.norm_eps, self.mode, dtype, pdtype,
-                 name="engram")(h_BxTxD[:, :, None, :], row_ids_BxTxH, lengths_B)
-      h_BxTxD = h_BxTxD + y[:, :, 0, :]
-    h_BxTxD = h_BxTxD + Attention(
-        cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.max_len,
-        cfg.rope_theta, self.mode, dtype, pdtype, name="attention")(
-            norm("attention_norm")(h_BxTxD), positions_BxT, rope_positions_BxTxA)
-    h_BxTxD = h_BxTxD + SwiGLU(cfg.resolved_mlp_dim, dtype, pdtype, name="mlp")(
-        norm("mlp_norm")(h_BxTxD))
-    return h_BxTxD
+      engram = Engram(cfg.engram, spec.rows(i), cfg.norm_eps, self.mode, dtype, pdtype,
+                      name="engram")
+      if hyper:
+        h = h + engram(h, row_ids_BxTxH, lengths_B).astype(h.dtype)
+      else:
+        h = h + engram(h[:, :, None, :], row_ids_BxTxH, lengths_B)[:, :, 0, :]
+    attention = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                          cfg.max_len, cfg.rope_theta, self.mode, dtype, pdtype,
+                          name="attention")
+    attention_norm = norm("attention_norm")
+    if cfg.moe.is_moe_layer(self.layer):
+      ffn = moe_layer(cfg)
+    else:
+      ffn = SwiGLU(cfg.resolved_mlp_dim, dtype, pdtype, name="mlp")
+    ffn_norm = norm("mlp_norm")
+    sublayers = (
+        ("attention", lambda x: attention(attention_norm(x), positions_BxT,
+                                          rope_positions_BxTxA)),
+        ("mlp", lambda x: ffn(ffn_norm(x))))
+    for j, (name, sublayer) in enumerate(sublayers):
+      if hyper:
+        index = 2 * (self.layer + layer_offset) + j
+        h = HyperConnection(cfg.branches, index, cfg.hyper != "static",
+                            norm_eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
+                            name=f"{name}_hc")(h, sublayer)
+      else:
+        h = h + sublayer(h)
+    return h
 
 
 class ScanBlock(Block):
-  """Block with the (carry, x) -> (carry, y) signature `nn.scan` wants."""
+  """Block with the (carry, x) -> (carry, y) signature `nn.scan` wants; x = layer offset."""
 
-  def __call__(self, h_BxTxD, positions_BxT,  # pytype: disable=signature-mismatch
+  def __call__(self, h, layer_offset, positions_BxT,  # pytype: disable=signature-mismatch
                rope_positions_BxTxA=None):
-    return super().__call__(h_BxTxD, positions_BxT,
-                            rope_positions_BxTxA=rope_positions_BxTxA), None
+    return super().__call__(h, positions_BxT, rope_positions_BxTxA=rope_positions_BxTxA,
+                            layer_offset=layer_offset), None
 
 
 def segments(cfg: config_lib.ModelConfig) -> list[tuple[str, int, int]]:
-  """The layer plan: ("engram", layer, 1) or ("scan", first_layer, run_length)."""
+  """The layer plan: ("engram", layer, 1) or ("scan", first_layer, run_length).
+
+  Scanned runs stop at Engram layers and at `moe.first_dense_layers` (a run holds
+  dense or MoE blocks, never both).
+  """
   engram_layers = set(cfg.engram.layers)
+  boundaries = {cfg.moe.first_dense_layers} if cfg.moe.enabled else set()
   plan, run_start = [], 0
   for layer in range(cfg.depth + 1):
-    if layer == cfg.depth or layer in engram_layers:
+    if layer == cfg.depth or layer in engram_layers or layer in boundaries:
       if layer > run_start:
         plan.append(("scan", run_start, layer - run_start))
-      if layer < cfg.depth:
+      if layer in engram_layers:
         plan.append(("engram", layer, 1))
-      run_start = layer + 1
+        run_start = layer + 1
+      else:
+        run_start = layer
   return plan
 
 
@@ -93,22 +144,36 @@ def apply_blocks(cfg: config_lib.ModelConfig, h_BxTxD, positions_BxT, hash_ids_B
 
   Shared by every decoder (EngramLM, the image model) so that they have the same
   parameter layout; `rope_positions_BxTxA` (e.g. 2D (row, column)) defaults to the
-  sequence positions.
+  sequence positions. With hyper-connections the embedding is copied into M branches
+  first and the branches are summed at the end: `[B, T, D]` in and out.
   """
   extra = () if rope_positions_BxTxA is None else (rope_positions_BxTxA,)
+  h = expand_branches(h_BxTxD, cfg.branches) if cfg.hyper_connections else h_BxTxD
   for kind, first, length in segments(cfg):
     if kind == "engram":
       block = _maybe_remat(Block, cfg)(cfg, engram_index=cfg.engram.layers.index(first),
-                                       mode=mode, name=f"block_{first}")
-      h_BxTxD = block(h_BxTxD, positions_BxT, hash_ids_BxTxLxH, lengths_B, *extra)
+                                       mode=mode, layer=first, name=f"block_{first}")
+      h = block(h, positions_BxT, hash_ids_BxTxLxH, lengths_B, *extra)
     else:
       scanned = nn.scan(
-          _maybe_remat(ScanBlock, cfg), variable_axes={"params": 0, "cache": 0},
-          split_rngs={"params": True}, in_axes=nn.broadcast, length=length,
-          metadata_params={nn.PARTITION_NAME: "layers"})
-      h_BxTxD, _ = scanned(cfg, mode=mode, name=f"blocks_{first}_{first + length - 1}")(
-          h_BxTxD, positions_BxT, *extra)
-  return h_BxTxD
+          _maybe_remat(ScanBlock, cfg),
+          variable_axes={"params": 0, "cache": 0, moe.BIAS: 0, moe.STATS: 0},
+          split_rngs={"params": True}, in_axes=(0, nn.broadcast) + (nn.broadcast,) * len(extra),
+          length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+      h, _ = scanned(cfg, mode=mode, layer=first, name=f"blocks_{first}_{first + length - 1}")(
+          h, jnp.arange(length, dtype=jnp.int32), positions_BxT, *extra)
+  return collapse_branches(h) if cfg.hyper_connections else h
+
+
+def as_variables(params_or_variables) -> dict:
+  """`{"params": p}` for a parameter tree; a variables dict (has "params") as it is.
+
+  A model with MoE loss-free balancing (`moe.balance="bias"`) also needs its `routing`
+  collection wherever it runs, so callers may pass `{"params": p, "routing": r}`.
+  """
+  if isinstance(params_or_variables, Mapping) and "params" in params_or_variables:
+    return dict(params_or_variables)
+  return {"params": params_or_variables}
 
 
 class EngramLM(nn.Module):
