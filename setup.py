@@ -21,7 +21,7 @@ setup(
         "data": DATA,
         "train": TRAIN,
         # nbclient + ipykernel execute colab/ notebooks in the tests
-        "test": TRAIN + ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+        "test": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -66,7 +66,8 @@ def _paper_dense(c: ml_collections.ConfigDict, variant: str) -> None:
   base = variant.removesuffix("_v5p").removesuffix("_8gpu")
   c.model.update(vocab_size=0, width=2560, depth=30, num_heads=32, num_kv_heads=8,
                  max_len=4096, dtype="bfloat16", remat="full")
-  c.model.engram.update(layers=(1, 15), max_ngram=3, heads=8, embed_per_ngram=640,
+  # Engram at 0-based layers 1 and 14: the paper's layers 2 and 15 (as engram_27b).
+  c.model.engram.update(layers=(1, 14), max_ngram=3, heads=8, embed_per_ngram=640,
                         table_size=(_PAPER_TABLE_ROWS[base],), lookup="psum")
   # A real run points these at its corpus and a 128k tokenizer (data.tokenizer_path).
   c.data.update(source="tfds", tfds_name="c4/en", max_files=0, seq_len=4096,

@@ -1,11 +1,22 @@
 """Shared fixtures: tiny configs so that every module compiles in seconds on 2 cores."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Mesh tests need several devices; on CPU, 8 simulated ones (set before jax loads).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+
+# Tests rebuild the same tiny programs many times (each training run, each CLI
+# subprocess): an on-disk compilation cache, inherited by the subprocesses, compiles
+# each once. One directory per pytest-xdist worker, so no two test processes write
+# one cache at once; set JAX_COMPILATION_CACHE_DIR to choose another place.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(),
+    f"engram_jax_test_xla_cache_{os.getuid()}_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import sysconfig  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -1,6 +1,7 @@
 """MoE and hyper-connections inside EngramLM: layer plan, equivalences, causality,
 cached decode, the train step (aux loss, routing biases, statistics) and resume."""
 import dataclasses
+import functools
 import json
 import os
 
@@ -27,8 +28,20 @@ def _cfg(**fields):
   return config_lib.validate(dataclasses.replace(BASE, **fields))
 
 
+@functools.lru_cache(maxsize=None)
+def _init_cached(cfg, shape):
+  return nn.unbox(jax.jit(EngramLM(cfg).init)(jax.random.key(0), np.zeros(shape, np.int32)))
+
+
 def _init(cfg, tokens=TOKENS):
-  return nn.unbox(jax.jit(EngramLM(cfg).init)(jax.random.key(0), tokens))
+  """Variables of `cfg` (initialised once per config and shape: init is token-free)."""
+  return _init_cached(cfg, tokens.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(cfg):
+  """The jitted forward of `cfg` (one compile per config, not op-by-op dispatch)."""
+  return jax.jit(EngramLM(cfg).apply)
 
 
 def _randomised(variables, cfg, seed=1):
@@ -113,8 +126,8 @@ def test_one_expert_top_one_equals_the_dense_model():
           w: dense[name]["mlp"][w]["kernel"][..., None, :, :] for w in ("gate", "up", "down")}}
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
       _init(cfg)["params"])
-  want = EngramLM(BASE).apply({"params": with_random_conv(dense, BASE)}, TOKENS)
-  got = EngramLM(cfg).apply({"params": with_random_conv(params, cfg)}, TOKENS)
+  want = _apply(BASE)({"params": with_random_conv(dense, BASE)}, TOKENS)
+  got = _apply(cfg)({"params": with_random_conv(params, cfg)}, TOKENS)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -142,15 +155,15 @@ def test_one_branch_equals_the_plain_residual_model(hyper):
   hyper_params = _init(hyper_cfg)["params"]
   assert any(k.endswith("_hc") for k in hyper_params["block_1"])
   variables = {**plain, "params": _plain_into_hyper(plain["params"], hyper_params)}
-  want = EngramLM(plain_cfg).apply(plain, TOKENS)
-  got = EngramLM(hyper_cfg).apply(variables, TOKENS)
+  want = _apply(plain_cfg)(plain, TOKENS)
+  got = _apply(hyper_cfg)(variables, TOKENS)
   # Equal up to float rounding: XLA fuses the scanned blocks of the two graphs
   # differently (about 1e-6 on logits of order 1; M = 1 changes no value).
   np.testing.assert_allclose(got, want, rtol=0, atol=5e-6)
   scaled = jax.tree_util.tree_map_with_path(
       lambda path, x: x * 0.98 if "depth" in jax.tree_util.keystr(path) else x,
       variables["params"])
-  off = EngramLM(hyper_cfg).apply({**variables, "params": scaled}, TOKENS)
+  off = _apply(hyper_cfg)({**variables, "params": scaled}, TOKENS)
   assert np.abs(np.asarray(off) - np.asarray(want)).max() > 1e-3
 
 
@@ -163,8 +176,8 @@ def test_branches_at_init_equal_the_plain_model_without_engram():
   plain = _init(plain_cfg)
   variables = {**plain, "params": _plain_into_hyper(plain["params"],
                                                     _init(hyper_cfg)["params"])}
-  np.testing.assert_allclose(EngramLM(hyper_cfg).apply(variables, TOKENS),
-                             EngramLM(plain_cfg).apply(plain, TOKENS), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_apply(hyper_cfg)(variables, TOKENS),
+                             _apply(plain_cfg)(plain, TOKENS), rtol=1e-4, atol=1e-4)
 
 
 def test_scanned_sublayers_read_branch_l_mod_m_at_init():
@@ -185,7 +198,7 @@ def hc_moe_variables():
 
 
 def test_causal_with_two_branches_and_moe(hc_moe_variables):
-  apply = jax.jit(EngramLM(HC_MOE).apply)
+  apply = _apply(HC_MOE)
   base = np.asarray(apply(hc_moe_variables, TOKENS))
   for t in (0, 7, 15):
     changed = TOKENS.copy()
@@ -201,7 +214,7 @@ def test_cached_decode_equals_full_forward_with_branches_and_moe(hc_moe_variable
   seq = rng.integers(0, BASE.vocab_size, (3, 28)).astype(np.int32)
   lengths = np.array([3, 10, 6], np.int32)
   model = EngramLM(HC_MOE)
-  full = np.asarray(model.apply(hc_moe_variables, seq))
+  full = np.asarray(_apply(HC_MOE)(hc_moe_variables, seq))
   prompt = np.where(np.arange(10)[None] < lengths[:, None], seq[:, :10], 0)
   steps = 28 - int(lengths.max())
   forced = np.stack([seq[b, lengths[b]:lengths[b] + steps] for b in range(3)])
@@ -231,7 +244,7 @@ def test_remat_bf16_moe_branches_trace_and_differentiate():
 # Training
 # ----------------------------------------------------------------------------------
 def _state(cfg, tx):
-  variables = _init(cfg)
+  variables = jax.tree_util.tree_map(jnp.array, _init(cfg))  # a copy: the step donates it
   return train.TrainState(jnp.array(0, jnp.int32), variables["params"],
                           tx.init(variables["params"]), variables.get(moe.BIAS, {}))
 
@@ -251,9 +264,12 @@ def test_train_step_adds_aux_loss_and_reports_routing():
     logits, sown = model.apply({"params": p}, batch["inputs"], mutable=[moe.STATS])
     return (train.cross_entropy(logits, batch["targets"]).mean(),
             moe.total_aux_loss(sown[moe.STATS]))
-  ce, aux = losses(state.params)
-  with_aux = jax.grad(lambda p: sum(losses(p)))(state.params)
-  ce_only = jax.grad(lambda p: losses(p)[0])(state.params)
+
+  @jax.jit
+  def reference(p):
+    (ce, aux), (d_ce, d_aux) = losses(p), jax.jacrev(losses)(p)
+    return ce, aux, jax.tree_util.tree_map(jnp.add, d_ce, d_aux), d_ce
+  ce, aux, with_aux, ce_only = reference(state.params)
   router = lambda tree: np.asarray(tree["block_1"]["moe"]["router"])
   start = router(state.params)
   new, metrics = train.make_train_step(model, tx)(_state(cfg, tx), batch)  # donates
@@ -275,7 +291,8 @@ def test_train_step_updates_routing_biases_by_the_rate():
   model, tx = EngramLM(cfg), optax.sgd(1e-2)
   state, batch = _state(cfg, tx), _batch()
   state = state.replace(routing=_randomised(_init(cfg), cfg)[moe.BIAS])
-  _, sown = model.apply(train.state_variables(state), batch["inputs"], mutable=[moe.STATS])
+  _, sown = jax.jit(functools.partial(model.apply, mutable=[moe.STATS]))(
+      train.state_variables(state), batch["inputs"])
   want = moe.update_routing_biases(state.routing, sown[moe.STATS], 0.01)
   before = jax.tree_util.tree_map(np.array, state.routing)
   new, _ = train.make_train_step(model, tx)(state, batch)
@@ -313,14 +330,24 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_moe_training_resumes_with_its_routing_biases(tmp_path):
+def _losses(workdir):
+  return {r["step"]: r["train_loss"] for r in _metrics(workdir) if "train_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+  """4 steps of the tiny MoE + 2-branch LM on one device (shared by the tests below)."""
+  workdir = str(tmp_path_factory.mktemp("moe_run"))
+  train.train_and_evaluate(_moe_config(4), workdir)
+  return workdir
+
+
+def test_moe_training_resumes_with_its_routing_biases(moe_run, tmp_path):
   """The routing collection is part of the checkpoint: 2 + 2 steps equal 4 steps."""
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  train.train_and_evaluate(_moe_config(4), one)
+  one, two = moe_run, str(tmp_path / "two")
   train.train_and_evaluate(_moe_config(4, stop_after_steps=2), two)
   train.train_and_evaluate(_moe_config(4), two)
-  losses = lambda w: {r["step"]: r["train_loss"] for r in _metrics(w) if "train_loss" in r}
-  assert losses(one) == losses(two) and len(losses(one)) == 4
+  assert _losses(one) == _losses(two) and len(_losses(one)) == 4
   assert all("moe_max_violation" in r and "moe_dropped_fraction" in r
              for r in _metrics(one) if "train_loss" in r)
   # generation loads params and the trained biases
@@ -335,14 +362,13 @@ def test_moe_training_resumes_with_its_routing_biases(tmp_path):
   assert out.shape == (1, 4)
 
 
-def test_expert_parallel_training_matches_single_device(tmp_path):
+def test_expert_parallel_training_matches_single_device(moe_run, tmp_path):
   """8 simulated devices (data 2 x expert 4): experts sharded, tokens by all_to_all."""
-  single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
-  train.train_and_evaluate(_moe_config(3), single)
-  config = _moe_config(3)
+  sharded = str(tmp_path / "sharded")
+  config = _moe_config(4)
   config.mesh.update(num_devices=8, data=2, expert=4)
   train.train_and_evaluate(config, sharded)
-  losses = lambda w: {r["step"]: r["train_loss"] for r in _metrics(w) if "train_loss" in r}
-  assert losses(single).keys() == losses(sharded).keys() and len(losses(single)) == 3
-  for step, loss in losses(single).items():
-    assert losses(sharded)[step] == pytest.approx(loss, rel=2e-5), step
+  single = _losses(moe_run)
+  assert single.keys() == _losses(sharded).keys() and len(single) == 4
+  for step, loss in single.items():
+    assert _losses(sharded)[step] == pytest.approx(loss, rel=2e-5), step

@@ -240,6 +240,6 @@ def test_paper_scale_configs_size_on_an_abstract_mesh():
   sys.path.insert(0, ROOT)
   from configs import lm
   report = train.dry_run_report(lm.get_config("paper_dense_v5p"))
-  assert "Engram layers [1, 15], lookup 'psum'" in report
+  assert "Engram layers [1, 14], lookup 'psum'" in report
   assert "engram_tables       5,632,737,280 params" in report
   assert "(64 devices)" in report and "(Engram tables 0.328 GiB)" in report
