@@ -25,7 +25,7 @@ import math
 
 import ml_collections
 
-from engram_jax import hashing
+from engram_jax import allocation, hashing
 from engram_jax.models import image
 
 PAPER_RHOS = (0.17, 0.32, 0.41, 0.51, 0.63, 0.76, 0.90)
@@ -143,7 +143,7 @@ def solve_budget(c: ml_collections.ConfigDict, rho: float, budget: int,
   layers = engram_layers_for(depth)
   total = lambda size: count(depth=depth, mlp_dim=mlp, engram=dict(
       layers=layers, table_size=(size,)))["total"]
-  size = _largest_fitting(total, budget, smallest=c.model.engram.heads)
+  size = allocation.largest_fitting(total, budget, smallest=c.model.engram.heads)
   if size is None:
     raise ValueError(f"budget rho={rho}: the smallest Engram tables at layers {layers} "
                      f"exceed the budget of {budget:,} parameters; use a smaller rho")
@@ -159,17 +159,3 @@ def _with(model: ml_collections.ConfigDict, engram=None, **fields) -> dict:
   out.update(fields)
   out["engram"] = {**out["engram"], **(engram or {})}
   return out
-
-
-def _largest_fitting(total, budget: int, smallest: int):
-  """The largest table_size >= smallest with total(size) <= budget (total grows with
-  size), or None."""
-  if total(smallest) > budget:
-    return None
-  low, high = smallest, 2 * smallest
-  while total(high) <= budget:
-    low, high = high, 2 * high
-  while high - low > 1:  # total(low) <= budget < total(high)
-    mid = (low + high) // 2
-    low, high = (mid, high) if total(mid) <= budget else (low, mid)
-  return low

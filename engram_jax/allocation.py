@@ -187,8 +187,9 @@ def pure_moe(cfg: config_lib.ModelConfig) -> config_lib.ModelConfig:
   return _replace(cfg, engram=dict(layers=()))
 
 
-def _largest_fitting(total: Callable[[int], int], budget: int, smallest: int) -> Optional[int]:
-  """The largest size >= smallest with total(size) <= budget (total grows with size)."""
+def largest_fitting(total: Callable[[int], int], budget: int, smallest: int) -> Optional[int]:
+  """The largest size >= smallest with total(size) <= budget (total grows with size),
+  or None: the table size that spends a parameter budget (also configs/image.py)."""
   if total(smallest) > budget:
     return None
   low, high = smallest, 2 * smallest
@@ -253,7 +254,7 @@ def allocate(cfg: config_lib.ModelConfig, rho: float, engram_layers: tuple[int, 
     layered = _replace(layered, moe=dict(shared_dim=m.resolved_shared_dim - cut))
   total = lambda size: param_counts(_replace(layered, engram=dict(table_size=(size,))),
                                     context).total_params
-  size = _largest_fitting(total, base.total_params, smallest=cfg.engram.heads)
+  size = largest_fitting(total, base.total_params, smallest=cfg.engram.heads)
   if size is None:
     raise ValueError(f"allocation rho={rho}: the smallest Engram tables at layers "
                      f"{tuple(engram_layers)} exceed the budget of {base.total_params:,} "
@@ -370,7 +371,7 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
   `result.json` is finished and only read back."""
   import json
   import os
-  from engram_jax import train
+  from engram_jax import generate, train
   directory = point_dir(workdir, rho, seed)
   result = os.path.join(directory, RESULT)
   if os.path.exists(result):
@@ -384,8 +385,7 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
         f"{tuple(config.model.engram.layers)} table_size "
         f"{tuple(config.model.engram.table_size)} -> {directory}", flush=True)
   metrics = train.train_and_evaluate(config, directory)
-  with open(os.path.join(directory, "model_config.json"), encoding="utf-8") as f:
-    trained = config_lib.from_dict(json.load(f))
+  trained = generate.read_model_config(directory)
   reference = dataclasses.replace(reference_of(config), vocab_size=trained.vocab_size)
   row = dict(rho=rho, seed=seed, steps=int(config.train.steps), **summary(trained, reference),
              eval_loss=metrics.get("eval_loss"),

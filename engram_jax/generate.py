@@ -201,26 +201,35 @@ def prompt_bucket(length: int, max_new_tokens: int, max_len: int) -> int:
   return min(bucket, max_len - max_new_tokens)
 
 
-def load_workdir(workdir: str):
-  """(model, params, tokenizer, vocab_map_V, step) of a training workdir's newest checkpoint.
-
-  `params` is a variables dict (params and routing biases) for MoE models with
-  `moe.balance="bias"`; every function here takes either.
-  """
+def read_model_config(workdir: str):
+  """The `ModelConfig` a training run saved in `workdir` (a clear error when absent)."""
   import json
   import os
 
-  import flax.linen as nn
-
-  from engram_jax import checkpoints, config as config_lib, hashing
-  from engram_jax import tokenizer as tokenizer_lib
+  from engram_jax import config as config_lib
 
   config_path = os.path.join(workdir, "model_config.json")
   if not os.path.exists(config_path):
     raise ValueError(f"--workdir={workdir!r} has no model_config.json; point it at a "
                      "directory written by `python -m engram_jax.main`")
   with open(config_path, encoding="utf-8") as f:
-    cfg = config_lib.from_dict(json.load(f))
+    return config_lib.from_dict(json.load(f))
+
+
+def load_workdir(workdir: str):
+  """(model, params, tokenizer, vocab_map_V, step) of a training workdir's newest checkpoint.
+
+  `params` is a variables dict (params and routing biases) for MoE models with
+  `moe.balance="bias"`; every function here takes either.
+  """
+  import os
+
+  import flax.linen as nn
+
+  from engram_jax import checkpoints, hashing
+  from engram_jax import tokenizer as tokenizer_lib
+
+  cfg = read_model_config(workdir)
   tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
   model = EngramLM(cfg)
   abstract = jax.eval_shape(

@@ -178,7 +178,6 @@ def load_workdir(workdir: str):
   The tables are restored with a `pinned_host` sharding (orbax writes them straight
   into host RAM), then wrapped as NumPy; the rest goes to the default device.
   """
-  import json
   import os
 
   import flax.linen as nn
@@ -187,12 +186,7 @@ def load_workdir(workdir: str):
   from engram_jax import tokenizer as tokenizer_lib
   from engram_jax.models.lm import EngramLM
 
-  config_path = os.path.join(workdir, "model_config.json")
-  if not os.path.exists(config_path):
-    raise ValueError(f"--workdir={workdir!r} has no model_config.json; point it at a "
-                     "directory written by `python -m engram_jax.main`")
-  with open(config_path, encoding="utf-8") as f:
-    cfg = config_lib.from_dict(json.load(f))
+  cfg = generate_lib.read_model_config(workdir)
   if not cfg.engram.layers:
     raise ValueError(f"--workdir={workdir!r} holds a model without Engram "
                      "(model.engram.layers is empty): there are no tables to offload")

@@ -65,3 +65,17 @@ def same_batches(batches_a, batches_b) -> bool:
   return len(batches_a) == len(batches_b) and all(
       a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
       for a, b in zip(batches_a, batches_b))
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A workdir of `tests/lm_test_config.py:tiny` trained 3 steps (read-only for tests)."""
+  pytest.importorskip("orbax.checkpoint")
+  pytest.importorskip("clu")
+  from engram_jax import train
+  from tests import lm_test_config
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = lm_test_config.get_config("tiny")
+  config.train.update(steps=3, eval_every=3)
+  train.train_and_evaluate(config, workdir)
+  return workdir

@@ -90,21 +90,8 @@ def test_eos_rows_pad_and_length_check():
 
 
 # ----------------------------------------------------------------------------------
-# The command line: a workdir trained for a few steps
+# The command line: a workdir trained for a few steps (conftest.trained_workdir)
 # ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  pytest.importorskip("orbax.checkpoint")
-  pytest.importorskip("clu")
-  from engram_jax import train
-  from tests import lm_test_config
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  config = lm_test_config.get_config("tiny")
-  config.train.update(steps=3, eval_every=3)
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
 def test_cli_samples_from_the_newest_checkpoint(trained_workdir, capsys):
   args = [f"--workdir={trained_workdir}", "--prompt=def ", "--max_new_tokens=8"]
   assert generate.main(args + ["--temperature=0", "--num_samples=2"]) == 0

@@ -112,23 +112,10 @@ def test_errors_name_what_to_fix(setup):
                      np.array([40], np.int32), jax.random.key(0), max_new_tokens=9)
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  pytest.importorskip("orbax.checkpoint")
-  pytest.importorskip("clu")
-  from engram_jax import train
-  from tests import lm_test_config
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  config = lm_test_config.get_config("tiny")
-  config.train.update(steps=2, eval_every=2)
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
 def test_load_workdir_restores_tables_into_host_memory(trained_workdir):
   model, device_params, tables, tok, vocab_map, step = offload.load_workdir(trained_workdir)
   ref_model, params, _, ref_vocab, ref_step = generate.load_workdir(trained_workdir)
-  assert step == ref_step == 2 and not [p for p in _paths(device_params) if "table" in p]
+  assert step == ref_step == 3 and not [p for p in _paths(device_params) if "table" in p]
   for layer, table in zip(model.cfg.engram.layers, tables.tables_L):
     np.testing.assert_array_equal(table, np.asarray(params[f"block_{layer}"]["engram"]["table"]))
   ids = tok.encode("def main():", add_special_tokens=False).ids
