@@ -43,9 +43,14 @@ def test_greedy_equals_full_forward_argmax_loop():
   lengths = np.array([5, 9], np.int32)
   params = _params_with_conv(model, prompt)
   new = 12
-  got = jax.jit(generate.generate, static_argnums=0,
-                static_argnames=("max_new_tokens", "temperature"))(
-      model, params, prompt, lengths, jax.random.key(0), max_new_tokens=new, temperature=0.0)
+  run = jax.jit(generate.generate, static_argnums=0,
+                static_argnames=("max_new_tokens", "temperature"))
+  got = run(model, params, prompt, lengths, jax.random.key(0), max_new_tokens=new,
+            temperature=0.0)
+  # other prompts and lengths in the same (batch, bucket, max_new_tokens): no recompile
+  run(model, params, prompt[::-1], np.array([9, 2], np.int32), jax.random.key(1),
+      max_new_tokens=new, temperature=0.0)
+  assert run._cache_size() == 1
   forward = jax.jit(lambda x: model.apply({"params": params}, x))
   for b in range(2):
     seq = np.zeros((1, CFG.max_len), np.int32)  # fixed buffer: one compile; causal model
@@ -54,6 +59,11 @@ def test_greedy_equals_full_forward_argmax_loop():
       pos = lengths[b] + i
       seq[0, pos] = int(np.argmax(forward(seq)[0, pos - 1]))
     np.testing.assert_array_equal(np.asarray(got[b]), seq[0, lengths[b]:lengths[b] + new])
+
+
+def test_prompt_buckets_are_powers_of_two_within_the_context():
+  assert [generate.prompt_bucket(n, 8, 128) for n in (1, 8, 9, 16, 17, 100)] == [
+      8, 8, 16, 16, 32, 120]
 
 
 def test_top_k_top_p_stay_in_the_allowed_set():
