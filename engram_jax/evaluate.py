@@ -2,16 +2,18 @@
 validation NLL in bits per token.
 
 A `FeatureNet` maps code grids `[N, H, W]` to (features `[N, F]`, class probabilities
-`[N, C]`). FID compares Gaussian fits of the features of generated and held-out images;
-IS scores how confident and how varied the class predictions of generated images are.
+`[N, C]`). FID compares Gaussian fits of the features of generated and held-out images
+(or precomputed `mu`/`sigma`, `--reference_stats`); IS scores how confident and how
+varied the class predictions of generated images are.
 
 * digits: `digits_feature_net` trains a small flax MLP on the digits train split
   (seeded, jit), caches it as an npz and reports its held-out (test split) accuracy;
   features are its penultimate layer.
-* ImageNet (VQ codes): no InceptionV3 ships here and nothing is downloaded. Pass
-  `load_feature_net("pkg.module:factory")`: a factory you write that returns a
-  FeatureNet (e.g. your VQ decoder followed by your InceptionV3 with local weights).
-  docs/probes.md says what it must return.
+* ImageNet (VQ codes): `--inception_weights=PATH --decoder=pkg.module:fn` runs your VQ
+  decoder, then the FID InceptionV3 of `engram_jax.inception` (pytorch-fid's network,
+  weights converted from a file you downloaded yourself; nothing is downloaded here).
+  Or `--feature_net=pkg.module:factory`: a factory you write that returns any
+  FeatureNet. docs/probes.md says what each must return.
 
 Everything here is NumPy float64 after the network: FID's matrix square root uses
 `eigh` of symmetric PSD matrices (no scipy).
@@ -23,6 +25,7 @@ import functools
 import importlib
 import math
 import os
+import zipfile
 from typing import Any, Iterable, Protocol
 
 import flax.linen as nn
@@ -223,39 +226,120 @@ def digits_feature_net(cache_dir: str, levels: int, split_seed: int = 0, seed: i
   return DigitsFeatureNet(params, levels, accuracy, path)
 
 
+def _import_attr(flag: str, spec: str, name: str, what: str):
+  """`"pkg.module:name"` -> that module attribute; a ValueError naming `--flag` if not."""
+  module_name, sep, attr = spec.partition(":")
+  if not sep or not module_name or not attr:
+    raise ValueError(f"--{flag}={spec!r}: use 'pkg.module:{name}', {what}")
+  try:
+    return getattr(importlib.import_module(module_name), attr)
+  except (ImportError, AttributeError) as err:
+    raise ValueError(f"--{flag}={spec!r}: cannot load it ({err}); put the module on "
+                     "PYTHONPATH") from None
+
+
 def load_feature_net(spec: str) -> FeatureNet:
   """`"pkg.module:factory"`: imports the module and returns `factory()`.
 
-  The factory is yours (e.g. a VQ decoder followed by an InceptionV3 whose weights you
-  keep on local disk); it must return a callable with the FeatureNet contract.
+  The factory is yours (e.g. a VQ decoder followed by a network whose weights you keep
+  on local disk); it must return a callable with the FeatureNet contract.
   """
-  module_name, sep, attr = spec.partition(":")
-  if not sep or not module_name or not attr:
-    raise ValueError(f"--feature_net={spec!r}: use 'pkg.module:factory', a function that "
-                     "returns a FeatureNet (images [N, H, W] -> (features [N, F], "
-                     "probs [N, C]))")
-  try:
-    factory = getattr(importlib.import_module(module_name), attr)
-  except (ImportError, AttributeError) as err:
-    raise ValueError(f"--feature_net={spec!r}: cannot load it ({err}); put the module on "
-                     "PYTHONPATH") from None
+  factory = _import_attr("feature_net", spec, "factory", "a function that returns a "
+                         "FeatureNet (images [N, H, W] -> (features [N, F], probs [N, C]))")
   net = factory()
   if not callable(net):
-    raise ValueError(f"--feature_net={spec!r}: {attr}() returned {type(net).__name__}, "
-                     "not a callable FeatureNet")
+    raise ValueError(f"--feature_net={spec!r}: {spec.partition(':')[2]}() returned "
+                     f"{type(net).__name__}, not a callable FeatureNet")
   return net
 
 
-def feature_net_for(config, cache_dir: str, spec: str = "") -> FeatureNet:
-  """`spec` when given; for digits data the cached classifier; else a ValueError."""
+def load_decoder(spec: str):
+  """`"pkg.module:fn"`: your VQ decoder, codes `[N, H, W]` -> RGB `[N, h, w, 3]` in [0, 1]."""
+  decode = _import_attr("decoder", spec, "fn", "a function mapping codes [N, H, W] to "
+                        "RGB images [N, h, w, 3] in [0, 1]")
+  if not callable(decode):
+    raise ValueError(f"--decoder={spec!r} is a {type(decode).__name__}, not a function")
+  return decode
+
+
+def check_feature_net_choice(spec: str = "", inception_weights: str = "",
+                             decoder: str = "") -> None:
+  """Fails fast (before any checkpoint loads) on a contradictory choice of network."""
+  if spec and (inception_weights or decoder):
+    raise ValueError("--feature_net and --inception_weights/--decoder both choose the "
+                     "feature network; pass one of them")
+  if inception_weights and not decoder:
+    raise ValueError(f"--inception_weights={inception_weights!r} needs "
+                     "--decoder=pkg.module:fn, a function mapping codes [N, H, W] to RGB "
+                     "images [N, h, w, 3] in [0, 1] (your VQ decoder)")
+  if decoder and not inception_weights:
+    raise ValueError(f"--decoder={decoder!r} needs --inception_weights=PATH, the npz "
+                     "that `python -m engram_jax.inception convert` writes (docs/probes.md)")
+
+
+def feature_net_for(config, cache_dir: str, spec: str = "", inception_weights: str = "",
+                    decoder: str = "") -> FeatureNet:
+  """The network FID / IS use: `spec`'s factory; or `decoder` then the FID InceptionV3
+  with weights from `inception_weights`; for digits data the cached classifier."""
+  check_feature_net_choice(spec, inception_weights, decoder)
   if spec:
     return load_feature_net(spec)
+  if inception_weights:
+    from engram_jax import inception
+    return inception.InceptionFeatureNet(inception_weights, load_decoder(decoder))
   data = config.data
   if data.source != "digits":
     raise ValueError(f"data.source={data.source!r} has no built-in feature network: pass "
+                     "--inception_weights=PATH --decoder=pkg.module:fn or "
                      "--feature_net=pkg.module:factory (see docs/probes.md), or "
                      "--samples_per_class=0 to skip FID and IS")
   return digits_feature_net(cache_dir, data.levels, data.split_seed)
+
+
+def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mu `[F]`, sigma `[F, F]`) from an npz with those keys (pytorch-fid `--save-stats`,
+  ADM reference batches): FID against them instead of the split's features."""
+  try:
+    with np.load(path) as npz:
+      stats = {k: np.asarray(npz[k], np.float64) for k in npz.files if k in ("mu", "sigma")}
+      keys = sorted(npz.files)
+  except (OSError, ValueError, TypeError, zipfile.BadZipFile) as err:
+    raise ValueError(f"--reference_stats={path!r}: cannot read it as an npz ({err})") from None
+  if len(stats) != 2:
+    raise ValueError(f"--reference_stats={path!r} has keys {keys}; it needs 'mu' [F] and "
+                     "'sigma' [F, F]")
+  mu, sigma = stats["mu"], stats["sigma"]
+  if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+    raise ValueError(f"--reference_stats={path!r}: mu {mu.shape} and sigma {sigma.shape}; "
+                     "use mu [F] and sigma [F, F]")
+  return mu, sigma
+
+
+def add_feature_net_flags(parser) -> None:
+  """The flags that choose the FID / IS network, shared by the evaluate and probes CLIs."""
+  parser.add_argument("--feature_net", default="",
+                      help="pkg.module:factory returning a FeatureNet (non-digits data)")
+  parser.add_argument("--inception_weights", default="",
+                      help="npz of the FID InceptionV3 (python -m engram_jax.inception "
+                           "convert); needs --decoder")
+  parser.add_argument("--decoder", default="",
+                      help="pkg.module:fn mapping codes [N, H, W] to RGB [N, h, w, 3] in "
+                           "[0, 1], run before --inception_weights' network")
+  parser.add_argument("--reference_stats", default="",
+                      help="npz with mu [F], sigma [F, F]: FID against these instead of "
+                           "the split's features")
+
+
+def feature_net_options(args) -> dict[str, str]:
+  """`quality_from_config` keywords from the parsed flags, checked before any work."""
+  options = {k: getattr(args, k) for k in ("feature_net", "inception_weights", "decoder",
+                                           "reference_stats")}
+  check_feature_net_choice(args.feature_net, args.inception_weights, args.decoder)
+  for flag in ("inception_weights", "reference_stats"):
+    if options[flag] and not os.path.isfile(options[flag]):
+      raise ValueError(f"--{flag}={options[flag]!r}: no such file (docs/probes.md says how "
+                       "to make it; nothing is downloaded)")
+  return options
 
 
 # ----------------------------------------------------------------------------------
@@ -285,47 +369,64 @@ def generate_per_class(model: ImageARModel, params, samples_per_class: int, rng,
   return np.concatenate(codes), labels
 
 
-def sample_quality(model: ImageARModel, params, net: FeatureNet, reference_features_NxF,
-                   *, samples_per_class: int, rng, batch_size: int = 64,
+def sample_quality(model: ImageARModel, params, net: FeatureNet, reference, *,
+                   samples_per_class: int, rng, batch_size: int = 64,
                    **sampling) -> dict[str, float]:
-  """FID against the reference features and IS of class-balanced samples."""
+  """FID against `reference` and IS of class-balanced samples.
+
+  `reference`: features `[N, F]`, or a Gaussian fit `(mu [F], sigma [F, F])`.
+  """
   codes, _ = generate_per_class(model, params, samples_per_class, rng,
                                 batch_size=batch_size, **sampling)
   features, probs = features_of(net, codes)
-  return {"fid": fid(features, reference_features_NxF),
+  fit = reference if isinstance(reference, tuple) else gaussian_fit(reference)
+  return {"fid": frechet_distance(*gaussian_fit(features), *fit),
           "inception_score": inception_score(probs), "samples": len(codes)}
 
 
 @dataclasses.dataclass
 class SampleQuality:
-  """`quality(model, params)` -> FID / IS of class-balanced samples against fixed
-  reference features; every call samples with the same key (common random numbers)."""
+  """`quality(model, params)` -> FID / IS of class-balanced samples against a fixed
+  reference (features `[N, F]` or `(mu, sigma)`); every call samples with the same key
+  (common random numbers)."""
   net: FeatureNet
-  reference_features: np.ndarray
+  reference: Any
   samples_per_class: int
   seed: int
   sampling: dict
   describe: str
 
   def __call__(self, model: ImageARModel, params) -> dict[str, float]:
-    return sample_quality(model, params, self.net, self.reference_features,
+    return sample_quality(model, params, self.net, self.reference,
                           samples_per_class=self.samples_per_class,
                           rng=jax.random.key(self.seed), **self.sampling)
 
 
 def quality_from_config(config, split: str, *, samples_per_class: int, seed: int,
-                        cache_dir: str, feature_net: str = "") -> SampleQuality:
+                        cache_dir: str, feature_net: str = "", inception_weights: str = "",
+                        decoder: str = "", reference_stats: str = "") -> SampleQuality:
   """FID / IS for a workdir's config: its feature net (`feature_net_for`), the features
-  of the `split` images as reference, the config's `sample` settings."""
+  of the `split` images as reference (or `reference_stats`' mu and sigma), the config's
+  `sample` settings."""
   from engram_jax import generate_image
   from engram_jax.data import images
-  net = feature_net_for(config, cache_dir, feature_net)
-  data_cfg = images.ImageDataConfig(**config.data.to_dict())
-  reference, _ = features_of(net, split_images(data_cfg, split)[0])
+  net = feature_net_for(config, cache_dir, feature_net, inception_weights, decoder)
+  if reference_stats:
+    reference = load_reference_stats(reference_stats)
+    against = f"reference stats {reference_stats}"
+  else:
+    data_cfg = images.ImageDataConfig(**config.data.to_dict())
+    reference = features_of(net, split_images(data_cfg, split)[0])[0]
+    against = f"the `{split}` split"
   sampling = generate_image.sampling_settings(config)
-  what = (f"digits classifier (test accuracy {net.accuracy:.3f})"
-          if isinstance(net, DigitsFeatureNet) else f"feature net {feature_net}")
-  describe = f"{what}, " + ", ".join(f"{k}={v}" for k, v in sampling.items())
+  if isinstance(net, DigitsFeatureNet):
+    what = f"digits classifier (test accuracy {net.accuracy:.3f})"
+  elif inception_weights:
+    what = f"FID InceptionV3 {inception_weights} after decoder {decoder}"
+  else:
+    what = f"feature net {feature_net}"
+  describe = (f"{what}, against {against}, "
+              + ", ".join(f"{k}={v}" for k, v in sampling.items()))
   return SampleQuality(net, reference, samples_per_class, seed, sampling, describe)
 
 
@@ -370,8 +471,7 @@ def main(argv=None) -> int:
   parser.add_argument("--max_batches", type=int, default=0, help="0 = every full batch")
   parser.add_argument("--samples_per_class", type=int, default=20, help="0 = NLL only")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--feature_net", default="",
-                      help="pkg.module:factory returning a FeatureNet (non-digits data)")
+  add_feature_net_flags(parser)
   parser.add_argument("--classifier_dir", default="",
                       help="where the digits classifier is cached (default: the workdir)")
   args = parser.parse_args(argv)
@@ -379,6 +479,7 @@ def main(argv=None) -> int:
     for name in ("max_batches", "samples_per_class"):
       if getattr(args, name) < 0:
         raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
+    options = feature_net_options(args)
     from engram_jax import generate_image
     from engram_jax.data import images
     config, model, params, step = generate_image.load_image_workdir(args.workdir)
@@ -390,7 +491,7 @@ def main(argv=None) -> int:
       quality = quality_from_config(config, args.split,
                                     samples_per_class=args.samples_per_class, seed=args.seed,
                                     cache_dir=args.classifier_dir or args.workdir,
-                                    feature_net=args.feature_net)
+                                    **options)
       metrics.update(quality(model, params), feature_net=quality.describe)
     path = os.path.join(args.workdir, f"eval_{args.split}_step{step}.json")
     with open(path, "w", encoding="utf-8") as f:

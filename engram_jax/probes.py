@@ -439,9 +439,8 @@ def run(args) -> list[str]:
     if args.samples_per_class:
       quality = evaluate.quality_from_config(
           config, args.split, samples_per_class=args.samples_per_class, seed=args.seed,
-          cache_dir=args.classifier_dir or args.workdir, feature_net=args.feature_net)
-      note += (f"; FID/IS: {args.samples_per_class} samples per class against the "
-               f"`{args.split}` split, {quality.describe}")
+          cache_dir=args.classifier_dir or args.workdir, **evaluate.feature_net_options(args))
+      note += f"; FID/IS: {args.samples_per_class} samples per class, {quality.describe}"
     rows = gate_clamp(cfg, params, batches, gates=gates, quality=quality)
     paths += write_report(out_dir, "gate_clamp", [("gates", rows)], plot_gate_clamp(rows),
                           header + note)
@@ -474,9 +473,7 @@ def main(argv=None) -> int:
                       "(default 0,0.01,0.05,0.1,0.2,0.5,1,learned)")
   parser.add_argument("--samples_per_class", type=int, default=10,
                       help="gate_clamp: samples per class for FID/IS; 0 = NLL only")
-  parser.add_argument("--feature_net", default="",
-                      help="pkg.module:factory returning a FeatureNet (needed for "
-                           "non-digits data)")
+  evaluate.add_feature_net_flags(parser)
   parser.add_argument("--classifier_dir", default="",
                       help="where the digits classifier is cached (default: the workdir)")
   parser.add_argument("--bootstrap", type=int, default=1000)
@@ -489,6 +486,7 @@ def main(argv=None) -> int:
     for name in ("bootstrap", "permutations"):
       if getattr(args, name) < 1:
         raise ValueError(f"--{name}={getattr(args, name)}: use a positive integer")
+    evaluate.feature_net_options(args)  # a contradictory choice fails before any work
     paths = run(args)
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)

@@ -1,6 +1,9 @@
 """evaluate: FID (closed forms, symmetry, translation, self ~ 0, noise large), IS
 (uniform one-hot = C, formula), the digits classifier (accuracy, cache), feature-net
-contract, NLL in bits per token, and the evaluate CLI."""
+contract, FID against saved reference statistics, NLL in bits per token, and the
+evaluate CLI."""
+
+import argparse
 
 import flax.linen as nn
 import jax
@@ -142,6 +145,41 @@ def test_load_feature_net_from_a_user_factory():
                       ("tests.test_evaluate:missing", "cannot load")):
     with pytest.raises(ValueError, match=match):
       evaluate.load_feature_net(spec)
+
+
+def test_reference_stats_give_the_fid_of_the_features_they_summarise(tmp_path, params):
+  """FID against saved (mu, sigma) equals FID against the features they were fit to."""
+  from configs import image as image_configs
+  config = image_configs.get_config("digits")
+  spec = "tests.test_evaluate:make_uniform_net"
+  kwargs = dict(samples_per_class=1, seed=0, cache_dir=str(tmp_path), feature_net=spec)
+  by_split = evaluate.quality_from_config(config, "test", **kwargs)
+  mu, sigma = evaluate.gaussian_fit(by_split.reference)
+  path = str(tmp_path / "stats.npz")
+  np.savez(path, mu=mu, sigma=sigma)
+  by_stats = evaluate.quality_from_config(config, "test", reference_stats=path, **kwargs)
+  assert isinstance(by_stats.reference, tuple) and path in by_stats.describe
+  np.testing.assert_array_equal(by_stats.reference[1], sigma)
+  want, got = by_split(MODEL, params), by_stats(MODEL, params)
+  assert want["fid"] > 0
+  np.testing.assert_allclose(got["fid"], want["fid"], rtol=1e-9)
+
+
+def test_reference_stats_errors_name_the_flag(tmp_path):
+  path = str(tmp_path / "bad.npz")
+  np.savez(path, mu=np.zeros(3))
+  with pytest.raises(ValueError, match=r"--reference_stats=.*needs 'mu' \[F\] and 'sigma'"):
+    evaluate.load_reference_stats(path)
+  np.savez(path, mu=np.zeros(3), sigma=np.zeros((3, 2)))
+  with pytest.raises(ValueError, match=r"mu \(3,\) and sigma \(3, 2\)"):
+    evaluate.load_reference_stats(path)
+  (tmp_path / "text.npz").write_text("not a zip")
+  with pytest.raises(ValueError, match="cannot read it as an npz"):
+    evaluate.load_reference_stats(str(tmp_path / "text.npz"))
+  with pytest.raises(ValueError, match="--reference_stats=.*no such file"):
+    evaluate.feature_net_options(argparse.Namespace(
+        feature_net="", inception_weights="", decoder="",
+        reference_stats=str(tmp_path / "none.npz")))
 
 
 # ----------------------------------------------------------------------------------
