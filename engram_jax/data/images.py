@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import glob
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -433,37 +433,10 @@ def train_iterator(cfg: ImageDataConfig, *, process_index: int = 0,
   return text.TrainIterator(dataset_at, cfg.worker_count, by_index=True)
 
 
-class EvalBatches:
-  """A fixed, finite sequence of batches: the same ones on every pass, no label dropout.
-
-  Global batch j is images [j*B, (j+1)*B) of the split in stored order; each process
-  yields its contiguous `B // process_count` of them. A last partial batch is dropped
-  (fixed shapes: one compile).
-  """
-
-  def __init__(self, source, global_batch: int, per_process: int, process_index: int,
-               num_batches: int, features: _Features):
-    self._source = source
-    self._global_batch, self._per_process = global_batch, per_process
-    self._process_index, self._num_batches = process_index, num_batches
-    self._features = features
-
-  def __len__(self) -> int:
-    return self._num_batches
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    for j in range(self._num_batches):
-      first = j * self._global_batch + self._process_index * self._per_process
-      items = [self._source[i] for i in range(first, first + self._per_process)]
-      examples = {"codes": np.stack([x["codes"] for x in items]),
-                  "label": np.array([x["label"] for x in items], np.int32)}
-      yield self._features(j, examples)
-
-
 def eval_batches(cfg: ImageDataConfig, split: str = "val", *,
                  max_batches: int | None = None, process_index: int = 0,
                  process_count: int = 1, hash_spec: hashing.HashSpec | None = None,
-                 stencil: Sequence = hashing.DEFAULT_STENCIL) -> EvalBatches:
+                 stencil: Sequence = hashing.DEFAULT_STENCIL) -> text.EvalBatches:
   """The first `max_batches` global batches of a split (all full batches when None)."""
   validate(cfg)
   _check_split(split)
@@ -478,5 +451,11 @@ def eval_batches(cfg: ImageDataConfig, split: str = "val", *,
                      f"data.batch_size.")
   num_batches = available if max_batches is None else min(max_batches, available)
   features = _Features(cfg, 0.0, process_index, hash_spec, stencil)
-  return EvalBatches(source, cfg.batch_size, per_process, process_index, num_batches,
-                     features)
+
+  def read(j, first, count):
+    """Images [first, first + count) in stored order, no label dropout."""
+    items = [source[i] for i in range(first, first + count)]
+    return features(j, {"codes": np.stack([x["codes"] for x in items]),
+                        "label": np.array([x["label"] for x in items], np.int32)})
+
+  return text.EvalBatches(read, cfg.batch_size, per_process, process_index, num_batches)

@@ -596,18 +596,17 @@ def train_iterator(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
 class EvalBatches:
   """A fixed, finite sequence of batches: the same ones on every pass.
 
-  Global batch j is rows [j*B, (j+1)*B) of the split's packed stream; each process
-  yields its contiguous `B // process_count` of them, so every process yields the same
-  number of batches.
+  Global batch j is rows [j*B, (j+1)*B) of a split (packed token rows, or images in
+  stored order); each process yields its contiguous `B // process_count` of them, so
+  every process yields the same number of batches. `read(j, first_row, rows)` builds
+  one process's batch j from `rows` rows starting at `first_row`.
   """
 
-  def __init__(self, tokens: np.ndarray, row_len: int, global_batch: int,
-               per_process: int, process_index: int, num_batches: int,
-               features: _Features):
-    self._tokens, self._row_len = tokens, row_len
+  def __init__(self, read: Callable[[int, int, int], dict[str, np.ndarray]],
+               global_batch: int, per_process: int, process_index: int, num_batches: int):
+    self._read = read
     self._global_batch, self._per_process = global_batch, per_process
     self._process_index, self._num_batches = process_index, num_batches
-    self._features = features
 
   def __len__(self) -> int:
     return self._num_batches
@@ -615,9 +614,7 @@ class EvalBatches:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     for j in range(self._num_batches):
       first_row = j * self._global_batch + self._process_index * self._per_process
-      start = first_row * self._row_len
-      chunk = self._tokens[start:start + self._per_process * self._row_len]
-      yield self._features(np.array(chunk, np.int32).reshape(self._per_process, -1))
+      yield self._read(j, first_row, self._per_process)
 
 
 def eval_batches(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
@@ -645,5 +642,10 @@ def eval_batches(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
   if rows < cfg.batch_size:
     raise _too_small(cfg, "val", rows, cfg.batch_size, "in all")
   num_batches = min(max_batches, rows // cfg.batch_size)
-  return EvalBatches(tokens, row_len, cfg.batch_size, per_process, process_index,
-                     num_batches, features)
+
+  def read(j, first_row, rows):
+    del j  # text batches carry no per-batch randomness
+    chunk = tokens[first_row * row_len:(first_row + rows) * row_len]
+    return features(np.array(chunk, np.int32).reshape(rows, row_len))
+
+  return EvalBatches(read, cfg.batch_size, per_process, process_index, num_batches)
