@@ -4,9 +4,14 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Mesh tests need several devices; on CPU, 8 simulated ones (set before jax loads).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+# The test programs are tiny and compile-bound: LLVM optimisation off compiles them in
+# 30-45% less time (a tiny MoE LM's init 12.2 -> 6.7 s, its gradient 8.8 -> 6.0 s on a
+# 2-core CPU); every equivalence a test checks runs both sides under the same flags.
+_TEST_XLA_FLAGS = {"xla_force_host_platform_device_count": "8",
+                   "xla_backend_optimization_level": "0"}
+for _flag, _value in _TEST_XLA_FLAGS.items():
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_flag}={_value}".strip()
 
 # Tests rebuild the same tiny programs many times (each training run, each CLI
 # subprocess): an on-disk compilation cache, inherited by the subprocesses, compiles

@@ -99,7 +99,8 @@ def test_host_hash_ids_equal_in_graph_and_reach_the_logits(params, forward):
   spec = CFG.model.engram.hash_spec()
   ids = hashing.spatial_hash_ids(CELLS, spec, CFG.height, CFG.width, CFG.model.engram.stencil)
   apply = jax.jit(lambda i: MODEL.apply({"params": params}, INPUTS, hash_ids_BxTxLxH=i))
-  np.testing.assert_allclose(apply(ids), forward(INPUTS), atol=1e-6)
+  # two programs (ids as input vs hashed in the graph): equal up to f32 rounding
+  np.testing.assert_allclose(apply(ids), forward(INPUTS), rtol=1e-5, atol=1e-5)
   assert not np.allclose(apply((ids + 1) % 60), forward(INPUTS), atol=1e-4)
 
 

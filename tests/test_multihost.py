@@ -28,11 +28,17 @@ STEPS = 4
 RUN_TIMEOUT_S = 420  # per launch: import, tokenizer, compile and 2 steps on a busy 2-core CPU
 
 
+def _worker_xla_flags() -> str:
+  """The pytest process's XLA flags without its 8 devices (the script sets the workers')."""
+  return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                  if "xla_force_host_platform_device_count" not in f)
+
+
 def _launch(workdir, *overrides):
   """Runs the launch script to completion; its process group is killed on timeout."""
   env = {**os.environ, "DEVICES_PER_PROCESS": "2", "TIMEOUT": str(RUN_TIMEOUT_S - 20),
          "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)  # the pytest process's 8 devices are not the workers'
+  env["XLA_FLAGS"] = _worker_xla_flags()
   proc = subprocess.Popen(
       ["bash", SCRIPT, "2", "tests/lm_test_config.py:tiny", workdir,
        f"--config.train.steps={STEPS}", f"--config.train.eval_every={STEPS}", *overrides],
@@ -180,8 +186,8 @@ def test_missing_coordinator_is_a_one_line_error(tmp_path):
 
 
 def test_multiprocess_script_fails_when_a_process_fails(tmp_path):
-  env = {**os.environ, "TIMEOUT": "240", "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)
+  env = {**os.environ, "TIMEOUT": "240", "TF_CPP_MIN_LOG_LEVEL": "2",
+         "XLA_FLAGS": _worker_xla_flags()}
   proc = subprocess.run(
       ["bash", SCRIPT, "2", "tests/lm_test_config.py:tiny", str(tmp_path),
        "--config.model.engram.layers=0,7"],
