@@ -31,6 +31,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                              table_init_std=1.0, seed=0, lookup="gather",
                              table_row_multiple=512))
   c.data = dict(source="stdlib", files_glob="", tfds_name="", tfds_data_dir="",
+                tfds_train_split="train", tfds_val_split="test", text_field="text",
                 max_files=120, seq_len=64, batch_size=8, seed=0, worker_count=0,
                 tokenizer_path="", vocab_size=1024, val_fraction=0.02)
   c.train = dict(steps=300, learning_rate=3e-3, warmup_steps=30, weight_decay=0.1,
@@ -70,7 +71,8 @@ def _paper_dense(c: ml_collections.ConfigDict, variant: str) -> None:
   c.model.engram.update(layers=(1, 14), max_ngram=3, heads=8, embed_per_ngram=640,
                         table_size=(_PAPER_TABLE_ROWS[base],), lookup="psum")
   # A real run points these at its corpus and a 128k tokenizer (data.tokenizer_path).
-  c.data.update(source="tfds", tfds_name="c4/en", max_files=0, seq_len=4096,
+  c.data.update(source="tfds", tfds_name="c4/en", tfds_val_split="validation",
+                max_files=0, seq_len=4096,
                 batch_size=256, vocab_size=131072, worker_count=4)
   c.train.update(steps=100_000, learning_rate=4e-4, warmup_steps=2000, log_every=100,
                  eval_every=5000, checkpoint_every=1000, host_hashing=True)

@@ -10,6 +10,7 @@ or with `--distributed=on` where jax detects them itself (Cloud TPU pods, SLURM,
 MPI). One process needs none of it. docs/scale_out.md has the launch commands.
 """
 import os
+import re
 import sys
 
 # clu's TensorBoard writer loads TensorFlow: keep its start-up chatter off the console
@@ -107,5 +108,24 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parser, but a bad flag or `--config.*` override is a one-line error, exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    message = str(err)
+  except (AttributeError, KeyError) as err:  # ml_collections: an override of no field
+    text = str(err)
+    named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+             and any(f"{part}\\'" in text or f"{part}'" in text
+                     for part in a.split("=")[0].split(".")[1:])]
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    message = (f"{named[0] if named else 'a --config.* override'} names no field of the "
+               "config; " + (f"did you mean {hint.group(1)!r}?" if hint else
+                             "check the spelling against the config file"))
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -10,6 +10,7 @@ fixed parameter budget (docs/vision.md).
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -87,18 +88,58 @@ def plot(rows: Sequence[dict]) -> Callable:
   return draw
 
 
+def config_overrides(items: Sequence[str]) -> Callable:
+  """`--set=data.train_path=/codes/train.npz` (repeatable) -> a function applying them to
+  a config; values are Python literals where they parse (`0.2`, `(1, 3)`), else strings."""
+  pairs = []
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key or key.startswith(".") or key.endswith("."):
+      raise ValueError(f"--set={item!r}: use --set=section.field=value, e.g. "
+                       "--set=data.train_path=/codes/train.npz")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    pairs.append((key, value))
+
+  def apply(config):
+    for key, value in pairs:
+      *path, leaf = key.split(".")
+      node = config
+      for depth, name in enumerate(path + [leaf]):
+        if not hasattr(node, "keys") or name not in node.keys():
+          raise ValueError(f"--set={key}=...: the config has no field {key!r}")
+        if depth < len(path):
+          node = node[name]
+      try:
+        node[leaf] = value
+      except TypeError as err:
+        raise ValueError(f"--set={key}={value!r}: {err}") from None
+    return config
+  return apply
+
+
 def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str,
-        samples_per_class: int, seed: int = 0) -> list[str]:
-  """Trains and evaluates the sweep; returns the report's paths."""
+        samples_per_class: int, seed: int = 0, overrides: Callable = None,
+        feature_net_options: dict | None = None) -> list[str]:
+  """Trains and evaluates the sweep; returns the report's paths.
+
+  `overrides(config)` edits every point's config (data paths, batch size, mesh);
+  `feature_net_options`: `evaluate.quality_from_config`'s network keywords.
+  """
   from engram_jax import evaluate, probes
   points = variants(family, rhos)
+  config = _image_configs().get_config(points[0][0])
+  if overrides:
+    overrides(config)  # a bad override fails here, before any training
   for variant, _ in points:
-    train_point(variant, os.path.join(root, variant), steps)
+    train_point(variant, os.path.join(root, variant), steps, overrides)
   quality = None
   if samples_per_class:
-    config = _image_configs().get_config(points[0][0])
     quality = evaluate.quality_from_config(config, split, samples_per_class=samples_per_class,
-                                           seed=seed, cache_dir=root)
+                                           seed=seed, cache_dir=root,
+                                           **(feature_net_options or {}))
   rows = []
   for variant, rho in points:
     row = {"variant": variant, "rho": rho,
@@ -122,6 +163,11 @@ def main(argv=None) -> int:
   parser.add_argument("--split", default="test", choices=("val", "test"))
   parser.add_argument("--samples_per_class", type=int, default=20, help="0 = NLL only")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="config override for every point, repeatable, e.g. "
+                           "--set=data.train_path=/codes/train.npz")
+  from engram_jax import evaluate
+  evaluate.add_feature_net_flags(parser)
   args = parser.parse_args(argv)
   try:
     try:
@@ -132,8 +178,10 @@ def main(argv=None) -> int:
       raise ValueError(f"--rhos={args.rhos!r}: give numbers in (0, 1), e.g. 0.32,0.51")
     if args.steps < 1 or args.samples_per_class < 0:
       raise ValueError("--steps must be >= 1 and --samples_per_class >= 0")
+    options = evaluate.feature_net_options(args)  # contradictions fail before training
     paths = run(args.family, rhos, args.workdir, steps=args.steps, split=args.split,
-                samples_per_class=args.samples_per_class, seed=args.seed)
+                samples_per_class=args.samples_per_class, seed=args.seed,
+                overrides=config_overrides(args.set), feature_net_options=options)
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -147,8 +147,19 @@ def _bad_model_field(tmp_path):
   return ["--config.model.engram.layers=0,7"], "engram.layers"
 
 
+def _unknown_override(tmp_path):
+  del tmp_path
+  return ["--config.data.tfds_val_splt=validation"], "--config.data.tfds_val_splt"
+
+
+def _mistyped_override(tmp_path):
+  del tmp_path
+  return ["--config.train.steps=many"], "--config.train.steps"
+
+
 @pytest.mark.parametrize("case", [_bad_tokenizer, _missing_tokenizer, _empty_corpus,
-                                  _unwritable_workdir, _bad_model_field],
+                                  _unwritable_workdir, _bad_model_field,
+                                  _unknown_override, _mistyped_override],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bad_input_is_one_line_error(tmp_path, case):
   args, field = case(tmp_path)
