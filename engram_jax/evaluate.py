@@ -201,6 +201,25 @@ def train_digits_classifier(levels: int, split_seed: int = 0, seed: int = 0,
   return jax.device_get(params), accuracy
 
 
+def read_npz(path: str, what: str, fix: str = "") -> dict[str, np.ndarray]:
+  """Every array of an npz file; a ValueError naming `what` (a flag, a cache) if it is
+  not one, with `fix` appended."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except (OSError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as err:
+    raise ValueError(f"{what}: cannot read it as an npz (not an npz archive: {err})"
+                     + (f"; {fix}" if fix else "")) from None
+
+
+def save_npz(path: str, arrays: dict[str, Any]) -> None:
+  """Writes `arrays` as an npz through a temporary file: a torn write never leaves a
+  readable file (or a cache hit) behind."""
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
 def digits_feature_net(cache_dir: str, levels: int, split_seed: int = 0, seed: int = 0,
                        steps: int = 400) -> DigitsFeatureNet:
   """The digits classifier of these settings: loaded from `cache_dir`, else trained there.
@@ -212,17 +231,15 @@ def digits_feature_net(cache_dir: str, levels: int, split_seed: int = 0, seed: i
   path = os.path.join(cache_dir, f"digits_classifier_levels{levels}_split{split_seed}_"
                                  f"seed{seed}_steps{steps}.npz")
   if os.path.exists(path):
-    with np.load(path) as npz:
-      flat = {tuple(k.split("/")[1:]): npz[k] for k in npz.files if k.startswith("params/")}
-      accuracy = float(npz["accuracy"])
-    return DigitsFeatureNet(traverse_util.unflatten_dict(flat), levels, accuracy, path)
+    stored = read_npz(path, f"digits classifier cache {path!r}", "delete it to retrain")
+    flat = {tuple(k.split("/")[1:]): v for k, v in stored.items() if k.startswith("params/")}
+    return DigitsFeatureNet(traverse_util.unflatten_dict(flat), levels,
+                            float(stored["accuracy"]), path)
   params, accuracy = train_digits_classifier(levels, split_seed, seed, steps)
   os.makedirs(cache_dir, exist_ok=True)
   flat = {"params/" + "/".join(k): np.asarray(v)
           for k, v in traverse_util.flatten_dict(params).items()}
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, accuracy=np.float64(accuracy), **flat)
-  os.replace(tmp, path)  # a torn write never looks like a cache hit
+  save_npz(path, {"accuracy": np.float64(accuracy), **flat})
   return DigitsFeatureNet(params, levels, accuracy, path)
 
 
@@ -299,16 +316,11 @@ def feature_net_for(config, cache_dir: str, spec: str = "", inception_weights: s
 def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu `[F]`, sigma `[F, F]`) from an npz with those keys (pytorch-fid `--save-stats`,
   ADM reference batches): FID against them instead of the split's features."""
-  try:
-    with np.load(path) as npz:
-      stats = {k: np.asarray(npz[k], np.float64) for k in npz.files if k in ("mu", "sigma")}
-      keys = sorted(npz.files)
-  except (OSError, ValueError, TypeError, zipfile.BadZipFile) as err:
-    raise ValueError(f"--reference_stats={path!r}: cannot read it as an npz ({err})") from None
-  if len(stats) != 2:
-    raise ValueError(f"--reference_stats={path!r} has keys {keys}; it needs 'mu' [F] and "
-                     "'sigma' [F, F]")
-  mu, sigma = stats["mu"], stats["sigma"]
+  stored = read_npz(path, f"--reference_stats={path!r}")
+  if not {"mu", "sigma"} <= set(stored):
+    raise ValueError(f"--reference_stats={path!r} has keys {sorted(stored)}; it needs 'mu' "
+                     "[F] and 'sigma' [F, F]")
+  mu, sigma = (np.asarray(stored[k], np.float64) for k in ("mu", "sigma"))
   if mu.ndim != 1 or sigma.shape != mu.shape * 2:
     raise ValueError(f"--reference_stats={path!r}: mu {mu.shape} and sigma {sigma.shape}; "
                      "use mu [F] and sigma [F, F]")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-import zipfile
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -28,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from engram_jax import evaluate
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -282,11 +283,7 @@ def convert_torch_state(state: dict[str, Any]) -> dict[str, np.ndarray]:
 def read_torch_state(path: str) -> dict[str, np.ndarray]:
   """A state dict from a `.pth` (needs torch) or an `.npz` keyed by torch names."""
   if path.endswith(".npz"):
-    try:
-      with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as err:
-      raise ValueError(f"--torch_weights={path!r}: not an npz of a state dict ({err})") from None
+    return evaluate.read_npz(path, f"--torch_weights={path!r}")
   try:
     import torch
   except ImportError:
@@ -301,24 +298,13 @@ def read_torch_state(path: str) -> dict[str, np.ndarray]:
                      f"tensors ({type(err).__name__}: {err})") from None
 
 
-def save_variables(flat: dict[str, np.ndarray], path: str) -> None:
-  """Writes the flat variables as an npz; a torn write never leaves a readable file."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
-
-
 def load_inception(weights_path: str) -> tuple[InceptionV3, dict]:
   """(module, variables `{"params", "batch_stats"}`) from an npz that `convert` wrote."""
   fix = (f"make it once with `{CONVERT_COMMAND.format(out=weights_path)}` on a machine "
          "that has the pytorch-fid weights (nothing is downloaded; docs/probes.md)")
   if not os.path.isfile(weights_path):
     raise ValueError(f"inception weights {weights_path!r}: no such file; {fix}")
-  try:
-    with np.load(weights_path) as npz:
-      flat = {k: npz[k] for k in npz.files}
-  except (OSError, ValueError, TypeError, zipfile.BadZipFile) as err:
-    raise ValueError(f"inception weights {weights_path!r}: not an npz ({err}); {fix}") from None
+  flat = evaluate.read_npz(weights_path, f"inception weights {weights_path!r}", fix)
   shapes = variable_shapes()
   extra, missing = set(flat) - set(shapes), set(shapes) - set(flat)
   if extra or missing:
@@ -410,7 +396,7 @@ def main(argv=None) -> int:
                        "(docs/probes.md)")
     flat = convert_torch_state(read_torch_state(args.torch_weights))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_variables(flat, args.out)
+    evaluate.save_npz(args.out, flat)
   except (ImportError, ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
