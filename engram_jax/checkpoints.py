@@ -13,9 +13,16 @@ from typing import Any
 
 import jax
 
+from engram_jax import quiet
+
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 ITEMS = ("state", "data")
+LOG_FILE = "engram_jax.log"  # library tracebacks of handled failures land here
+
+
+def log_path(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), LOG_FILE)
 
 
 def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
@@ -35,7 +42,9 @@ def save(mngr, step: int, state, data_state: dict) -> None:
 
 
 def _first_line(err: Exception) -> str:
-  return (str(err).splitlines() or [type(err).__name__])[0][:200]
+  """The gist of a (TensorStore/orbax) error: first line, without the spec dump."""
+  text = (str(err).splitlines() or [type(err).__name__])[0]
+  return text.split(" [tensorstore_spec")[0].split(" [source locations")[0][:200]
 
 
 def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
@@ -46,23 +55,27 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
   layout (other code or config): a ValueError, rather than a silent restart from step 0.
   """
   import orbax.checkpoint as ocp
-  unreadable, first_error = [], None
+  unreadable, errors = [], []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      return restored["state"], restored["data"], unreadable
+      with quiet.quiet_library_logs(log_path(os.path.dirname(str(mngr.directory)))):
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
-      logging.warning("checkpoint %d unreadable (%s)", step, _first_line(err))
-      print(f"warning: checkpoint {step} is unreadable ({_first_line(err)}); falling back "
-            "to an older one", flush=True)
       unreadable.append(step)
-      first_error = first_error or _first_line(err)
+      errors.append(_first_line(err))
+      continue
+    # Only now, with an older step restored, are the newer ones known to be torn
+    # (when none restores, the state layout differs: no fallback warnings then).
+    for bad, error in zip(unreadable, errors):
+      print(f"warning: checkpoint {bad} is unreadable ({error}); falling back to "
+            f"checkpoint {step}", flush=True)
+    return restored["state"], restored["data"], unreadable
   if unreadable:
     raise ValueError(
         f"--workdir: none of the checkpoints {sorted(unreadable)} in {mngr.directory} "
-        f"restores ({first_error}); resume with the code and config that wrote them, "
-        "or use a new --workdir")
+        f"restores ({errors[0]}); resume with the code and config that wrote them, "
+        f"or use a new --workdir (details: {log_path(os.path.dirname(str(mngr.directory)))})")
   return None, None, unreadable
 
 

@@ -214,6 +214,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
       _fail("engram.table_size", sizes,
             f"every size must be >= engram.heads={e.heads} rows")
   validate_gate(e.gate)
+  if e.layers:
+    e.hash_spec()  # prime sizes; a layer's rows must fit int32 row ids
   if e.table_init_std <= 0:
     _fail("engram.table_init_std", e.table_init_std, "must be > 0")
   if e.lookup not in LOOKUPS:
@@ -253,12 +255,16 @@ def validate_moe(cfg: ModelConfig) -> None:
     _fail("moe.tile", m.tile, "must be >= 1 (rows per block of the tiled grouped matmul)")
 
 
-def _as_tuple(value: Any) -> tuple:
-  if isinstance(value, str):
-    return tuple(int(v) for v in value.split(",") if v.strip())
-  if isinstance(value, (int, float)):
-    return (int(value),)
-  return tuple(int(v) for v in value)
+def _as_tuple(value: Any, field: str = "value") -> tuple:
+  """Integers from a tuple/list or a "1,3" string (command-line overrides)."""
+  try:
+    if isinstance(value, str):
+      return tuple(int(v) for v in value.split(",") if v.strip())
+    if isinstance(value, (int, float)):
+      return (int(value),)
+    return tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{field}={value!r} is invalid: give integers, e.g. '1,3'") from None
 
 
 def _as_pairs(value: Any) -> tuple[tuple[int, int], ...]:
@@ -288,7 +294,7 @@ def from_dict(model: Mapping[str, Any]) -> ModelConfig:
       raise ValueError(f"{name}.{unknown[0]} is not a known field; known: {sorted(known)}")
   for key in ("layers", "table_size"):
     if key in engram:
-      engram[key] = _as_tuple(engram[key])
+      engram[key] = _as_tuple(engram[key], f"engram.{key}")
   if "stencil" in engram:
     engram["stencil"] = _as_pairs(engram["stencil"])
   if "gate" in engram and isinstance(engram["gate"], str) and engram["gate"] not in _GATE_NAMES:

@@ -143,6 +143,14 @@ def head_table_sizes(num_layers: int, max_ngram: int, heads: int,
     raise ValueError(
         f"engram.table_size: a head table of {sizes.max()} rows does not fit int32 row "
         f"ids; use at most {_MAX_HEAD_ROWS} rows per head (add heads instead).")
+  layer_rows = sizes.reshape(num_layers, -1).sum(axis=1)
+  if layer_rows.size and layer_rows.max() > _MAX_HEAD_ROWS:
+    # row ids are head offset + hash id in the layer's flat table: int32 on device
+    raise ValueError(
+        f"engram.table_size: the {sizes.shape[1] * sizes.shape[2]} heads of one layer "
+        f"hold {int(layer_rows.max()):,} rows together, more than int32 row ids address "
+        f"({_MAX_HEAD_ROWS:,}); lower engram.table_size, engram.heads or "
+        "engram.max_ngram")
   return sizes
 
 

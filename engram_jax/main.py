@@ -11,7 +11,19 @@ MPI). One process needs none of it. docs/scale_out.md has the launch commands.
 """
 import os
 import re
+import signal
 import sys
+
+
+def _interrupted_early(signum, frame):
+  del signum, frame
+  print("interrupted before this run's first step; nothing was saved (a checkpoint "
+        "already in --workdir is untouched)", file=sys.stderr)
+  os._exit(130)  # no traceback from whatever import or compile was running
+
+
+if __name__ == "__main__":  # until the trainer installs its own save-and-stop handler
+  signal.signal(signal.SIGINT, _interrupted_early)
 
 # clu's TensorBoard writer loads TensorFlow: keep its start-up chatter off the console
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,6 +45,12 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Processes in the run (default $JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 "
                      "(default $JAX_PROCESS_ID).")
+flags.DEFINE_bool("accept_data_change", False,
+                  "Resume even though the data source changed since the checkpoint (the "
+                  "batches then differ from an uninterrupted run's).")
+flags.DEFINE_bool("print_config", False,
+                  "Print every field of --config (after overrides) and the variants of "
+                  "its file, then exit: the fields any --config.FIELD=VALUE can set.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -87,12 +105,45 @@ def init_distributed(mode: str = "auto", coordinator_address=None, num_processes
   return jax.process_count()
 
 
+def config_variants(config_arg: str) -> tuple[str, ...]:
+  """The variants a config file lists (its `get_config` error names them), or ()."""
+  path = config_arg.split(":")[0]
+  try:
+    with open(path, encoding="utf-8") as f:
+      source = f.read()
+  except OSError:
+    return ()
+  found = re.search(r"variants\s*=\s*\(([^)]*)\)", source)
+  return tuple(re.findall(r'"([^"]+)"', found.group(1))) if found else ()
+
+
+def describe_config(config, config_arg: str) -> str:
+  """Every field with its value, then the file's variants (`--print_config`)."""
+  flat = {}
+  def walk(node, prefix):
+    for key in sorted(node.keys()):
+      value = node[key]
+      if hasattr(value, "keys"):
+        walk(value, f"{prefix}{key}.")
+      else:
+        flat[f"{prefix}{key}"] = value
+  walk(config, "")
+  lines = [f"--config.{k}={v!r}" for k, v in flat.items()]
+  variants = config_variants(config_arg)
+  if variants:
+    lines.append(f"variants of {config_arg.split(':')[0]}: {', '.join(variants)}")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax/clu INFO logs drown the progress lines
     logging.set_verbosity(logging.WARNING)
   from engram_jax import train  # importing touches no device: initialize can follow
   try:
+    if FLAGS.print_config:
+      print(describe_config(FLAGS.config, FLAGS["config"].serialize().split("=", 1)[-1]))
+      return
     if not FLAGS.dry_run:
       init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                        FLAGS.process_id)
@@ -102,18 +153,57 @@ def main(argv):
     if not FLAGS.workdir:
       raise ValueError("--workdir is required to train; give a directory for checkpoints "
                        "and metrics (or pass --dry_run)")
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, train.TrainingError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                             accept_data_change=FLAGS.accept_data_change)
+  except KeyboardInterrupt:
+    _interrupted_early(signal.SIGINT, None)
+  except (ValueError, OSError, train.TrainingError) as err:
+    print(f"error: {_one_line(err)}", file=sys.stderr)
     sys.exit(2)
 
 
-def parse_flags(argv):
-  """absl's parser, but a bad flag or `--config.*` override is a one-line error, exit 2."""
+def _one_line(err: BaseException) -> str:
+  """The last line of a (possibly multi-line, traceback-quoting) message."""
+  lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+  if not lines:
+    return type(err).__name__
+  if len(lines) == 1:
+    return lines[0]
+  # ml_collections quotes the config file's traceback: its last line is the error
+  errors = [l for l in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", l)]
+  text = errors[-1] if errors else lines[-1]
+  return re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", text)
+
+
+def _config_error(argv) -> str | None:
+  """A config file that did not load (ml_collections defers the error to first use)."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
   try:
-    return FLAGS(argv)
+    FLAGS.config.get("task")
+  except Exception as err:  # noqa: BLE001  IOError from ml_collections' _ErrorConfig
+    path = config_arg.split(":")[0]
+    if not os.path.isfile(path):
+      return (f"--config={config_arg}: no config file {path!r}; give a file such as "
+              "configs/lm.py:tiny or configs/image.py:digits")
+    return f"--config={config_arg}: {_one_line(err)}"
+  return None
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag, config file or `--config.*` override is a one-line
+  error, exit 2."""
+  try:
+    remaining = FLAGS(argv)
+    message = _config_error(argv)
+    if message is None:
+      return remaining
   except flags.Error as err:
-    message = str(err)
+    message = _one_line(err)
+    config_arg = next((a for a in argv if a.startswith("--config=")), "")
+    variants = config_variants(config_arg.split("=", 1)[-1])
+    if (str(err).startswith("flag --config=") and "unknown variant" not in message
+        and variants):
+      message += f" (variants: {', '.join(variants)})"
   except (AttributeError, KeyError) as err:  # ml_collections: an override of no field
     text = str(err)
     named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
@@ -122,9 +212,26 @@ def parse_flags(argv):
     hint = re.search(r'Did you mean "([^"]+)"', text)
     message = (f"{named[0] if named else 'a --config.* override'} names no field of the "
                "config; " + (f"did you mean {hint.group(1)!r}?" if hint else
-                             "check the spelling against the config file"))
+                             "check the spelling against the config file (list the "
+                             "fields with --print_config)"))
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def run(argv) -> int:
+  """The command in-process (tests): parse `argv`, run, return the exit status."""
+  saved_argv = sys.argv
+  sys.argv = list(argv)  # ml_collections finds the --config.* overrides in sys.argv
+  try:
+    main(parse_flags(list(argv)))
+  except SystemExit as exit_:
+    return 0 if exit_.code is None else (exit_.code if isinstance(exit_.code, int) else 1)
+  finally:
+    sys.argv = saved_argv
+    for name in [n for n in FLAGS if n.startswith("config.")]:
+      delattr(FLAGS, name)  # ml_collections defines one flag per override, per parse
+    FLAGS.unparse_flags()
+  return 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import flax.linen as nn
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import hashing
+from engram_jax import hashing, run_config
 
 KINDS = ("lm", "image")
 
@@ -48,8 +48,13 @@ def lm_model_config(config, vocab_size: int) -> config_lib.ModelConfig:
 
 
 def _text_data_config(config):
+  """The typed data section; `data.files_glob` alone means `data.source="files"`
+  (a glob given with the default "stdlib" source would otherwise be ignored)."""
   from engram_jax.data import text
-  return text.validate(text.TextDataConfig(**dict(config.data)))
+  data = dict(config.data)
+  if data.get("files_glob") and data.get("source", "stdlib") == "stdlib":
+    data["source"] = "files"
+  return text.validate(text.TextDataConfig(**data))
 
 
 def _image_data_config(config):
@@ -64,16 +69,30 @@ def abstract(config, check_data: bool = True) -> Task:
   `check_data=False` skips the data section's checks (a dry run needs no data paths).
   """
   kind = kind_of(config)
+  run_config.validate_train(config.train)
   if kind == "lm":
     from engram_jax.models.lm import EngramLM
     data_cfg = _text_data_config(config)
     model_cfg = lm_model_config(config, vocab_size=data_cfg.vocab_size)
+    run_config.validate_lm_lengths(data_cfg.seq_len, model_cfg.max_len)
+    if not data_cfg.tokenizer_path:  # a tokenizer trained here has data.vocab_size tokens
+      run_config.validate_vocab(model_cfg.vocab_size, data_cfg.vocab_size)
     return Task(kind, EngramLM(model_cfg), model_cfg, data_cfg.seq_len)
   from engram_jax.models import image
   if check_data:
     _image_data_config(config)
   image_cfg = image.make_image_config(config.model, config.data)
   return Task(kind, image.ImageARModel(image_cfg), image_cfg.model, image_cfg.cells)
+
+
+def data_fingerprint(config) -> dict:
+  """What decides the train stream (`data.fingerprint`), saved with every checkpoint.
+  Lists local files: a source that matches nothing fails here."""
+  if kind_of(config) == "image":
+    from engram_jax.data import images
+    return images.fingerprint(_image_data_config(config))
+  from engram_jax.data import text
+  return text.fingerprint(_text_data_config(config))
 
 
 def build(config, workdir: str) -> Task:
@@ -100,13 +119,19 @@ def build(config, workdir: str) -> Task:
   data_cfg = _text_data_config(config)
   tok = text.build_tokenizer(data_cfg, workdir)
   model_cfg = lm_model_config(config, vocab_size=tok.get_vocab_size())
+  run_config.validate_vocab(model_cfg.vocab_size, tok.get_vocab_size())
   engram = model_cfg.engram
   compressed = hashing.compressed_vocab_from_tokenizer(tok) if engram.layers else None
   spec = engram.hash_spec() if engram.layers and host_hashing else None
   kwargs = dict(process_index=pidx, process_count=pcount, compressed_vocab=compressed,
                 hash_spec=spec, cache_dir=f"{workdir}/token_cache")
-  return Task("lm", EngramLM(model_cfg), model_cfg, data_cfg.seq_len,
-              text.train_iterator(data_cfg, tok, **kwargs),
+  train_iter = text.train_iterator(data_cfg, tok, **kwargs)
+  if pidx == 0:
+    tokens = ("" if data_cfg.source == "tfds" else
+              f", {len(text.token_stream(data_cfg, tok, 'train', kwargs['cache_dir'])):,} "
+              "tokens")
+    print(text.describe_corpus(data_cfg) + tokens, flush=True)
+  return Task("lm", EngramLM(model_cfg), model_cfg, data_cfg.seq_len, train_iter,
               text.eval_batches(data_cfg, tok, max_batches=config.train.eval_batches,
                                 **kwargs),
               tokenizer_lib.token_byte_lengths(tok))

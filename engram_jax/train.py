@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import signal
-import time
 from typing import Any
 
 import flax
@@ -280,36 +279,6 @@ def dry_run_report(config) -> str:
   return "\n".join(lines)
 
 
-class ConsoleProgress:
-  """One line per logged step on process 0: loss, steps/s and ETA since this run began."""
-
-  def __init__(self, start_step: int, total_steps: int):
-    self._start, self._total = start_step, total_steps
-    self._began = time.perf_counter()
-
-  def report(self, step: int, loss: float) -> None:
-    if jax.process_index() != 0:
-      return
-    rate = (step - self._start) / max(time.perf_counter() - self._began, 1e-9)
-    eta = (self._total - step) / max(rate, 1e-9)
-    print(f"step {step}/{self._total} train_loss {loss:.4f} ({rate:.2f} steps/s, "
-          f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s)", flush=True)
-
-
-class JsonlWriter:
-  """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`."""
-
-  def __init__(self, path: str):
-    self._path = path
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if jax.process_index() != 0:
-      return
-    with open(self._path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-              + "\n")
-
-
 def ensure_writable_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable before any work that would be lost."""
   try:
@@ -322,24 +291,106 @@ def ensure_writable_workdir(workdir: str) -> None:
     raise ValueError(f"--workdir={workdir!r} is not a writable directory "
                      f"({err.strerror or type(err).__name__}); choose another "
                      "--workdir") from None
+  for name in (checkpoints.CHECKPOINT_DIR, checkpoints.UNREADABLE_DIR):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f"--workdir={workdir!r}: {path} is a file, where the run keeps its "
+                       "checkpoints; move it away or choose another --workdir")
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains, evaluates and checkpoints; returns the final eval metrics."""
-  from engram_jax import sharding
+def _atomic_write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def config_json(config) -> str:
+  return (config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort")
+          else json.dumps(dict(config), indent=1))
+
+
+def write_run_metadata(workdir: str, config, model_cfg: config_lib.ModelConfig) -> None:
+  """`config.json` and `model_config.json`, atomically; called only once the run's
+  checkpoint restored (or there was none), so a failed resume never rewrites them."""
+  if jax.process_index() != 0:
+    return
+  _atomic_write_text(os.path.join(workdir, "config.json"), config_json(config))
+  _atomic_write_text(os.path.join(workdir, "model_config.json"),
+                     json.dumps(config_lib.to_dict(model_cfg), indent=1))
+
+
+def _flat(tree, prefix="") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def model_config_differences(workdir: str, model_cfg: config_lib.ModelConfig) -> list[str]:
+  """`model.FIELD: saved -> now` for each field that differs from the workdir's
+  `model_config.json` (none when the workdir has none)."""
+  from engram_jax.data import fingerprint
+  path = os.path.join(workdir, "model_config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return []
+  now = json.loads(json.dumps(config_lib.to_dict(model_cfg)))  # tuples -> lists
+  return fingerprint.differences(_flat(saved, "model."), _flat(now, "model."))
+
+
+def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
+                       ) -> dict[str, float]:
+  """Trains, evaluates and checkpoints; returns the final eval metrics.
+
+  Holds the workdir's lock for the whole run (one trainer per workdir).
+  `accept_data_change` resumes even when the data source changed since the checkpoint
+  (the batches then differ from an uninterrupted run's).
+  """
+  from engram_jax import sharding, workdir_lock
   tasks.abstract(config)  # validate every field before any work
+  fingerprint = tasks.data_fingerprint(config)  # a source matching nothing fails here
+  created = not os.path.exists(workdir)
   ensure_writable_workdir(workdir)
-  task = _process_zero_first(lambda: tasks.build(config, workdir), "tokenizer and data")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort")
-              else json.dumps(dict(config), indent=1))
-    with open(os.path.join(workdir, "model_config.json"), "w", encoding="utf-8") as f:
-      json.dump(config_lib.to_dict(task.model_cfg), f, indent=1)
-  schedule, tx = optimizer_from_config(config, task.model_cfg)
-  mesh = mesh_from_config(config)
-  with sharding.use_mesh(mesh):
-    return _train_loop(config, workdir, task, tx, schedule, mesh)
+  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    if lock is not None:
+      lock.acquire()
+      if lock.stale_note():
+        print(lock.stale_note(), flush=True)
+    task = _process_zero_first(lambda: tasks.build(config, workdir), "tokenizer and data")
+    schedule, tx = optimizer_from_config(config, task.model_cfg)
+    mesh = mesh_from_config(config)
+    with sharding.use_mesh(mesh):
+      return _train_loop(config, workdir, task, tx, schedule, mesh, fingerprint,
+                         accept_data_change)
+  except BaseException:
+    if created and lock is not None:
+      lock.release()
+      _remove_if_only_lock(workdir)
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _remove_if_only_lock(workdir: str) -> None:
+  """A workdir this run created and left with nothing in it but its lock file goes."""
+  from engram_jax import workdir_lock
+  try:
+    if os.listdir(workdir) in ([], [workdir_lock.LOCK_FILE]):
+      if os.listdir(workdir):
+        os.remove(os.path.join(workdir, workdir_lock.LOCK_FILE))
+      os.rmdir(workdir)
+  except OSError:
+    pass
 
 
 def _process_zero_first(fn, what: str):
@@ -394,9 +445,41 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
           for k, v in batch.items()}
 
 
-def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
+def _restore_or_explain(manager, abstract, workdir, model_cfg):
+  """`checkpoints.restore_latest`, with a failed restore naming the model fields that
+  differ from the workdir's saved config (the usual cause)."""
+  try:
+    return checkpoints.restore_latest(manager, abstract)
+  except ValueError as err:
+    differing = model_config_differences(workdir, model_cfg)
+    if not differing:
+      raise
+    raise ValueError(
+        f"--workdir={workdir!r} was trained with another model config "
+        f"({'; '.join(differing)}): its checkpoints do not restore; resume with the "
+        "workdir's config (see its config.json) or use a new --workdir") from None
+
+
+def _check_data_source(saved: dict | None, current: dict, accept: bool, step: int) -> None:
+  """Refuses to resume on a changed data source unless `accept`."""
+  from engram_jax.data import fingerprint
+  if saved is None or saved == current:
+    return  # older checkpoints carry no fingerprint
+  changed = fingerprint.differences(saved, current)
+  if accept:
+    print(f"warning: resuming on changed data ({'; '.join(changed)}); the batches after "
+          f"step {step} differ from an uninterrupted run's", flush=True)
+    return
+  raise ValueError(
+      f"the data source changed since checkpoint {step} ({'; '.join(changed)}): exact "
+      "resume would replay its batch count over other data; restore the data, pass "
+      "--accept_data_change to resume on the new data knowingly, or use a new --workdir")
+
+
+def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerprint,
+                accept_data_change):
   from clu import metric_writers, periodic_actions
-  from engram_jax import sharding
+  from engram_jax import sharding, writers
   t = config.train
   model, seq_len, train_iter = task.model, task.seq_len, task.train_iter
   byte_lengths = None if task.byte_lengths_V is None else jnp.asarray(task.byte_lengths_V)
@@ -415,7 +498,12 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       jax.eval_shape(init_state, rng), state_sh)
-  state, data_state, unreadable = checkpoints.restore_latest(manager, abstract)
+  try:
+    state, data_state, unreadable = _restore_or_explain(manager, abstract, workdir,
+                                                        task.model_cfg)
+  except BaseException:
+    manager.close()
+    raise
   if unreadable:
     manager.close()
     checkpoints.quarantine_steps(workdir, unreadable)
@@ -423,20 +511,38 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sh)(rng)
   else:
-    train_iter.set_state(_own_data_state(data_state))
+    own = dict(_own_data_state(data_state))
+    _check_data_source(own.pop("fingerprint", None), fingerprint, accept_data_change,
+                       int(state.step))
+    train_iter.set_state(own)
   start = int(state.step)
+  # The restore succeeded (or there was nothing to restore): now the run's metadata
+  # may describe this config, and the metrics log drops what the last run logged
+  # after its last checkpoint (and a line torn by a kill).
+  write_run_metadata(workdir, config, task.model_cfg)
+  metrics_path = os.path.join(workdir, writers.METRICS_FILE)
+  if pidx == 0:
+    writers.repair_metrics(metrics_path, start)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=pidx > 0)
-  jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  jsonl = writers.JsonlWriter(metrics_path)
   def write(step, scalars):
     writer.write_scalars(step, scalars)
     jsonl.write(step, scalars)
 
   overview = parameter_overview(state.params)
   logging.info("parameters: %s", overview)
-  print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in overview.items()), flush=True)
+  say = (lambda text: print(text, flush=True)) if pidx == 0 else (lambda text: None)
+  say("parameters: " + ", ".join(f"{k} {v:,}" for k, v in overview.items()))
+  if start >= t.steps:
+    say(f"run complete: the checkpoint is at step {start} and train.steps={t.steps}; "
+        f"to train further, raise it (e.g. --config.train.steps={2 * t.steps})")
+    manager.close()
+    writer.close()
+    train_iter.close()
+    return {}
   if start:
-    print(f"resumed from step {start}", flush=True)
+    say(f"resumed from step {start}")
 
   stop_requested = []
   def on_signal(signum, _frame):
@@ -447,12 +553,13 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
   eval_step = make_eval_step(model)
   eval_batches = [_global_batch(b, batch_sh) for b in task.eval_batches]
   progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
-  console = ConsoleProgress(start, t.steps)
+  console = writers.ConsoleProgress(start, t.steps)
 
   def save(step):
-    checkpoints.save(manager, step, state, _all_data_states(train_iter.get_state()))
+    data = {**train_iter.get_state(), "fingerprint": fingerprint}
+    checkpoints.save(manager, step, state, _all_data_states(data))
 
-  metrics = {}
+  metrics, eval_step_number = {}, None
   try:
     for step in range(start + 1, t.steps + 1):
       batch = _global_batch(next(train_iter), batch_sh)
@@ -471,15 +578,19 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
                         if k.startswith("moe_")}})
         console.report(step, loss)
       if step % t.eval_every == 0 or step == t.steps:
-        metrics = evaluate(eval_step, state_variables(state), eval_batches, byte_lengths)
+        metrics, eval_step_number = evaluate(eval_step, state_variables(state),
+                                             eval_batches, byte_lengths), step
         write(step, metrics)
-      if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
+        say(writers.format_eval(step, metrics))
+      # One read of the signal flag per step, so that the save and the stop agree
+      # (a signal arriving later is seen at the next step).
+      stop = bool(stop_requested)
+      budget_spent = bool(t.get("stop_after_steps", 0)) and step - start >= t.stop_after_steps
+      if step % t.checkpoint_every == 0 or step == t.steps or stop or budget_spent:
         save(step)
-      budget_spent = t.get("stop_after_steps", 0) and step - start >= t.stop_after_steps
-      if budget_spent and not stop_requested:
-        save(step)
-      if stop_requested or budget_spent:
-        print(f"stopped at step {step}; checkpoint saved", flush=True)
+      if (stop or budget_spent) and step < t.steps:
+        manager.wait_until_finished()
+        say(f"stopped at step {step}; checkpoint saved")
         break
   finally:
     manager.wait_until_finished()
@@ -489,6 +600,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh):
     for s, handler in previous.items():
       signal.signal(s, handler)
   if metrics:
-    print(f"final: step {int(state.step)} " +
-          " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+    label = (f"step {int(state.step)}" if eval_step_number == int(state.step) else
+             f"step {int(state.step)} (last eval at step {eval_step_number})")
+    say(f"final: {label} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
   return metrics

@@ -83,7 +83,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capsys):
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capfd):
   workdir = str(tmp_path / "corrupt")
   train.train_and_evaluate(_config(steps=4, checkpoint_every=2), workdir)
   assert _steps(workdir) == [2, 4]
@@ -91,10 +91,11 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capsys):
   for name in os.listdir(data_dir):
     with open(os.path.join(data_dir, name), "wb") as f:
       f.write(b"torn write")
-  capsys.readouterr()
+  capfd.readouterr()
   train.train_and_evaluate(_config(steps=6, checkpoint_every=2), workdir)
-  out = capsys.readouterr().out
+  out, err = capfd.readouterr()
   assert "checkpoint 4 is unreadable" in out and "resumed from step 2" in out
+  assert "Traceback" not in err and "unreadable" not in err, err  # one line, on stdout
   assert _steps(workdir) == [2, 4, 6]
   kept = os.path.join(workdir, checkpoints.UNREADABLE_DIR, "4", "state", "ocdbt.process_0", "d")
   assert os.listdir(kept), "the unreadable checkpoint is moved aside, not deleted"
@@ -161,13 +162,13 @@ def _mistyped_override(tmp_path):
                                   _unwritable_workdir, _bad_model_field,
                                   _unknown_override, _mistyped_override],
                          ids=lambda f: f.__name__.strip("_"))
-def test_bad_input_is_one_line_error(tmp_path, case):
+def test_bad_input_is_one_line_error(tmp_path, case, capfd):
+  from tests.cli import run_main
   args, field = case(tmp_path)
   if not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={tmp_path / 'w'}")
-  proc = _main(CONFIG_FLAG, *args)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 2, (out, err)
+  code, _, err = run_main(capfd, CONFIG_FLAG, *args)
+  assert code == 2, err
   lines = [l for l in err.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and field in lines[0], err
   assert "Traceback" not in err
@@ -226,6 +227,10 @@ def test_checkpoints_of_another_layout_stop_instead_of_restarting(tmp_path):
   train.train_and_evaluate(_config(steps=2), workdir)
   wider = _config(steps=4)
   wider.model.width = 64  # a different state layout: nothing restores
-  with pytest.raises(ValueError, match=r"--workdir: none of the checkpoints \[2\]"):
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    saved = f.read()
+  with pytest.raises(ValueError, match=r"another model config \(model.width: 32 -> 64\)"):
     train.train_and_evaluate(wider, workdir)
   assert _steps(workdir) == [2], "the checkpoints stay where they are"
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    assert f.read() == saved, "a failed resume leaves the run's metadata alone"

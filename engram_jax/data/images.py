@@ -32,6 +32,7 @@ import grain
 import numpy as np
 
 from engram_jax import hashing
+from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.data import text
 
 _SOURCES = ("digits", "npz", "array_record")
@@ -95,6 +96,22 @@ def validate(cfg: ImageDataConfig) -> ImageDataConfig:
   if cfg.worker_count < 0:
     raise ValueError(f"data.worker_count={cfg.worker_count}: use 0 or more.")
   return cfg
+
+
+def fingerprint(cfg: ImageDataConfig) -> dict:
+  """What decides the train stream (see `data.fingerprint`): the shaping fields, and the
+  train files' names, sizes and mtimes for npz/ArrayRecord sources."""
+  validate(cfg)
+  fields = fingerprint_lib.config_fields(
+      cfg, ("source", "height", "width", "batch_size", "seed", "label_dropout"))
+  if cfg.source == "digits":
+    return {**fields, **fingerprint_lib.config_fields(cfg, ("levels", "split_seed"))}
+  files = (_record_files(cfg, "train") if cfg.source == "array_record"
+           else [_split_path(cfg, "train")])
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise ValueError(f"data.train_path={cfg.train_path!r}: {missing[0]} is not a file")
+  return {**fields, **fingerprint_lib.files_fingerprint(files)}
 
 
 def _format_hint(source: str) -> str:

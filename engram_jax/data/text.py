@@ -34,6 +34,7 @@ import tokenizers
 
 from engram_jax import hashing
 from engram_jax import tokenizer as tokenizer_lib
+from engram_jax.data import fingerprint as fingerprint_lib
 
 _SOURCES = ("stdlib", "files", "tfds")
 _SPLITS = ("train", "val")
@@ -182,9 +183,45 @@ def corpus_files(cfg: TextDataConfig, split: str) -> list[str]:
   if cfg.source == "tfds":
     raise ValueError("data.source='tfds' has no files: corpus_files is for the "
                      "'stdlib' and 'files' sources.")
+  if split == "train":
+    return _local_corpus(cfg)[2]
   root, files = _stdlib_files() if cfg.source == "stdlib" else _glob_files(cfg.files_glob)
-  train, val = split_files(files, root, cfg.val_fraction)
-  return _spread(train if split == "train" else val, cfg.max_files)
+  return _spread(split_files(files, root, cfg.val_fraction)[1], cfg.max_files)
+
+
+def _local_corpus(cfg: TextDataConfig) -> tuple[str, list[str], list[str]]:
+  """(root, every matching file, the train files used) of a local source."""
+  root, files = _stdlib_files() if cfg.source == "stdlib" else _glob_files(cfg.files_glob)
+  train, _ = split_files(files, root, cfg.val_fraction)
+  return root, files, _spread(train, cfg.max_files)
+
+
+def fingerprint(cfg: TextDataConfig) -> dict:
+  """What decides the train stream (see `data.fingerprint`); lists local files, so a
+  glob that matches nothing fails here, before a workdir is made."""
+  validate(cfg)
+  fields = ["source", "seq_len", "batch_size", "seed"]
+  if cfg.source == "tfds":
+    return fingerprint_lib.config_fields(
+        cfg, fields + ["tfds_name", "tfds_train_split", "text_field"])
+  root, _, train = _local_corpus(cfg)
+  return {**fingerprint_lib.config_fields(cfg, fields + ["val_fraction", "max_files"]),
+          **fingerprint_lib.files_fingerprint(train, root)}
+
+
+def describe_corpus(cfg: TextDataConfig) -> str:
+  """One line saying which files a local source trains on (and what caps them)."""
+  if cfg.source == "tfds":
+    return (f"data: tfds {cfg.tfds_name!r} split {cfg.tfds_train_split!r} "
+            f"(field {cfg.text_field!r})")
+  root, files, train = _local_corpus(cfg)
+  train_all, val = split_files(files, root, cfg.val_fraction)
+  where = "the standard library" if cfg.source == "stdlib" else repr(cfg.files_glob)
+  capped = (f", capped by data.max_files={cfg.max_files} (0 = all)"
+            if len(train) < len(train_all) else "")
+  nbytes = sum(os.path.getsize(f) for f in train)
+  return (f"data: {len(train)} train files ({nbytes / 1e6:.1f} MB) of {len(files)} "
+          f"matching {where}{capped}; {len(val)} held out for validation")
 
 
 # ----------------------------------------------------------------------------------

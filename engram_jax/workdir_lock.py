@@ -1,0 +1,108 @@
+"""One trainer per workdir: an exclusive lock held for the whole run.
+
+Two trainers on one workdir would overwrite each other's checkpoints and interleave
+`metrics.jsonl`. The lock is `WORKDIR/.lock`, held with `fcntl.flock`, so the kernel
+releases it when its process dies (kill -9 included): a lock file left behind by a
+dead trainer is stale and is taken over, with a note naming the old holder. The file
+holds the holder's host and pid for the error message of a second trainer. On a
+filesystem shared by several hosts only process 0 takes it (`train.py`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLocked(ValueError):
+  """Another live process holds the workdir."""
+
+
+def _holder(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.loads(f.read() or "{}")
+  except (OSError, ValueError):
+    return {}
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _describe(holder: dict) -> str:
+  if not holder:
+    return "an unknown process"
+  since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+  return f"pid {holder.get('pid')} on host {holder.get('host')!r} (since {since})"
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir):` raises `WorkdirLocked` (one line) when held elsewhere."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+    self.stale = None  # the holder a dead process left in the file, if any
+
+  def acquire(self) -> "WorkdirLock":
+    import fcntl
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      os.close(fd)
+      holder = _holder(self.path)
+      same_host = holder.get("host") == socket.gethostname()
+      state = ("" if not same_host or _pid_alive(int(holder.get("pid", 0) or 0)) else
+               " (that process is gone but its lock is still held: a child of it may "
+               "be running)")
+      raise WorkdirLocked(
+          f"--workdir={os.path.dirname(self.path)!r} is in use by {_describe(holder)}"
+          f"{state}; wait for that run to finish, stop it, or use another --workdir "
+          f"(lock: {self.path})") from None
+    previous = _holder(self.path)
+    if previous and previous.get("pid") != os.getpid():
+      self.stale = previous
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                         "since": time.time()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record.encode("utf-8"), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    """Empties the record and drops the lock (the file stays: removing it would race
+    with a trainer that opened it and is waiting to lock it)."""
+    if self._fd is None:
+      return
+    import fcntl
+    try:
+      os.ftruncate(self._fd, 0)
+    except OSError:
+      pass
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+  def stale_note(self) -> str | None:
+    if not self.stale:
+      return None
+    return (f"note: took over the workdir lock left by {_describe(self.stale)}, which "
+            "ended without releasing it (killed?)")
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()

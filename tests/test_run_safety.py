@@ -1,0 +1,197 @@
+"""No run lost, no workdir corrupted: locks, metadata, data fingerprints, metrics repair,
+and bad input caught before any work (in-process, no subprocess unless a signal is sent).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("clu")
+pytest.importorskip("orbax.checkpoint")
+
+from engram_jax import train, workdir_lock, writers  # noqa: E402
+
+from tests import lm_test_config  # noqa: E402
+from tests.cli import ROOT, run_main  # noqa: E402
+
+CONFIG_FLAG = "--config=tests/lm_test_config.py:tiny"
+
+
+def _config(steps=4, **train_overrides):
+  c = lm_test_config.get_config("tiny")
+  c.train.update(steps=steps, eval_every=steps)
+  c.train.update(train_overrides)
+  return c
+
+
+def _metric_rows(workdir):
+  with open(os.path.join(workdir, writers.METRICS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+def _steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit())
+
+
+# ---------------------------------------------------------------------------------
+# Bad input: one line naming the field, exit 2, before any work (no workdir made)
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,field", [
+    ("--config.train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("--config.train.keep_checkpoints=-1", "train.keep_checkpoints"),
+    ("--config.train.checkpoint_every=0", "train.checkpoint_every"),
+    ("--config.train.log_every=0", "train.log_every"),
+    ("--config.train.eval_every=0", "train.eval_every"),
+    ("--config.train.eval_batches=0", "train.eval_batches"),
+    ("--config.train.steps=0", "train.steps"),
+    ("--config.train.learning_rate=nan", "train.learning_rate"),
+    ("--config.train.learning_rate=-0.1", "train.learning_rate"),
+    ("--config.train.warmup_steps=50", "train.warmup_steps"),
+    ("--config.train.weight_decay=-1", "train.weight_decay"),
+    ("--config.train.table_lr_multiplier=0", "train.table_lr_multiplier"),
+    ("--config.data.seq_len=64", "data.seq_len"),
+    ("--config.model.vocab_size=100", "model.vocab_size"),
+    ("--config.model.engram.layers=a,b", "engram.layers"),
+    # 2 orders x 2 heads of 10^9 rows: offsets past int32 would wrap and read row 0
+    ("--config.model.engram.table_size=1000000000", "engram.table_size"),
+    ("--config.data.files_glob=/nonexistent/*.txt", "data.files_glob"),
+], ids=lambda v: v if not v.startswith("--") else v.split("=")[0][9:])
+def test_bad_field_fails_before_any_work(tmp_path, capfd, override, field):
+  workdir = tmp_path / "w"
+  code, _, err = run_main(capfd, CONFIG_FLAG, f"--workdir={workdir}", override)
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and field in lines[0], err
+  assert "Unknown command line flag" not in err
+  assert not workdir.exists(), "nothing is left behind by a run that never started"
+
+
+@pytest.mark.parametrize("config_flag,says", [
+    ("--config=configs/lm.py:tinyy", "choose one of ('tiny', 'tiny_baseline'"),
+    ("--config=configs/nope.py:tiny", "no config file 'configs/nope.py'"),
+])
+def test_bad_config_file_or_variant_is_one_line(capfd, config_flag, says):
+  code, _, err = run_main(capfd, config_flag, "--workdir=/nonexistent/never")
+  assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+def test_print_config_lists_fields_and_variants(capfd):
+  code, out, _ = run_main(capfd, "--config=configs/lm.py:tiny", "--print_config",
+                          "--config.train.steps=7")
+  assert code == 0 and "--config.train.steps=7" in out.splitlines()
+  assert "--config.model.engram.table_size=(4001,)" in out.splitlines()
+  assert "tiny, tiny_baseline, small, small_baseline, paper_dense" in out
+
+
+def test_checkpoints_path_that_is_a_file_fails_up_front(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a directory")
+  with pytest.raises(ValueError, match="checkpoints is a file"):
+    train.train_and_evaluate(_config(), str(workdir))
+
+
+# ---------------------------------------------------------------------------------
+# One trainer per workdir
+# ---------------------------------------------------------------------------------
+def test_second_trainer_on_a_workdir_fails_with_the_holder_named(tmp_path, capfd):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+       "from engram_jax import workdir_lock; "
+       "lock = workdir_lock.WorkdirLock(sys.argv[2]).acquire(); print('held', flush=True); "
+       "time.sleep(120)", ROOT, str(workdir)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    code, _, err = run_main(capfd, CONFIG_FLAG, f"--workdir={workdir}")
+    assert code == 2 and f"in use by pid {holder.pid}" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (workdir / "checkpoints").exists() and not (workdir / "tokenizer.json").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  # the holder was killed without releasing: its lock is stale and is taken over
+  lock = workdir_lock.WorkdirLock(str(workdir)).acquire()
+  assert f"pid {holder.pid}" in lock.stale_note()
+  lock.release()
+
+
+# ---------------------------------------------------------------------------------
+# Resume safety: stop on a checkpoint step, completed runs, metrics repair, data change
+# ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+  """4 steps, checkpoints every 2, stopped by its step budget on a checkpoint step."""
+  workdir = str(tmp_path_factory.mktemp("stopped") / "run")
+  train.train_and_evaluate(_config(checkpoint_every=2, stop_after_steps=2), workdir)
+  return workdir
+
+
+def test_stop_on_a_checkpoint_step_saves_once(stopped_run):
+  assert _steps(stopped_run) == [2]
+  assert [r["step"] for r in _metric_rows(stopped_run)] == [1, 2]
+
+
+def test_resume_repairs_metrics_and_a_finished_run_says_so(stopped_run, tmp_path, capsys):
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run, workdir)
+  # as if the previous run logged step 3 and was killed mid-write of step 4's line
+  with open(os.path.join(workdir, writers.METRICS_FILE), "a") as f:
+    f.write(json.dumps({"step": 3, "train_loss": 123.0}) + "\n" + '{"step": 4, "trai')
+  train.train_and_evaluate(_config(checkpoint_every=2), workdir)
+  rows = _metric_rows(workdir)
+  train_steps = [r["step"] for r in rows if "train_loss" in r]
+  assert train_steps == [1, 2, 3, 4] and 123.0 not in [r.get("train_loss") for r in rows]
+  out = capsys.readouterr().out
+  assert "eval at step 4: eval_loss" in out
+  train.train_and_evaluate(_config(checkpoint_every=2), workdir)
+  assert "run complete" in capsys.readouterr().out
+  assert _steps(workdir) == [2, 4]
+
+
+def test_changed_corpus_is_refused_unless_accepted(tmp_path, capsys):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  source = sorted(p for p in os.listdir(os.path.dirname(os.__file__))
+                  if p.endswith(".py"))[:6]
+  for name in source:
+    with open(os.path.join(os.path.dirname(os.__file__), name), "rb") as f:
+      (corpus / name).write_bytes(f.read())
+  config = _config(stop_after_steps=2)
+  config.data.update(files_glob=str(corpus / "*.py"), max_files=0, val_fraction=0.2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  assert "data: " in capsys.readouterr().out  # inferred source=files, files counted
+  (corpus / source[-1]).write_bytes(b"changed = True\n" * 200)
+  config.train.stop_after_steps = 0
+  with pytest.raises(ValueError, match=r"data source changed since checkpoint 2 .*"
+                                       r"files_digest"):
+    train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, accept_data_change=True)
+  assert "warning: resuming on changed data" in capsys.readouterr().out
+  assert _steps(workdir)[-1] == 4
+
+
+def test_repair_metrics_keeps_whole_lines_up_to_the_resume_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a": 3}\n{"st')
+  assert writers.repair_metrics(str(path), 2) == 2
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+  assert writers.repair_metrics(str(path), 2) == 0
+
+
+def test_sigint_during_start_up_is_one_line(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-m", "engram_jax.main", CONFIG_FLAG,
+                           f"--workdir={tmp_path / 'w'}"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(1.0)  # still importing jax/flax/clu
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and "Traceback" not in err, err
+  assert "nothing was saved" in err
