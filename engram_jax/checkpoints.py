@@ -22,7 +22,10 @@ LOG_FILE = "engram_jax.log"  # library tracebacks of handled failures land here
 
 
 def log_path(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), LOG_FILE)
+  """The workdir's log of library details (one file per process)."""
+  index = jax.process_index()
+  name = LOG_FILE if index == 0 else LOG_FILE.replace(".log", f".p{index}.log")
+  return os.path.join(os.path.abspath(workdir), name)
 
 
 def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
@@ -41,7 +44,7 @@ def save(mngr, step: int, state, data_state: dict) -> None:
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
   """The gist of a (TensorStore/orbax) error: first line, without the spec dump."""
   text = (str(err).splitlines() or [type(err).__name__])[0]
   return text.split(" [tensorstore_spec")[0].split(" [source locations")[0][:200]
@@ -63,7 +66,7 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
       unreadable.append(step)
-      errors.append(_first_line(err))
+      errors.append(first_line(err))
       continue
     # Only now, with an older step restored, are the newer ones known to be torn
     # (when none restores, the state layout differs: no fallback warnings then).
@@ -139,5 +142,5 @@ def restore_state_items(workdir: str, abstract_items: dict) -> tuple[dict, int]:
                                        partial_restore=True)))
       return {name: restored["state"][name] for name in item}, step
     except Exception as err:  # see restore_latest
-      errors.append(f"step {step}: {_first_line(err)}")
+      errors.append(f"step {step}: {first_line(err)}")
   raise ValueError(f"--workdir={workdir!r}: no readable checkpoint ({'; '.join(errors)})")

@@ -1,10 +1,15 @@
 """Keep library noise off the console while a handled failure runs its course.
 
-Restoring a torn or foreign checkpoint makes orbax, asyncio and TensorStore log
-tracebacks (dozens to hundreds) that the caller then handles with one line. Inside
-`quiet_library_logs()` those go to a log file instead (default
-`$TMPDIR/engram_jax-PID.log`, or `path`): Python logging records of the libraries, and
-everything written to file descriptor 2 (TensorStore's C++ logs) while it is active.
+Restoring a torn or foreign checkpoint, or an async save hitting a full disk, makes
+orbax, asyncio and TensorStore log tracebacks (dozens to hundreds) that the caller then
+handles with one line. Their records go to a log file instead (the workdir's
+`engram_jax.log`, or `$TMPDIR/engram_jax-PID.log`):
+
+- `library_logs_to(path)`: for a whole run, Python logging records of the libraries;
+- `quiet_library_logs(path)`: for a short call, also everything written to file
+  descriptor 2 (TensorStore's C++ logs) while it is active.
+A log file that cannot be written (a full disk) drops records rather than printing
+logging's own tracebacks.
 """
 from __future__ import annotations
 
@@ -21,16 +26,29 @@ def default_log_path() -> str:
   return os.path.join(tempfile.gettempdir(), f"engram_jax-{os.getpid()}.log")
 
 
+class _FileHandler(logging.StreamHandler):
+  def handleError(self, record):  # noqa: N802  a full disk: drop, do not print
+    del record
+
+
+def _open_log(path: str | None):
+  for candidate in (path, default_log_path()):
+    if candidate:
+      try:
+        return open(candidate, "a", encoding="utf-8")
+      except OSError:
+        continue
+  return None
+
+
 @contextlib.contextmanager
-def quiet_library_logs(path: str | None = None):
-  """Routes library log records and fd-2 output to `path` for the duration."""
-  path = path or default_log_path()
-  try:
-    log_file = open(path, "a", encoding="utf-8")
-  except OSError:  # nowhere to keep the details: stay loud rather than lose them
+def library_logs_to(path: str | None = None):
+  """Routes the libraries' Python logging records to `path` for the duration."""
+  log_file = _open_log(path)
+  if log_file is None:
     yield None
     return
-  handler = logging.StreamHandler(log_file)
+  handler = _FileHandler(log_file)
   handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
   saved = []
   for name in LIBRARY_LOGGERS:
@@ -38,22 +56,36 @@ def quiet_library_logs(path: str | None = None):
     saved.append((logger, logger.handlers[:], logger.propagate))
     logger.handlers = [handler]
     logger.propagate = False
-  sys.stderr.flush()
-  stderr_fd = None
   try:
-    stderr_fd = os.dup(2)
-    os.dup2(log_file.fileno(), 2)
-  except OSError:
-    stderr_fd = None
-  try:
-    yield path
+    yield log_file.name
   finally:
-    log_file.flush()
-    sys.stderr.flush()
-    if stderr_fd is not None:
-      os.dup2(stderr_fd, 2)
-      os.close(stderr_fd)
     for logger, handlers, propagate in saved:
       logger.handlers = handlers
       logger.propagate = propagate
-    log_file.close()
+    try:
+      log_file.close()
+    except OSError:
+      pass
+
+
+@contextlib.contextmanager
+def quiet_library_logs(path: str | None = None):
+  """`library_logs_to(path)`, and file descriptor 2 into the same file."""
+  with library_logs_to(path) as name:
+    stderr_fd = None
+    if name is not None:
+      sys.stderr.flush()
+      try:
+        stderr_fd = os.dup(2)
+        target = os.open(name, os.O_WRONLY | os.O_APPEND)
+        os.dup2(target, 2)
+        os.close(target)
+      except OSError:
+        stderr_fd = None
+    try:
+      yield name
+    finally:
+      if stderr_fd is not None:
+        sys.stderr.flush()
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)

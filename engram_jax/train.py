@@ -22,7 +22,7 @@ import optax
 from flax import traverse_util
 
 from engram_jax import config as config_lib
-from engram_jax import checkpoints, optim, tasks
+from engram_jax import checkpoints, optim, quiet, tasks
 from engram_jax.layers import moe
 
 
@@ -368,7 +368,7 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
     task = _process_zero_first(lambda: tasks.build(config, workdir), "tokenizer and data")
     schedule, tx = optimizer_from_config(config, task.model_cfg)
     mesh = mesh_from_config(config)
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), quiet.library_logs_to(checkpoints.log_path(workdir)):
       return _train_loop(config, workdir, task, tx, schedule, mesh, fingerprint,
                          accept_data_change)
   except BaseException:
@@ -476,6 +476,26 @@ def _check_data_source(saved: dict | None, current: dict, accept: bool, step: in
       "--accept_data_change to resume on the new data knowingly, or use a new --workdir")
 
 
+def _save_failed(err: Exception, workdir: str) -> TrainingError:
+  """A failed (async) save, e.g. a full disk: one line that says the older checkpoints
+  are intact and how to go on."""
+  directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  kept = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  return TrainingError(
+      f"saving a checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} "
+      f"failed ({getattr(err, 'strerror', None) or checkpoints.first_line(err)}); the "
+      f"checkpoints before it are kept ({kept or 'none'}): free space or fix the "
+      "filesystem, then run the same command to resume")
+
+
+def _finish_saves(manager, workdir: str) -> None:
+  """Waits for the async saves in flight."""
+  try:
+    manager.wait_until_finished()
+  except Exception as err:  # noqa: BLE001  orbax re-raises its save thread's error
+    raise _save_failed(err, workdir) from None
+
+
 def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerprint,
                 accept_data_change):
   from clu import metric_writers, periodic_actions
@@ -557,9 +577,12 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
 
   def save(step):
     data = {**train_iter.get_state(), "fingerprint": fingerprint}
-    checkpoints.save(manager, step, state, _all_data_states(data))
+    try:
+      checkpoints.save(manager, step, state, _all_data_states(data))
+    except Exception as err:  # noqa: BLE001  the previous async save's failure
+      raise _save_failed(err, workdir) from None
 
-  metrics, eval_step_number = {}, None
+  metrics, eval_step_number, failed = {}, None, False
   try:
     for step in range(start + 1, t.steps + 1):
       batch = _global_batch(next(train_iter), batch_sh)
@@ -589,11 +612,18 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
       if step % t.checkpoint_every == 0 or step == t.steps or stop or budget_spent:
         save(step)
       if (stop or budget_spent) and step < t.steps:
-        manager.wait_until_finished()
+        _finish_saves(manager, workdir)
         say(f"stopped at step {step}; checkpoint saved")
         break
+  except BaseException:
+    failed = True
+    raise
   finally:
-    manager.wait_until_finished()
+    try:
+      _finish_saves(manager, workdir)
+    except TrainingError:
+      if not failed:  # else the error already on its way is the one to report
+        raise
     manager.close()
     writer.flush()
     train_iter.close()

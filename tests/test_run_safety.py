@@ -195,3 +195,22 @@ def test_sigint_during_start_up_is_one_line(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130 and "Traceback" not in err, err
   assert "nothing was saved" in err
+
+
+def test_failed_save_is_one_error_and_keeps_older_checkpoints(tmp_path, monkeypatch):
+  import errno
+  from engram_jax import checkpoints
+  real_save, calls = checkpoints.save, []
+
+  def save_then_fill_the_disk(mngr, step, state, data_state):
+    calls.append(step)
+    if len(calls) > 1:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    real_save(mngr, step, state, data_state)
+  monkeypatch.setattr(checkpoints, "save", save_then_fill_the_disk)
+  workdir = str(tmp_path / "full")
+  with pytest.raises(train.TrainingError,
+                     match=r"failed \(No space left on device\); the checkpoints before "
+                           r"it are kept \(\[2\]\)"):
+    train.train_and_evaluate(_config(checkpoint_every=2), workdir)
+  assert _steps(workdir) == [2]
