@@ -1,0 +1,221 @@
+"""The Engram paper's mechanistic analyses: LogitLens per layer and CKA between models.
+
+`python -m engram_jax.studies.analyze --workdir=ENGRAM --baseline=BASELINE --out=DIR`
+
+- **LogitLens**: each block's residual stream read out through the model's own final
+  norm and unembedding: its next-token loss and how often its top-1 token equals the
+  final layer's. The paper's claim: with Engram, early layers reach "final-like"
+  predictions sooner (static reconstruction is offloaded to memory).
+- **Linear CKA** (Kornblith et al. 2019) between every layer of the Engram model and
+  every layer of the baseline, on the same tokens: the paper reads an off-diagonal shift
+  (Engram layer l resembles a deeper baseline layer) as effective depth gained.
+
+Residual streams are computed block by block from the trained params
+(`models.lm.unstack_blocks`): the same blocks the model scans, applied one at a time so
+that every layer's output is visible; the last stream through the LogitLens equals the
+model's own logits (tested). LM workdirs only (dense or hyper-connected backbones).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import config as config_lib
+from engram_jax import hashing
+from engram_jax.layers.hyper import collapse_branches, expand_branches
+from engram_jax.layers.norms import RMSNorm
+from engram_jax.models import lm
+
+
+def residual_streams(cfg: config_lib.ModelConfig, params, tokens_BxT,
+                     ngram_tokens_BxT=None) -> list[jax.Array]:
+  """`[B, T, D]` streams: the embedding, then the output of every block (L + 1 in all).
+
+  With hyper-connections a stream is the sum of its branches (the model's read-out).
+  """
+  if cfg.moe.enabled:
+    raise ValueError("analyses support dense backbones (model.moe.num_experts=0)")
+  b, t = tokens_BxT.shape
+  positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  hash_ids = None
+  if cfg.engram.layers:
+    ngram = tokens_BxT if ngram_tokens_BxT is None else ngram_tokens_BxT
+    hash_ids = hashing.ngram_hash_ids(jnp.asarray(ngram), cfg.engram.hash_spec())
+  h = params["embed"]["embedding"][tokens_BxT].astype(jnp.dtype(cfg.dtype))
+  streams = [h.astype(jnp.float32)]
+  if cfg.hyper_connections:
+    h = expand_branches(h, cfg.branches)
+  for layer, block_params in enumerate(lm.unstack_blocks(params, cfg)):
+    engram_index = (cfg.engram.layers.index(layer) if layer in cfg.engram.layers
+                    else None)
+    block = lm.Block(cfg, engram_index=engram_index, layer=layer)
+    h = block.apply({"params": block_params}, h, positions_BxT, hash_ids)
+    streams.append((collapse_branches(h) if cfg.hyper_connections else h)
+                   .astype(jnp.float32))
+  return streams
+
+
+def read_out(cfg: config_lib.ModelConfig, params, h_BxTxD):
+  """Logits `[B, T, V]` of a stream through the final norm and the unembedding."""
+  dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+  normed = RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype).apply(
+      {"params": params["final_norm"]}, h_BxTxD.astype(dtype))
+  if cfg.tie_embeddings:
+    kernel = params["embed"]["embedding"].T
+  else:
+    kernel = params["unembed"]["kernel"]
+  return jnp.einsum("btd,dv->btv", normed, kernel.astype(dtype)).astype(jnp.float32)
+
+
+def logit_lens(cfg: config_lib.ModelConfig, params, streams, targets_BxT) -> list[dict]:
+  """Per stream: `loss` (nats/token of the targets) and `top1_agreement` with the
+  final stream's top-1 token."""
+  final_top1 = jnp.argmax(read_out(cfg, params, streams[-1]), axis=-1)
+  rows = []
+  for layer, h in enumerate(streams):
+    logits = read_out(cfg, params, h)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    loss = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1).mean()
+    agree = (jnp.argmax(logits, axis=-1) == final_top1).mean()
+    rows.append({"layer": layer, "loss": float(loss), "top1_agreement": float(agree)})
+  return rows
+
+
+def linear_cka(x_NxD, y_NxE) -> float:
+  """Linear CKA of two representations of the same N examples: 1 for identical ones,
+  invariant to orthogonal transforms and isotropic scaling of either."""
+  x = np.asarray(x_NxD, np.float64)
+  y = np.asarray(y_NxE, np.float64)
+  x = x - x.mean(axis=0)
+  y = y - y.mean(axis=0)
+  cross = np.linalg.norm(y.T @ x) ** 2
+  return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def cka_matrix(streams_a, streams_b) -> np.ndarray:
+  """`[La, Lb]` linear CKA between every pair of layers (tokens flattened)."""
+  flat = lambda h: np.asarray(h).reshape(-1, h.shape[-1])
+  a, b = [flat(h) for h in streams_a], [flat(h) for h in streams_b]
+  return np.array([[linear_cka(x, y) for y in b] for x in a])
+
+
+# ----------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------
+def _load(workdir: str):
+  """(cfg, params, tokenizer, vocab_map_V) of an LM workdir's newest checkpoint."""
+  from engram_jax import generate
+  model, variables, tok, vocab_map, step = generate.load_workdir(workdir)
+  params = lm.as_variables(variables)["params"]
+  return model.cfg, nn.unbox(params), tok, vocab_map, step
+
+
+def _eval_tokens(workdir: str, batches: int):
+  """`[N, T+1]` token rows of the workdir's validation split (its own data config)."""
+  import json
+
+  import ml_collections
+
+  from engram_jax import tasks
+  from engram_jax.data import text
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if tasks.kind_of(config) != "lm":
+    raise ValueError(f"--workdir={workdir!r} is an image run: analyses read LM workdirs")
+  data_cfg = tasks._text_data_config(config)  # noqa: SLF001  the run's data section
+  tok = text.build_tokenizer(data_cfg, workdir)
+  rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
+          for b in text.eval_batches(data_cfg, tok, max_batches=batches)]
+  return np.concatenate(rows)
+
+
+def analyze(workdir: str, baseline: str, out: str, batches: int = 4) -> dict:
+  """Writes logit_lens.csv, cka.csv, cka.png and analysis.md into `out`."""
+  os.makedirs(out, exist_ok=True)
+  rows_NxT1 = _eval_tokens(workdir, batches)
+  inputs, targets = jnp.asarray(rows_NxT1[:, :-1]), jnp.asarray(rows_NxT1[:, 1:])
+  results, streams = {}, {}
+  for i, (name, path) in enumerate([("engram", workdir), ("baseline", baseline)]):
+    print(f"analyze: model {i + 1}/2 ({name}: {path})", flush=True)
+    cfg, params, _, vocab_map, step = _load(path)
+    ngram = None if vocab_map is None else vocab_map[inputs]
+    streams[name] = residual_streams(cfg, params, inputs, ngram)
+    results[name] = {"step": step, "lens": logit_lens(cfg, params, streams[name], targets)}
+  cka = cka_matrix(streams["engram"], streams["baseline"])
+  with open(os.path.join(out, "logit_lens.csv"), "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["model", "layer", "loss", "top1_agreement"])
+    for name, result in results.items():
+      for row in result["lens"]:
+        writer.writerow([name, row["layer"], f"{row['loss']:.5f}",
+                         f"{row['top1_agreement']:.5f}"])
+  np.savetxt(os.path.join(out, "cka.csv"), cka, delimiter=",", fmt="%.5f",
+             header="rows: engram layers 0..L (0 = embedding); columns: baseline layers")
+  _plot_cka(cka, os.path.join(out, "cka.png"))
+  with open(os.path.join(out, "analysis.md"), "w", encoding="utf-8") as f:
+    f.write(_markdown(results, cka, workdir, baseline))
+  return {"logit_lens": results, "cka": cka}
+
+
+def _plot_cka(cka, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  image = ax.imshow(cka, origin="lower", vmin=0, vmax=1, cmap="viridis")
+  ax.set_xlabel("baseline layer (0 = embedding)")
+  ax.set_ylabel("Engram model layer (0 = embedding)")
+  ax.set_title("linear CKA")
+  fig.colorbar(image, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _markdown(results, cka, workdir, baseline) -> str:
+  lines = [f"# Analyses: `{workdir}` (Engram) vs `{baseline}` (baseline)", "",
+           "LogitLens (each stream through the final norm and unembedding):", "",
+           "| layer | Engram loss | baseline loss | Engram top-1 agr. | baseline top-1 agr. |",
+           "|---|---|---|---|---|"]
+  for e, b in zip(results["engram"]["lens"], results["baseline"]["lens"]):
+    lines.append(f"| {e['layer']} | {e['loss']:.4f} | {b['loss']:.4f} | "
+                 f"{e['top1_agreement']:.3f} | {b['top1_agreement']:.3f} |")
+  best = cka.argmax(axis=1)
+  lines += ["", "CKA: for each Engram layer, the most similar baseline layer:", "",
+            "| Engram layer | best baseline layer | CKA |", "|---|---|---|"]
+  lines += [f"| {i} | {j} | {cka[i, j]:.3f} |" for i, j in enumerate(best)]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.studies.analyze",
+      description="LogitLens per layer and CKA between an Engram LM and its baseline.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="the Engram model's workdir")
+  parser.add_argument("--baseline", required=True, help="the baseline model's workdir")
+  parser.add_argument("--out", default="", help="output directory (default WORKDIR/analysis)")
+  parser.add_argument("--batches", type=int, default=4, help="validation batches to read")
+  args = parser.parse_args(argv)
+  try:
+    if args.batches < 1:
+      raise ValueError(f"--batches={args.batches}: use 1 or more")
+    analyze(args.workdir, args.baseline, args.out or os.path.join(args.workdir, "analysis"),
+            args.batches)
+  except (ValueError, OSError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.out or os.path.join(args.workdir, 'analysis')}/"
+        "{analysis.md,logit_lens.csv,cka.csv,cka.png}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

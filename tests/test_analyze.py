@@ -1,0 +1,62 @@
+"""Analyses: LogitLens of the last layer is the model's own loss; CKA's invariances."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax.models.lm import EngramLM
+from engram_jax.studies import analyze
+
+from tests.conftest import tiny_model_config, with_random_conv
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+  cfg = tiny_model_config()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 17)),
+                       jnp.int32)
+  params = EngramLM(cfg).init(jax.random.key(0), tokens[:, :-1])["params"]
+  import flax.linen as nn
+  return cfg, with_random_conv(nn.unbox(params), cfg), tokens
+
+
+def test_last_stream_through_the_lens_is_the_models_own_loss(tiny_lm):
+  cfg, params, tokens = tiny_lm
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  streams = analyze.residual_streams(cfg, params, inputs)
+  assert len(streams) == cfg.depth + 1
+  logits = EngramLM(cfg).apply({"params": params}, inputs)
+  np.testing.assert_allclose(analyze.read_out(cfg, params, streams[-1]), logits,
+                             atol=2e-5, rtol=2e-5)
+  lens = analyze.logit_lens(cfg, params, streams, targets)
+  own = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
+  assert lens[-1]["loss"] == pytest.approx(float(own), rel=1e-5)
+  assert lens[-1]["top1_agreement"] == 1.0
+  assert lens[0]["top1_agreement"] < 1.0  # the embedding alone predicts otherwise
+
+
+def test_cka_is_one_on_itself_and_invariant_to_rotation_and_scale():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(200, 16))
+  rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+  assert analyze.linear_cka(x, x) == pytest.approx(1.0)
+  assert analyze.linear_cka(x, 3.0 * x @ rotation) == pytest.approx(1.0)
+  unrelated = rng.normal(size=(200, 16))
+  assert analyze.linear_cka(x, unrelated) < 0.3
+  # partly shared: strictly between
+  mixed = x[:, :8] @ rng.normal(size=(8, 16)) + 0.5 * unrelated
+  assert 0.3 < analyze.linear_cka(x, mixed) < 1.0
+
+
+def test_analyze_command_writes_tables_and_heat_map(trained_workdir, tmp_path, capsys):
+  out = tmp_path / "analysis"
+  assert analyze.main([f"--workdir={trained_workdir}", f"--baseline={trained_workdir}",
+                       f"--out={out}", "--batches=1"]) == 0
+  cka = np.loadtxt(out / "cka.csv", delimiter=",")
+  # a model against itself: every layer is most similar to the same layer
+  np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-6)
+  assert (out / "cka.png").stat().st_size > 0
+  assert "| layer | Engram loss" in (out / "analysis.md").read_text()
+  assert analyze.main([f"--workdir={tmp_path}", f"--baseline={trained_workdir}",
+                       "--batches=1"]) == 2
+  assert "error:" in capsys.readouterr().err
