@@ -1,0 +1,178 @@
+"""Multi-query needle in a haystack at toy scale (the Engram paper's long-context claim).
+
+A document is filler lines from a real corpus with K key -> value needles hidden among
+them (`the code of KEY is VALUE.`), followed by Q queries (`code of KEY? VALUE`). The
+model must copy each queried value from its needle: recall needs attention over the
+document, so it measures what Engram frees attention to do (the paper: Multi-Query NIAH
+84.2 -> 97.0).
+
+    python -m engram_jax.studies.niah make --out=DIR [--docs=4000 --needles=3 --seed=0]
+    python -m engram_jax.main --config=configs/lm.py:tiny --workdir=W \
+        --config.data.files_glob='DIR/train/*.txt' ...   (recipe: docs/analyses.md)
+    python -m engram_jax.studies.niah eval --workdir=W --data=DIR
+
+`make` writes `train/*.txt` (documents, answers included: the LM loss teaches the task)
+and `val.jsonl` (each query's prompt and its value). `eval` greedily decodes after each
+prompt and scores exact recall of the value. Documents are deterministic per seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import sysconfig
+
+import numpy as np
+
+_KEY_LETTERS = "bcdfghjklmnpqrstvwxz"
+
+
+def filler_lines(max_lines: int = 20000) -> list[str]:
+  """Short, non-empty lines of the standard library's sources (present everywhere)."""
+  root = sysconfig.get_paths()["stdlib"]
+  lines = []
+  for name in sorted(os.listdir(root)):
+    if not name.endswith(".py"):
+      continue
+    with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+      for line in f:
+        line = line.strip()
+        if 8 <= len(line) <= 60 and "code of" not in line:
+          lines.append(line)
+    if len(lines) >= max_lines:
+      break
+  return lines[:max_lines]
+
+
+def make_document(rng: np.random.Generator, filler: list[str], needles: int = 3,
+                  queries: int = 2, filler_lines_per_doc: int = 6) -> dict:
+  """One document: {"text": full text, "queries": [(prompt, value), ...]}.
+
+  Keys are 3 consonants (distinct within a document), values 3 digits; the queried keys
+  are a random subset of the needles, in random order.
+  """
+  keys = set()
+  while len(keys) < needles:
+    keys.add("".join(rng.choice(list(_KEY_LETTERS), 3)))
+  keys = sorted(keys)
+  rng.shuffle(keys)
+  values = [f"{int(v):03d}" for v in rng.integers(0, 1000, needles)]
+  lines = [filler[int(i)] for i in rng.integers(0, len(filler), filler_lines_per_doc)]
+  for key, value in zip(keys, values):
+    lines.insert(int(rng.integers(0, len(lines) + 1)), f"the code of {key} is {value}.")
+  body = "\n".join(lines) + "\n"
+  asked = rng.permutation(needles)[:queries]
+  text, prompts = body, []
+  for i in asked:
+    prompt = text + f"code of {keys[i]}?"
+    prompts.append((prompt, values[i]))
+    text = prompt + f" {values[i]}\n"
+  return {"text": text, "queries": prompts}
+
+
+def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 3,
+                queries: int = 2, seed: int = 0, docs_per_file: int = 200) -> None:
+  """Writes `out/train/part-XXXX.txt` and `out/val.jsonl` (deterministic per seed)."""
+  rng = np.random.default_rng(seed)
+  filler = filler_lines()
+  os.makedirs(os.path.join(out, "train"), exist_ok=True)
+  for part in range(-(-docs // docs_per_file)):
+    count = min(docs_per_file, docs - part * docs_per_file)
+    texts = [make_document(rng, filler, needles, queries)["text"] for _ in range(count)]
+    with open(os.path.join(out, "train", f"part-{part:04d}.txt"), "w",
+              encoding="utf-8") as f:
+      f.write("\n".join(texts))
+  with open(os.path.join(out, "val.jsonl"), "w", encoding="utf-8") as f:
+    for _ in range(val_docs):
+      for prompt, value in make_document(rng, filler, needles, queries)["queries"]:
+        f.write(json.dumps({"prompt": prompt, "value": value}) + "\n")
+
+
+def read_queries(data: str) -> list[dict]:
+  path = os.path.join(data, "val.jsonl")
+  if not os.path.isfile(path):
+    raise ValueError(f"--data={data!r} has no val.jsonl; write one with "
+                     "`python -m engram_jax.studies.niah make --out=DIR`")
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def recall(workdir: str, data: str, max_queries: int = 0, batch_size: int = 16) -> dict:
+  """Exact recall of the queried values by greedy decoding, over `data/val.jsonl`."""
+  import jax
+  import jax.numpy as jnp
+
+  from engram_jax import generate
+  queries = read_queries(data)
+  if max_queries:
+    queries = queries[:max_queries]
+  model, params, tok, vocab_map, step = generate.load_workdir(workdir)
+  new_tokens = 3
+  encoded = [tok.encode(q["prompt"]).ids for q in queries]
+  bucket = generate.prompt_bucket(max(len(e) for e in encoded), new_tokens,
+                                  model.cfg.max_len)
+  run = jax.jit(lambda p, prompts, lengths: generate.generate(
+      model, p, prompts, lengths, jax.random.key(0), max_new_tokens=new_tokens,
+      temperature=0.0, vocab_map_V=vocab_map))
+  correct, skipped = 0, 0
+  for start in range(0, len(queries), batch_size):
+    chunk = encoded[start:start + batch_size]
+    prompts = np.zeros((batch_size, bucket), np.int32)
+    lengths = np.ones(batch_size, np.int32)
+    for row, ids in enumerate(chunk):
+      ids = ids[-bucket:]  # the end of a too-long document (the query) is kept
+      skipped += len(ids) < len(chunk[row])
+      prompts[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    out = run(params, jnp.asarray(prompts), jnp.asarray(lengths))
+    for row, q in enumerate(queries[start:start + batch_size]):
+      text = tok.decode(np.asarray(out[row]).tolist())
+      correct += text.strip().startswith(q["value"])
+    print(f"niah: {min(start + batch_size, len(queries))}/{len(queries)} queries, "
+          f"recall so far {correct / min(start + batch_size, len(queries)):.3f}",
+          flush=True)
+  return {"recall": correct / len(queries), "queries": len(queries), "step": step,
+          "truncated_prompts": skipped}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.studies.niah",
+      description="Multi-query needle-in-a-haystack corpus and recall evaluation.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  make = sub.add_parser("make", help="write a NIAH corpus (train/*.txt, val.jsonl)")
+  make.add_argument("--out", required=True)
+  make.add_argument("--docs", type=int, default=4000)
+  make.add_argument("--val_docs", type=int, default=200)
+  make.add_argument("--needles", type=int, default=3)
+  make.add_argument("--queries", type=int, default=2)
+  make.add_argument("--seed", type=int, default=0)
+  ev = sub.add_parser("eval", help="exact recall of a trained workdir")
+  ev.add_argument("--workdir", required=True)
+  ev.add_argument("--data", required=True, help="a directory written by `make`")
+  ev.add_argument("--max_queries", type=int, default=0, help="0 = all")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "make":
+      for name in ("docs", "val_docs", "needles", "queries"):
+        if getattr(args, name) < 1:
+          raise ValueError(f"--{name}={getattr(args, name)}: use 1 or more")
+      if args.queries > args.needles:
+        raise ValueError(f"--queries={args.queries} exceeds --needles={args.needles}: "
+                         "each query asks a different needle")
+      make_corpus(args.out, args.docs, args.val_docs, args.needles, args.queries,
+                  args.seed)
+      print(f"wrote {args.out}/train/*.txt and {args.out}/val.jsonl")
+    else:
+      result = recall(args.workdir, args.data, args.max_queries)
+      print(json.dumps(result))
+  except (ValueError, OSError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
