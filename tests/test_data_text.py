@@ -326,3 +326,14 @@ def test_tfds_errors_name_the_field(tfds_dir, stdlib_tok):
   cfg = dataclasses.replace(cfg, tfds_name="tiny_text", text_field="body")
   with pytest.raises(ValueError, match="data.text_field='body'.*text"):
     text.eval_batches(cfg, stdlib_tok, max_batches=1)
+
+
+def test_site_packages_source_is_real_installed_code():
+  import sysconfig
+  from engram_jax.data import text
+  cfg = text.TextDataConfig(source="site_packages", max_files=8, val_fraction=0.02)
+  train_files, val_files = text.corpus_files(cfg, "train"), text.corpus_files(cfg, "val")
+  root = sysconfig.get_paths()["purelib"]
+  assert len(train_files) == 8 and val_files and not set(train_files) & set(val_files)
+  assert all(f.startswith(root) and f.endswith(".py") for f in train_files + val_files)
+  assert "site-packages" in text.describe_corpus(cfg)

@@ -3,6 +3,8 @@
 Sources (`TextDataConfig.source`):
   "stdlib": the running interpreter's standard-library `*.py` files (a real corpus on
             every machine); `site-packages`, `test`/`tests`/`idle_test` dirs skipped.
+  "site_packages": the `*.py` files of the installed packages (sysconfig's purelib;
+            hundreds of MB wherever this project is installed), test dirs skipped.
   "files":  local text files matching `files_glob` (recursive `**` allowed).
   "tfds":   a tfds dataset prepared as ArrayRecord, read with `tfds.data_source`.
 
@@ -36,7 +38,7 @@ from engram_jax import hashing
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.data import fingerprint as fingerprint_lib
 
-_SOURCES = ("stdlib", "files", "tfds")
+_SOURCES = ("stdlib", "site_packages", "files", "tfds")
 _SPLITS = ("train", "val")
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -53,7 +55,7 @@ _RECORD_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256
 @dataclasses.dataclass(frozen=True)
 class TextDataConfig:
   """Where text comes from and how it is cut into batches (see the module docstring)."""
-  source: str = "stdlib"            # "stdlib" | "files" | "tfds"
+  source: str = "stdlib"            # "stdlib" | "site_packages" | "files" | "tfds"
   files_glob: str = ""
   tfds_name: str = ""               # e.g. "lm1b"
   tfds_data_dir: str = ""           # default: $TFDS_DATA_DIR (gs:// works)
@@ -113,10 +115,30 @@ def _check_split(split: str) -> None:
 # ----------------------------------------------------------------------------------
 def _stdlib_files() -> tuple[str, list[str]]:
   """Root and sorted non-empty `*.py` files of this interpreter's standard library."""
-  root = sysconfig.get_paths()["stdlib"]
+  return _python_files(sysconfig.get_paths()["stdlib"])
+
+
+def _site_packages_files() -> tuple[str, list[str]]:
+  """Root and sorted non-empty `*.py` files of the installed packages (`purelib`):
+  hundreds of MB of real code on any machine that installed this project."""
+  return _python_files(sysconfig.get_paths()["purelib"], skip_site_packages=False)
+
+
+def _local_files(cfg: "TextDataConfig") -> tuple[str, list[str]]:
+  """Root and files of a local source ("stdlib", "site_packages" or "files")."""
+  if cfg.source == "stdlib":
+    return _stdlib_files()
+  if cfg.source == "site_packages":
+    return _site_packages_files()
+  return _glob_files(cfg.files_glob)
+
+
+def _python_files(root: str, skip_site_packages: bool = True) -> tuple[str, list[str]]:
+  skip = _STDLIB_SKIP_DIRS if skip_site_packages else (
+      _STDLIB_SKIP_DIRS - {"site-packages", "dist-packages"})
   found = []
   for directory, subdirs, names in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs if d not in _STDLIB_SKIP_DIRS)
+    subdirs[:] = sorted(d for d in subdirs if d not in skip)
     found += [os.path.join(directory, n) for n in names if n.endswith(".py")]
   return root, sorted(f for f in found if os.path.getsize(f) > 0)
 
@@ -177,21 +199,21 @@ def _spread(files: list[str], max_files: int) -> list[str]:
 
 
 def corpus_files(cfg: TextDataConfig, split: str) -> list[str]:
-  """Sorted files of one split ("train" | "val") of a "stdlib" or "files" source."""
+  """Sorted files of one split ("train" | "val") of a local source."""
   validate(cfg)
   _check_split(split)
   if cfg.source == "tfds":
     raise ValueError("data.source='tfds' has no files: corpus_files is for the "
-                     "'stdlib' and 'files' sources.")
+                     "local sources ('stdlib', 'site_packages', 'files').")
   if split == "train":
     return _local_corpus(cfg)[2]
-  root, files = _stdlib_files() if cfg.source == "stdlib" else _glob_files(cfg.files_glob)
+  root, files = _local_files(cfg)
   return _spread(split_files(files, root, cfg.val_fraction)[1], cfg.max_files)
 
 
 def _local_corpus(cfg: TextDataConfig) -> tuple[str, list[str], list[str]]:
   """(root, every matching file, the train files used) of a local source."""
-  root, files = _stdlib_files() if cfg.source == "stdlib" else _glob_files(cfg.files_glob)
+  root, files = _local_files(cfg)
   train, _ = split_files(files, root, cfg.val_fraction)
   return root, files, _spread(train, cfg.max_files)
 
@@ -216,7 +238,8 @@ def describe_corpus(cfg: TextDataConfig) -> str:
             f"(field {cfg.text_field!r})")
   root, files, train = _local_corpus(cfg)
   train_all, val = split_files(files, root, cfg.val_fraction)
-  where = "the standard library" if cfg.source == "stdlib" else repr(cfg.files_glob)
+  where = {"stdlib": "the standard library", "site_packages": "site-packages"}.get(
+      cfg.source, repr(cfg.files_glob))
   capped = (f", capped by data.max_files={cfg.max_files} (0 = all)"
             if len(train) < len(train_all) else "")
   nbytes = sum(os.path.getsize(f) for f in train)
