@@ -324,17 +324,9 @@ CSV_FIELDS = ("rho", "rho_realized", "seed", "num_experts", "shared_dim", "table
 
 
 def load_config(spec: str):
-  """`path.py:variant` -> the file's `get_config(variant)` (as ml_collections does)."""
-  import importlib.util
-  import os
-  path, _, variant = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"--config={spec!r}: no file {path!r}; give PATH.py:VARIANT")
-  module_spec = importlib.util.spec_from_file_location(
-      f"_allocation_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+  """`path.py:variant` -> the file's `get_config(variant)`."""
+  from engram_jax import config_files
+  return config_files.load(spec)
 
 
 def point_config(c, rho: float, seed: int, steps: Optional[int] = None):

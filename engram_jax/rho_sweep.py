@@ -10,19 +10,19 @@ fixed parameter budget (docs/vision.md).
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 import sys
 from typing import Callable, Sequence
 
+from engram_jax import config_files
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _image_configs():
-  sys.path.insert(0, _ROOT)  # configs/ lives beside the package in a checkout
-  from configs import image as image_configs
-  return image_configs
+  """configs/image.py of this checkout (it lives beside the package)."""
+  return config_files.load_module(os.path.join(_ROOT, "configs", "image.py"))
 
 
 def baseline_variant(family: str) -> str:
@@ -52,6 +52,8 @@ def train_point(variant: str, workdir: str, steps: int, overrides: Callable = No
   config.train.steps = steps
   config.train.eval_every = steps
   config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
+  config.train.warmup_steps = min(config.train.warmup_steps, max(1, steps // 10))
+  config.train.log_every = min(config.train.log_every, steps)
   if overrides:
     overrides(config)
   train.train_and_evaluate(config, workdir)
@@ -89,35 +91,8 @@ def plot(rows: Sequence[dict]) -> Callable:
 
 
 def config_overrides(items: Sequence[str]) -> Callable:
-  """`--set=data.train_path=/codes/train.npz` (repeatable) -> a function applying them to
-  a config; values are Python literals where they parse (`0.2`, `(1, 3)`), else strings."""
-  pairs = []
-  for item in items:
-    key, sep, text = item.partition("=")
-    if not sep or not key or key.startswith(".") or key.endswith("."):
-      raise ValueError(f"--set={item!r}: use --set=section.field=value, e.g. "
-                       "--set=data.train_path=/codes/train.npz")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    pairs.append((key, value))
-
-  def apply(config):
-    for key, value in pairs:
-      *path, leaf = key.split(".")
-      node = config
-      for depth, name in enumerate(path + [leaf]):
-        if not hasattr(node, "keys") or name not in node.keys():
-          raise ValueError(f"--set={key}=...: the config has no field {key!r}")
-        if depth < len(path):
-          node = node[name]
-      try:
-        node[leaf] = value
-      except TypeError as err:
-        raise ValueError(f"--set={key}={value!r}: {err}") from None
-    return config
-  return apply
+  """`--set=FIELD=VALUE` (repeatable) -> a function applying them to a config."""
+  return config_files.overrides(items)
 
 
 def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str,

@@ -1,0 +1,62 @@
+"""Config files outside absl flags: `path.py:variant` loading and `FIELD=VALUE` overrides.
+
+The training command reads configs through `ml_collections.config_flags`; study commands
+(sweeps, seed runs) load several variants in one process, so they use these instead.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Callable, Sequence
+
+
+def load_module(path: str):
+  """A config file as a module (its `get_config`), without touching `sys.path`."""
+  module_spec = importlib.util.spec_from_file_location(
+      f"_engram_jax_config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def load(spec: str):
+  """`path.py:variant` -> the file's `get_config(variant)` (as ml_collections does)."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={spec!r}: no file {path!r}; give PATH.py:VARIANT")
+  module = load_module(path)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def overrides(items: Sequence[str], flag: str = "--set") -> Callable:
+  """`FIELD=VALUE` strings (e.g. `data.train_path=/codes/train.npz`) -> a function that
+  applies them to a config; values are Python literals where they parse (`0.2`,
+  `(1, 3)`), else strings. An unknown field is a ValueError naming it."""
+  pairs = []
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key or key.startswith(".") or key.endswith("."):
+      raise ValueError(f"{flag}={item!r}: use {flag}=section.field=value, e.g. "
+                       f"{flag}=data.train_path=/codes/train.npz")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    pairs.append((key, value))
+
+  def apply(config):
+    for key, value in pairs:
+      *path, leaf = key.split(".")
+      node = config
+      for depth, name in enumerate(path + [leaf]):
+        if not hasattr(node, "keys") or name not in node.keys():
+          raise ValueError(f"{flag}={key}=...: the config has no field {key!r}")
+        if depth < len(path):
+          node = node[name]
+      try:
+        node[leaf] = value
+      except TypeError as err:
+        raise ValueError(f"{flag}={key}={value!r}: {err}") from None
+    return config
+  return apply
