@@ -43,10 +43,10 @@ def overrides(items: Sequence[str], flag: str = "--set") -> Callable:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-    pairs.append((key, value))
+    pairs.append((key, value, text))
 
   def apply(config):
-    for key, value in pairs:
+    for key, value, text in pairs:
       *path, leaf = key.split(".")
       node = config
       for depth, name in enumerate(path + [leaf]):
@@ -57,6 +57,8 @@ def overrides(items: Sequence[str], flag: str = "--set") -> Callable:
       try:
         node[leaf] = value
       except TypeError as err:
-        raise ValueError(f"{flag}={key}={value!r}: {err}") from None
+        if not isinstance(node[leaf], str):  # e.g. engram.gate: "learned" or "0.1"
+          raise ValueError(f"{flag}={key}={value!r}: {err}") from None
+        node[leaf] = text
     return config
   return apply

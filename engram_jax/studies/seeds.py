@@ -1,0 +1,160 @@
+"""Variants x seeds: train each, report the final eval with its spread.
+
+    python -m engram_jax.studies.seeds --config=configs/lm.py:tiny --seeds=0,1,2 \
+        --workdir=workdirs/gates --variant=learned \
+        --variant=gate_0.1:model.engram.gate=0.1 --variant=baseline:model.engram.layers=()
+
+A variant is `NAME` or `NAME:FIELD=VALUE[;FIELD=VALUE...]` over the base config. Each
+(variant, seed) trains in `WORKDIR/NAME/seed_S` with `seed` and `data.seed` = S (init
+and data order), resuming or skipping finished runs; `summary.md` and `summary.csv`
+give every seed's final eval metrics, mean +- std per variant, and each variant's
+difference to the first one with a Welch t statistic: |t| > ~2.8 (3 seeds a side) is
+a difference beyond the seed spread at about the 5% level.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from engram_jax import config_files
+
+RESULT = "result.json"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+  name, _, rest = text.partition(":")
+  if not name or "/" in name:
+    raise ValueError(f"--variant={text!r}: use NAME or NAME:FIELD=VALUE[;FIELD=VALUE]")
+  return name, [item for item in rest.split(";") if item.strip()]
+
+
+def run_dir(workdir: str, variant: str, seed: int) -> str:
+  return os.path.join(workdir, variant, f"seed_{seed}")
+
+
+def train_one(config_spec: str, variant: str, sets: Sequence[str], seed: int,
+              workdir: str) -> dict:
+  """Trains (or reads back) one (variant, seed) run; returns its final eval metrics."""
+  from engram_jax import train
+  directory = run_dir(workdir, variant, seed)
+  result_path = os.path.join(directory, RESULT)
+  if os.path.exists(result_path):
+    with open(result_path, encoding="utf-8") as f:
+      return json.load(f)
+  config = config_files.load(config_spec)
+  config_files.overrides(sets, flag=f"--variant={variant}")(config)
+  config.seed = seed
+  config.data.seed = seed
+  print(f"seeds: {variant} seed {seed} -> {directory}", flush=True)
+  metrics = train.train_and_evaluate(config, directory)
+  if not metrics:  # finished earlier without a result file: its last eval line
+    metrics = last_eval(directory)
+  row = {"variant": variant, "seed": seed, **{k: float(v) for k, v in metrics.items()}}
+  with open(result_path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(row, f, indent=1)
+  os.replace(result_path + ".tmp", result_path)
+  return row
+
+
+def last_eval(directory: str) -> dict:
+  rows = []
+  with open(os.path.join(directory, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "eval_loss" in row:
+        rows.append(row)
+  return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+
+
+def welch_t(a: Sequence[float], b: Sequence[float]) -> float:
+  """Welch's t statistic of mean(b) - mean(a) (nan with fewer than 2 per side)."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  if len(a) < 2 or len(b) < 2:
+    return float("nan")
+  se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+  return float((b.mean() - a.mean()) / se) if se > 0 else float("inf")
+
+
+def summarize(rows: list[dict], metric: str = "eval_loss") -> str:
+  """Markdown: per variant mean +- std (n) and the difference to the first variant."""
+  by_variant: dict[str, list[float]] = {}
+  for row in rows:
+    by_variant.setdefault(row["variant"], []).append(row[metric])
+  names = list(by_variant)
+  first = by_variant[names[0]]
+  lines = [f"| variant | {metric} mean +- std (n) | seeds | vs {names[0]} | Welch t |",
+           "|---|---|---|---|---|"]
+  for name in names:
+    values = np.asarray(by_variant[name])
+    std = values.std(ddof=1) if len(values) > 1 else float("nan")
+    diff = values.mean() - np.mean(first)
+    t = welch_t(first, values) if name != names[0] else float("nan")
+    lines.append(f"| {name} | {values.mean():.4f} +- {std:.4f} ({len(values)}) | "
+                 f"{', '.join(f'{v:.4f}' for v in values)} | "
+                 f"{'' if name == names[0] else f'{diff:+.4f}'} | "
+                 f"{'' if math.isnan(t) else f'{t:+.2f}'} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(config_spec: str, variants: Sequence[tuple[str, list[str]]], seeds: Sequence[int],
+        workdir: str, metric: str = "eval_loss") -> list[dict]:
+  """Trains every (variant, seed) not finished yet; writes summary.md/csv; the rows."""
+  for name, sets in variants:  # every override valid before anything trains
+    config_files.overrides(sets, flag=f"--variant={name}")(config_files.load(config_spec))
+  rows = []
+  total = len(variants) * len(seeds)
+  for i, (name, sets) in enumerate(variants):
+    for j, seed in enumerate(seeds):
+      print(f"seeds: run {i * len(seeds) + j + 1}/{total}", flush=True)
+      rows.append(train_one(config_spec, name, sets, seed, workdir))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(f"`{config_spec}`, seeds {list(seeds)}\n\n" + summarize(rows, metric))
+  keys = sorted({k for row in rows for k in row} - {"variant", "seed"})
+  with open(os.path.join(workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, ["variant", "seed", *keys])
+    writer.writeheader()
+    writer.writerows(rows)
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.studies.seeds",
+      description="Train config variants over several seeds; report mean +- std.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--config", required=True, help="PATH.py:VARIANT")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--variant", action="append", default=[],
+                      help="NAME or NAME:FIELD=VALUE[;FIELD=VALUE] (repeatable; the first "
+                           "is the reference)")
+  parser.add_argument("--metric", default="eval_loss")
+  args = parser.parse_args(argv)
+  try:
+    try:
+      seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+      raise ValueError(f"--seeds={args.seeds!r}: give integers, e.g. 0,1,2") from None
+    if not seeds:
+      raise ValueError("--seeds is empty: give integers, e.g. 0,1,2")
+    variants = [parse_variant(v) for v in args.variant] or [("default", [])]
+    if len({name for name, _ in variants}) != len(variants):
+      raise ValueError("--variant: two variants share a name")
+    rows = run(args.config, variants, seeds, args.workdir, args.metric)
+  except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: train.TrainingError
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(summarize(rows, args.metric))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
