@@ -254,6 +254,8 @@ def test_generate_image_cli_writes_a_png_grid(workdir, capsys):
     (["--classes=0,10"], r"--classes: class 10 is outside \[0, data.num_classes=10\)"),
     (["--classes=a"], "--classes='a'"),
     (["--samples_per_class=0"], "--samples_per_class=0"),
+    (["--temperature=inf"], r"^error: --temperature=inf: use a finite number >= 0 \(0 = greedy\)$"),
+    (["--cfg_scale=nan"], r"^error: --cfg_scale=nan: use a finite number >= 0"),
 ])
 def test_generate_image_cli_errors(workdir, capsys, flags, match):
   assert generate_image.main([f"--workdir={workdir}", *flags]) == 2
