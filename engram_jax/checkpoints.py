@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 
@@ -106,41 +106,114 @@ def quarantine_steps(workdir: str, steps) -> None:
     multihost_utils.sync_global_devices("engram_jax: unreadable checkpoints moved")
 
 
-def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:
-  """(params, step) of the newest readable checkpoint, for inference.
+def saved_steps(workdir: str) -> list[int]:
+  """The step numbers of `workdir/checkpoints/STEP` (orbax's temporary dirs excluded)."""
+  import os
 
-  `abstract_params` (ShapeDtypeStructs, optionally with shardings) says what to load;
-  the optimizer state is not read. A workdir without a readable checkpoint is a
-  ValueError naming `--workdir`.
-  """
-  variables, step = restore_state_items(workdir, {"params": abstract_params})
-  return variables["params"], step
-
-
-def restore_state_items(workdir: str, abstract_items: dict) -> tuple[dict, int]:
-  """({name: tree}, step): the named TrainState fields (e.g. "params", "routing") of
-  the newest readable checkpoint; nothing else is read."""
-  import orbax.checkpoint as ocp
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  steps = []
-  if os.path.isdir(directory):
-    mngr = manager(workdir, async_saves=False, create=False)
-    steps = sorted(mngr.all_steps(), reverse=True)
-  if not steps:
-    raise ValueError(f"--workdir={workdir!r} has no checkpoint ({directory} is empty or "
-                     "missing); train first with `python -m engram_jax.main`")
-  item = dict(abstract_items)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{"block_1/attention/key/kernel": shape} of an abstract tree or orbax metadata."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in flat if hasattr(leaf, "shape")}
+
+
+def config_mismatch(workdir: str, step: int, abstract_items: dict,
+                    config_file: str) -> Optional[str]:
+  """The first array whose shape the workdir's config and checkpoint `step` disagree on
+  (an edited width, depth or table size), as a one-line error; None when they agree
+  or the checkpoint's metadata is unreadable."""
+  import os
+
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+  except Exception:  # a torn checkpoint: the restore's own error says more
+    return None
+  stored = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  for name, abstract in abstract_items.items():
+    want, have = _shapes(abstract), _shapes(stored.get(name, {}) if hasattr(stored, "get") else {})
+    for key in sorted(want.keys() | have.keys()):
+      if want.get(key) != have.get(key):
+        in_ckpt = "absent" if key not in have else f"shape {have[key]}"
+        in_cfg = "absent" if key not in want else f"shape {want[key]}"
+        return (f"--workdir={workdir!r}: {config_file} does not match checkpoint {step}: "
+                f"{name}/{key} is {in_ckpt} in the checkpoint but {in_cfg} by "
+                f"{config_file}; restore the config the run was trained with")
+  return None
+
+
+def _restore_step(workdir: str, step: int, abstract_items: dict) -> dict:
+  """{name: tree} of the named TrainState fields at `step` (as
+  the inference loaders read them, one step at a time)."""
+  import orbax.checkpoint as ocp
+
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default,
-                                     dtype=x.dtype), item)
-  errors = []
-  for step in steps:
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                       partial_restore=True)))
-      return {name: restored["state"][name] for name in item}, step
-    except Exception as err:  # see restore_latest
-      errors.append(f"step {step}: {first_line(err)}")
-  raise ValueError(f"--workdir={workdir!r}: no readable checkpoint ({'; '.join(errors)})")
+                                     dtype=x.dtype), abstract_items)
+  mngr = manager(workdir, async_saves=False, create=False)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_items, restore_args=restore_args, partial_restore=True)))
+  finally:
+    mngr.close()
+  return {name: restored["state"][name] for name in abstract_items}
+
+
+def root_cause_line(err: BaseException) -> str:
+  """The first line of the root cause: the storage error (e.g. tensorstore's
+  "OUT_OF_RANGE: Error reading ..."), not orbax's wrapper around it."""
+  while err.__cause__ is not None:
+    err = err.__cause__
+  return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def restore_checkpoint(workdir: str, abstract_items: dict,
+                       config_file: str = "model_config.json") -> tuple[dict, int]:
+  """({name: tree}, step) of the newest readable checkpoint, for inference.
+
+  A config that does not fit the checkpoint is one ValueError line (checked on the
+  metadata, before any array is read); skipping unreadable newer checkpoints is one
+  warning line on stderr; the libraries' tracebacks of the failed attempts are kept
+  off stderr (`quiet.quiet_library_logs`).
+  """
+  import sys
+
+  steps = sorted(saved_steps(workdir), reverse=True)
+  if not steps:
+    raise ValueError(f"--workdir={workdir!r} has no checkpoint "
+                     f"({CHECKPOINT_DIR}/ is empty or missing); train first "
+                     "with `python -m engram_jax.main`")
+  unreadable = []
+  with quiet.quiet_library_logs(log_path(workdir)):
+    for step in steps:
+      mismatch = config_mismatch(workdir, step, abstract_items, config_file)
+      if mismatch:
+        raise ValueError(mismatch)
+      try:
+        items = _restore_step(workdir, step, abstract_items)
+        break
+      except Exception as err:  # orbax/tensorstore raise many types for a torn save
+        unreadable.append((step, root_cause_line(err)))
+    else:
+      raise ValueError(f"--workdir={workdir!r}: no readable checkpoint (" + "; ".join(
+          f"step {s}: {why}" for s, why in unreadable) + ")")
+  if unreadable:
+    which = (f"checkpoint {unreadable[0][0]} is" if len(unreadable) == 1 else
+             "checkpoints " + ", ".join(str(s) for s, _ in unreadable) + " are")
+    print(f"warning: {which} unreadable ({unreadable[0][1]}); using checkpoint {step}",
+          file=sys.stderr, flush=True)
+  return items, step
+
+
+def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:
+  """(params, step) of the newest readable checkpoint, for inference."""
+  items, step = restore_checkpoint(workdir, {"params": abstract_params})
+  return items["params"], step

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.models.image import ImageARModel
+from engram_jax.progress import progress
 
 
 class FeatureNet(Protocol):
@@ -193,7 +194,7 @@ def train_digits_classifier(levels: int, split_seed: int = 0, seed: int = 0,
 
   opt_state = tx.init(params)
   rng = np.random.default_rng(seed)
-  for _ in range(steps):
+  for _ in progress(range(steps), "digits classifier training steps"):
     rows = rng.integers(0, len(train_x), batch_size)
     params, opt_state = step(params, opt_state, train_x[rows], train_y[rows])
   logits = _mlp_apply(levels)({"params": params}, test_x)[1]
@@ -373,7 +374,8 @@ def generate_per_class(model: ImageARModel, params, samples_per_class: int, rng,
   labels = np.repeat(np.arange(model.cfg.num_classes, dtype=np.int32), samples_per_class)
   batch = min(batch_size, len(labels))
   codes = []
-  for i, start in enumerate(range(0, len(labels), batch)):
+  starts = range(0, len(labels), batch)
+  for i, start in progress(enumerate(starts), "sampling batches", len(starts)):
     chunk = labels[start:start + batch]
     padded = np.pad(chunk, (0, batch - len(chunk)))
     out = _sampler()(model, params, padded, jax.random.fold_in(rng, i), **sampling)
@@ -456,7 +458,7 @@ def nll_bits_per_token(model: ImageARModel, params, batches: Iterable[dict]) -> 
   batch's `hash_ids`, when present, replace in-graph hashing.
   """
   total, count = 0.0, 0
-  for batch in batches:
+  for batch in progress(batches, "NLL batches"):
     total += float(np.sum(np.asarray(_nll_sum(
         model, params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
         batch.get("hash_ids")), np.float64)))

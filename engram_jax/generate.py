@@ -228,50 +228,98 @@ def load_workdir(workdir: str):
 
   from engram_jax import checkpoints, hashing
   from engram_jax import tokenizer as tokenizer_lib
+  from engram_jax.layers import moe
 
   cfg = read_model_config(workdir)
   tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
   model = EngramLM(cfg)
   abstract = jax.eval_shape(
       lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
-  from engram_jax.layers import moe
   if abstract.get(moe.BIAS):  # MoE loss-free balancing: the trained routing biases too
-    params, step = checkpoints.restore_state_items(
+    params, step = checkpoints.restore_checkpoint(
         workdir, {"params": abstract["params"], moe.BIAS: abstract[moe.BIAS]})
   else:
-    params, step = checkpoints.restore_params(workdir, abstract["params"])
+    params, step = checkpoints.restore_checkpoint(workdir, {"params": abstract["params"]})
+    params = params["params"]
   vocab_map = None
   if cfg.engram.layers:
     vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
   return model, params, tok, vocab_map, step
 
 
-def main(argv=None) -> int:
+SAMPLING_RULES = {
+    "temperature": (lambda v: v >= 0, "a finite number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1.0 = off)"),
+    "cfg_scale": (lambda v: v >= 0, "a finite number >= 0 (0 or 1 = off)"),
+}
+
+
+def check_sampling(settings: dict) -> None:
+  """A ValueError naming the first flag of `settings` outside its range (nan and inf
+  included), e.g. `--top_p=0: use a number in (0, 1] (1.0 = off)`."""
+  import math
+  for name, value in settings.items():
+    allowed, rule = SAMPLING_RULES[name]
+    if not (math.isfinite(value) and allowed(value)):
+      raise ValueError(f"--{name}={value}: use {rule}")
+
+
+IMAGE_FLAGS = ("classes", "samples_per_class", "cfg_scale", "out")
+
+
+def build_parser():
+  """The one `python -m engram_jax.generate` command line: language-model flags, and
+  the image flags that apply when `--workdir` is an image run (`generate_image.main`)."""
   import argparse
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.generate",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      description="Sample from the newest checkpoint of a training workdir: text "
+                  "continuations for a language model; for an image run (config.json "
+                  "with data.height/width/num_classes) a PNG grid of samples per class.")
+  parser.add_argument("--workdir", required=True, help="a directory written by "
+                      "`python -m engram_jax.main`")
+  parser.add_argument("--prompt", default="",
+                      help="text to continue, language models (default: %(default)r)")
+  parser.add_argument("--max_new_tokens", type=int, default=64, help="language models")
+  parser.add_argument("--temperature", type=float, default=1.0,
+                      help="0 = greedy; image runs default to the config's sample section")
+  parser.add_argument("--top_k", type=int, default=0, help="0 = off")
+  parser.add_argument("--top_p", type=float, default=1.0, help="1.0 = off")
+  parser.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
+  parser.add_argument("--num_samples", type=int, default=1, help="language models")
+  image = parser.add_argument_group(
+      "image workdirs", "these apply only when --workdir is an image run")
+  image.add_argument("--classes", default=argparse.SUPPRESS,
+                     help="comma-separated class ids (default: all classes)")
+  image.add_argument("--samples_per_class", type=int, default=argparse.SUPPRESS,
+                     help="samples in each row of the grid (default: 8)")
+  image.add_argument("--cfg_scale", type=float, default=argparse.SUPPRESS,
+                     help="classifier-free guidance, 0 or 1 = off (default: the "
+                          "config's sample.cfg_scale)")
+  image.add_argument("--out", default=argparse.SUPPRESS,
+                     help="PNG path (default: WORKDIR/samples_stepS_seedN.png)")
+  return parser
+
+
+def main(argv=None) -> int:
   import sys
 
   from engram_jax import generate_image
   image_exit = generate_image.main_if_image_workdir(argv)
   if image_exit is not None:  # an image workdir: --classes, --cfg_scale, a PNG grid
     return image_exit
-  parser = argparse.ArgumentParser(
-      prog="python -m engram_jax.generate",
-      description="Sample continuations from the newest checkpoint of a training workdir.")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--prompt", default="")
-  parser.add_argument("--max_new_tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  parser.add_argument("--top_k", type=int, default=0, help="0 = off")
-  parser.add_argument("--top_p", type=float, default=1.0, help="1.0 = off")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--num_samples", type=int, default=1)
-  args = parser.parse_args(argv)
+  args = build_parser().parse_args(argv)
   try:
     for name in ("max_new_tokens", "num_samples"):
       if getattr(args, name) < 1:
         raise ValueError(f"--{name}={getattr(args, name)}: use a positive integer")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-      raise ValueError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
+    image_flags = [f"--{name}" for name in IMAGE_FLAGS if hasattr(args, name)]
+    if image_flags:
+      raise ValueError(f"{', '.join(image_flags)}: only for image workdirs; "
+                       f"--workdir={args.workdir!r} is not an image run")
+    check_sampling(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
     model, params, tok, vocab_map, step = load_workdir(args.workdir)
     from engram_jax import tokenizer as tokenizer_lib
     eos = tokenizer_lib.eos_id(tok)

@@ -10,7 +10,7 @@ conditional sampling, batch not doubled).
 import jax
 import jax.numpy as jnp
 
-from engram_jax.generate import sample
+from engram_jax.generate import check_sampling, sample
 from engram_jax.models.image import ImageARModel
 
 
@@ -155,8 +155,9 @@ def load_image_workdir(workdir: str):
                      "data.height/width/num_classes); for a language model use "
                      "`python -m engram_jax.generate`")
   model_cfg = image.make_image_config(config.model, config.data)
-  params, step = checkpoints.restore_params(workdir, image.abstract_params(model_cfg))
-  return config, ImageARModel(model_cfg), params, step
+  items, step = checkpoints.restore_checkpoint(workdir, {"params": image.abstract_params(model_cfg)},
+                                   CONFIG_FILE)
+  return config, ImageARModel(model_cfg), items["params"], step
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
@@ -217,36 +218,40 @@ def main(argv=None) -> int:
 
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.generate_image",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       description="Sample images per class from the newest checkpoint of an image workdir; "
                   "writes a PNG grid (rows = classes) and the codes as npz.")
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--classes", default="", help="comma-separated ids (default: all)")
-  parser.add_argument("--samples_per_class", type=int, default=8)
-  parser.add_argument("--cfg_scale", type=float, default=None,
+  parser.add_argument("--classes", default=argparse.SUPPRESS,
+                      help="comma-separated ids (default: all classes)")
+  parser.add_argument("--samples_per_class", type=int, default=8,
+                      help="samples in each row of the grid")
+  parser.add_argument("--cfg_scale", type=float, default=argparse.SUPPRESS,
                       help="classifier-free guidance (default: config sample.cfg_scale; "
                            "0 or 1 = off)")
-  parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-  parser.add_argument("--top_k", type=int, default=None, help="0 = off")
-  parser.add_argument("--top_p", type=float, default=None, help="1.0 = off")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default="", help="PNG path (default: in the workdir)")
+  parser.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
+                      help="0 = greedy (default: config sample.temperature, else 1.0)")
+  parser.add_argument("--top_k", type=int, default=argparse.SUPPRESS,
+                      help="0 = off (default: config sample.top_k, else 0)")
+  parser.add_argument("--top_p", type=float, default=argparse.SUPPRESS,
+                      help="1.0 = off (default: config sample.top_p, else 1.0)")
+  parser.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
+  parser.add_argument("--out", default=argparse.SUPPRESS,
+                      help="PNG path (default: WORKDIR/samples_stepS_seedN.png)")
   args = parser.parse_args(argv)
   try:
     if args.samples_per_class < 1:
       raise ValueError(f"--samples_per_class={args.samples_per_class}: use a positive integer")
     config, model, params, step = load_image_workdir(args.workdir)
     g = model.cfg
-    classes = (parse_classes(args.classes, g.num_classes) if args.classes
+    classes = (parse_classes(args.classes, g.num_classes) if getattr(args, "classes", "")
                else list(range(g.num_classes)))
     sampling = sampling_settings(config, args)
-    if (sampling["temperature"] < 0 or not 0 < sampling["top_p"] <= 1
-        or sampling["top_k"] < 0 or sampling["cfg_scale"] < 0):
-      raise ValueError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0, "
-                       "--cfg_scale >= 0")
+    check_sampling(sampling)
     labels = np.repeat(np.asarray(classes, np.int32), args.samples_per_class)
     run = jax.jit(generate_images, static_argnums=0, static_argnames=tuple(sampling))
     codes = np.asarray(run(model, params, labels, jax.random.key(args.seed), **sampling))
-    out = args.out or os.path.join(args.workdir, f"samples_step{step}_seed{args.seed}.png")
+    out = getattr(args, "out", "") or os.path.join(args.workdir, f"samples_step{step}_seed{args.seed}.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_grid_png(out, codes.reshape(len(classes), args.samples_per_class, g.height, g.width),
                   classes, g.codebook_size - 1)

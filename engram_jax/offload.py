@@ -201,8 +201,9 @@ def load_workdir(workdir: str):
     keys = tuple(getattr(k, "key", k) for k in path)
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                 sharding=host if keys in table_paths else device)
-  params, step = checkpoints.restore_params(
-      workdir, jax.tree_util.tree_map_with_path(place, abstract))
+  items, step = checkpoints.restore_checkpoint(
+      workdir, {"params": jax.tree_util.tree_map_with_path(place, abstract)})
+  params = items["params"]
   device_params, tables = split_params(params, cfg)
   vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
   return model, device_params, tables, tok, vocab_map, step

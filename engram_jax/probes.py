@@ -32,6 +32,7 @@ import numpy as np
 from engram_jax import config as config_lib
 from engram_jax import evaluate, hashing
 from engram_jax.models.image import ImageARModel, ImageModelConfig
+from engram_jax.progress import progress
 
 GATES = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, "learned")
 DONOR_KINDS = ("self", "matched", "random", "adversarial")
@@ -83,7 +84,7 @@ def gate_clamp(cfg: ImageModelConfig, params, batches: Sequence[dict], *,
   if not cfg.model.engram.layers:
     raise ValueError("gate_clamp: model.engram.layers is empty; the probe needs Engram")
   rows = []
-  for gate in gates:
+  for gate in progress(gates, "gate clamp: gates"):
     model = ImageARModel(with_gate(cfg, gate))
     gate_params = params_for_gate(params, gate)
     row = {"gate": gate_label(gate),
@@ -183,7 +184,7 @@ def donor_probe(model: ImageARModel, params, batches: Sequence[dict], *,
   rng = np.random.default_rng(seed)
   donors = {kind: donor_indices(cells, labels, kind, rng) for kind in kinds}
   out = {kind: {"kl": [], "js": [], "donor": donors[kind]} for kind in kinds}
-  for rows in _chunks(len(labels), size):
+  for rows in progress(_chunks(len(labels), size), "donor probe batches"):
     inputs = jnp.asarray(data["inputs"][rows])
     reference = _log_probs(model, params, inputs, _hash_ids(cfg, cells[rows]))
     for kind in kinds:
@@ -238,7 +239,7 @@ def table_probe(model: ImageARModel, params, batches: Sequence[dict], *,
     else:
       variants[kind] = (model, edit_tables(cfg, params, kind, key))
   out = {kind: {"kl": [], "js": []} for kind in kinds}
-  for rows in _chunks(len(data["labels"]), size):
+  for rows in progress(_chunks(len(data["labels"]), size), "table probe batches"):
     inputs, ids = jnp.asarray(data["inputs"][rows]), _hash_ids(cfg, data["targets"][rows])
     reference = _log_probs(model, params, inputs, ids)
     for kind, (alt_model, alt_params) in variants.items():

@@ -1,29 +1,71 @@
 """Keep library noise off the console while a handled failure runs its course.
 
-Restoring a torn or foreign checkpoint, or an async save hitting a full disk, makes
-orbax, asyncio and TensorStore log tracebacks (dozens to hundreds) that the caller then
-handles with one line. Their records go to a log file instead (the workdir's
-`engram_jax.log`, or `$TMPDIR/engram_jax-PID.log`):
+One unreadable checkpoint, or an async save hitting a full disk, makes orbax, asyncio
+and TensorStore print dozens to hundreds of tracebacks that the caller then reports in
+one line of its own: orbax and absl log through Python `logging`, asyncio logs "Task
+exception was never retrieved" through its exception handler, TensorStore's worker
+threads finalise abandoned read coroutines through `sys.unraisablehook`, and its C++
+side writes to file descriptor 2.
 
-- `library_logs_to(path)`: for a whole run, Python logging records of the libraries;
-- `quiet_library_logs(path)`: for a short call, also everything written to file
-  descriptor 2 (TensorStore's C++ logs) while it is active.
+- `quiet_library_logs(path=None)`: for a short call (a restore): collects all of these
+  into the yielded `LibraryLogs` (and appends them to `path`, with fd 2, when given);
+- `library_logs_to(path)`: for a whole run, the libraries' Python logging records go to
+  `path` (the workdir's `engram_jax.log`) instead of the console.
 A log file that cannot be written (a full disk) drops records rather than printing
 logging's own tracebacks.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
-import tempfile
+import threading
+from typing import Iterator, Optional
 
-LIBRARY_LOGGERS = ("absl", "asyncio", "orbax", "jax", "tensorstore", "etils")
+LIBRARY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "etils",
+                   "jax.experimental.array_serialization")
+_FORMAT = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def default_log_path() -> str:
-  return os.path.join(tempfile.gettempdir(), f"engram_jax-{os.getpid()}.log")
+class LibraryLogs:
+  """What the libraries reported while quiet: messages and the exceptions behind them."""
+
+  def __init__(self, log_file=None):
+    self.messages: list[str] = []
+    self.exceptions: list[BaseException] = []
+    self._file = log_file
+
+  def add(self, message: str, exc: Optional[BaseException] = None) -> None:
+    self.messages.append(message)
+    if exc is not None:
+      self.exceptions.append(exc)
+    if self._file is not None:
+      try:
+        self._file.write(message + "\n")
+      except (OSError, ValueError):
+        pass
+
+  def first_error(self) -> Optional[str]:
+    """The first line of the root cause of the first exception (the storage error,
+    e.g. tensorstore's "OUT_OF_RANGE: Error reading ...", not orbax's wrapper)."""
+    if not self.exceptions:
+      return None
+    err = self.exceptions[0]
+    while err.__cause__ is not None:
+      err = err.__cause__
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+class _Collect(logging.Handler):
+  def __init__(self, logs: LibraryLogs):
+    super().__init__(logging.DEBUG)
+    self.logs = logs
+
+  def emit(self, record: logging.LogRecord) -> None:
+    exc = record.exc_info[1] if record.exc_info else None
+    self.logs.add(f"{record.name}: {record.getMessage()}", exc)
 
 
 class _FileHandler(logging.StreamHandler):
@@ -31,25 +73,9 @@ class _FileHandler(logging.StreamHandler):
     del record
 
 
-def _open_log(path: str | None):
-  for candidate in (path, default_log_path()):
-    if candidate:
-      try:
-        return open(candidate, "a", encoding="utf-8")
-      except OSError:
-        continue
-  return None
-
-
 @contextlib.contextmanager
-def library_logs_to(path: str | None = None):
-  """Routes the libraries' Python logging records to `path` for the duration."""
-  log_file = _open_log(path)
-  if log_file is None:
-    yield None
-    return
-  handler = _FileHandler(log_file)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+def _library_handler(handler: logging.Handler):
+  """The libraries' loggers write to `handler` only, for the duration."""
   saved = []
   for name in LIBRARY_LOGGERS:
     logger = logging.getLogger(name)
@@ -57,11 +83,36 @@ def library_logs_to(path: str | None = None):
     logger.handlers = [handler]
     logger.propagate = False
   try:
-    yield log_file.name
+    yield
   finally:
     for logger, handlers, propagate in saved:
       logger.handlers = handlers
       logger.propagate = propagate
+
+
+def _open(path: Optional[str]):
+  if not path:
+    return None
+  try:
+    return open(path, "a", encoding="utf-8")
+  except OSError:
+    return None
+
+
+@contextlib.contextmanager
+def library_logs_to(path: str) -> Iterator[Optional[str]]:
+  """Routes the libraries' Python logging records to `path` for the duration (they
+  stay on the console when `path` cannot be opened)."""
+  log_file = _open(path)
+  if log_file is None:
+    yield None
+    return
+  handler = _FileHandler(log_file)
+  handler.setFormatter(_FORMAT)
+  try:
+    with _library_handler(handler):
+      yield path
+  finally:
     try:
       log_file.close()
     except OSError:
@@ -69,23 +120,45 @@ def library_logs_to(path: str | None = None):
 
 
 @contextlib.contextmanager
-def quiet_library_logs(path: str | None = None):
-  """`library_logs_to(path)`, and file descriptor 2 into the same file."""
-  with library_logs_to(path) as name:
-    stderr_fd = None
-    if name is not None:
-      sys.stderr.flush()
-      try:
-        stderr_fd = os.dup(2)
-        target = os.open(name, os.O_WRONLY | os.O_APPEND)
-        os.dup2(target, 2)
-        os.close(target)
-      except OSError:
-        stderr_fd = None
+def _stderr_to(log_file):
+  """File descriptor 2 into `log_file` (TensorStore's C++ logs), then back."""
+  saved_fd = None
+  if log_file is not None:
+    sys.stderr.flush()
     try:
-      yield name
-    finally:
-      if stderr_fd is not None:
-        sys.stderr.flush()
-        os.dup2(stderr_fd, 2)
-        os.close(stderr_fd)
+      saved_fd = os.dup(2)
+      os.dup2(log_file.fileno(), 2)
+    except OSError:
+      saved_fd = None
+  try:
+    yield
+  finally:
+    if saved_fd is not None:
+      sys.stderr.flush()
+      os.dup2(saved_fd, 2)
+      os.close(saved_fd)
+
+
+@contextlib.contextmanager
+def quiet_library_logs(path: Optional[str] = None) -> Iterator[LibraryLogs]:
+  """Collects the libraries' log records, unraisable and thread exceptions into the
+  yielded `LibraryLogs` instead of printing them (and appends them, with fd 2, to
+  `path` when given); everything is restored on exit."""
+  log_file = _open(path)
+  logs = LibraryLogs(log_file)
+  saved_hooks = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: logs.add(f"unraisable: {u.exc_value!r}", u.exc_value)
+  threading.excepthook = lambda a: logs.add(f"thread: {a.exc_value!r}", a.exc_value)
+  try:
+    with _library_handler(_Collect(logs)), _stderr_to(log_file):
+      try:
+        yield logs
+      finally:
+        gc.collect()  # abandoned read coroutines are finalised (and reported) here
+  finally:
+    sys.unraisablehook, threading.excepthook = saved_hooks
+    if log_file is not None:
+      try:
+        log_file.close()
+      except OSError:
+        pass

@@ -142,6 +142,75 @@ def test_cli_errors_name_the_flag(trained_workdir, tmp_path, capsys):
   assert "--top_p" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("temperature", "nan"), ("temperature", "inf"), ("temperature", "-0.5"),
+    ("top_k", "-1"), ("top_p", "0.0"), ("top_p", "nan")])
+def test_cli_sampling_error_names_only_the_bad_flag(tmp_path, capsys, flag, value):
+  assert generate.main([f"--workdir={tmp_path}", f"--{flag}={value}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith(f"error: --{flag}={value}: use ")
+  others = {"--temperature", "--top_k", "--top_p", "--cfg_scale"} - {f"--{flag}"}
+  assert not any(other in err for other in others), err
+
+
+def test_image_sampling_settings_are_checked_one_flag_at_a_time():
+  good = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
+  generate.check_sampling(good)
+  with pytest.raises(ValueError, match=r"^--cfg_scale=nan: use a finite number >= 0"):
+    generate.check_sampling({**good, "cfg_scale": float("nan")})
+
+
+def test_cli_help_lists_image_flags_and_defaults(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    generate.main(["--help"])
+  help_text = capsys.readouterr().out
+  assert "--classes" in help_text and "--cfg_scale" in help_text
+  assert "image workdirs" in help_text and "(default: 64)" in help_text
+  assert generate.main([f"--workdir={tmp_path}", "--classes=1"]) == 2
+  assert "only for image workdirs" in capsys.readouterr().err
+
+
+def _copy_workdir(trained_workdir, target):
+  import shutil
+  shutil.copytree(trained_workdir, target)
+  return str(target)
+
+
+def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path, capfd):
+  workdir = _copy_workdir(trained_workdir, tmp_path / "corrupt")
+  ckpts = os.path.join(workdir, "checkpoints")
+  import shutil
+  shutil.copytree(os.path.join(ckpts, "3"), os.path.join(ckpts, "5"))
+  data_dir = os.path.join(ckpts, "5", "state", "ocdbt.process_0", "d")
+  for name in os.listdir(data_dir):
+    with open(os.path.join(data_dir, name), "wb") as f:
+      f.write(b"torn write")
+  capfd.readouterr()
+  *_, step = generate.load_workdir(workdir)
+  err = capfd.readouterr().err
+  assert step == 3
+  assert err.startswith("warning: checkpoint 5 is unreadable (") and err.endswith(
+      "); using checkpoint 3\n"), err
+  assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_config_that_does_not_fit_the_checkpoint_is_one_error_line(trained_workdir,
+                                                                    tmp_path, capfd):
+  import json
+  workdir = _copy_workdir(trained_workdir, tmp_path / "edited")
+  path = os.path.join(workdir, "model_config.json")
+  with open(path, encoding="utf-8") as f:
+    cfg = json.load(f)
+  cfg["width"] *= 2
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(cfg, f)
+  capfd.readouterr()
+  assert generate.main([f"--workdir={workdir}"]) == 2
+  err = capfd.readouterr().err
+  assert "model_config.json does not match checkpoint 3" in err, err
+  assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("lookup", ["psum"])  # gather under sharding: test_train, test_sharding
 def test_generation_with_sharded_params_equals_unsharded(lookup):
   """Params laid out over 8 devices by the rules (tables row-sharded): same tokens."""

@@ -14,7 +14,7 @@ import pytest
 from engram_jax import config as config_lib
 from engram_jax import generate, train
 from engram_jax.layers import moe
-from engram_jax.models.lm import EngramLM, segments
+from engram_jax.models.lm import EngramLM, relayout_params, segments
 
 from tests.conftest import tiny_model_config, with_random_conv
 
@@ -110,6 +110,24 @@ def test_runs_split_at_first_dense_layers_and_blocks_pick_their_ffn():
          if name.startswith("block")}
   assert ffn == {"blocks_0_0": "mlp", "block_1": "mlp", "blocks_2_3": "moe",
                  "block_4": "moe", "blocks_5_5": "moe"}
+
+
+def test_relayout_variables_with_a_dense_engram_block():
+  """The `routing` collection has no entry for dense blocks (block_1 here): relayout
+  to the baseline plan and back keeps every routing bias where its layer goes."""
+  cfg = _cfg(moe=dataclasses.replace(MOE, first_dense_layers=2))  # Engram at 1 (dense), 3
+  baseline = _cfg(moe=cfg.moe, engram=dataclasses.replace(BASE.engram, layers=()))
+  variables = _randomised(_init(cfg), cfg)
+  assert set(variables[moe.BIAS]) == {"blocks_2_2", "block_3"}
+  base = relayout_params(variables, cfg, baseline)
+  want = nn.unbox(jax.eval_shape(EngramLM(baseline).init, jax.random.key(0), TOKENS))
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: x.shape, tree)
+  assert shapes(base) == shapes({k: want[k] for k in ("params", moe.BIAS)})
+  bias = base[moe.BIAS]["blocks_2_3"]["moe"]["bias"]
+  np.testing.assert_array_equal(bias[1], variables[moe.BIAS]["block_3"]["moe"]["bias"])
+  back = relayout_params(base, baseline, cfg, engram_params={
+      layer: variables["params"][f"block_{layer}"]["engram"] for layer in (1, 3)})
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
 
 
 def test_one_expert_top_one_equals_the_dense_model():

@@ -37,7 +37,7 @@ def _worker_xla_flags() -> str:
 def _launch(workdir, *overrides):
   """Runs the launch script to completion; its process group is killed on timeout."""
   env = {**os.environ, "DEVICES_PER_PROCESS": "2", "TIMEOUT": str(RUN_TIMEOUT_S - 20),
-         "TF_CPP_MIN_LOG_LEVEL": "2"}
+         "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable}
   env["XLA_FLAGS"] = _worker_xla_flags()
   proc = subprocess.Popen(
       ["bash", SCRIPT, "2", "tests/lm_test_config.py:tiny", workdir,
@@ -187,7 +187,7 @@ def test_missing_coordinator_is_a_one_line_error(tmp_path):
 
 def test_multiprocess_script_fails_when_a_process_fails(tmp_path):
   env = {**os.environ, "TIMEOUT": "240", "TF_CPP_MIN_LOG_LEVEL": "2",
-         "XLA_FLAGS": _worker_xla_flags()}
+         "XLA_FLAGS": _worker_xla_flags(), "PYTHON": sys.executable}  # not the PATH's python
   proc = subprocess.run(
       ["bash", SCRIPT, "2", "tests/lm_test_config.py:tiny", str(tmp_path),
        "--config.model.engram.layers=0,7"],

@@ -254,6 +254,8 @@ def test_generate_image_cli_writes_a_png_grid(workdir, capsys):
     (["--classes=0,10"], r"--classes: class 10 is outside \[0, data.num_classes=10\)"),
     (["--classes=a"], "--classes='a'"),
     (["--samples_per_class=0"], "--samples_per_class=0"),
+    (["--temperature=inf"], r"^error: --temperature=inf: use a finite number >= 0 \(0 = greedy\)$"),
+    (["--cfg_scale=nan"], r"^error: --cfg_scale=nan: use a finite number >= 0"),
 ])
 def test_generate_image_cli_errors(workdir, capsys, flags, match):
   assert generate_image.main([f"--workdir={workdir}", *flags]) == 2
@@ -294,8 +296,11 @@ def test_probes_cli_writes_every_probe(workdir, capsys):
   with open(os.path.join(out_dir, "donor.csv")) as f:
     donor = {r["kind"]: r for r in csv.DictReader(f)}
   assert float(donor["self"]["kl"]) == 0.0 and float(donor["random"]["kl"]) > 0
-  printed = capsys.readouterr().out
+  printed, progress = capsys.readouterr()
   assert "digits classifier (test accuracy" in printed
+  for loop in ("gate clamp: gates: 2/2", "NLL batches: 2/2", "sampling batches: 1/1",
+               "donor probe batches: 2/2", "table probe batches: 2/2"):
+    assert loop in progress, (loop, progress)  # long runs say how far they are, on stderr
   assert os.path.exists(os.path.join(workdir, "digits_classifier_levels8_split0_seed0_"
                                      "steps400.npz"))
 

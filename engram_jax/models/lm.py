@@ -233,17 +233,51 @@ class EngramLM(nn.Module):
 # ----------------------------------------------------------------------------------
 # Moving parameters between layer plans (baseline <-> Engram at other layers)
 # ----------------------------------------------------------------------------------
-def unstack_blocks(params, cfg: config_lib.ModelConfig) -> list[dict]:
-  """Per-layer block params (scanned runs split), in layer order."""
+def unstack_blocks(params, cfg: config_lib.ModelConfig, missing_ok: bool = False) -> list[dict]:
+  """Per-layer block params (scanned runs split), in layer order.
+
+  `missing_ok`: a block the tree has no entry for is `{}` (the `routing` collection
+  holds only the MoE blocks; dense ones, e.g. before `moe.first_dense_layers`, have none).
+  """
   layers = []
   for kind, first, length in segments(cfg):
-    if kind == "engram":
-      layers.append(params[f"block_{first}"])
+    name = f"block_{first}" if kind == "engram" else f"blocks_{first}_{first + length - 1}"
+    if missing_ok and name not in params:
+      layers.extend({} for _ in range(length))
+    elif kind == "engram":
+      layers.append(params[name])
     else:
-      stacked = params[f"blocks_{first}_{first + length - 1}"]
-      layers.extend(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+      layers.extend(jax.tree_util.tree_map(lambda x, i=i: x[i], params[name])
                     for i in range(length))
   return layers
+
+
+def _relayout_collection(tree, src, dst, engram_params: Optional[dict], is_params: bool):
+  """One collection of `relayout_params`: params need every block; other collections
+  (MoE `routing`) keep the blocks they have and drop the ones that come out empty."""
+  layers = unstack_blocks(tree, src, missing_ok=not is_params)
+  out = {k: v for k, v in tree.items() if not k.startswith("block")}
+  for kind, first, length in segments(dst):
+    chunk = [{k: v for k, v in layers[l].items() if k != "engram"}
+             for l in range(first, first + length)]
+    if kind == "engram" and is_params:
+      source = engram_params.get(first, layers[first].get("engram"))
+      if source is None:
+        raise ValueError(f"relayout_params: no Engram params for layer {first}; pass "
+                         "engram_params={layer: params} for layers the source lacks")
+      out[f"block_{first}"] = {**chunk[0], "engram": source}
+    elif not any(chunk):
+      continue  # e.g. no routing biases in dense blocks
+    elif kind == "engram":
+      out[f"block_{first}"] = chunk[0]
+    elif all(chunk):
+      out[f"blocks_{first}_{first + length - 1}"] = jax.tree_util.tree_map(
+          lambda *xs: jnp.stack(xs), *chunk)
+    else:
+      raise ValueError(f"relayout_params: layers {first}..{first + length - 1} are one "
+                       "scanned run in the target but only some of them have entries in "
+                       "this collection; src and dst must share the MoE layer plan")
+  return out
 
 
 def relayout_params(params, src: config_lib.ModelConfig, dst: config_lib.ModelConfig,
@@ -252,20 +286,11 @@ def relayout_params(params, src: config_lib.ModelConfig, dst: config_lib.ModelCo
 
   Engram sub-trees are dropped where `dst` has none; where `dst` has Engram at a layer,
   `engram_params[layer]` (or the source's Engram params at that layer) fill it.
+  `params` may be a variables dict (`{"params": ..., "routing": ...}`): every
+  collection is laid out for `dst`.
   """
-  layers = unstack_blocks(params, src)
   engram_params = dict(engram_params or {})
-  out = {k: v for k, v in params.items() if not k.startswith("block")}
-  for kind, first, length in segments(dst):
-    chunk = [{k: v for k, v in layers[l].items() if k != "engram"}
-             for l in range(first, first + length)]
-    if kind == "engram":
-      source = engram_params.get(first, layers[first].get("engram"))
-      if source is None:
-        raise ValueError(f"relayout_params: no Engram params for layer {first}; pass "
-                         "engram_params={layer: params} for layers the source lacks")
-      out[f"block_{first}"] = {**chunk[0], "engram": source}
-    else:
-      out[f"blocks_{first}_{first + length - 1}"] = jax.tree_util.tree_map(
-          lambda *xs: jnp.stack(xs), *chunk)
-  return out
+  if isinstance(params, Mapping) and "params" in params:
+    return {name: _relayout_collection(tree, src, dst, engram_params, name == "params")
+            for name, tree in params.items()}
+  return _relayout_collection(params, src, dst, engram_params, is_params=True)
