@@ -142,8 +142,9 @@ def analyze(workdir: str, baseline: str, out: str, batches: int = 4) -> dict:
   rows_NxT1 = _eval_tokens(workdir, batches)
   inputs, targets = jnp.asarray(rows_NxT1[:, :-1]), jnp.asarray(rows_NxT1[:, 1:])
   results, streams = {}, {}
-  for i, (name, path) in enumerate([("engram", workdir), ("baseline", baseline)]):
-    print(f"analyze: model {i + 1}/2 ({name}: {path})", flush=True)
+  from engram_jax import progress
+  models = [("engram", workdir), ("baseline", baseline)]
+  for name, path in progress.progress(models, "analyze: models", total=len(models)):
     cfg, params, _, vocab_map, step = _load(path)
     ngram = None if vocab_map is None else vocab_map[inputs]
     streams[name] = residual_streams(cfg, params, inputs, ngram)
