@@ -153,3 +153,46 @@ def test_v41_layout_rows():
   assert len(set(primes.tolist())) == 48 and primes.min() >= 16_000_000
   offsets = layout[14]["offsets_H"]
   assert offsets[0] == 0 and offsets[-1] + primes[-1] == 384_016_682
+
+
+def test_2d_stencil_is_lookbacks_in_stencil_order():
+  """Stencil entry k plays lookback k: on a 1-row grid with stencil (0,-1),(0,-2),..
+  cell t's hash is the 1D hash of the tokens shifted right by one (pad first)."""
+  spec = _spec(pad=3)
+  cells = np.random.default_rng(4).integers(0, 5000, size=(2, 50)).astype(np.int32)
+  stencil = ((0, -1), (0, -2), (0, -3), (0, -4))
+  shifted = np.concatenate([np.full((2, 1), spec.pad_id, np.int32), cells[:, :-1]], axis=1)
+  want = reference_ids(shifted, spec.table_sizes_LxOxK, spec.published_multipliers_LxN,
+                       spec.pad_id)
+  host = hashing.spatial_hash_ids(cells, spec, 1, 50, stencil)
+  dev = jax.jit(lambda c: hashing.spatial_hash_ids(c, spec, 1, 50, stencil))(cells)
+  np.testing.assert_array_equal(host, want)
+  np.testing.assert_array_equal(np.asarray(dev), want)
+
+
+def test_lm_with_published_hash_decodes_like_the_full_forward():
+  """In-graph hashing, host hash ids and the decode state all use the published hash."""
+  import flax.linen as nn
+  from engram_jax import generate
+  from engram_jax.models.lm import EngramLM
+  from tests.conftest import tiny_model_config, with_random_conv
+  cfg = tiny_model_config(hash="published", compressed_vocab_size=97, pad_id=2)
+  rng = np.random.default_rng(5)
+  seq = rng.integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
+  model = EngramLM(cfg)
+  params = with_random_conv(nn.unbox(model.init(jax.random.key(0), seq))["params"], cfg)
+  full = np.asarray(model.apply({"params": params}, seq))
+  host_ids = hashing.ngram_hash_ids(seq, cfg.engram.hash_spec())
+  np.testing.assert_array_equal(host_ids, reference_ids(
+      seq, cfg.engram.hash_spec().table_sizes_LxOxK,
+      cfg.engram.hash_spec().published_multipliers_LxN, 2))
+  np.testing.assert_allclose(
+      np.asarray(model.apply({"params": params}, seq, hash_ids_BxTxLxH=host_ids)), full,
+      rtol=1e-6, atol=1e-6)
+  lengths = np.array([5, 8], np.int32)
+  prompt = np.where(np.arange(8)[None] < lengths[:, None], seq[:, :8], 0)
+  forced = np.stack([seq[b, lengths[b]:lengths[b] + 10] for b in range(2)])
+  cached = generate.teacher_forced_logits(model, params, prompt, lengths, forced)
+  for b in range(2):
+    np.testing.assert_allclose(cached[b], full[b, lengths[b]:lengths[b] + 10],
+                               rtol=2e-4, atol=2e-4)
