@@ -196,3 +196,41 @@ def test_lm_with_published_hash_decodes_like_the_full_forward():
   for b in range(2):
     np.testing.assert_allclose(cached[b], full[b, lengths[b]:lengths[b] + 10],
                                rtol=2e-4, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------
+# Compressed vocabulary (published rule)
+# ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_tokenizer_dir(tmp_path_factory):
+  from engram_jax import tokenizer as tok_lib
+  root = tmp_path_factory.mktemp("tok")
+  corpus = root / "corpus.txt"
+  corpus.write_text("Hello hello HÉLLO héllo naïve NAÏVE Straße strasse\t\n  x  \n" * 20,
+                    encoding="utf-8")
+  tok_lib.train_bpe([str(corpus)], 300, str(root / "tokenizer.json"))
+  return root
+
+
+def test_published_vocab_equals_a_plain_transcription(small_tokenizer_dir):
+  from tokenizers import Regex, Tokenizer, normalizers
+  tok = Tokenizer.from_file(str(small_tokenizer_dir / "tokenizer.json"))
+  sentinel = "\uE000"
+  norm = normalizers.Sequence([
+      normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(),
+      normalizers.Lowercase(), normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+      normalizers.Replace(Regex(r"^ $"), sentinel), normalizers.Strip(),
+      normalizers.Replace(sentinel, " ")])
+  keys, want = {}, []
+  for i in range(tok.get_vocab_size(with_added_tokens=True)):
+    text = tok.decode([i], skip_special_tokens=False)
+    if "\ufffd" in text:
+      key = tok.id_to_token(i)
+    else:
+      key = norm.normalize_str(text) or text
+    want.append(keys.setdefault(key, len(keys)))
+  got = hashing.published_compressed_vocab(tok, expected_size=len(keys))
+  np.testing.assert_array_equal(got, want)
+  assert len(keys) < tok.get_vocab_size()  # something merged
+  with pytest.raises(ValueError, match=f"has {len(keys)} entries but 99092 were declared"):
+    hashing.published_compressed_vocab(tok, expected_size=99092)
