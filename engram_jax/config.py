@@ -17,6 +17,7 @@ _GATE_NAMES = ("learned", "off")
 _REMAT = ("none", "full", "dots")
 _DTYPES = ("float32", "bfloat16", "float16")
 LOOKUPS = ("gather", "psum", "all_to_all")
+VARIANTS = ("paper", "v4")
 HYPER = ("auto", "dynamic", "static", "none")
 
 
@@ -40,6 +41,9 @@ class EngramConfig:
   # "engram_jax" (uint32, per-head multipliers) | "published" (the reference's int64
   # hash, bit for bit; needs the two fields below). docs/hashing.md, docs/v4.md.
   hash: str = "engram_jax"
+  # "paper": W_V shared, W_K per branch, short conv | "v4": DeepSeek-V4.1's layer, one
+  # projection to M keys + one value, no conv (layers/engram.py, docs/v4.md).
+  variant: str = "paper"
   compressed_vocab_size: int = 0       # published: size of the compressed vocabulary
   pad_id: int = 0                      # published: compressed id that pads windows
 
@@ -224,6 +228,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _fail("engram.table_init_std", e.table_init_std, "must be > 0")
   if e.lookup not in LOOKUPS:
     _fail("engram.lookup", e.lookup, f"choose one of {LOOKUPS}")
+  if e.variant not in VARIANTS:
+    _fail("engram.variant", e.variant, f"choose one of {VARIANTS}")
   if e.hash not in hashing.HASH_MODES:
     _fail("engram.hash", e.hash, f"choose one of {hashing.HASH_MODES}")
   if e.hash == "published":
