@@ -1,0 +1,133 @@
+"""import_engram on synthetic V4.1-layout checkpoints: rows read == rows written; errors."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from engram_jax import fp8
+from engram_jax import hashing
+from engram_jax import import_engram
+
+LAYERS, N, HEADS, HEAD_DIM, VOCAB = (1, 3), 3, 2, 64, 53
+
+
+def _text_config(**overrides):
+  layout = hashing.published_layout(LAYERS, N, HEADS, VOCAB)
+  text = dict(engram_layer_ids=list(LAYERS), engram_max_ngram_size=N, engram_n_heads=HEADS,
+              engram_head_dim=HEAD_DIM, engram_vocab_size=VOCAB,
+              engram_compressed_vocab_size=300, engram_pad_token_id=2,
+              engram_num_embeddings=[layout[l]["rows"] for l in LAYERS])
+  text.update(overrides)
+  return text, layout
+
+
+def write_safetensors(path, tensors):
+  """tensors: name -> (safetensors dtype, array); the format, written by hand."""
+  header, blobs, offset = {}, [], 0
+  for name, (dtype, array) in tensors.items():
+    data = np.ascontiguousarray(array).tobytes()
+    header[name] = dict(dtype=dtype, shape=list(array.shape),
+                        data_offsets=[offset, offset + len(data)])
+    blobs.append(data)
+    offset += len(data)
+  head = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def _checkpoint(tmp_path, nested=False, skip=(), reshape=None, **overrides):
+  text, layout = _text_config(**overrides)
+  cfg_path = tmp_path / "config.json"
+  cfg_path.write_text(json.dumps({"text_config": text} if nested else text))
+  rng = np.random.default_rng(0)
+  floats, tensors = {}, {}
+  for layer in LAYERS:
+    floats[layer] = rng.standard_normal((layout[layer]["rows"], HEAD_DIM)).astype(np.float32)
+    values, scales = fp8.quantize(floats[layer])
+    tensors[f"model.layers.{layer}.engram.embed.weight"] = ("F8_E4M3", values)
+    tensors[f"model.layers.{layer}.engram.embed.scale"] = ("F8_E8M0", scales)
+  for name in skip:
+    tensors.pop(name)
+  if reshape:
+    name, shape = reshape
+    dtype, array = tensors[name]
+    tensors[name] = (dtype, array.reshape(-1)[:int(np.prod(shape))].reshape(shape))
+  names = sorted(tensors)
+  (tmp_path / "st").mkdir()
+  write_safetensors(tmp_path / "st" / "a.safetensors", {n: tensors[n] for n in names[:2]})
+  write_safetensors(tmp_path / "st" / "b.safetensors", {n: tensors[n] for n in names[2:]})
+  return cfg_path, tmp_path / "st", floats
+
+
+def test_rows_read_equal_rows_written(tmp_path, capsys):
+  cfg_path, st, floats = _checkpoint(tmp_path, nested=True)
+  assert import_engram.main([f"--config={cfg_path}", f"--safetensors={st}"]) == 0
+  out = capsys.readouterr().out
+  assert "layer 1:" in out and "declared" in out and "tables mapped" in out
+  v = import_engram.load(str(cfg_path), safetensors_dir=str(st))
+  assert all(isinstance(t.values_RxE, np.memmap) for t in v.tables_L)  # not read whole
+  assert v.engram.hash == "published" and v.engram.variant == "v4"
+  tokens = np.random.default_rng(1).integers(0, 300, (2, 9))
+  ids = v.hash_ids(tokens)
+  for l, (layer, rows) in enumerate(zip(LAYERS, v.rows(ids))):
+    want = fp8.dequantize(*fp8.quantize(floats[layer]))[
+        ids[:, :, l] + v.layout[layer]["offsets_H"]]
+    np.testing.assert_array_equal(rows, want)
+    assert rows.shape == (2, 9, (N - 1) * HEADS, HEAD_DIM)
+
+
+def _error(capsys, argv):
+  assert import_engram.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err
+  return err
+
+
+def test_declared_rows_must_match_the_layout(tmp_path, capsys):
+  cfg_path, _, _ = _checkpoint(tmp_path, engram_num_embeddings=[100, 200])
+  assert "engram_num_embeddings=[100, 200]" in _error(capsys, [f"--config={cfg_path}"])
+
+
+def test_missing_tensor_wrong_shape_and_size_mismatch(tmp_path, capsys):
+  for i, (kwargs, expect) in enumerate((
+      (dict(skip=("model.layers.3.engram.embed.scale",)), "missing tensor layers.3"),
+      (dict(reshape=("model.layers.1.engram.embed.weight", (10, HEAD_DIM))), "shape [10, 64]"),
+  )):
+    root = tmp_path / str(i)
+    root.mkdir()
+    cfg_path, st, _ = _checkpoint(root, **kwargs)
+    assert expect in _error(capsys, [f"--config={cfg_path}", f"--safetensors={st}"])
+  # A header whose byte range disagrees with its shape.
+  path = tmp_path / "0" / "st" / "a.safetensors"
+  (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+  header = json.loads(path.read_bytes()[8:8 + length])
+  name = sorted(header)[0]
+  header[name]["data_offsets"][1] -= 1
+  blob = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(blob)) + blob + path.read_bytes()[8 + length:])
+  root = tmp_path / "0"
+  err = _error(capsys, [f"--config={root / 'config.json'}", f"--safetensors={root / 'st'}"])
+  assert "bytes but shape" in err
+
+
+def test_compressed_vocab_size_is_checked(tmp_path, capsys):
+  from engram_jax import tokenizer as tok_lib
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("Hello hello HÉLLO naïve NAÏVE\n" * 10, encoding="utf-8")
+  tok_lib.train_bpe([str(corpus)], 280, str(tmp_path / "tokenizer.json"))
+  cfg_path, _, _ = _checkpoint(tmp_path)
+  err = _error(capsys, [f"--config={cfg_path}", f"--tokenizer={tmp_path}"])
+  assert "but 300 were declared" in err
+  tok = tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
+  size = int(hashing.published_compressed_vocab(tok).max()) + 1
+  text, _ = _text_config(engram_compressed_vocab_size=size)
+  cfg_path.write_text(json.dumps(text))
+  assert import_engram.main([f"--config={cfg_path}", f"--tokenizer={tmp_path}"]) == 0
+  assert f"-> {size} ids" in capsys.readouterr().out
+
+
+def test_not_a_v41_config(tmp_path, capsys):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({"hidden_size": 8}))
+  assert "no engram_layer_ids" in _error(capsys, [f"--config={path}"])
