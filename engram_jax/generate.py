@@ -242,7 +242,8 @@ def load_workdir(workdir: str):
     params, step = checkpoints.restore_params(workdir, abstract["params"])
   vocab_map = None
   if cfg.engram.layers:
-    vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
+    vocab_map = jnp.asarray(hashing.compressed_vocab_for(
+        tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
   return model, params, tok, vocab_map, step
 
 

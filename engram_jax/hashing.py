@@ -114,6 +114,15 @@ def published_compressed_vocab(tokenizer, expected_size: int | None = None) -> n
   return vocab
 
 
+def compressed_vocab_for(tokenizer, mode: str = "engram_jax",
+                         expected_size: int | None = None) -> np.ndarray:
+  """The compressed vocabulary a hash mode expects (`engram.hash`): the published
+  rule, size-checked, for "published"; ours otherwise."""
+  if mode == "published":
+    return published_compressed_vocab(tokenizer, expected_size or None)
+  return compressed_vocab_from_tokenizer(tokenizer)
+
+
 def identity_vocab(vocab_size: int) -> np.ndarray:
   """The map used when there is no tokenizer (images, toy data)."""
   return np.arange(vocab_size, dtype=np.int32)

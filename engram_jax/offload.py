@@ -209,7 +209,8 @@ def load_workdir(workdir: str):
   params, step = checkpoints.restore_params(
       workdir, jax.tree_util.tree_map_with_path(place, abstract))
   device_params, tables = split_params(params, cfg)
-  vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
+  vocab_map = jnp.asarray(hashing.compressed_vocab_for(tok, cfg.engram.hash,
+                                                        cfg.engram.compressed_vocab_size))
   return model, device_params, tables, tok, vocab_map, step
 
 

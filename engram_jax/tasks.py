@@ -101,7 +101,8 @@ def build(config, workdir: str) -> Task:
   tok = text.build_tokenizer(data_cfg, workdir)
   model_cfg = lm_model_config(config, vocab_size=tok.get_vocab_size())
   engram = model_cfg.engram
-  compressed = hashing.compressed_vocab_from_tokenizer(tok) if engram.layers else None
+  compressed = (hashing.compressed_vocab_for(tok, engram.hash, engram.compressed_vocab_size)
+                if engram.layers else None)
   spec = engram.hash_spec() if engram.layers and host_hashing else None
   kwargs = dict(process_index=pidx, process_count=pcount, compressed_vocab=compressed,
                 hash_spec=spec, cache_dir=f"{workdir}/token_cache")

@@ -131,3 +131,16 @@ def test_not_a_v41_config(tmp_path, capsys):
   path = tmp_path / "config.json"
   path.write_text(json.dumps({"hidden_size": 8}))
   assert "no engram_layer_ids" in _error(capsys, [f"--config={path}"])
+
+
+def test_v41_config_layout_verifies(tmp_path, capsys):
+  text = dict(engram_layer_ids=[1, 14], engram_max_ngram_size=4, engram_n_heads=8,
+              engram_head_dim=256, engram_vocab_size=16_000_000,
+              engram_compressed_vocab_size=99092, engram_pad_token_id=2,
+              engram_num_embeddings=[384_006_168, 384_016_682])
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({"text_config": text}))
+  assert import_engram.main([f"--config={path}"]) == 0
+  out = capsys.readouterr().out
+  assert "layer 1: 384006168 rows (declared 384006168: ok)" in out
+  assert "layer 14: 384016682 rows" in out
