@@ -180,19 +180,20 @@ def test_lm_with_published_hash_decodes_like_the_full_forward():
   rng = np.random.default_rng(5)
   seq = rng.integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
   model = EngramLM(cfg)
-  params = with_random_conv(nn.unbox(model.init(jax.random.key(0), seq))["params"], cfg)
-  full = np.asarray(model.apply({"params": params}, seq))
+  params = with_random_conv(nn.unbox(jax.jit(model.init)(jax.random.key(0), seq))["params"], cfg)
+  apply = jax.jit(lambda p, x, ids: model.apply({"params": p}, x, hash_ids_BxTxLxH=ids))
+  full = np.asarray(apply(params, seq, None))
   host_ids = hashing.ngram_hash_ids(seq, cfg.engram.hash_spec())
   np.testing.assert_array_equal(host_ids, reference_ids(
       seq, cfg.engram.hash_spec().table_sizes_LxOxK,
       cfg.engram.hash_spec().published_multipliers_LxN, 2))
-  np.testing.assert_allclose(
-      np.asarray(model.apply({"params": params}, seq, hash_ids_BxTxLxH=host_ids)), full,
-      rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(apply(params, seq, host_ids)), full,
+                             rtol=1e-6, atol=1e-6)
   lengths = np.array([5, 8], np.int32)
   prompt = np.where(np.arange(8)[None] < lengths[:, None], seq[:, :8], 0)
   forced = np.stack([seq[b, lengths[b]:lengths[b] + 10] for b in range(2)])
-  cached = generate.teacher_forced_logits(model, params, prompt, lengths, forced)
+  cached = jax.jit(generate.teacher_forced_logits, static_argnums=0)(
+      model, params, prompt, lengths, forced)
   for b in range(2):
     np.testing.assert_allclose(cached[b], full[b, lengths[b]:lengths[b] + 10],
                                rtol=2e-4, atol=2e-4)
