@@ -74,6 +74,18 @@ def dequantize(values_xE, scales_xS):
   return (v * scale_of(scales_xS)[..., None]).reshape(values_xE.shape)
 
 
+def dequantize_blocks(values_OxI, scales_PxQ, block: int = BLOCK) -> np.ndarray:
+  """f32 `[O, I]` of an FP8 matrix with one E8M0 scale per `block x block` tile
+  (DeepSeek's `weight_block_size [32, 32]` for linear layers; host only)."""
+  o, i = values_OxI.shape
+  want = (-(-o // block), -(-i // block))
+  if tuple(scales_PxQ.shape) != want:
+    raise ValueError(f"FP8 block scales of shape {tuple(scales_PxQ.shape)} do not fit a "
+                     f"[{o}, {i}] matrix: need {list(want)} ({block}x{block} tiles).")
+  scale = scale_of(np.asarray(scales_PxQ)).repeat(block, 0).repeat(block, 1)[:o, :i]
+  return np.asarray(values_OxI).astype(np.float32) * scale
+
+
 def gather_rows(values_RxE, scales_RxS, row_ids):
   """Dequantised rows `[*ids, E]`: gather the FP8 rows and their scales, then scale."""
   xp = _xp(values_RxE)

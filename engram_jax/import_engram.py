@@ -11,7 +11,8 @@ builds the published compressed vocabulary and checks its size against
 it maps each Engram layer's FP8 table, `layers.{L}.engram.embed.weight` (F8_E4M3,
 `[rows, head_dim]`) and `.scale` (F8_E8M0, `[rows, head_dim / 32]`), from the files'
 headers, read with NumPy memory maps: rows are read when looked up, never the whole
-file. Any inconsistency is a one-line error (exit status 2).
+file; when the files also hold `engram.wkv` / `q_weight` / `k_weight`, it loads them
+as our v4 layer's params. Any inconsistency is a one-line error (exit status 2).
 
 `load(...)` is the Python entry: an `EngramConfig` (published hash, v4 variant) and
 `fp8.Fp8Table`s that `V41Engram.rows` (or `offload.HostTables`) gather from.
@@ -149,8 +150,8 @@ def index_tensors(directory: str) -> dict[str, tuple[str, dict, int]]:
 
 
 def _find(index, layer: int, suffix: str) -> Optional[str]:
-  """The tensor `layers.{layer}.engram.embed.{suffix}`, with any prefix ("model.")."""
-  tail = f"layers.{layer}.engram.embed.{suffix}"
+  """The tensor `layers.{layer}.engram.{suffix}`, with any prefix ("model.")."""
+  tail = f"layers.{layer}.engram.{suffix}"
   hits = [n for n in index if n == tail or n.endswith("." + tail)]
   return hits[0] if hits else None
 
@@ -165,7 +166,7 @@ def map_tables(directory: str, e: config_lib.EngramConfig,
     arrays = []
     for suffix, width, dtypes in (("weight", e.head_dim, ("F8_E4M3",)),
                                   ("scale", e.head_dim // fp8.BLOCK, ("F8_E8M0", "U8"))):
-      name = _find(index, layer, suffix)
+      name = _find(index, layer, f"embed.{suffix}")
       if name is None:
         raise CheckpointError(f"--safetensors={directory}: missing tensor "
                            f"layers.{layer}.engram.embed.{suffix}")
@@ -180,6 +181,59 @@ def map_tables(directory: str, e: config_lib.EngramConfig,
   return tables
 
 
+def _tensor(index, layer: int, suffixes: Sequence[str]):
+  """(name, array) of the first `layers.{layer}.engram.{suffix}` present, else None."""
+  for suffix in suffixes:
+    name = _find(index, layer, suffix)
+    if name is not None:
+      path, entry, start = index[name]
+      return name, map_tensor(path, name, entry, start)
+  return None
+
+
+def map_layer_params(directory: str, e: config_lib.EngramConfig) -> Optional[list[dict]]:
+  """Params of our v4 layer from each layer's `engram.wkv` (FP8, 32x32 tile scales),
+  `engram.q_weight` and `engram.k_weight`, or None when the files hold no `wkv`.
+
+  wkv `[(M+1)*D, F]` computes M keys then the value (`key_value` `[F, M+1, D]`);
+  q_weight and k_weight `[M, D]` are the per-branch RMSNorm scales of the hidden state
+  and the key. Names as in public V4.1 ports.
+  """
+  index = index_tensors(directory)
+  out = []
+  for layer in e.layers:
+    wkv = _tensor(index, layer, ("wkv.weight",))
+    if wkv is None:
+      if out:
+        raise CheckpointError(f"--safetensors={directory}: missing tensor "
+                              f"layers.{layer}.engram.wkv.weight")
+      return None
+    found = {s: _tensor(index, layer, names) for s, names in (
+        ("scale", ("wkv.scale", "wkv.weight_scale_inv")), ("q", ("q_weight",)),
+        ("k", ("k_weight",)))}
+    for what, hit in found.items():
+      if hit is None:
+        name = {"scale": "wkv.scale", "q": "q_weight", "k": "k_weight"}[what]
+        raise CheckpointError(f"--safetensors={directory}: missing tensor "
+                              f"layers.{layer}.engram.{name}")
+    q, k = (np.asarray(found[s][1], np.float32) for s in ("q", "k"))
+    if q.ndim != 2 or k.shape != q.shape:
+      raise CheckpointError(f"{found['q'][0]} and {found['k'][0]}: shapes {list(q.shape)} "
+                            f"and {list(k.shape)}, expected both [hc_mult, hidden]")
+    branches, width = q.shape
+    if list(wkv[1].shape) != [(branches + 1) * width, e.features]:
+      raise CheckpointError(f"{wkv[0]}: shape {list(wkv[1].shape)}, expected "
+                            f"{[(branches + 1) * width, e.features]} ((hc_mult+1)*hidden "
+                            f"x engram features)")
+    try:
+      w = fp8.dequantize_blocks(wkv[1], found["scale"][1])
+    except ValueError as err:
+      raise CheckpointError(f"{found['scale'][0]}: {err}") from None
+    out.append({"key_value": w.reshape(branches + 1, width, e.features).transpose(2, 0, 1),
+                "hidden_norm": {"scale": q}, "key_norm": {"scale": k}})
+  return out
+
+
 # ----------------------------------------------------------------------------------
 # Putting it together
 # ----------------------------------------------------------------------------------
@@ -190,6 +244,7 @@ class V41Engram:
   layout: dict[int, dict]
   vocab_map_V: Optional[np.ndarray] = None
   tables_L: Optional[list[fp8.Fp8Table]] = None
+  params_L: Optional[list[dict]] = None  # our v4 layer's params, when the files have them
 
   def hash_ids(self, tokens_BxT) -> np.ndarray:
     """Published row ids `[B, T, L, H]` (within each head) of token ids."""
@@ -230,8 +285,11 @@ def load(config_path: str, tokenizer_path: Optional[str] = None,
                          f"tokenizer ({len(vocab_map)} tokens)")
     pad = int(vocab_map[pad_token])
   e = engram_config(text, pad)
-  tables = None if safetensors_dir is None else map_tables(safetensors_dir, e, layout)
-  return V41Engram(e, layout, vocab_map, tables)
+  tables = params = None
+  if safetensors_dir is not None:
+    tables = map_tables(safetensors_dir, e, layout)
+    params = map_layer_params(safetensors_dir, e)
+  return V41Engram(e, layout, vocab_map, tables, params)
 
 
 def describe(v: V41Engram, text: dict[str, Any]) -> list[str]:
@@ -251,6 +309,9 @@ def describe(v: V41Engram, text: dict[str, Any]) -> list[str]:
   if v.tables_L is not None:
     size = sum(t.nbytes for t in v.tables_L)
     lines.append(f"  tables mapped: {size / 2**30:.2f} GiB of FP8 rows + scales")
+  if v.params_L is not None:
+    m = v.params_L[0]["hidden_norm"]["scale"].shape[0]
+    lines.append(f"  layer weights loaded (wkv, q_weight, k_weight): {m} branches")
   return lines
 
 

@@ -144,3 +144,61 @@ def test_v41_config_layout_verifies(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "layer 1: 384006168 rows (declared 384006168: ok)" in out
   assert "layer 14: 384016682 rows" in out
+
+
+def test_layer_weights_load_into_our_v4_layer(tmp_path, capsys):
+  """wkv (FP8, 32x32 tile scales), q_weight, k_weight -> our v4 params; the layer fed
+  with rows from the mapped FP8 table equals the NumPy transcription of V4.1's layer."""
+  import jax
+  import ml_dtypes
+  from engram_jax.layers.engram import ROWS_COLLECTION, Engram
+  from tests.test_engram_v4 import numpy_v4
+  branches, width = 2, 16
+  cfg_path, st, floats = _checkpoint(tmp_path)
+  features = (N - 1) * HEADS * HEAD_DIM
+  rng = np.random.default_rng(7)
+  w = rng.standard_normal(((branches + 1) * width, features)).astype(np.float32) * 0.05
+  w_values, _ = fp8.quantize(w)  # values only; tile scales written below
+  tile_scales = rng.integers(120, 130, size=(2, features // 32)).astype(np.uint8)
+  extra = {}
+  for layer in LAYERS:
+    extra[f"model.layers.{layer}.engram.wkv.weight"] = ("F8_E4M3", w_values)
+    extra[f"model.layers.{layer}.engram.wkv.scale"] = ("F8_E8M0", tile_scales)
+    for name in ("q_weight", "k_weight"):
+      extra[f"model.layers.{layer}.engram.{name}"] = (
+          "BF16", rng.uniform(0.5, 1.5, (branches, width)).astype(ml_dtypes.bfloat16))
+  write_safetensors(st / "c.safetensors", extra)
+  assert import_engram.main([f"--config={cfg_path}", f"--safetensors={st}"]) == 0
+  assert "2 branches" in capsys.readouterr().out
+  v = import_engram.load(str(cfg_path), safetensors_dir=str(st))
+  params = v.params_L[0]
+  assert params["key_value"].shape == (features, branches + 1, width)
+  w_deq = fp8.dequantize_blocks(w_values, tile_scales)
+  np.testing.assert_array_equal(params["key_value"][:, branches], w_deq[branches * width:].T)
+
+  tokens = rng.integers(0, 300, (2, 6))
+  ids = v.hash_ids(tokens)
+  rows = v.rows(ids)[0]
+  h = rng.standard_normal((2, 6, branches, width)).astype(np.float32)
+  masked = np.zeros((2, 6), bool)
+  masked[1, 2] = True
+  layer = Engram(v.engram, v.layout[LAYERS[0]]["rows"])
+  got = layer.apply({"params": params, ROWS_COLLECTION: {"rows": rows}}, h, ids[:, :, 0],
+                    None, masked)
+  table = fp8.dequantize(*fp8.quantize(floats[LAYERS[0]]))
+  want = numpy_v4(dict(params, table=table), h,
+                  ids[:, :, 0] + v.layout[LAYERS[0]]["offsets_H"], masked)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_weights_with_a_wrong_shape(tmp_path, capsys):
+  cfg_path, st, _ = _checkpoint(tmp_path)
+  extra = {}
+  for layer in LAYERS:
+    extra[f"layers.{layer}.engram.wkv.weight"] = ("F8_E4M3", np.zeros((40, 256), fp8.E4M3))
+    extra[f"layers.{layer}.engram.wkv.scale"] = ("F8_E8M0", np.zeros((2, 8), np.uint8))
+    for name in ("q_weight", "k_weight"):
+      extra[f"layers.{layer}.engram.{name}"] = ("F32", np.ones((2, 16), np.float32))
+  write_safetensors(st / "c.safetensors", extra)
+  err = _error(capsys, [f"--config={cfg_path}", f"--safetensors={st}"])
+  assert "wkv.weight: shape [40, 256], expected [48, 256]" in err
