@@ -400,9 +400,7 @@ def _mod_prime(hi, lo, p, two64_mod_p, step: int, xp):
     digit = (lo >> xp.uint32(shift)) & xp.uint32((1 << width) - 1)
     r = ((r << xp.uint32(width)) | digit) % p
   negative = (hi >> xp.uint32(31)) == xp.uint32(1)
-  shifted = r + (p - two64_mod_p)  # < 2p < 2**32: one conditional subtraction reduces it
-  shifted = xp.where(shifted >= p, shifted - p, shifted)
-  return xp.where(negative, shifted, r)
+  return xp.where(negative, (r + (p - two64_mod_p)) % p, r)
 
 
 def published_mixes(windows_BxTxN, spec: HashSpec):
