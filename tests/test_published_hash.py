@@ -235,3 +235,30 @@ def test_published_vocab_equals_a_plain_transcription(small_tokenizer_dir):
   assert len(keys) < tok.get_vocab_size()  # something merged
   with pytest.raises(ValueError, match=f"has {len(keys)} entries but 99092 were declared"):
     hashing.published_compressed_vocab(tok, expected_size=99092)
+
+
+def test_masked_prompt_decodes_like_the_masked_full_forward():
+  """Non-text prompt spans: cached decoding (marks carried in the n-gram history, output
+  mask in prefill) equals the full forward with the same marks and mask."""
+  import flax.linen as nn
+  from engram_jax import generate
+  from engram_jax.models.lm import EngramLM
+  from tests.conftest import tiny_model_config, with_random_conv
+  cfg = tiny_model_config(hash="published", compressed_vocab_size=97, pad_id=2)
+  rng = np.random.default_rng(6)
+  seq = rng.integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+  model = EngramLM(cfg)
+  params = with_random_conv(nn.unbox(jax.jit(model.init)(jax.random.key(0), seq))["params"], cfg)
+  lengths = np.array([6, 8], np.int32)
+  masked = np.zeros((2, 16), bool)
+  masked[0, 2:4] = masked[1, 6] = True  # inside each prompt
+  full = jax.jit(lambda p, x, m: model.apply(
+      {"params": p}, x, ngram_tokens_BxT=hashing.mark_dead(x, m), masked_BxT=m))(
+          params, seq, masked)
+  prompt = np.where(np.arange(8)[None] < lengths[:, None], seq[:, :8], 0)
+  forced = np.stack([seq[b, lengths[b]:lengths[b] + 8] for b in range(2)])
+  cached = jax.jit(generate.teacher_forced_logits, static_argnums=0)(
+      model, params, prompt, lengths, forced, None, masked[:, :8])
+  for b in range(2):
+    np.testing.assert_allclose(cached[b], np.asarray(full)[b, lengths[b]:lengths[b] + 8],
+                               rtol=2e-4, atol=2e-4)
