@@ -351,7 +351,7 @@ def kill_dead(windows_BxTxN):
   """
   xp = _xp(windows_BxTxN)
   w = windows_BxTxN.astype(xp.uint32)
-  dead = w[..., 0] == xp.uint32(DEAD_ID)
+  dead = xp.zeros(w.shape[:-1], dtype=bool)
   cols = []
   for k in range(w.shape[-1]):
     dead = dead | (w[..., k] == xp.uint32(DEAD_ID))
