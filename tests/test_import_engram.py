@@ -3,7 +3,6 @@ import json
 import struct
 
 import numpy as np
-import pytest
 
 from engram_jax import fp8
 from engram_jax import hashing
@@ -149,7 +148,6 @@ def test_v41_config_layout_verifies(tmp_path, capsys):
 def test_layer_weights_load_into_our_v4_layer(tmp_path, capsys):
   """wkv (FP8, 32x32 tile scales), q_weight, k_weight -> our v4 params; the layer fed
   with rows from the mapped FP8 table equals the NumPy transcription of V4.1's layer."""
-  import jax
   import ml_dtypes
   from engram_jax.layers.engram import ROWS_COLLECTION, Engram
   from tests.test_engram_v4 import numpy_v4
