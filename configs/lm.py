@@ -29,7 +29,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                  engram=dict(layers=(1,), max_ngram=3, heads=4, embed_per_ngram=32,
                              table_size=(4001,), gate="learned", table_trainable=True,
                              table_init_std=1.0, seed=0, lookup="gather",
-                             table_row_multiple=512))
+                             table_row_multiple=512,
+                             # docs/v4.md: the published hash and V4.1's layer
+                             hash="engram_jax", compressed_vocab_size=0, pad_id=0,
+                             variant="paper"))
   c.data = dict(source="stdlib", files_glob="", tfds_name="", tfds_data_dir="",
                 tfds_train_split="train", tfds_val_split="test", text_field="text",
                 max_files=120, seq_len=64, batch_size=8, seed=0, worker_count=0,

@@ -133,6 +133,8 @@ def param_counts(cfg: config_lib.ModelConfig, context: Optional[int] = None) -> 
     matmul = e.features * d * (1 + (branches if learned else 0))   # W_V, W_K per branch
     norms = branches * d * (3 if learned else 1)                   # hidden, key, conv
     conv = e.kernel_size * branches * d
+    if e.variant == "v4":  # one projection to M keys + the value; no conv or its norm
+      matmul, norms, conv = e.features * d * (branches + 1), branches * d * 2 * learned, 0
     total["engram_dense"] = act["engram_dense"] = n * (matmul + norms + conv)
     flops["engram_dense"] = 2 * n * (matmul + conv)
   if cfg.hyper_connections:

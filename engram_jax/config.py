@@ -17,6 +17,7 @@ _GATE_NAMES = ("learned", "off")
 _REMAT = ("none", "full", "dots")
 _DTYPES = ("float32", "bfloat16", "float16")
 LOOKUPS = ("gather", "psum", "all_to_all")
+VARIANTS = ("paper", "v4")
 HYPER = ("auto", "dynamic", "static", "none")
 
 
@@ -37,6 +38,14 @@ class EngramConfig:
   table_row_multiple: int = 512        # pad each layer's table rows to a multiple (sharding)
   # Images only: causal (dy, dx) neighbours; order n hashes the first n (docs/vision.md).
   stencil: tuple[tuple[int, int], ...] = hashing.DEFAULT_STENCIL
+  # "engram_jax" (uint32, per-head multipliers) | "published" (the reference's int64
+  # hash, bit for bit; needs the two fields below). docs/hashing.md, docs/v4.md.
+  hash: str = "engram_jax"
+  # "paper": W_V shared, W_K per branch, short conv | "v4": DeepSeek-V4.1's layer, one
+  # projection to M keys + one value, no conv (layers/engram.py, docs/v4.md).
+  variant: str = "paper"
+  compressed_vocab_size: int = 0       # published: size of the compressed vocabulary
+  pad_id: int = 0                      # published: compressed id that pads windows
 
   @property
   def head_dim(self) -> int:
@@ -63,7 +72,8 @@ class EngramConfig:
 
   def hash_spec(self) -> hashing.HashSpec:
     return hashing.make_hash_spec(tuple(self.layers), self.max_ngram, self.heads,
-                                  self.min_rows_per_order(), self.seed)
+                                  self.min_rows_per_order(), self.seed, self.hash,
+                                  self.compressed_vocab_size, self.pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +230,18 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _fail("engram.table_init_std", e.table_init_std, "must be > 0")
   if e.lookup not in LOOKUPS:
     _fail("engram.lookup", e.lookup, f"choose one of {LOOKUPS}")
+  if e.variant not in VARIANTS:
+    _fail("engram.variant", e.variant, f"choose one of {VARIANTS}")
+  if e.hash not in hashing.HASH_MODES:
+    _fail("engram.hash", e.hash, f"choose one of {hashing.HASH_MODES}")
+  if e.hash == "published":
+    if e.compressed_vocab_size < 1:
+      _fail("engram.compressed_vocab_size", e.compressed_vocab_size,
+            "engram.hash='published' needs the compressed vocabulary's size (>= 1)")
+    if not 0 <= e.pad_id < e.compressed_vocab_size:
+      _fail("engram.pad_id", e.pad_id,
+            f"must be a compressed id in [0, engram.compressed_vocab_size="
+            f"{e.compressed_vocab_size})")
   if isinstance(e.table_row_multiple, bool) or e.table_row_multiple < 1:
     _fail("engram.table_row_multiple", e.table_row_multiple,
           "must be >= 1 (a multiple of the number of table shards; 1 = no padding)")

@@ -32,17 +32,27 @@ def _variables(params, cache=None, engram_rows=None) -> dict:
   return variables
 
 
+def _ngram_tokens(tokens_BxT, vocab_map_V, masked_BxT):
+  """What Engram hashes: compressed ids, masked positions marked dead."""
+  ngram = None if vocab_map_V is None else vocab_map_V[tokens_BxT]
+  if masked_BxT is not None:
+    ngram = hashing.mark_dead(tokens_BxT if ngram is None else ngram, masked_BxT)
+  return ngram
+
+
 def prefill(model: EngramLM, params, tokens_BxT, lengths_B, vocab_map_V=None, *,
-            hash_ids_BxTxLxH=None, engram_rows=None):
+            hash_ids_BxTxLxH=None, engram_rows=None, masked_BxT=None):
   """Runs the (right-padded) prompts; returns logits `[B, T, V]` and the cache.
 
   `engram_rows` (rows of `hash_ids_BxTxLxH`, looked up elsewhere) replace the tables.
+  `masked_BxT` marks non-text prompt positions (DeepSeek-V4.1): Engram adds nothing
+  there and no n-gram reaches across them, in the prompt or after it.
   """
-  ngram = None if vocab_map_V is None else vocab_map_V[tokens_BxT]
+  ngram = _ngram_tokens(tokens_BxT, vocab_map_V, masked_BxT)
   logits, variables = model.apply(
       _variables(params, engram_rows=engram_rows), tokens_BxT, ngram_tokens_BxT=ngram,
       hash_ids_BxTxLxH=hash_ids_BxTxLxH, lengths_B=lengths_B, mode="prefill",
-      mutable=["cache"])
+      mutable=["cache"], masked_BxT=masked_BxT)
   return logits, variables["cache"]
 
 
@@ -77,9 +87,10 @@ class _Hasher:
   def ngram(self, tokens_BxT):
     return tokens_BxT if self.vocab_map_V is None else self.vocab_map_V[tokens_BxT]
 
-  def prompt(self, prompt_BxT, lengths_B):
+  def prompt(self, prompt_BxT, lengths_B, masked_BxT=None):
     """(hash ids `[B, T, L, H]`, history `[B, N-1]` before each row's end)."""
-    ngram_BxT = self.ngram(prompt_BxT)
+    ngram_BxT = _ngram_tokens(prompt_BxT, self.vocab_map_V, masked_BxT)
+    ngram_BxT = prompt_BxT if ngram_BxT is None else ngram_BxT
     pad_BxP = jnp.full((prompt_BxT.shape[0], self.keep), hashing.PAD_ID, jnp.uint32)
     ext = jnp.concatenate([pad_BxP, ngram_BxT.astype(jnp.uint32)], axis=1)
     return (hashing.ngram_hash_ids(ngram_BxT, self.spec),
@@ -93,13 +104,14 @@ class _Hasher:
 
 
 def teacher_forced_logits(model: EngramLM, params, prompt_BxT, lengths_B, next_tokens_BxS,
-                          vocab_map_V: Optional[jax.Array] = None):
+                          vocab_map_V: Optional[jax.Array] = None, masked_BxT=None):
   """Logits of each forced next token, `[B, S, V]`: prefill + one scan of decode steps.
 
   Row b's step s feeds `next_tokens_BxS[b, s]` at position `lengths_B[b] + s`; used to
   check the cached path against a full forward and to score continuations.
   """
-  _, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V)
+  _, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V,
+                     masked_BxT=masked_BxT)
 
   def step(cache, inputs):
     token_B, s = inputs
@@ -143,7 +155,8 @@ def generate(model: EngramLM, params, prompt_BxT, lengths_B, rng, *, max_new_tok
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Optional[int] = None, pad_id: int = 0,
              vocab_map_V: Optional[jax.Array] = None,
-             engram_rows_fn: Optional[Callable] = None, prompt_engram_rows=None):
+             engram_rows_fn: Optional[Callable] = None, prompt_engram_rows=None,
+             prompt_masked_BxT=None):
   """New tokens `[B, max_new_tokens]`: prefill, then one `lax.scan` of decode steps.
 
   Rows that produced `eos_id` keep emitting `pad_id`. Jit with the sampling arguments
@@ -154,6 +167,7 @@ def generate(model: EngramLM, params, prompt_BxT, lengths_B, rng, *, max_new_tok
     (`offload.HostTables.callback_rows`); each step asks it for the rows of the token
     just sampled. `prompt_engram_rows` are the prompt's rows when the caller gathered
     them already (default: `engram_rows_fn` of the prompt's ids).
+  prompt_masked_BxT: non-text prompt positions (see `prefill`); generated tokens are text.
   """
   t = prompt_BxT.shape[1]
   if t + max_new_tokens > model.cfg.max_len:
@@ -162,12 +176,14 @@ def generate(model: EngramLM, params, prompt_BxT, lengths_B, rng, *, max_new_tok
   hasher = None if engram_rows_fn is None else _Hasher(model, vocab_map_V)
   history_BxP = None
   if hasher is None:
-    logits_BxTxV, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V)
+    logits_BxTxV, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V,
+                                  masked_BxT=prompt_masked_BxT)
   else:
-    ids, history_BxP = hasher.prompt(prompt_BxT, lengths_B)
+    ids, history_BxP = hasher.prompt(prompt_BxT, lengths_B, prompt_masked_BxT)
     rows = engram_rows_fn(ids) if prompt_engram_rows is None else prompt_engram_rows
     logits_BxTxV, cache = prefill(model, params, prompt_BxT, lengths_B, vocab_map_V,
-                                  hash_ids_BxTxLxH=ids, engram_rows=rows)
+                                  hash_ids_BxTxLxH=ids, engram_rows=rows,
+                                  masked_BxT=prompt_masked_BxT)
   last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   rng, first_rng = jax.random.split(rng)
   first_B = sample(last_BxV, first_rng, temperature, top_k, top_p)
@@ -243,7 +259,8 @@ def load_workdir(workdir: str):
     params = params["params"]
   vocab_map = None
   if cfg.engram.layers:
-    vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
+    vocab_map = jnp.asarray(hashing.compressed_vocab_for(
+        tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
   return model, params, tok, vocab_map, step
 
 

@@ -27,6 +27,10 @@ except ImportError:  # pragma: no cover
 # Id of positions before the start of a sequence (or off the image grid). No
 # compressed token has this id: compressed vocabularies are far smaller than 2**32.
 PAD_ID = 0xFFFFFFFF
+# Id of a masked (non-text) token (`mark_dead`): a window reaching back to it reads
+# PAD_ID from that lookback on, in both hash modes (DeepSeek-V4.1's dead tokens).
+DEAD_ID = 0xFFFFFFFE
+HASH_MODES = ("engram_jax", "published")
 
 # Seed stride between layers, as in the reference implementation.
 _LAYER_SEED_STRIDE = 10007
@@ -55,18 +59,22 @@ def normalize_token_text(text: str) -> str:
   return text.strip()
 
 
-def compressed_vocab_from_texts(texts: Sequence[str | None]) -> np.ndarray:
+def compressed_vocab_from_texts(texts: Sequence[str | None],
+                                raw_keys: Sequence[str] | None = None) -> np.ndarray:
   """Maps token id -> compressed id, merging tokens whose normalised texts are equal.
 
   `texts[i]` is the decoded text of token i, or None when it does not decode to valid
-  text (a partial UTF-8 byte): such tokens keep an id of their own. Compressed ids are
-  dense, assigned in order of first appearance.
+  text (a partial UTF-8 byte): such tokens keep an id of their own, or, with
+  `raw_keys` (the published rule), are keyed by their raw token string `raw_keys[i]`
+  in the same key space as normalised texts. Compressed ids are dense, assigned in
+  order of first appearance.
   """
   key_to_new: dict[Any, int] = {}
   out = np.empty(len(texts), dtype=np.int32)
   for token_id, text in enumerate(texts):
     if text is None:
-      key: Any = ("raw", token_id)
+      raw = None if raw_keys is None else raw_keys[token_id]
+      key: Any = ("raw", token_id) if raw is None else raw
     else:
       norm = normalize_token_text(text)
       key = norm if norm else text
@@ -74,13 +82,45 @@ def compressed_vocab_from_texts(texts: Sequence[str | None]) -> np.ndarray:
   return out
 
 
-def compressed_vocab_from_tokenizer(tokenizer) -> np.ndarray:
-  """Compressed vocabulary of a Hugging Face `tokenizers.Tokenizer`."""
+def _decoded_texts(tokenizer) -> list[str | None]:
   texts = []
   for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
     text = tokenizer.decode([token_id], skip_special_tokens=False)
     texts.append(None if "\ufffd" in text else text)
-  return compressed_vocab_from_texts(texts)
+  return texts
+
+
+def compressed_vocab_from_tokenizer(tokenizer) -> np.ndarray:
+  """Compressed vocabulary of a Hugging Face `tokenizers.Tokenizer`."""
+  return compressed_vocab_from_texts(_decoded_texts(tokenizer))
+
+
+def published_compressed_vocab(tokenizer, expected_size: int | None = None) -> np.ndarray:
+  """The published compressed vocabulary of a `tokenizers.Tokenizer`, `[V]` int32.
+
+  As `compressed_vocab_from_tokenizer`, but a token whose decoded text holds U+FFFD is
+  keyed by its raw token string (so it may merge with a text key, as in the
+  reference). `expected_size` (e.g. V4.1's `engram_compressed_vocab_size`) is checked:
+  the multipliers depend on it, so a mismatch is an error.
+  """
+  texts = _decoded_texts(tokenizer)
+  raw = [tokenizer.id_to_token(i) for i in range(len(texts))]
+  vocab = compressed_vocab_from_texts(texts, raw)
+  size = int(vocab.max()) + 1 if vocab.size else 0
+  if expected_size is not None and size != int(expected_size):
+    raise ValueError(f"compressed vocabulary has {size} entries but "
+                     f"{int(expected_size)} were declared: wrong tokenizer for this "
+                     f"checkpoint?")
+  return vocab
+
+
+def compressed_vocab_for(tokenizer, mode: str = "engram_jax",
+                         expected_size: int | None = None) -> np.ndarray:
+  """The compressed vocabulary a hash mode expects (`engram.hash`): the published
+  rule, size-checked, for "published"; ours otherwise."""
+  if mode == "published":
+    return published_compressed_vocab(tokenizer, expected_size or None)
+  return compressed_vocab_from_tokenizer(tokenizer)
 
 
 def identity_vocab(vocab_size: int) -> np.ndarray:
@@ -182,6 +222,11 @@ class HashSpec:
   heads: int
   table_sizes_LxOxK: np.ndarray
   multipliers_LxOxKxN: np.ndarray
+  # "published": the reference's int64 hash (one mix per order, heads differ only in
+  # their prime), `published_multipliers_LxN` and pads of compressed id `pad_id`.
+  mode: str = "engram_jax"
+  pad_id: int = 0
+  published_multipliers_LxN: np.ndarray | None = None
 
   @property
   def num_heads_total(self) -> int:  # H
@@ -202,17 +247,64 @@ class HashSpec:
     return int(self.sizes_LxH[layer_index].sum())
 
 
+def published_multipliers(seed: int, layer_ids: Sequence[int], max_ngram: int,
+                          compressed_vocab_size: int) -> np.ndarray:
+  """The reference's odd int64 multipliers `[L, N]`, one per n-gram position.
+
+  Drawn below `int64_max // compressed_vocab_size`, so one product of a compressed id
+  and a multiplier never overflows int64 (the XOR of such products cannot either).
+  """
+  half_bound = max(1, (np.iinfo(np.int64).max // int(compressed_vocab_size)) // 2)
+  out = np.zeros((len(layer_ids), max_ngram), np.int64)
+  for i, layer_id in enumerate(layer_ids):
+    rng = np.random.default_rng(int(seed) + _LAYER_SEED_STRIDE * int(layer_id))
+    out[i] = rng.integers(0, half_bound, size=(max_ngram,), dtype=np.int64) * 2 + 1
+  return out
+
+
 @functools.lru_cache(maxsize=64)
 def make_hash_spec(layer_ids: tuple[int, ...], max_ngram: int, heads: int,
-                   min_rows: tuple[int, ...], seed: int) -> HashSpec:
-  """Builds (and caches) the hash constants of a configuration."""
+                   min_rows: tuple[int, ...], seed: int, mode: str = "engram_jax",
+                   compressed_vocab_size: int = 0, pad_id: int = 0) -> HashSpec:
+  """Builds (and caches) the hash constants of a configuration.
+
+  mode "published" needs the compressed vocabulary's size (it bounds the multipliers)
+  and the compressed id that pads windows (the reference: that of the pad token).
+  """
+  if mode not in HASH_MODES:
+    raise ValueError(f"engram.hash={mode!r} is invalid: choose one of {HASH_MODES}")
   sizes = head_table_sizes(len(layer_ids), max_ngram, heads, min_rows)
   mults = np.zeros((0, max_ngram - 1, heads, max_ngram), np.uint32)
   if layer_ids:
     mults = np.stack([layer_multipliers(seed, l, max_ngram, heads) for l in layer_ids])
-  for constant in (sizes, mults):  # cached and shared: never to be edited in place
-    constant.setflags(write=False)
-  return HashSpec(tuple(layer_ids), max_ngram, heads, sizes, mults)
+  published = None
+  if mode == "published":
+    if compressed_vocab_size < 1 or not 0 <= pad_id < compressed_vocab_size:
+      raise ValueError(
+          f"engram.hash='published' needs engram.compressed_vocab_size >= 1 (got "
+          f"{compressed_vocab_size}) and 0 <= engram.pad_id < it (got {pad_id}).")
+    published = published_multipliers(seed, layer_ids, max_ngram, compressed_vocab_size)
+  for constant in (sizes, mults, published):  # cached and shared: never edited in place
+    if constant is not None:
+      constant.setflags(write=False)
+  return HashSpec(tuple(layer_ids), max_ngram, heads, sizes, mults, mode, int(pad_id),
+                  published)
+
+
+def published_layout(layer_ids: Sequence[int], max_ngram: int, heads: int,
+                     vocab_size_per_order: Sequence[int] | int) -> dict[int, dict]:
+  """The reference's table layout: per layer id, its primes `[O, K]`, offsets `[O*K]`
+  and rows (the sum of its primes). Primes are distinct over all layers, in
+  `layer_ids` order, each order's search starting at its vocab size - 1."""
+  if isinstance(vocab_size_per_order, (int, np.integer)):
+    vocab_size_per_order = (int(vocab_size_per_order),) * (max_ngram - 1)
+  sizes_LxOxK = head_table_sizes(len(layer_ids), max_ngram, heads, vocab_size_per_order)
+  out = {}
+  for layer_id, primes in zip(layer_ids, sizes_LxOxK):
+    flat = primes.ravel()
+    out[int(layer_id)] = dict(primes_OxK=primes, rows=int(flat.sum()),
+                              offsets_H=np.concatenate([[0], np.cumsum(flat)[:-1]]))
+  return out
 
 
 # ----------------------------------------------------------------------------------
@@ -247,13 +339,125 @@ def mix_windows(windows_BxTxN, multipliers_LxOxKxN):
   return _fmix32(mix, xp)
 
 
-def hash_windows(windows_BxTxN, spec: HashSpec):
-  """Row ids `[B, T, L, H]` (int32, within each head's table) of n-gram windows."""
+def mark_dead(tokens_BxT, masked_BxT):
+  """Tokens with masked (non-text) positions replaced by DEAD_ID.
+
+  Hash the result: every window reaching back to a dead token reads the pad from that
+  lookback on (`kill_dead`). Keep the marked tokens as decode history, so decoding
+  sees the same windows.
+  """
+  xp = _xp(tokens_BxT)
+  return xp.where(xp.asarray(masked_BxT, dtype=bool), xp.uint32(DEAD_ID),
+                  tokens_BxT.astype(xp.uint32))
+
+
+def kill_dead(windows_BxTxN):
+  """Windows with PAD_ID at and beyond (in lookback order) the first DEAD_ID entry.
+
+  For 2D stencils, "beyond" follows the stencil's order: entry k is dead when any of
+  entries 0..k is a dead cell.
+  """
   xp = _xp(windows_BxTxN)
+  w = windows_BxTxN.astype(xp.uint32)
+  dead = xp.zeros(w.shape[:-1], dtype=bool)
+  cols = []
+  for k in range(w.shape[-1]):
+    dead = dead | (w[..., k] == xp.uint32(DEAD_ID))
+    cols.append(xp.where(dead, xp.uint32(PAD_ID), w[..., k]))
+  return xp.stack(cols, axis=-1)
+
+
+# --- the published hash: int64 arithmetic emulated with (hi, lo) uint32 limbs ---------
+def _split_int64(values) -> tuple[np.ndarray, np.ndarray]:
+  """(hi, lo) uint32 words of int64 values (two's complement)."""
+  u = np.asarray(values, dtype=np.int64).view(np.uint64)
+  return (u >> np.uint64(32)).astype(np.uint32), (u & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def _mul_wide(a, b, xp):
+  """Full 64-bit product of uint32 arrays as (hi, lo), from 16-bit partial products."""
+  m16, s16 = xp.uint32(0xFFFF), xp.uint32(16)
+  a0, a1, b0, b1 = a & m16, a >> s16, b & m16, b >> s16
+  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+  mid = (p00 >> s16) + (p01 & m16) + (p10 & m16)  # < 3 * 2**16: no overflow
+  lo = (p00 & m16) | (mid << s16)
+  hi = p11 + (p01 >> s16) + (p10 >> s16) + (mid >> s16)
+  return hi, lo
+
+
+def _mul64(w, m_hi, m_lo, xp):
+  """(w * m) mod 2**64 for uint32 w >= 0 and a 64-bit m given as limbs: int64's
+  wrapping multiply (two's complement products agree modulo 2**64)."""
+  hi, lo = _mul_wide(w, m_lo, xp)
+  return hi + w * m_hi, lo
+
+
+def _mod_prime(hi, lo, p, two64_mod_p, step: int, xp):
+  """NumPy's `x % p` for the int64 x with words (hi, lo) and 2 <= p < 2**31.
+
+  x as unsigned: (hi mod p) * 2**32 + lo, reduced by long division in `step`-bit
+  digits of lo (r < p < 2**(32-step), so r << step | digit fits 32 bits). A negative x
+  (top bit set) is x_unsigned - 2**64, and `%` by a positive p is non-negative: subtract
+  2**64 mod p, modulo p.
+  """
+  r = hi % p
+  shift = 32
+  while shift > 0:
+    width = min(step, shift)
+    shift -= width
+    digit = (lo >> xp.uint32(shift)) & xp.uint32((1 << width) - 1)
+    r = ((r << xp.uint32(width)) | digit) % p
+  negative = (hi >> xp.uint32(31)) == xp.uint32(1)
+  return xp.where(negative, (r + (p - two64_mod_p)) % p, r)
+
+
+def published_mixes(windows_BxTxN, spec: HashSpec):
+  """The reference's per-order mixes as (hi, lo) uint32 limbs, each `[B, T, L, O]`:
+  mix_n = c_t*m_0 ^ c_{t-1}*m_1 ^ .. ^ c_{t-n+1}*m_{n-1} (int64, wrapping), pads
+  (PAD_ID) replaced by `spec.pad_id`."""
+  xp = _xp(windows_BxTxN)
+  w = windows_BxTxN.astype(xp.uint32)
+  w = xp.where(w == xp.uint32(PAD_ID), xp.uint32(spec.pad_id), w)
+  m_hi_LxN, m_lo_LxN = (xp.asarray(a) for a in _split_int64(spec.published_multipliers_LxN))
+  his, los = [], []
+  x_hi = x_lo = None
+  for k in range(spec.max_ngram):
+    p_hi, p_lo = _mul64(w[:, :, None, k], m_hi_LxN[None, None, :, k],
+                        m_lo_LxN[None, None, :, k], xp)
+    x_hi, x_lo = (p_hi, p_lo) if k == 0 else (x_hi ^ p_hi, x_lo ^ p_lo)
+    if k >= 1:
+      his.append(x_hi)
+      los.append(x_lo)
+  return xp.stack(his, axis=-1), xp.stack(los, axis=-1)
+
+
+def _published_ids(windows_BxTxN, spec: HashSpec):
+  """Per-head row ids `[B, T, L, O, K]` (uint32) of the published hash."""
+  xp = _xp(windows_BxTxN)
+  hi_BxTxLxO, lo_BxTxLxO = published_mixes(windows_BxTxN, spec)
+  sizes = spec.table_sizes_LxOxK.astype(np.int64)
+  step = 32 - int(sizes.max() - 1).bit_length()
+  two64 = np.vectorize(lambda p: (1 << 64) % int(p), otypes=[np.int64])(sizes)
+  p = xp.asarray(sizes.astype(np.uint32))[None, None]
+  return _mod_prime(hi_BxTxLxO[..., None], lo_BxTxLxO[..., None], p,
+                    xp.asarray(two64.astype(np.uint32))[None, None], step, xp)
+
+
+def hash_windows(windows_BxTxN, spec: HashSpec):
+  """Row ids `[B, T, L, H]` (int32, within each head's table) of n-gram windows.
+
+  `spec.mode` picks the hash: ours (uint32, per-head multipliers, fmix32) or the
+  published one (int64 mix per order, emulated bit for bit with uint32 limbs).
+  """
+  xp = _xp(windows_BxTxN)
+  windows_BxTxN = kill_dead(windows_BxTxN)
+  b, t = windows_BxTxN.shape[:2]
+  if spec.mode == "published":
+    ids = _published_ids(windows_BxTxN, spec)
+    return ids.reshape(b, t, len(spec.layer_ids), -1).astype(xp.int32)
   mix = mix_windows(windows_BxTxN, spec.multipliers_LxOxKxN)
   sizes = xp.asarray(spec.table_sizes_LxOxK.astype(np.uint32))
   ids = mix % sizes[None, None]
-  b, t = windows_BxTxN.shape[:2]
   return ids.reshape(b, t, len(spec.layer_ids), -1).astype(xp.int32)
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import config as config_lib
+from engram_jax import fp8
 from engram_jax import generate as generate_lib
 from engram_jax import hashing
 from engram_jax.layers.engram import ROWS_COLLECTION
@@ -69,7 +70,8 @@ class HostTables:
   """The Engram tables of one model in host memory, and lookups of their rows.
 
   tables_L: one `[rows, head_dim]` array per Engram layer (in `engram.layers` order),
-    as stored in the params (padded rows included; they are never addressed).
+    as stored in the params (padded rows included; they are never addressed), or an
+    `fp8.Fp8Table` (e.g. a memory-mapped V4.1 checkpoint), dequantised per row read.
   """
 
   def __init__(self, cfg: config_lib.ModelConfig, tables_L: Sequence[np.ndarray]):
@@ -79,7 +81,8 @@ class HostTables:
                        "Engram layer")
     self.cfg, self.spec = cfg, e.hash_spec()
     self.paths = engram_paths(cfg)
-    self.tables_L = [np.ascontiguousarray(t) for t in tables_L]
+    self.tables_L = [t if isinstance(t, fp8.Fp8Table) else np.ascontiguousarray(t)
+                     for t in tables_L]
     for i, (path, table) in enumerate(zip(self.paths, self.tables_L)):
       if table.ndim != 2 or table.shape[1] != e.head_dim or table.shape[0] < self.spec.rows(i):
         raise ValueError(f"table of {'/'.join(path)} has shape {table.shape}; this model "
@@ -99,7 +102,9 @@ class HostTables:
   def gather(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
     """Rows `[B, T, H, E]` per layer; `np.take`, the fast NumPy row copy."""
     ids = np.asarray(hash_ids_BxTxLxH).astype(np.int64)
-    return [np.take(table, ids[:, :, l] + self.offsets_LxH[l], axis=0)
+    return [table.take(ids[:, :, l] + self.offsets_LxH[l])
+            if isinstance(table, fp8.Fp8Table)
+            else np.take(table, ids[:, :, l] + self.offsets_LxH[l], axis=0)
             for l, table in enumerate(self.tables_L)]
 
   def rows(self, hash_ids_BxTxLxH) -> dict:
@@ -205,7 +210,8 @@ def load_workdir(workdir: str):
       workdir, {"params": jax.tree_util.tree_map_with_path(place, abstract)})
   params = items["params"]
   device_params, tables = split_params(params, cfg)
-  vocab_map = jnp.asarray(hashing.compressed_vocab_from_tokenizer(tok))
+  vocab_map = jnp.asarray(hashing.compressed_vocab_for(tok, cfg.engram.hash,
+                                                        cfg.engram.compressed_vocab_size))
   return model, device_params, tables, tok, vocab_map, step
 
 

@@ -121,7 +121,8 @@ def build(config, workdir: str) -> Task:
   model_cfg = lm_model_config(config, vocab_size=tok.get_vocab_size())
   run_config.validate_vocab(model_cfg.vocab_size, tok.get_vocab_size())
   engram = model_cfg.engram
-  compressed = hashing.compressed_vocab_from_tokenizer(tok) if engram.layers else None
+  compressed = (hashing.compressed_vocab_for(tok, engram.hash, engram.compressed_vocab_size)
+                if engram.layers else None)
   spec = engram.hash_spec() if engram.layers and host_hashing else None
   kwargs = dict(process_index=pidx, process_count=pcount, compressed_vocab=compressed,
                 hash_spec=spec, cache_dir=f"{workdir}/token_cache")

@@ -35,6 +35,8 @@ CONFIGS = {
     "moe_static_hc_gate_off_tied": _cfg(moe=dataclasses.replace(MOE, num_shared=0),
                                         branches=2, hyper="static", tie_embeddings=True,
                                         engram=dict(gate="off", layers=(0,))),
+    "v4_hyper2_published": _cfg(branches=2, engram=dict(
+        variant="v4", hash="published", compressed_vocab_size=97, pad_id=2)),
     "moe_first_dense_2": _cfg(depth=5, moe=dataclasses.replace(MOE, first_dense_layers=2),
                               head_dim=16, mlp_dim=48, hyper="dynamic"),
 }

@@ -10,7 +10,14 @@ its n-grams (from `engram_jax.hashing`, one per order and head):
   v     = alpha * value
   y     = v + SiLU(CausalDepthwiseConv(RMSNorm(v)))         kernel 4, dilation N, zero init
 
-and the block adds y to its residual stream. Row ids depend only on tokens, so the
+and the block adds y to its residual stream. `engram.variant = "v4"` is DeepSeek-V4.1's
+form: one projection of e_t to M keys and one shared value, no conv,
+
+  [key^1..key^M, value] = e_t W                           W: [F, M+1, D]
+  alpha^m = gate(RMSNorm_m(h_t^m), RMSNorm_m(key^m)),  y^m = alpha^m * value
+
+and, in both variants, positions marked in `masked_BxT` (non-text spans) get y = 0,
+leaving the residual stream untouched. Row ids depend only on tokens, so the
 lookup can run anywhere (host-side hashing, sharded or offloaded tables): rows given
 in the `engram_rows` collection replace the table (see engram_jax.offload).
 """
@@ -103,7 +110,14 @@ class Engram(nn.Module):
                    name=name)
 
   @nn.compact
-  def __call__(self, h_BxTxMxD, row_ids_BxTxH, lengths_B: Optional[jax.Array] = None):
+  def __call__(self, h_BxTxMxD, row_ids_BxTxH, lengths_B: Optional[jax.Array] = None,
+               masked_BxT: Optional[jax.Array] = None):
+    y_BxTxMxD = self._forward(h_BxTxMxD, row_ids_BxTxH, lengths_B)
+    if masked_BxT is None:
+      return y_BxTxMxD
+    return jnp.where(masked_BxT[:, :, None, None], jnp.zeros((), y_BxTxMxD.dtype), y_BxTxMxD)
+
+  def _forward(self, h_BxTxMxD, row_ids_BxTxH, lengths_B):
     cfg = self.engram
     b, t, branches, width = h_BxTxMxD.shape
     if self.has_variable(ROWS_COLLECTION, "rows"):
@@ -121,6 +135,8 @@ class Engram(nn.Module):
         table = jax.lax.stop_gradient(table)
       rows_BxTxHxE = lookup_rows(table, row_ids_BxTxH, cfg.lookup)
     e_BxTxF = rows_BxTxHxE.reshape(b, t, cfg.features).astype(self.dtype)
+    if cfg.variant == "v4":
+      return self._v4(h_BxTxMxD, e_BxTxF)
 
     value_BxTxD = nn.Dense(
         width, use_bias=False, kernel_init=dense_init(("engram_features", "embed")),
@@ -147,6 +163,26 @@ class Engram(nn.Module):
         (cfg.kernel_size, branches, width), self.param_dtype)
     conv_out = self._conv(conv_in, kernel.reshape(cfg.kernel_size, -1), lengths_B)
     return v_BxTxMxD + nn.silu(conv_out).reshape(b, t, branches, width)
+
+  def _gate(self, h_BxTxMxD, key_BxTxMxD):
+    constant = config_lib.gate_constant(self.engram.gate)
+    if constant is not None:
+      return jnp.full(key_BxTxMxD.shape[:3] + (1,), constant, jnp.float32)
+    return context_gate(self._branch_norm("hidden_norm")(h_BxTxMxD),
+                        self._branch_norm("key_norm")(key_BxTxMxD))
+
+  def _v4(self, h_BxTxMxD, e_BxTxF):
+    """DeepSeek-V4.1's fusion: y^m = alpha^m * value, keys and value from one matmul."""
+    branches, width = h_BxTxMxD.shape[2:]
+    w_FxM1xD = self.param(
+        "key_value", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+            ("engram_features", "branch", "embed")),
+        (self.engram.features, branches + 1, width), self.param_dtype)
+    kv_BxTxM1xD = jnp.einsum("btf,fmd->btmd", e_BxTxF, w_FxM1xD.astype(self.dtype))
+    key_BxTxMxD, value_BxTxD = kv_BxTxM1xD[:, :, :branches], kv_BxTxM1xD[:, :, branches]
+    alpha_BxTxMx1 = self._gate(h_BxTxMxD, key_BxTxMxD)
+    return (alpha_BxTxMx1 * value_BxTxD[:, :, None, :]).astype(self.dtype)
 
   def _conv(self, x_BxTxC, kernel_KxC, lengths_B):
     """Runs the short conv, reading and writing the decode state when caching."""

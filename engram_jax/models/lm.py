@@ -61,7 +61,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, h, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None,
-               rope_positions_BxTxA=None, layer_offset=0):
+               rope_positions_BxTxA=None, layer_offset=0, masked_BxT=None):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = lambda name: RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name=name)
@@ -74,9 +74,9 @@ class Block(nn.Module):
       engram = Engram(cfg.engram, spec.rows(i), cfg.norm_eps, self.mode, dtype, pdtype,
                       name="engram")
       if hyper:
-        h = h + engram(h, row_ids_BxTxH, lengths_B).astype(h.dtype)
+        h = h + engram(h, row_ids_BxTxH, lengths_B, masked_BxT).astype(h.dtype)
       else:
-        h = h + engram(h[:, :, None, :], row_ids_BxTxH, lengths_B)[:, :, 0, :]
+        h = h + engram(h[:, :, None, :], row_ids_BxTxH, lengths_B, masked_BxT)[:, :, 0, :]
     attention = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                           cfg.max_len, cfg.rope_theta, self.mode, dtype, pdtype,
                           name="attention")
@@ -139,13 +139,14 @@ def _maybe_remat(module_cls, cfg, static_argnums=()):
 
 
 def apply_blocks(cfg: config_lib.ModelConfig, h_BxTxD, positions_BxT, hash_ids_BxTxLxH,
-                 lengths_B, mode: Mode, rope_positions_BxTxA=None):
+                 lengths_B, mode: Mode, rope_positions_BxTxA=None, masked_BxT=None):
   """The layer plan of `segments(cfg)`, run inside the calling module's `nn.compact`.
 
   Shared by every decoder (EngramLM, the image model) so that they have the same
   parameter layout; `rope_positions_BxTxA` (e.g. 2D (row, column)) defaults to the
   sequence positions. With hyper-connections the embedding is copied into M branches
-  first and the branches are summed at the end: `[B, T, D]` in and out.
+  first and the branches are summed at the end: `[B, T, D]` in and out. Engram leaves
+  positions marked in `masked_BxT` untouched.
   """
   extra = () if rope_positions_BxTxA is None else (rope_positions_BxTxA,)
   h = expand_branches(h_BxTxD, cfg.branches) if cfg.hyper_connections else h_BxTxD
@@ -153,7 +154,8 @@ def apply_blocks(cfg: config_lib.ModelConfig, h_BxTxD, positions_BxT, hash_ids_B
     if kind == "engram":
       block = _maybe_remat(Block, cfg)(cfg, engram_index=cfg.engram.layers.index(first),
                                        mode=mode, layer=first, name=f"block_{first}")
-      h = block(h, positions_BxT, hash_ids_BxTxLxH, lengths_B, *extra)
+      h = block(h, positions_BxT, hash_ids_BxTxLxH, lengths_B, *extra,
+                masked_BxT=masked_BxT)
     else:
       scanned = nn.scan(
           _maybe_remat(ScanBlock, cfg),
@@ -183,13 +185,15 @@ class EngramLM(nn.Module):
   ngram_tokens_BxT: compressed-vocabulary ids Engram hashes (default: the tokens).
   hash_ids_BxTxLxH: precomputed row ids (host-side hashing); skips in-graph hashing.
   lengths_B: prompt lengths, "prefill" mode only (where each row's decode state is).
+  masked_BxT: non-text positions (DeepSeek-V4.1): Engram adds nothing there; mark them
+    in the n-gram tokens too (`hashing.mark_dead`) so no window reaches across them.
   mode: None (full forward), "prefill" or "decode" (see layers/attention.py).
   """
   cfg: config_lib.ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxT, *, positions_BxT=None, ngram_tokens_BxT=None,
-               hash_ids_BxTxLxH=None, lengths_B=None, mode: Mode = None):
+               hash_ids_BxTxLxH=None, lengths_B=None, mode: Mode = None, masked_BxT=None):
     cfg = self.cfg
     b, t = tokens_BxT.shape
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -203,7 +207,7 @@ class EngramLM(nn.Module):
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(1.0), ("vocab", "embed")), name="embed")
     h_BxTxD = apply_blocks(cfg, embed(tokens_BxT), positions_BxT, hash_ids_BxTxLxH,
-                           lengths_B, mode)
+                           lengths_B, mode, masked_BxT=masked_BxT)
     h_BxTxD = RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name="final_norm")(h_BxTxD)
     if cfg.tie_embeddings:
       logits = embed.attend(h_BxTxD)
