@@ -225,7 +225,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
             f"every size must be >= engram.heads={e.heads} rows")
   validate_gate(e.gate)
   if e.layers:
-    e.hash_spec()  # prime sizes; a layer's rows must fit int32 row ids
+    hashing.check_layer_rows(e.hash_spec())
   if e.table_init_std <= 0:
     _fail("engram.table_init_std", e.table_init_std, "must be > 0")
   if e.lookup not in LOOKUPS:

@@ -183,14 +183,6 @@ def head_table_sizes(num_layers: int, max_ngram: int, heads: int,
     raise ValueError(
         f"engram.table_size: a head table of {sizes.max()} rows does not fit int32 row "
         f"ids; use at most {_MAX_HEAD_ROWS} rows per head (add heads instead).")
-  layer_rows = sizes.reshape(num_layers, -1).sum(axis=1)
-  if layer_rows.size and layer_rows.max() > _MAX_HEAD_ROWS:
-    # row ids are head offset + hash id in the layer's flat table: int32 on device
-    raise ValueError(
-        f"engram.table_size: the {sizes.shape[1] * sizes.shape[2]} heads of one layer "
-        f"hold {int(layer_rows.max()):,} rows together, more than int32 row ids address "
-        f"({_MAX_HEAD_ROWS:,}); lower engram.table_size, engram.heads or "
-        "engram.max_ngram")
   return sizes
 
 
@@ -260,6 +252,19 @@ def published_multipliers(seed: int, layer_ids: Sequence[int], max_ngram: int,
     rng = np.random.default_rng(int(seed) + _LAYER_SEED_STRIDE * int(layer_id))
     out[i] = rng.integers(0, half_bound, size=(max_ngram,), dtype=np.int64) * 2 + 1
   return out
+
+
+def check_layer_rows(spec: "HashSpec") -> None:
+  """Row ids are head offset + hash id in a layer's flat table, int32 on device: a
+  layer whose heads together exceed 2^31 - 1 rows would wrap to negative ids (and read
+  row 0 under `mode="clip"`), so it is refused."""
+  for i in range(len(spec.layer_ids)):
+    if spec.rows(i) > _MAX_HEAD_ROWS:
+      raise ValueError(
+          f"engram.table_size: the {spec.num_heads_total} heads of one layer hold "
+          f"{spec.rows(i):,} rows together, more than int32 row ids address "
+          f"({_MAX_HEAD_ROWS:,}); lower engram.table_size, engram.heads or "
+          "engram.max_ngram")
 
 
 @functools.lru_cache(maxsize=64)

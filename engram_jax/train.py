@@ -476,9 +476,14 @@ def _check_data_source(saved: dict | None, current: dict, accept: bool, step: in
       "--accept_data_change to resume on the new data knowingly, or use a new --workdir")
 
 
-def _save_failed(err: Exception, workdir: str) -> TrainingError:
+def _save_failed(err: Exception, workdir: str, manager=None) -> TrainingError:
   """A failed (async) save, e.g. a full disk: one line that says the older checkpoints
   are intact and how to go on."""
+  if manager is not None:
+    try:  # let saves still in flight commit before listing what is kept
+      manager.wait_until_finished()
+    except Exception:  # noqa: BLE001  the failure being reported
+      pass
   directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
   kept = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
   return TrainingError(
@@ -580,7 +585,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     try:
       checkpoints.save(manager, step, state, _all_data_states(data))
     except Exception as err:  # noqa: BLE001  the previous async save's failure
-      raise _save_failed(err, workdir) from None
+      raise _save_failed(err, workdir, manager) from None
 
   metrics, eval_step_number, failed = {}, None, False
   try:
