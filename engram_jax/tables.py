@@ -139,12 +139,18 @@ def dedup(ids_N, grads_NxE, sentinel: int):
 
 def apply_rows(table_RxE, state, ids_U, grads_UxE, optimizer: TableOptimizer, count, lr):
   """One `optimizer` step on rows `ids_U` (distinct; ids >= R update nothing) of a
-  table and its state: a gather, the row-wise update and a scatter, O(U) work."""
+  table and its state: a gather, the row-wise update and a scatter, O(U) work.
+
+  Returns (table, state, nonfinite): the count of non-finite values written, so that
+  the trainer checks the rows it changed instead of reading the whole table.
+  """
   take = lambda x: jnp.take(x, ids_U, axis=0, mode="fill", fill_value=0)
   rows_UxE, state_rows = optimizer.update(take(table_RxE), jax.tree_util.tree_map(take, state),
                                           grads_UxE, count, lr)
+  written_U = ids_U < table_RxE.shape[0]
+  nonfinite = jnp.sum(~jnp.isfinite(rows_UxE) & written_U[:, None], dtype=jnp.int32)
   put = lambda x, new: x.at[ids_U].set(new.astype(x.dtype), mode="drop")
-  return put(table_RxE, rows_UxE), jax.tree_util.tree_map(put, state, state_rows)
+  return put(table_RxE, rows_UxE), jax.tree_util.tree_map(put, state, state_rows), nonfinite
 
 
 def apply_rows_sharded(table_RxE, state, ids_U, grads_UxE, optimizer: TableOptimizer,
@@ -160,13 +166,15 @@ def apply_rows_sharded(table_RxE, state, ids_U, grads_UxE, optimizer: TableOptim
   def body(table_local, state_local, ids_U, grads_UxE, count, lr):
     local_U = ids_U - jax.lax.axis_index(axes) * rows_per_shard
     owned_U = (local_U >= 0) & (local_U < rows_per_shard)
-    return apply_rows(table_local, state_local, jnp.where(owned_U, local_U, rows_per_shard),
-                      grads_UxE, optimizer, count, lr)
+    table, state, nonfinite = apply_rows(
+        table_local, state_local, jnp.where(owned_U, local_U, rows_per_shard), grads_UxE,
+        optimizer, count, lr)
+    return table, state, jax.lax.psum(nonfinite, axes)
   rows_spec = P(axes)
   state_specs = jax.tree_util.tree_map(lambda _: rows_spec, state)
   return jax.shard_map(body, mesh=mesh,
                        in_specs=(rows_spec, state_specs, P(), P(), P(), P()),
-                       out_specs=(rows_spec, state_specs))(
+                       out_specs=(rows_spec, state_specs, P()))(
       table_RxE, state, ids_U, grads_UxE, jnp.asarray(count), jnp.asarray(lr, jnp.float32))
 
 
@@ -267,8 +275,9 @@ def update(tx: SparseTx, loss_fn, params, opt_state, table_state, step, hash_ids
   """One train step's update with row-sparse tables.
 
   loss_fn(dense_params, engram_rows) -> (loss, aux). Returns ((loss, aux), params,
-  opt_state, table_state, grad_norm); grad_norm is the joint norm of the dense and
-  the row gradients, which equals the norm of the whole dense gradient.
+  opt_state, table_state, grad_norm, finite); grad_norm is the joint norm of the dense
+  and the row gradients, which equals the norm of the whole dense gradient; finite:
+  whether the new params are (the other params, and the table rows just written).
   """
   engram, paths = tx.engram, tx.paths
   dense, tables_L = split_tables(params, paths)
@@ -292,13 +301,17 @@ def update(tx: SparseTx, loss_fn, params, opt_state, table_state, step, hash_ids
     sparse_L = [(ids, clip(g)) for ids, g in sparse_L]
   updates, opt_state = tx.dense.update(grads, opt_state, dense)
   dense = optax.apply_updates(dense, updates)
-  new_state = dict(table_state)
+  new_state, nonfinite = dict(table_state), jnp.int32(0)
   if tx.table is not None:
     lr = tx.table_lr(step)
     for i, (path, (ids_U, grads_UxE)) in enumerate(zip(paths, sparse_L)):
-      tables_L[i], state = apply_rows_sharded(tables_L[i], table_state.get(path[0], {}),
-                                              ids_U, grads_UxE, tx.table, step + 1, lr)
+      tables_L[i], state, bad = apply_rows_sharded(
+          tables_L[i], table_state.get(path[0], {}), ids_U, grads_UxE, tx.table, step + 1, lr)
+      nonfinite = nonfinite + bad
       if state:
         new_state[path[0]] = state
-  return value, merge_tables(dense, paths, tables_L), opt_state, new_state, grad_norm
+  finite = jax.tree_util.tree_reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)), dense,
+                                     nonfinite == 0)
+  return (value, merge_tables(dense, paths, tables_L), opt_state, new_state, grad_norm,
+          finite)
 

@@ -124,23 +124,24 @@ def make_train_step(model: nn.Module, tx, state_shardings=None):
     if isinstance(tx, tables.SparseTx):
       hash_ids = model.apply({}, batch["inputs"], method="engram_hash_ids",
                              **model_inputs(batch))
-      (total, (loss, stats)), params, opt_state, table_opt_state, grad_norm = tables.update(
-          tx, lambda p, rows: loss_fn(p, rows, hash_ids_BxTxLxH=hash_ids), state.params,
-          state.opt_state, state.table_opt_state, state.step, hash_ids)
+      ((total, (loss, stats)), params, opt_state, table_opt_state, grad_norm,
+       finite) = tables.update(
+           tx, lambda p, rows: loss_fn(p, rows, hash_ids_BxTxLxH=hash_ids), state.params,
+           state.opt_state, state.table_opt_state, state.step, hash_ids)
     else:
       (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           state.params, **model_inputs(batch))
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params, table_opt_state = optax.apply_updates(state.params, updates), {}
       grad_norm = optax.tree.norm(grads)
+      finite = jax.tree_util.tree_reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)),
+                                         params, True)
     routing = state.routing
     if moe_cfg.enabled and moe_cfg.balance == "bias":
       routing = moe.update_routing_biases(routing, stats, moe_cfg.bias_rate)
     new = TrainState(state.step + 1, params, opt_state, routing, table_opt_state)
-    finite = jax.tree_util.tree_reduce(
-        lambda ok, x: ok & jnp.all(jnp.isfinite(x)), new.params, jnp.isfinite(total))
-    return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                 **routing_metrics(stats)}
+    return new, {"loss": loss, "grad_norm": grad_norm,
+                 "finite": finite & jnp.isfinite(total), **routing_metrics(stats)}
   if state_shardings is None:
     return jax.jit(train_step, donate_argnums=0)
   return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))

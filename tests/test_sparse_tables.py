@@ -64,7 +64,7 @@ def test_dedup_scattered_back_is_the_dense_gradient_and_has_its_norm():
 
 def _sparse_step(optimizer, table, state, ids, seed, count, lr=LR):
   ids_U, grads_UxE = _sparse_grad(table, ids, seed)
-  return tables.apply_rows(table, state, ids_U, grads_UxE, optimizer, count, lr)
+  return tables.apply_rows(table, state, ids_U, grads_UxE, optimizer, count, lr)[:2]
 
 
 def test_sgd_equals_dense_sgd_over_steps():
@@ -77,6 +77,9 @@ def test_sgd_equals_dense_sgd_over_steps():
     sparse, state = step(sparse, state, ids, seed, seed + 1)
   np.testing.assert_allclose(sparse, dense, rtol=1e-6, atol=1e-6)
   assert state == {}
+  ids_U = jnp.array([3, 7, ROWS], jnp.int32)  # the sentinel's NaN is never written
+  grads = jnp.array([[1.0] * WIDTH, [np.nan] * WIDTH, [np.nan] * WIDTH])
+  assert int(tables.apply_rows(TABLE, {}, ids_U, grads, sgd, 1, LR)[2]) == WIDTH
 
 
 def test_lazy_adam_is_adam_after_one_step_and_leaves_untouched_rows_alone():
@@ -142,9 +145,10 @@ def test_sharded_row_update_equals_single_device(name):
   table, state = jax.device_put((TABLE, state), rows)
   with sharding.use_mesh(mesh):
     got = jax.jit(functools.partial(tables.apply_rows_sharded, optimizer=optimizer),
-                  out_shardings=rows)(table, state, ids_U, grads_UxE, count=jnp.int32(3),
-                                      lr=LR)
-  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                  out_shardings=(rows, rows, None))(
+                      table, state, ids_U, grads_UxE, count=jnp.int32(3), lr=LR)
+  assert int(got[2]) == int(want[2]) == 0  # non-finite values written
+  for g, w in zip(jax.tree_util.tree_leaves(got[:2]), jax.tree_util.tree_leaves(want[:2])):
     np.testing.assert_array_equal(g, w)
     assert {s.data.shape[0] for s in g.addressable_shards} == {ROWS // 8}
 
