@@ -3,8 +3,9 @@
 Builds `configs/lm.py:tiny` (or another variant) at each `--rows` (min rows per hash
 head; the layer's table holds orders x heads of them) and times the real jitted,
 donated train step for dense `adam` and each row-sparse optimizer on the same random
-token batches. Prints ms/step, the ratio to the smallest table, and the optimizer
-state's bytes per table byte. A dense step grows with the table (a table-sized
+token batches (all sizes of one optimizer built first, then timed in alternating
+rounds). Prints ms/step, the ratio to the smallest table, and the optimizer state's
+bytes per table byte. A dense step grows with the table (a table-sized
 gradient and Adam over every row); a row-sparse one should not.
 """
 import argparse
@@ -28,36 +29,48 @@ def _bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def time_one(config, rows: int, optimizer: str, batches, steps: int, rounds: int):
-  """(seconds per step, table bytes, table optimizer-state bytes) at `rows` per head."""
+def build(config, rows: int, optimizer: str, batch):
+  """(jitted step, state after one step, table bytes, table optimizer-state bytes)."""
   config = config.copy_and_resolve_references()
   config.model.engram.table_size = (rows,)
   config.train.table_optimizer = optimizer
   model_cfg = tasks.lm_model_config(config, vocab_size=config.data.vocab_size)
   _, tx = train.optimizer_from_config(config, model_cfg)
   model = EngramLM(model_cfg)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batches[0]["inputs"]))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"]))["params"]
   state = train.init_train_state(tx, params)
   del params
-  paths = tables.table_paths(model_cfg.engram)
-  table_bytes = _bytes(tables.split_tables(state.params, paths)[1])
+  table_bytes = _bytes(tables.split_tables(state.params,
+                                           tables.table_paths(model_cfg.engram))[1])
   if isinstance(tx, tables.SparseTx):
     state_bytes = _bytes(state.table_opt_state)
   else:
     state_bytes = _bytes(train._table_leaves(state.opt_state))
   step = train.make_train_step(model, tx)
-  state, metrics = step(state, batches[0])  # compile + first step
+  state, metrics = step(state, batch)  # compile + first step
   jax.block_until_ready(metrics["loss"])
-  box = [state]
+  return step, state, table_bytes, state_bytes
 
-  def run():
+
+def time_sizes(config, sizes, optimizer: str, batches, steps: int, rounds: int):
+  """{rows: (seconds per step, table bytes, state bytes)}: every size built first, then
+  timed in alternating rounds (drift on a shared machine hits all sizes alike), the
+  fastest round kept."""
+  built = {rows: list(build(config, rows, optimizer, batches[0])) for rows in sizes}
+
+  def run(rows):
+    entry = built[rows]
     for i in range(steps):
-      box[0], m = step(box[0], batches[i % len(batches)])
-    return m["loss"]
-  seconds = min(median_seconds(run, 1) for _ in range(rounds)) / steps
-  del box, state
+      entry[1], metrics = entry[0](entry[1], batches[i % len(batches)])
+    return metrics["loss"]
+  times = {rows: [] for rows in sizes}
+  for _ in range(rounds):
+    for rows in sizes:
+      times[rows].append(median_seconds(lambda: run(rows), 1) / steps)
+  out = {rows: (min(times[rows]), built[rows][2], built[rows][3]) for rows in sizes}
+  del built
   gc.collect()
-  return seconds, table_bytes, state_bytes
+  return out
 
 
 def main():
@@ -67,7 +80,8 @@ def main():
                       help="min rows per hash head, comma-separated")
   parser.add_argument("--optimizers", default=",".join(tables.TABLE_OPTIMIZERS))
   parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-  parser.add_argument("--rounds", type=int, default=2, help="rounds (the fastest is kept)")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="rounds over all sizes (each size's fastest is kept)")
   args = parser.parse_args()
 
   config = lm_configs.get_config(args.variant)
@@ -87,9 +101,10 @@ def main():
         f"{seq}; best of {args.rounds} rounds of {args.steps} steps")
   results = {}
   for name in names:
-    for rows in sizes:
-      results[name, rows] = time_one(config, rows, name, batches, args.steps, args.rounds)
-      seconds, table_bytes, state_bytes = results[name, rows]
+    for rows, result in time_sizes(config, sizes, name, batches, args.steps,
+                                   args.rounds).items():
+      results[name, rows] = result
+      seconds, table_bytes, state_bytes = result
       print(f"  {name:<16} {rows:>10,} rows/head  table {table_bytes / 2**20:8.1f} MiB  "
             f"{seconds * 1e3:9.1f} ms/step", flush=True)
   print(f"\n{'optimizer':<16} " + " ".join(f"{r:>12,}" for r in sizes) +
