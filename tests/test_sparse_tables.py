@@ -285,3 +285,26 @@ def test_dry_run_reports_table_state_bytes():
   assert "(Engram tables 0.656 GiB)" in report, report
   c.train.table_optimizer = "rowwise_adagrad"  # one f32 per row of 80: 1/80 of the table
   assert "(Engram tables 0.004 GiB)" in train.dry_run_report(c)
+
+
+def test_checkpoints_from_before_the_table_state_field_restore(tmp_path):
+  """A dense-Adam run saved before `TrainState.table_opt_state` existed still resumes."""
+  import flax
+  from engram_jax import checkpoints
+  pytest.importorskip("orbax.checkpoint")
+
+  @flax.struct.dataclass
+  class OldState:
+    step: jax.Array
+    params: dict
+    opt_state: dict
+    routing: dict = flax.struct.field(default_factory=dict)
+  old = OldState(jnp.int32(7), {"w": jnp.arange(3.0)}, {"mu": jnp.ones(3)})
+  manager = checkpoints.manager(str(tmp_path), async_saves=False)
+  checkpoints.save(manager, 7, old, {"batches": 7})
+  manager.wait_until_finished()
+  abstract = jax.eval_shape(lambda: train.TrainState(
+      jnp.int32(0), {"w": jnp.zeros(3)}, {"mu": jnp.zeros(3)}))
+  state, data, unreadable = checkpoints.restore_latest(manager, abstract)
+  assert unreadable == [] and data == {"batches": 7} and state.table_opt_state == {}
+  assert int(state.step) == 7 and np.array_equal(state.params["w"], [0.0, 1.0, 2.0])
