@@ -92,7 +92,10 @@ def _base(family: str) -> ml_collections.ConfigDict:
                        shared_dim=1536, balance="bias", aux_loss_coef=1e-4)
     c.data.update(max_files=0, seq_len=4096, batch_size=512, vocab_size=129280)
     c.train.update(steps=50_000, learning_rate=4e-4, warmup_steps=2000, log_every=100,
-                   eval_every=2000, checkpoint_every=1000)
+                   eval_every=2000, checkpoint_every=1000,
+                   # row-sparse: update cost grows with tokens, not table rows;
+                   # lazy_adam keeps the paper's Adam moments, on the rows read only
+                   table_optimizer="lazy_adam")
     engram_layers = (1, 14)
   c.model.engram.table_size = (c.model.engram.heads,)  # solved per rho by `allocate`
   c.allocation = dict(family=_FAMILIES[family], rho=1.0, engram_layers=engram_layers,

@@ -77,6 +77,7 @@ def _base(variant: str) -> ml_collections.ConfigDict:
                 batch_size=32, seed=0, label_dropout=0.1, worker_count=0)
   c.train = dict(steps=2000, learning_rate=3e-3, warmup_steps=100, weight_decay=0.05,
                  table_lr_multiplier=5.0, grad_clip=1.0, host_hashing=False,
+                 table_optimizer="adam",  # or lazy_adam | rowwise_adagrad | sgd (docs/tables.md)
                  log_every=100, eval_every=500, eval_batches=4, checkpoint_every=500,
                  keep_checkpoints=3,
                  stop_after_steps=0)  # > 0: stop (and save) after this many steps of this run

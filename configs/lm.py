@@ -39,6 +39,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                 tokenizer_path="", vocab_size=1024, val_fraction=0.02)
   c.train = dict(steps=300, learning_rate=3e-3, warmup_steps=30, weight_decay=0.1,
                  table_lr_multiplier=5.0, grad_clip=1.0, host_hashing=False,
+                 # "adam" (dense, the paper's) | "lazy_adam" | "rowwise_adagrad" | "sgd":
+                 # row-sparse, step cost independent of table rows (docs/tables.md)
+                 table_optimizer="adam",
                  log_every=25, eval_every=100, eval_batches=8, checkpoint_every=100,
                  keep_checkpoints=3,
                  stop_after_steps=0)  # > 0: stop (and save) after this many steps of this run
@@ -79,6 +82,12 @@ def _paper_dense(c: ml_collections.ConfigDict, variant: str) -> None:
                 batch_size=256, vocab_size=131072, worker_count=4)
   c.train.update(steps=100_000, learning_rate=4e-4, warmup_steps=2000, log_every=100,
                  eval_every=5000, checkpoint_every=1000, host_hashing=True)
+  # Row-sparse tables: a step of 256 x 4096 tokens reads at most 16.8M of a layer's 35M
+  # rows (100B: of 625M; fewer distinct, n-grams repeat), while dense Adam rewrites
+  # every row, its m and v. lazy_adam keeps Adam's per-element moments on the rows read
+  # (closest to the paper's Adam); at 100B params its m, v would add 745 GiB, so there
+  # one Adagrad accumulator per row (1/80 of the table) holds the state instead.
+  c.train.table_optimizer = "rowwise_adagrad" if base == "paper_dense_100b" else "lazy_adam"
   if variant.endswith("_v5p"):    # v5p-128: 64 chips, params and batch over all
     c.mesh.update(data=1, fsdp=-1, num_devices=64)
   elif variant.endswith("_8gpu"):  # 8xH100: fsdp over the 8 GPUs of the box

@@ -7,7 +7,7 @@ before it is used. Inference restores only `state.params`.
 """
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -57,13 +57,11 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
   checkpoints exist but none restores, that is not a torn write but a different state
   layout (other code or config): a ValueError, rather than a silent restart from step 0.
   """
-  import orbax.checkpoint as ocp
   unreadable, errors = [], []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       with quiet.quiet_library_logs(log_path(os.path.dirname(str(mngr.directory)))):
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state, data = _restore(mngr, step, abstract_state)
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
       unreadable.append(step)
       errors.append(first_line(err))
@@ -73,13 +71,36 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
     for bad, error in zip(unreadable, errors):
       print(f"warning: checkpoint {bad} is unreadable ({error}); falling back to "
             f"checkpoint {step}", flush=True)
-    return restored["state"], restored["data"], unreadable
+    return state, data, unreadable
   if unreadable:
     raise ValueError(
         f"--workdir: none of the checkpoints {sorted(unreadable)} in {mngr.directory} "
         f"restores ({errors[0]}); resume with the code and config that wrote them, "
         f"or use a new --workdir (details: {log_path(os.path.dirname(str(mngr.directory)))})")
   return None, None, unreadable
+
+
+def _restore(mngr, step: int, abstract_state):
+  """(state, data_state) of one step. A dataclass state whose empty (`{}`) fields the
+  checkpoint lacks, because it was written before they existed (e.g. a dense-Adam run's
+  `TrainState.table_opt_state`), restores the fields it has and keeps those empty."""
+  import orbax.checkpoint as ocp
+  args = lambda state: ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                          data=ocp.args.JsonRestore())
+  if dataclasses.is_dataclass(abstract_state):
+    fields = {f.name: getattr(abstract_state, f.name)
+              for f in dataclasses.fields(abstract_state)}
+    try:
+      saved = set(mngr.item_metadata(step)["state"].keys())
+    except Exception:  # unreadable metadata: the plain restore below reports it
+      saved = set(fields)
+    missing = set(fields) - saved
+    if missing and all(isinstance(fields[k], dict) and not fields[k] for k in missing):
+      restored = mngr.restore(step, args=args({k: v for k, v in fields.items()
+                                               if k in saved}))
+      return abstract_state.replace(**restored["state"]), restored["data"]
+  restored = mngr.restore(step, args=args(abstract_state))
+  return restored["state"], restored["data"]
 
 
 def quarantine_steps(workdir: str, steps) -> None:

@@ -313,6 +313,13 @@ def _all_to_all_lookup(table_local_RxE, row_ids_BxTxH, *, rows_per_shard, table_
   return rows_NxE.reshape(*row_ids_BxTxH.shape, table_local_RxE.shape[-1])
 
 
+def table_shard_axes(mesh, rows: int, rules=None) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that split a `rows`-row table as `state_shardings`
+  lays it out (`table_rows` rule, axes that do not divide `rows` dropped)."""
+  axes = mesh_axes("table_rows", mesh, rules or current_rules(), dim=rows)
+  return tuple(axis for axis in axes if mesh.shape[axis] > 1)
+
+
 def sharded_lookup(table_RxE, row_ids_BxTxH, strategy: str, mesh=None, rules=None):
   """`jnp.take(table, ids, axis=0)` with the table's rows split over the mesh.
 

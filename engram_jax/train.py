@@ -22,8 +22,9 @@ import optax
 from flax import traverse_util
 
 from engram_jax import config as config_lib
-from engram_jax import checkpoints, optim, quiet, tasks
+from engram_jax import checkpoints, optim, quiet, tables, tasks
 from engram_jax.layers import moe
+from engram_jax.layers.engram import ROWS_COLLECTION
 
 
 class TrainingError(RuntimeError):
@@ -33,11 +34,24 @@ class TrainingError(RuntimeError):
 @flax.struct.dataclass
 class TrainState:
   """step, params, optimizer state and the MoE `routing` collection (loss-free
-  balancing biases, updated by the step, not by the optimizer; `{}` without them)."""
+  balancing biases, updated by the step, not by the optimizer; `{}` without them).
+  With row-sparse tables (`train.table_optimizer`, engram_jax.tables) `opt_state`
+  covers the other params and `table_opt_state` the tables ({"block_L": state})."""
   step: jax.Array
   params: Any
   opt_state: Any
   routing: Any = flax.struct.field(default_factory=dict)
+  table_opt_state: Any = flax.struct.field(default_factory=dict)
+
+
+def init_train_state(tx, params, routing=None) -> TrainState:
+  """The step-0 state of `params` for `tx` (optax, or `tables.SparseTx`)."""
+  if isinstance(tx, tables.SparseTx):
+    opt_state, table_opt_state = tx.init(params)
+  else:
+    opt_state, table_opt_state = tx.init(params), {}
+  return TrainState(jnp.array(0, jnp.int32), params, opt_state, routing or {},
+                    table_opt_state)
 
 
 def state_variables(state: TrainState) -> dict:
@@ -86,35 +100,47 @@ def model_inputs(batch: dict) -> dict:
   return kwargs
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    state_shardings=None):
+def make_train_step(model: nn.Module, tx, state_shardings=None):
   """The jitted, state-donating step; with `state_shardings` the state keeps its layout.
 
   The gradient is of cross-entropy plus the MoE aux losses sown by the model; `loss`
   in the metrics is the cross-entropy alone (comparable with dense models). With
   `moe.balance="bias"` the routing biases are updated from this step's expert loads.
+  With `tx` a `tables.SparseTx` the tables' gradient is the rows the batch read
+  (`tables.update`), else every param is differentiated and `tx` (optax) updates all.
   """
   moe_cfg = _moe_config(model)
 
   def train_step(state: TrainState, batch: dict):
-    def loss_fn(params):
-      logits, sown = model.apply({**state_variables(state), "params": params},
-                                 batch["inputs"], mutable=[moe.STATS],
-                                 **model_inputs(batch))
+    def loss_fn(params, engram_rows=None, **inputs):
+      variables = {**state_variables(state), "params": params}
+      if engram_rows is not None:
+        variables[ROWS_COLLECTION] = engram_rows
+      logits, sown = model.apply(variables, batch["inputs"], mutable=[moe.STATS], **inputs)
       stats = sown.get(moe.STATS, {})
       ce = cross_entropy(logits, batch["targets"]).mean()
       return ce + moe.total_aux_loss(stats), (ce, stats)
-    (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if isinstance(tx, tables.SparseTx):
+      hash_ids = model.apply({}, batch["inputs"], method="engram_hash_ids",
+                             **model_inputs(batch))
+      ((total, (loss, stats)), params, opt_state, table_opt_state, grad_norm,
+       finite) = tables.update(
+           tx, lambda p, rows: loss_fn(p, rows, hash_ids_BxTxLxH=hash_ids), state.params,
+           state.opt_state, state.table_opt_state, state.step, hash_ids)
+    else:
+      (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, **model_inputs(batch))
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params, table_opt_state = optax.apply_updates(state.params, updates), {}
+      grad_norm = optax.tree.norm(grads)
+      finite = jax.tree_util.tree_reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)),
+                                         params, True)
     routing = state.routing
     if moe_cfg.enabled and moe_cfg.balance == "bias":
       routing = moe.update_routing_biases(routing, stats, moe_cfg.bias_rate)
-    new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state,
-                     routing)
-    finite = jax.tree_util.tree_reduce(
-        lambda ok, x: ok & jnp.all(jnp.isfinite(x)), new.params, jnp.isfinite(total))
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite,
-                 **routing_metrics(stats)}
+    new = TrainState(state.step + 1, params, opt_state, routing, table_opt_state)
+    return new, {"loss": loss, "grad_norm": grad_norm,
+                 "finite": finite & jnp.isfinite(total), **routing_metrics(stats)}
   if state_shardings is None:
     return jax.jit(train_step, donate_argnums=0)
   return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
@@ -180,14 +206,29 @@ def parameter_overview(params) -> dict[str, int]:
   return counts
 
 
+def table_optimizer(config) -> str:
+  """`train.table_optimizer`, validated ("adam" for configs that predate it)."""
+  return tables.validate_optimizer(config.train.get("table_optimizer", "adam"))
+
+
 def optimizer_from_config(config, model_cfg: config_lib.ModelConfig):
-  """(schedule, tx) of `config.train`: AdamW + warmup-cosine with the table group."""
+  """(schedule, tx) of `config.train`: AdamW + warmup-cosine with the table group.
+
+  tx is optax's (tables in Adam's table group) for `train.table_optimizer="adam"` or
+  a model without Engram, else a `tables.SparseTx` (row-sparse tables).
+  """
   t = config.train
   schedule = optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
+  name, engram = table_optimizer(config), model_cfg.engram
+  sparse = name != "adam" and bool(engram.layers)
   tx = optim.make_optimizer(schedule, weight_decay=t.weight_decay,
                             table_lr_multiplier=t.table_lr_multiplier,
-                            table_trainable=model_cfg.engram.table_trainable,
-                            grad_clip=t.grad_clip)
+                            table_trainable=engram.table_trainable and not sparse,
+                            grad_clip=0.0 if sparse else t.grad_clip)
+  if sparse:
+    tx = tables.SparseTx(
+        name, engram, tx, tables.make_optimizer(name) if engram.table_trainable else None,
+        lambda step: schedule(step) * t.table_lr_multiplier, t.grad_clip)
   return schedule, tx
 
 
@@ -212,25 +253,32 @@ def mesh_from_config(config, abstract: bool = False):
   return sharding.make_mesh(mesh_cfg, jax.devices()[:count] if count else None)
 
 
-def train_state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
-                          mesh):
-  """`TrainState` of NamedShardings: params and optimizer moments by logical axes."""
+def train_state_shardings(model: nn.Module, tx, seq_len: int, mesh):
+  """`TrainState` of NamedShardings: params and optimizer moments by logical axes
+  (row-sparse tables' state split by rows like its table)."""
   from engram_jax import sharding
   abstract = abstract_train_state(model, tx, seq_len)
   boxed = abstract.params
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return TrainState(replicated, sharding.state_shardings(boxed, mesh),
-                    sharding.opt_state_shardings(tx, boxed, mesh),
-                    jax.tree_util.tree_map(lambda _: replicated, abstract.routing))
+  params = sharding.state_shardings(boxed, mesh)
+  if isinstance(tx, tables.SparseTx):
+    opt_state = sharding.opt_state_shardings(tx.dense, tables.split_tables(boxed, tx.paths)[0],
+                                             mesh)
+    table_opt_state = tables.table_state_shardings(tx, abstract.table_opt_state, params)
+  else:
+    opt_state, table_opt_state = sharding.opt_state_shardings(tx, boxed, mesh), {}
+  return TrainState(replicated, params, opt_state,
+                    jax.tree_util.tree_map(lambda _: replicated, abstract.routing),
+                    table_opt_state)
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
+def abstract_train_state(model: nn.Module, tx, seq_len: int):
   """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
   def init(rng):
     variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
-    params = variables["params"]
-    return TrainState(jnp.array(0, jnp.int32), params, tx.init(nn.unbox(params)),
-                      nn.unbox(variables.get(moe.BIAS, {})))
+    state = init_train_state(tx, nn.unbox(variables["params"]),
+                             nn.unbox(variables.get(moe.BIAS, {})))
+    return state.replace(params=variables["params"])
   return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -267,16 +315,29 @@ def dry_run_report(config) -> str:
                  f"{m.expert_dim}) + {m.num_shared} shared (width {m.resolved_shared_dim}) "
                  f"from layer {m.first_dense_layers}; branches {model_cfg.branches}")
   lines += [f"  {k:<14} {v:>18,} params" for k, v in counts.items()]
+  opt_trees = (state.opt_state, state.table_opt_state)
+  opt_shardings = (shardings.opt_state, shardings.table_opt_state)
   lines.append(f"  total bytes: params {gib(_tree_bytes(params))}, optimizer state "
-               f"{gib(_tree_bytes(state.opt_state))}")
+               f"{gib(_tree_bytes(opt_trees))} (train.table_optimizer "
+               f"{table_optimizer(config)!r})")
   lines.append(f"mesh {mesh_text} ({mesh.size} devices), bytes per device:")
   parts = [f"Engram tables {gib(group_bytes('engram_tables'))}"]
   if m.enabled:
     parts.append(f"routed experts {gib(group_bytes('routed_experts'))}")
+  table_state = sharding.bytes_per_device(
+      (_table_leaves(state.opt_state), state.table_opt_state),
+      (_table_leaves(shardings.opt_state), shardings.table_opt_state))
   lines.append(f"  params {gib(sharding.bytes_per_device(params, shardings.params))} "
                f"({', '.join(parts)}), optimizer state "
-               f"{gib(sharding.bytes_per_device(state.opt_state, shardings.opt_state))}")
+               f"{gib(sharding.bytes_per_device(opt_trees, opt_shardings))} (Engram "
+               f"tables {gib(table_state)})")
   return "\n".join(lines)
+
+
+def _table_leaves(opt_state) -> list:
+  """The leaves of a dense optimizer state that belong to Engram tables (Adam's m, v)."""
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+          if optim.param_group(path, leaf) == "table"]
 
 
 def ensure_writable_workdir(workdir: str) -> None:
@@ -356,6 +417,7 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
   """
   from engram_jax import sharding, workdir_lock
   tasks.abstract(config)  # validate every field before any work
+  table_optimizer(config)
   fingerprint = tasks.data_fingerprint(config)  # a source matching nothing fails here
   created = not os.path.exists(workdir)
   ensure_writable_workdir(workdir)
@@ -365,6 +427,7 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
       lock.acquire()
       if lock.stale_note():
         print(lock.stale_note(), flush=True)
+    check_resumable(config, workdir)
     task = _process_zero_first(lambda: tasks.build(config, workdir), "tokenizer and data")
     schedule, tx = optimizer_from_config(config, task.model_cfg)
     mesh = mesh_from_config(config)
@@ -391,6 +454,23 @@ def _remove_if_only_lock(workdir: str) -> None:
       os.rmdir(workdir)
   except OSError:
     pass
+
+
+def check_resumable(config, workdir: str) -> None:
+  """A workdir with checkpoints resumes only with the table optimizer that wrote them
+  (their state layouts differ); read from its config.json before it is rewritten."""
+  saved, ckpts = (os.path.join(workdir, name) for name in ("config.json",
+                                                          checkpoints.CHECKPOINT_DIR))
+  if not (os.path.exists(saved) and os.path.isdir(ckpts)
+          and any(name.isdigit() for name in os.listdir(ckpts))):
+    return
+  with open(saved, encoding="utf-8") as f:
+    before = json.load(f).get("train", {}).get("table_optimizer", "adam")
+  now = table_optimizer(config)
+  if before != now:
+    raise ValueError(f"train.table_optimizer={now!r} but the checkpoints in --workdir="
+                     f"{workdir!r} were trained with {before!r}; resume with "
+                     f"--config.train.table_optimizer={before} or use a new --workdir")
 
 
 def _process_zero_first(fn, what: str):
@@ -514,9 +594,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
 
   def init_state(rng):
     variables = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))
-    params = variables["params"]
-    return TrainState(jnp.array(0, jnp.int32), params, tx.init(params),
-                      variables.get(moe.BIAS, {}))
+    return init_train_state(tx, variables["params"], variables.get(moe.BIAS, {}))
 
   rng = jax.random.key(config.seed)
   manager = checkpoints.manager(workdir, t.keep_checkpoints)

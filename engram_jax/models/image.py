@@ -180,6 +180,11 @@ class ImageARModel(nn.Module):
           name="unembed")(h_BxTxD)
     return logits_BxTxC.astype(jnp.float32)
 
+  def engram_hash_ids(self, inputs_BxT, *, hash_ids_BxTxLxH=None):
+    """The hash ids `[B, T, L, H]` a full forward looks up (given ones pass through);
+    `model.apply({}, inputs, method="engram_hash_ids")` computes them outside it."""
+    return self._hash(inputs_BxT, None, hash_ids_BxTxLxH, None)
+
   def _hash(self, inputs_BxT, positions_BxT, hash_ids_BxTxLxH, mode):
     """2D row ids; when caching, keeps the canvas of known cells as decode state."""
     g = self.cfg

@@ -44,6 +44,16 @@ def moe_layer(cfg: config_lib.ModelConfig, name: str = "moe") -> moe.MoE:
       dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
 
 
+def engram_row_ids(engram: config_lib.EngramConfig, hash_ids_BxTxLxH, index: int):
+  """Flat-table row ids `[B, T, H]` of Engram layer `index`: hash ids + head offsets.
+
+  The one place ids become rows: the model's lookup and the row-sparse train step
+  (engram_jax.tables) both read them from here. Tokens alone decide them.
+  """
+  offsets_H = jnp.asarray(engram.hash_spec().offsets_LxH[index].astype(np.int32))
+  return hash_ids_BxTxLxH[:, :, index, :] + offsets_H
+
+
 class Block(nn.Module):
   """Pre-norm block; with `engram_index` set, Engram first adds to the residual.
 
@@ -67,12 +77,10 @@ class Block(nn.Module):
     norm = lambda name: RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype, name=name)
     hyper = cfg.hyper_connections
     if self.engram_index is not None:
-      spec = cfg.engram.hash_spec()
       i = self.engram_index
-      offsets = jnp.asarray(spec.offsets_LxH[i].astype(np.int32))
-      row_ids_BxTxH = hash_ids_BxTxLxH[:, :, i, :] + offsets
-      engram = Engram(cfg.engram, spec.rows(i), cfg.norm_eps, self.mode, dtype, pdtype,
-                      name="engram")
+      row_ids_BxTxH = engram_row_ids(cfg.engram, hash_ids_BxTxLxH, i)
+      engram = Engram(cfg.engram, cfg.engram.hash_spec().rows(i), cfg.norm_eps, self.mode,
+                      dtype, pdtype, name="engram")
       if hyper:
         h = h + engram(h, row_ids_BxTxH, lengths_B, masked_BxT).astype(h.dtype)
       else:
@@ -217,6 +225,14 @@ class EngramLM(nn.Module):
                             nn.initializers.lecun_normal(), ("embed", "vocab")),
                         name="unembed")(h_BxTxD)
     return logits.astype(jnp.float32)
+
+  def engram_hash_ids(self, tokens_BxT, *, ngram_tokens_BxT=None, hash_ids_BxTxLxH=None):
+    """The hash ids `[B, T, L, H]` a full forward looks up (given ones pass through);
+    `model.apply({}, tokens, method="engram_hash_ids")` computes them outside it."""
+    if hash_ids_BxTxLxH is not None:
+      return hash_ids_BxTxLxH
+    return self._hash(tokens_BxT if ngram_tokens_BxT is None else ngram_tokens_BxT,
+                      None, None)
 
   def _hash(self, ngram_tokens_BxT, lengths_B, mode):
     """In-graph hashing; when caching, keeps the last N-1 tokens as decode state."""
