@@ -249,6 +249,12 @@ class SparseTx:
   def paths(self):
     return table_paths(self.engram)
 
+  def sentinels(self) -> list[int]:
+    """Per layer, an id no row has (the stored rows, padding included): `dedup`'s
+    padding, which `apply_rows` skips."""
+    spec = self.engram.hash_spec()
+    return [self.engram.padded_rows(spec.rows(i)) for i in range(len(self.paths))]
+
   def init(self, params) -> tuple[Any, dict]:
     """(dense optimizer state, table optimizer state) of `params` (tables included)."""
     dense, tables_L = split_tables(params, self.paths)
@@ -271,27 +277,25 @@ def table_state_shardings(tx: SparseTx, table_state, param_shardings) -> dict:
           for name, state in table_state.items()}
 
 
-def update(tx: SparseTx, loss_fn, params, opt_state, table_state, step, hash_ids_BxTxLxH):
-  """One train step's update with row-sparse tables.
+def row_gradients(tx: SparseTx, loss_fn, dense, opt_state, rows_L, ids_L):
+  """The row-sparse step's device half: loss, the dense update, and the table gradient
+  as deduplicated rows, whichever memory the tables live in.
 
-  loss_fn(dense_params, engram_rows) -> (loss, aux). Returns ((loss, aux), params,
-  opt_state, table_state, grad_norm, finite); grad_norm is the joint norm of the dense
-  and the row gradients, which equals the norm of the whole dense gradient; finite:
-  whether the new params are (the other params, and the table rows just written).
+  loss_fn(dense_params, engram_rows) -> (loss, aux); rows_L: each Engram layer's
+  `[B, T, H, E]` rows (gathered on device, or by the host for host tables); ids_L their
+  flat-table ids. Returns (value, dense, opt_state, sparse_L, grad_norm, finite_dense)
+  with sparse_L = [(ids_U, grads_UxE)] per layer ([] for frozen tables), clipped by the
+  joint norm of the dense and row gradients (the norm of the whole dense gradient).
   """
-  engram, paths = tx.engram, tx.paths
-  dense, tables_L = split_tables(params, paths)
-  ids_L = [engram_row_ids(engram, hash_ids_BxTxLxH, i).astype(jnp.int32)
-           for i in range(len(paths))]
-  rows_L = [lookup_rows(t, ids, engram.lookup) for t, ids in zip(tables_L, ids_L)]
+  paths = tx.paths
   loss = lambda d, r: loss_fn(d, rows_collection(paths, r))
   if tx.table is None:  # frozen tables: no gradient, no update
     value, grads = jax.value_and_grad(loss, has_aux=True)(dense, rows_L)
     sparse_L = []
   else:
     value, (grads, row_grads_L) = jax.value_and_grad(loss, (0, 1), has_aux=True)(dense, rows_L)
-    sparse_L = [dedup(ids.reshape(-1), g.reshape(-1, g.shape[-1]), t.shape[0])
-                for ids, g, t in zip(ids_L, row_grads_L, tables_L)]
+    sparse_L = [dedup(ids.reshape(-1), g.reshape(-1, g.shape[-1]), sentinel)
+                for ids, g, sentinel in zip(ids_L, row_grads_L, tx.sentinels())]
   squares = [jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(grads)]
   grad_norm = jnp.sqrt(sum(squares + [jnp.sum(jnp.square(g)) for _, g in sparse_L]))
   if tx.grad_clip and tx.grad_clip > 0:  # optax.clip_by_global_norm's rule, both parts
@@ -301,6 +305,31 @@ def update(tx: SparseTx, loss_fn, params, opt_state, table_state, step, hash_ids
     sparse_L = [(ids, clip(g)) for ids, g in sparse_L]
   updates, opt_state = tx.dense.update(grads, opt_state, dense)
   dense = optax.apply_updates(dense, updates)
+  finite = jax.tree_util.tree_reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)), dense,
+                                     jnp.bool_(True))
+  return value, dense, opt_state, sparse_L, grad_norm, finite
+
+
+def layer_row_ids(tx: SparseTx, hash_ids_BxTxLxH) -> list:
+  """Each Engram layer's flat-table row ids `[B, T, H]` (int32)."""
+  return [engram_row_ids(tx.engram, hash_ids_BxTxLxH, i).astype(jnp.int32)
+          for i in range(len(tx.paths))]
+
+
+def update(tx: SparseTx, loss_fn, params, opt_state, table_state, step, hash_ids_BxTxLxH):
+  """One train step's update with row-sparse tables in device memory.
+
+  loss_fn(dense_params, engram_rows) -> (loss, aux). Returns ((loss, aux), params,
+  opt_state, table_state, grad_norm, finite); grad_norm is the joint norm of the dense
+  and the row gradients, which equals the norm of the whole dense gradient; finite:
+  whether the new params are (the other params, and the table rows just written).
+  """
+  engram, paths = tx.engram, tx.paths
+  dense, tables_L = split_tables(params, paths)
+  ids_L = layer_row_ids(tx, hash_ids_BxTxLxH)
+  rows_L = [lookup_rows(t, ids, engram.lookup) for t, ids in zip(tables_L, ids_L)]
+  value, dense, opt_state, sparse_L, grad_norm, finite = row_gradients(
+      tx, loss_fn, dense, opt_state, rows_L, ids_L)
   new_state, nonfinite = dict(table_state), jnp.int32(0)
   if tx.table is not None:
     lr = tx.table_lr(step)
@@ -310,8 +339,5 @@ def update(tx: SparseTx, loss_fn, params, opt_state, table_state, step, hash_ids
       nonfinite = nonfinite + bad
       if state:
         new_state[path[0]] = state
-  finite = jax.tree_util.tree_reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)), dense,
-                                     nonfinite == 0)
   return (value, merge_tables(dense, paths, tables_L), opt_state, new_state, grad_norm,
-          finite)
-
+          finite & (nonfinite == 0))
