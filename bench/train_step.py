@@ -30,8 +30,7 @@ def build(config, vocab_size: int, engram: bool):
   model = EngramLM(model_cfg)
   seq = config.data.seq_len
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, seq), jnp.int32)))
-  state = train.TrainState(jnp.array(0, jnp.int32), params["params"],
-                           tx.init(params["params"]))
+  state = train.init_train_state(tx, params["params"])
   return model_cfg, train.make_train_step(model, tx), state
 
 

@@ -157,7 +157,9 @@ def test_sharded_row_update_equals_single_device(name):
 # The train step
 # ----------------------------------------------------------------------------------
 CFG = config_lib.validate(dataclasses.replace(tiny_model_config(layers=(0, 1)), depth=2))
-TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (8, 17)).astype(np.int32)
+# B*T*H = 8 * 12 * 4 = 384 (id, row) slots, so no array of the slots has the tables'
+# 512 rows: a collective of a table-sized array is recognisable by its shape.
+TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (8, 13)).astype(np.int32)
 BATCH = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:]}
 
 
@@ -175,7 +177,8 @@ def _params():
 
 
 def _train(name, cfg=CFG, mesh=None, steps=2):
-  """(state, metrics) after `steps` steps on BATCH, optionally on `mesh`."""
+  """(state, metrics, compiled HLO text or None) after `steps` steps on BATCH,
+  optionally on `mesh`."""
   model, tx = EngramLM(cfg), _tx(name, cfg)
   state = train.init_train_state(tx, jax.tree_util.tree_map(jnp.asarray, _params()))
   batch = jax.tree_util.tree_map(jnp.asarray, BATCH)
@@ -184,10 +187,14 @@ def _train(name, cfg=CFG, mesh=None, steps=2):
     if mesh:
       state = jax.device_put(state, shardings)
       batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    step = train.make_train_step(model, tx, shardings)
+    step, text = train.make_train_step(model, tx, shardings), None
+    if mesh:
+      step = step.lower(state, batch).compile()
+      text = step.as_text()
     for _ in range(steps):
       state, metrics = step(state, batch)
-  return jax.tree_util.tree_map(np.asarray, state), jax.tree_util.tree_map(float, metrics)
+  return (jax.tree_util.tree_map(np.asarray, state), jax.tree_util.tree_map(float, metrics),
+          text)
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +212,8 @@ def test_lazy_adam_step_equals_dense_adam_step_with_clipping(lazy_single):
   """The same batch twice touches the same rows, where lazy and dense Adam agree; the
   clip (0.05, far below the norm) scales dense and row gradients by their joint norm,
   which equals the dense gradient's norm."""
-  lazy, lazy_metrics = lazy_single
-  dense, dense_metrics = _train("adam")
+  lazy, lazy_metrics, _ = lazy_single
+  dense, dense_metrics, _ = _train("adam")
   assert lazy_metrics["grad_norm"] > 1.0
   assert lazy_metrics["grad_norm"] == pytest.approx(dense_metrics["grad_norm"], rel=1e-6)
   assert lazy_metrics["loss"] == pytest.approx(dense_metrics["loss"], rel=1e-6)
@@ -218,10 +225,16 @@ def test_lazy_adam_step_equals_dense_adam_step_with_clipping(lazy_single):
 
 @pytest.mark.parametrize("lookup", ["psum", "all_to_all"])
 def test_sharded_train_step_equals_single_device(lookup, lazy_single):
-  want, want_metrics = lazy_single
+  want, want_metrics, _ = lazy_single
   cfg = dataclasses.replace(CFG, engram=dataclasses.replace(CFG.engram, lookup=lookup))
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  got, metrics = _train("lazy_adam", cfg, mesh)
+  got, metrics, hlo = _train("lazy_adam", cfg, mesh)
+  rows = want.params["block_0"]["engram"]["table"].shape[0]
+  collectives = [line for line in hlo.splitlines() if any(
+      op in line for op in ("all-gather", "all-reduce", "all-to-all", "reduce-scatter",
+                            "collective-permute"))]
+  assert collectives and not [l for l in collectives if f"[{rows}," in l or f"[{rows}]" in l], \
+      "no table-sized array (table, its state, a dense gradient) crosses devices"
   assert metrics["loss"] == pytest.approx(want_metrics["loss"], rel=1e-5)
   # Adam divides by sqrt(v): where a gradient is near zero its f32 rounding (another
   # summation order on 8 devices) shows in the update; 1e-4 is 1% of one step (lr 1e-2).
