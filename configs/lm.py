@@ -30,6 +30,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                              table_size=(4001,), gate="learned", table_trainable=True,
                              table_init_std=1.0, seed=0, lookup="gather",
                              table_row_multiple=512,
+                             # "device" | "host": tables in host RAM, training too
+                             # (docs/scale_out.md); "disk" for generation
+                             placement="device",
                              # docs/v4.md: the published hash and V4.1's layer
                              hash="engram_jax", compressed_vocab_size=0, pad_id=0,
                              variant="paper"))
@@ -42,6 +45,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                  # "adam" (dense, the paper's) | "lazy_adam" | "rowwise_adagrad" | "sgd":
                  # row-sparse, step cost independent of table rows (docs/tables.md)
                  table_optimizer="adam",
+                 # host tables: "overlap" (rows gathered while the last step's update
+                 # lands: one step stale) | "exact" (equal to device tables)
+                 host_tables_mode="overlap",
                  log_every=25, eval_every=100, eval_batches=8, checkpoint_every=100,
                  keep_checkpoints=3,
                  stop_after_steps=0)  # > 0: stop (and save) after this many steps of this run

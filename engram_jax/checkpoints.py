@@ -1,7 +1,8 @@
 """orbax checkpoints of a workdir: save layout, resume with fallback, inference loads.
 
 A workdir's `checkpoints/STEP/` holds two items: `state` (the TrainState) and `data`
-(the data iterator's JSON state). Resuming restores the newest readable step; a torn
+(the data iterator's JSON state), and with tables in host memory a third,
+`host_tables` (their rows and optimizer state, saved in the same step). Resuming restores the newest readable step; a torn
 or corrupt one is moved to `checkpoints_unreadable/` (never deleted) and the one
 before it is used. Inference restores only `state.params`.
 """
@@ -17,7 +18,8 @@ from engram_jax import quiet
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
-ITEMS = ("state", "data")
+HOST_TABLES = "host_tables"
+ITEMS = ("state", "data", HOST_TABLES)
 LOG_FILE = "engram_jax.log"  # library tracebacks of handled failures land here
 
 
@@ -37,11 +39,52 @@ def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool 
                                options=options, item_names=ITEMS)
 
 
-def save(mngr, step: int, state, data_state: dict) -> None:
-  """Saves (asynchronously) the train state and the data iterator's state at `step`."""
+def save(mngr, step: int, state, data_state: dict, host_tables: dict | None = None) -> None:
+  """Saves (asynchronously) the train state and the data iterator's state at `step`;
+  with `host_tables` (NumPy tables and their optimizer state, engram_jax.host_tables)
+  those too, in the same step, and the save completes before this returns (the arrays
+  are updated in place by the next step)."""
   import orbax.checkpoint as ocp
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+  items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+  if host_tables is not None:
+    items[HOST_TABLES] = ocp.args.PyTreeSave(host_tables)  # restored by PyTreeRestore
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  if host_tables is not None:
+    mngr.wait_until_finished()
+
+
+def has_host_tables(mngr, step: int) -> bool:
+  try:
+    return HOST_TABLES in mngr.item_metadata(step).keys()
+  except Exception:  # noqa: BLE001  unreadable metadata: no
+    return False
+
+
+def restore_host_tables(mngr, step: int, abstract: dict, partial: bool = False) -> dict:
+  """The `host_tables` item of `step` as NumPy arrays (never on an accelerator);
+  `partial`: only the leaves `abstract` names (e.g. the tables, not their state)."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                        abstract)
+  with quiet.quiet_library_logs(log_path(os.path.dirname(str(mngr.directory)))):
+    restored = mngr.restore(step, args=ocp.args.Composite(**{
+        HOST_TABLES: ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                            partial_restore=partial)}))
+  return restored[HOST_TABLES]
+
+
+def newest_has_host_tables(workdir: str) -> bool:
+  """Whether the newest checkpoint of `workdir` keeps its Engram tables in the
+  `host_tables` item (a run trained with `engram.placement="host"`)."""
+  steps = saved_steps(workdir)
+  if not steps:
+    return False
+  mngr = manager(workdir, async_saves=False, create=False)
+  try:
+    return has_host_tables(mngr, steps[-1])
+  finally:
+    mngr.close()
 
 
 def first_line(err: Exception) -> str:
@@ -144,7 +187,7 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 def config_mismatch(workdir: str, step: int, abstract_items: dict,
-                    config_file: str) -> Optional[str]:
+                    config_file: str, skip: tuple = ()) -> Optional[str]:
   """The first array whose shape the workdir's config and checkpoint `step` disagree on
   (an edited width, depth or table size), as a one-line error; None when they agree
   or the checkpoint's metadata is unreadable."""
@@ -161,6 +204,8 @@ def config_mismatch(workdir: str, step: int, abstract_items: dict,
   for name, abstract in abstract_items.items():
     want, have = _shapes(abstract), _shapes(stored.get(name, {}) if hasattr(stored, "get") else {})
     for key in sorted(want.keys() | have.keys()):
+      if any(key.startswith(prefix) for prefix in skip):
+        continue
       if want.get(key) != have.get(key):
         in_ckpt = "absent" if key not in have else f"shape {have[key]}"
         in_cfg = "absent" if key not in want else f"shape {want[key]}"
@@ -197,7 +242,8 @@ def root_cause_line(err: BaseException) -> str:
 
 
 def restore_checkpoint(workdir: str, abstract_items: dict,
-                       config_file: str = "model_config.json") -> tuple[dict, int]:
+                       config_file: str = "model_config.json",
+                       skip: tuple = ()) -> tuple[dict, int]:
   """({name: tree}, step) of the newest readable checkpoint, for inference.
 
   A config that does not fit the checkpoint is one ValueError line (checked on the
@@ -215,7 +261,7 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
   unreadable = []
   with quiet.quiet_library_logs(log_path(workdir)):
     for step in steps:
-      mismatch = config_mismatch(workdir, step, abstract_items, config_file)
+      mismatch = config_mismatch(workdir, step, abstract_items, config_file, skip)
       if mismatch:
         raise ValueError(mismatch)
       try:

@@ -17,6 +17,7 @@ _GATE_NAMES = ("learned", "off")
 _REMAT = ("none", "full", "dots")
 _DTYPES = ("float32", "bfloat16", "float16")
 LOOKUPS = ("gather", "psum", "all_to_all")
+PLACEMENTS = ("device", "host", "disk")
 VARIANTS = ("paper", "v4")
 HYPER = ("auto", "dynamic", "static", "none")
 
@@ -36,6 +37,7 @@ class EngramConfig:
   seed: int = 0
   lookup: str = "gather"               # "gather" | "psum" | "all_to_all" (docs/sharding.md)
   table_row_multiple: int = 512        # pad each layer's table rows to a multiple (sharding)
+  placement: str = "device"            # "device" | "host" (host RAM, training too) | "disk"
   # Images only: causal (dy, dx) neighbours; order n hashes the first n (docs/vision.md).
   stencil: tuple[tuple[int, int], ...] = hashing.DEFAULT_STENCIL
   # "engram_jax" (uint32, per-head multipliers) | "published" (the reference's int64
@@ -228,6 +230,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     hashing.check_layer_rows(e.hash_spec())
   if e.table_init_std <= 0:
     _fail("engram.table_init_std", e.table_init_std, "must be > 0")
+  if e.placement not in PLACEMENTS:
+    _fail("engram.placement", e.placement, f"choose one of {PLACEMENTS}")
   if e.lookup not in LOOKUPS:
     _fail("engram.lookup", e.lookup, f"choose one of {LOOKUPS}")
   if e.variant not in VARIANTS:

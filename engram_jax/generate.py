@@ -251,7 +251,17 @@ def load_workdir(workdir: str):
   model = EngramLM(cfg)
   abstract = jax.eval_shape(
       lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
-  if abstract.get(moe.BIAS):  # MoE loss-free balancing: the trained routing biases too
+  if cfg.engram.layers and checkpoints.newest_has_host_tables(workdir):
+    # trained with host tables: put them back into the params for on-device generation
+    from engram_jax import offload
+    from engram_jax import tables as tables_lib
+    dense, tables_L, step = offload.restore_host_trained(workdir, cfg, abstract["params"])
+    params = tables_lib.merge_tables(dense, tables_lib.table_paths(cfg.engram),
+                                     [jnp.asarray(t) for t in tables_L])
+    if abstract.get(moe.BIAS):
+      raise ValueError(f"--workdir={workdir!r}: MoE routing biases with host tables are "
+                       "not supported by generate yet")
+  elif abstract.get(moe.BIAS):  # MoE loss-free balancing: the trained routing biases too
     params, step = checkpoints.restore_checkpoint(
         workdir, {"params": abstract["params"], moe.BIAS: abstract[moe.BIAS]})
   else:
@@ -306,6 +316,12 @@ def build_parser():
   parser.add_argument("--top_p", type=float, default=1.0, help="1.0 = off")
   parser.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
   parser.add_argument("--num_samples", type=int, default=1, help="language models")
+  parser.add_argument("--tables", choices=("device", "host", "disk"), default="device",
+                      help="where the Engram tables live while sampling: device memory, "
+                           "host RAM (rows gathered by a host callback), or .npy files "
+                           "memory-mapped from --table_dir (`python -m engram_jax.offload "
+                           "export`); language models")
+  parser.add_argument("--table_dir", default="", help="with --tables=disk")
   image = parser.add_argument_group(
       "image workdirs", "these apply only when --workdir is an image run")
   image.add_argument("--classes", default=argparse.SUPPRESS,
@@ -337,7 +353,16 @@ def main(argv=None) -> int:
       raise ValueError(f"{', '.join(image_flags)}: only for image workdirs; "
                        f"--workdir={args.workdir!r} is not an image run")
     check_sampling(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
-    model, params, tok, vocab_map, step = load_workdir(args.workdir)
+    if (args.tables == "disk") != bool(args.table_dir):
+      raise ValueError("--tables=disk and --table_dir go together: give both (the "
+                       "directory written by `python -m engram_jax.offload export`)")
+    host_tables = None
+    if args.tables == "device":
+      model, params, tok, vocab_map, step = load_workdir(args.workdir)
+    else:
+      from engram_jax import offload
+      model, params, host_tables, tok, vocab_map, step = offload.load_workdir(
+          args.workdir, args.table_dir or None)
     from engram_jax import tokenizer as tokenizer_lib
     eos = tokenizer_lib.eos_id(tok)
     ids = tok.encode(args.prompt, add_special_tokens=False).ids or [eos]
@@ -350,12 +375,18 @@ def main(argv=None) -> int:
     prompt = np.zeros((args.num_samples, bucket), np.int32)
     prompt[:, :len(ids)] = ids
     lengths = np.full((args.num_samples,), len(ids), np.int32)
-    run = jax.jit(generate, static_argnums=0, static_argnames=(
-        "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
-    new = np.asarray(run(model, params, prompt, lengths, jax.random.key(args.seed),
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=eos,
-                         vocab_map_V=vocab_map))
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=eos,
+                    vocab_map_V=vocab_map)
+    if host_tables is not None:
+      from engram_jax import offload
+      new = np.asarray(offload.generate(model, params, host_tables, prompt, lengths,
+                                        jax.random.key(args.seed), **sampling))
+    else:
+      run = jax.jit(generate, static_argnums=0, static_argnames=(
+          "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
+      new = np.asarray(run(model, params, prompt, lengths, jax.random.key(args.seed),
+                           **sampling))
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -176,12 +176,77 @@ def host_memory_sharding(device=None):
   return jax.sharding.SingleDeviceSharding(device)
 
 
-def load_workdir(workdir: str):
+TABLES_MANIFEST = "tables.json"
+
+
+def export_tables(workdir: str, out_dir: str) -> str:
+  """Writes the newest checkpoint's Engram tables as `.npy` files (one per layer) and a
+  `tables.json` manifest into `out_dir`: the on-disk form `disk_tables` memory-maps.
+  Works for runs trained with device or host tables; each file is written to a
+  temporary name and renamed, so a reader never sees half a table."""
+  import json
+  import os
+  _, _, tables, _, _, step = load_workdir(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  names = []
+  for path, table in zip(tables.paths, tables.tables_L):
+    name = f"{path[0]}.npy"
+    tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+      np.save(f, np.asarray(table))
+    os.replace(tmp, os.path.join(out_dir, name))
+    names.append({"file": name, "shape": list(table.shape), "dtype": str(table.dtype)})
+  manifest = {"workdir": os.path.abspath(workdir), "step": step, "tables": names}
+  tmp = os.path.join(out_dir, f".{TABLES_MANIFEST}.tmp-{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, TABLES_MANIFEST))
+  return out_dir
+
+
+def disk_tables(cfg: config_lib.ModelConfig, table_dir: str) -> HostTables:
+  """`HostTables` over `np.memmap`s of `export_tables`' files: only the rows a lookup
+  asks for are read from disk. A missing, truncated or misshapen file is a one-line
+  ValueError naming it (never a silent garbage read)."""
+  import json
+  import os
+  manifest_path = os.path.join(table_dir, TABLES_MANIFEST)
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as err:
+    raise ValueError(f"--table_dir={table_dir!r}: no readable {TABLES_MANIFEST} "
+                     f"({getattr(err, 'strerror', None) or err}); write one with "
+                     "`python -m engram_jax.offload export`") from None
+  spec, e = cfg.engram.hash_spec(), cfg.engram
+  entries = manifest.get("tables", [])
+  if len(entries) != len(e.layers):
+    raise ValueError(f"--table_dir={table_dir!r} holds {len(entries)} tables; this model "
+                     f"has engram.layers={e.layers}")
+  tables_L = []
+  for i, entry in enumerate(entries):
+    path = os.path.join(table_dir, entry["file"])
+    want = (e.padded_rows(spec.rows(i)), e.head_dim)
+    try:
+      table = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:  # a truncated file does not map
+      raise ValueError(f"--table_dir: {path} is unreadable or truncated ({err}); "
+                       "export the tables again") from None
+    if table.shape != want or tuple(entry["shape"]) != want:
+      raise ValueError(f"--table_dir: {path} has shape {table.shape}; this model needs "
+                       f"{want} (engram.table_size, heads or head width differ)")
+    tables_L.append(table)
+  return HostTables(cfg, tables_L)
+
+
+def load_workdir(workdir: str, table_dir: Optional[str] = None):
   """(model, device_params, HostTables, tokenizer, vocab_map_V, step) of a training
   workdir's newest checkpoint, with the tables restored into host memory.
 
   The tables are restored with a `pinned_host` sharding (orbax writes them straight
-  into host RAM), then wrapped as NumPy; the rest goes to the default device.
+  into host RAM), then wrapped as NumPy; the rest goes to the default device. With
+  `table_dir` (written by `export_tables`) the tables are memory-mapped from disk
+  instead and the checkpoint's tables are never read.
   """
   import os
 
@@ -206,13 +271,43 @@ def load_workdir(workdir: str):
     keys = tuple(getattr(k, "key", k) for k in path)
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                 sharding=host if keys in table_paths else device)
-  items, step = checkpoints.restore_checkpoint(
-      workdir, {"params": jax.tree_util.tree_map_with_path(place, abstract)})
-  params = items["params"]
-  device_params, tables = split_params(params, cfg)
+  if table_dir:
+    from engram_jax import tables as tables_lib
+    dense, _ = tables_lib.split_tables(abstract, tables_lib.table_paths(cfg.engram))
+    items, step = checkpoints.restore_checkpoint(
+        workdir, {"params": jax.tree_util.tree_map_with_path(place, dense)},
+        skip=tuple("/".join(p + (TABLE,)) for p in engram_paths(cfg)))
+    device_params, tables = items["params"], disk_tables(cfg, table_dir)
+  elif checkpoints.newest_has_host_tables(workdir):  # trained with host tables
+    device_params, tables_L, step = restore_host_trained(
+        workdir, cfg, jax.tree_util.tree_map_with_path(place, abstract))
+    tables = HostTables(cfg, tables_L)
+  else:
+    items, step = checkpoints.restore_checkpoint(
+        workdir, {"params": jax.tree_util.tree_map_with_path(place, abstract)})
+    device_params, tables = split_params(items["params"], cfg)
   vocab_map = jnp.asarray(hashing.compressed_vocab_for(tok, cfg.engram.hash,
                                                         cfg.engram.compressed_vocab_size))
   return model, device_params, tables, tok, vocab_map, step
+
+
+def restore_host_trained(workdir: str, cfg: config_lib.ModelConfig, abstract_params):
+  """(params without tables, NumPy tables per layer, step) of a run trained with
+  `engram.placement="host"`: the tables come from the checkpoint's `host_tables` item
+  (their optimizer state is not read)."""
+  from engram_jax import checkpoints
+  from engram_jax import tables as tables_lib
+  paths = tables_lib.table_paths(cfg.engram)
+  dense, tables_abstract = tables_lib.split_tables(abstract_params, paths)
+  items, step = checkpoints.restore_checkpoint(workdir, {"params": dense})
+  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
+  try:
+    saved = checkpoints.restore_host_tables(
+        mngr, step, {p[0]: {"table": t} for p, t in zip(paths, tables_abstract)},
+        partial=True)
+  finally:
+    mngr.close()
+  return items["params"], [saved[p[0]]["table"] for p in paths], step
 
 
 # ----------------------------------------------------------------------------------
@@ -357,3 +452,27 @@ def generate(model, device_params, tables: HostTables, prompt_BxT, lengths_B, rn
                        top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
                        vocab_map_V=vocab, engram_rows_fn=tables.callback_rows,
                        prompt_engram_rows=prompt_rows)
+
+
+def main(argv=None) -> int:
+  """`python -m engram_jax.offload export --workdir=W --out=DIR`: disk tables."""
+  import argparse
+  import sys
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.offload",
+      description="Write a workdir's Engram tables as memory-mappable .npy files.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  export = sub.add_parser("export", help="tables of the newest checkpoint -> DIR")
+  export.add_argument("--workdir", required=True)
+  export.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  try:
+    print(f"wrote {export_tables(args.workdir, args.out)}/{TABLES_MANIFEST}")
+  except (ValueError, OSError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -51,6 +51,8 @@ def validate_train(t) -> None:
   if _as_number("table_lr_multiplier", get("table_lr_multiplier", 1.0)) <= 0:
     _fail("table_lr_multiplier", get("table_lr_multiplier"),
           "must be > 0 (freeze a table with model.engram.table_trainable=False)")
+  if get("host_tables_mode", "overlap") not in ("overlap", "exact"):
+    _fail("host_tables_mode", get("host_tables_mode"), "choose 'overlap' or 'exact'")
   if _as_number("grad_clip", get("grad_clip", 0.0)) < 0:
     _fail("grad_clip", get("grad_clip"), "must be >= 0 (0 = no clipping)")
 
@@ -68,3 +70,17 @@ def validate_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
     raise ValueError(f"model.vocab_size={model_vocab} is smaller than the tokenizer's "
                      f"{tokenizer_vocab} tokens: set model.vocab_size=0 (the tokenizer's "
                      f"size) or >= {tokenizer_vocab}")
+
+
+def validate_placement(engram, table_optimizer: str) -> None:
+  """Host tables train only with a row-sparse optimizer; disk tables do not train."""
+  if not engram.layers or engram.placement == "device":
+    return
+  if engram.placement == "disk":
+    raise ValueError("engram.placement='disk' is for generation (a table file read on "
+                     "demand); train with engram.placement='host' and export the tables "
+                     "(docs/scale_out.md)")
+  if table_optimizer == "adam":
+    raise ValueError("engram.placement='host' needs a row-sparse table optimizer: set "
+                     "train.table_optimizer to lazy_adam, rowwise_adagrad or sgd (dense "
+                     "Adam would read and write every row of the table each step)")

@@ -99,7 +99,9 @@ def build(config, workdir: str) -> Task:
   """The task with its train iterator and eval batches for this process."""
   import jax
   pidx, pcount = jax.process_index(), jax.process_count()
-  host_hashing = bool(config.train.get("host_hashing", False))
+  # host tables are gathered from the hash ids the input pipeline computes
+  host_hashing = (bool(config.train.get("host_hashing", False))
+                  or config.model.get("engram", {}).get("placement", "device") == "host")
   if kind_of(config) == "image":
     from engram_jax.data import images
     task = abstract(config)

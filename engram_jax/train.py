@@ -22,7 +22,7 @@ import optax
 from flax import traverse_util
 
 from engram_jax import config as config_lib
-from engram_jax import checkpoints, optim, quiet, tables, tasks
+from engram_jax import checkpoints, optim, quiet, run_config, tables, tasks
 from engram_jax.layers import moe
 from engram_jax.layers.engram import ROWS_COLLECTION
 
@@ -59,11 +59,26 @@ def state_variables(state: TrainState) -> dict:
   return {"params": state.params, **({moe.BIAS: state.routing} if state.routing else {})}
 
 
+def _model_config(model: nn.Module):
+  """The `ModelConfig` of an LM (or of an image model's backbone); None for others."""
+  cfg = getattr(model, "cfg", None)
+  return getattr(cfg, "model", cfg)
+
+
 def _moe_config(model: nn.Module) -> config_lib.MoEConfig:
   """The MoE section of an LM's (or image model's) config; disabled for other models."""
-  cfg = getattr(model, "cfg", None)
-  cfg = getattr(cfg, "model", cfg)
-  return getattr(cfg, "moe", config_lib.MoEConfig())
+  return getattr(_model_config(model), "moe", config_lib.MoEConfig())
+
+
+ROWS_KEY = "engram_rows_{}"  # a batch's host-gathered rows of Engram layer i
+
+
+def batch_rows(model: nn.Module, batch: dict):
+  """The `engram_rows` collection of a batch whose rows the host gathered, else None."""
+  if ROWS_KEY.format(0) not in batch:
+    return None
+  paths = tables.table_paths(_model_config(model).engram)
+  return tables.rows_collection(paths, [batch[ROWS_KEY.format(i)] for i in range(len(paths))])
 
 
 def routing_metrics(stats) -> dict[str, jax.Array]:
@@ -100,7 +115,8 @@ def model_inputs(batch: dict) -> dict:
   return kwargs
 
 
-def make_train_step(model: nn.Module, tx, state_shardings=None):
+def make_train_step(model: nn.Module, tx, state_shardings=None, host_tables: bool = False,
+                    mesh=None):
   """The jitted, state-donating step; with `state_shardings` the state keeps its layout.
 
   The gradient is of cross-entropy plus the MoE aux losses sown by the model; `loss`
@@ -108,6 +124,9 @@ def make_train_step(model: nn.Module, tx, state_shardings=None):
   `moe.balance="bias"` the routing biases are updated from this step's expert loads.
   With `tx` a `tables.SparseTx` the tables' gradient is the rows the batch read
   (`tables.update`), else every param is differentiated and `tx` (optax) updates all.
+  With `host_tables` the params hold no tables: the batch brings their rows
+  (`ROWS_KEY`), and the metrics return the deduplicated row gradients as
+  `table_rows` (replicated, for the host's update: engram_jax.host_tables).
   """
   moe_cfg = _moe_config(model)
 
@@ -120,7 +139,17 @@ def make_train_step(model: nn.Module, tx, state_shardings=None):
       stats = sown.get(moe.STATS, {})
       ce = cross_entropy(logits, batch["targets"]).mean()
       return ce + moe.total_aux_loss(stats), (ce, stats)
-    if isinstance(tx, tables.SparseTx):
+    extra = {}
+    if host_tables:
+      hash_ids = batch["hash_ids"]
+      ids_L = tables.layer_row_ids(tx, hash_ids)
+      rows_L = [batch[ROWS_KEY.format(i)] for i in range(len(ids_L))]
+      ((total, (loss, stats)), params, opt_state, sparse_L, grad_norm,
+       finite) = tables.row_gradients(
+           tx, lambda p, rows: loss_fn(p, rows, hash_ids_BxTxLxH=hash_ids), state.params,
+           state.opt_state, rows_L, ids_L)
+      table_opt_state, extra = {}, {"table_rows": sparse_L}
+    elif isinstance(tx, tables.SparseTx):
       hash_ids = model.apply({}, batch["inputs"], method="engram_hash_ids",
                              **model_inputs(batch))
       ((total, (loss, stats)), params, opt_state, table_opt_state, grad_norm,
@@ -140,10 +169,14 @@ def make_train_step(model: nn.Module, tx, state_shardings=None):
       routing = moe.update_routing_biases(routing, stats, moe_cfg.bias_rate)
     new = TrainState(state.step + 1, params, opt_state, routing, table_opt_state)
     return new, {"loss": loss, "grad_norm": grad_norm,
-                 "finite": finite & jnp.isfinite(total), **routing_metrics(stats)}
+                 "finite": finite & jnp.isfinite(total), **routing_metrics(stats), **extra}
   if state_shardings is None:
     return jax.jit(train_step, donate_argnums=0)
-  return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
+  metrics_sharding = None
+  if host_tables and mesh is not None:  # every process applies the same row updates
+    metrics_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, donate_argnums=0,
+                 out_shardings=(state_shardings, metrics_sharding))
 
 
 def make_eval_step(model: nn.Module):
@@ -153,7 +186,11 @@ def make_eval_step(model: nn.Module):
 
   @jax.jit
   def eval_step(params, batch, byte_lengths_V):
-    logits = model.apply(as_variables(params), batch["inputs"], **model_inputs(batch))
+    variables = as_variables(params)
+    rows = batch_rows(model, batch)
+    if rows is not None:  # host tables: the batch brings its rows
+      variables[ROWS_COLLECTION] = rows
+    logits = model.apply(variables, batch["inputs"], **model_inputs(batch))
     nll = cross_entropy(logits, batch["targets"])
     nbytes = 0 if byte_lengths_V is None else byte_lengths_V[batch["targets"]].sum()
     return nll.sum(), nll.size, nbytes
@@ -417,7 +454,8 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
   """
   from engram_jax import sharding, workdir_lock
   tasks.abstract(config)  # validate every field before any work
-  table_optimizer(config)
+  run_config.validate_placement(tasks.abstract(config).model_cfg.engram,
+                                table_optimizer(config))
   fingerprint = tasks.data_fingerprint(config)  # a source matching nothing fails here
   created = not os.path.exists(workdir)
   ensure_writable_workdir(workdir)
@@ -584,12 +622,15 @@ def _finish_saves(manager, workdir: str) -> None:
 def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerprint,
                 accept_data_change):
   from clu import metric_writers, periodic_actions
-  from engram_jax import sharding, writers
+  from engram_jax import host_tables, sharding, writers
   t = config.train
   model, seq_len, train_iter = task.model, task.seq_len, task.train_iter
   byte_lengths = None if task.byte_lengths_V is None else jnp.asarray(task.byte_lengths_V)
   pidx = jax.process_index()
-  state_sh = train_state_shardings(model, tx, seq_len, mesh)
+  engram = task.model_cfg.engram
+  host = engram.placement == "host" and bool(engram.layers)
+  full_sh = train_state_shardings(model, tx, seq_len, mesh)
+  state_sh = host_tables.drop_tables(full_sh, tx) if host else full_sh
   batch_sh = sharding.batch_sharding(mesh, batch_size=config.data.batch_size)
 
   def init_state(rng):
@@ -598,12 +639,19 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
 
   rng = jax.random.key(config.seed)
   manager = checkpoints.manager(workdir, t.keep_checkpoints)
-  abstract = jax.tree_util.tree_map(
+  full_abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(init_state, rng), state_sh)
+      jax.eval_shape(init_state, rng), full_sh)
+  abstract = host_tables.drop_tables(full_abstract, tx) if host else full_abstract
   try:
     state, data_state, unreadable = _restore_or_explain(manager, abstract, workdir,
                                                         task.model_cfg)
+    store = None
+    if host and state is not None:
+      store = host_tables.store_from_layout(
+          task.model_cfg, checkpoints.restore_host_tables(
+              manager, int(state.step), host_tables.store_layout(full_abstract, tx)),
+          tx.table)
   except BaseException:
     manager.close()
     raise
@@ -611,7 +659,14 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     manager.close()
     checkpoints.quarantine_steps(workdir, unreadable)
     manager = checkpoints.manager(workdir, t.keep_checkpoints)
-  if state is None:
+  if state is None and host:  # init in host memory: the tables never reach a device
+    with jax.default_device(jax.devices("cpu")[0]):
+      full = jax.jit(init_state)(rng)
+    _, store = host_tables.HostTableStore.from_params(task.model_cfg, full.params, tx.table,
+                                                      full.table_opt_state)
+    state = jax.device_put(host_tables.drop_tables(full, tx), state_sh)
+    del full
+  elif state is None:
     state = jax.jit(init_state, out_shardings=state_sh)(rng)
   else:
     own = dict(_own_data_state(data_state))
@@ -634,6 +689,9 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     jsonl.write(step, scalars)
 
   overview = parameter_overview(state.params)
+  if store is not None:
+    overview["engram_tables"] = sum(t.size for t in store.tables_L)
+    overview["total"] += overview["engram_tables"]
   logging.info("parameters: %s", overview)
   say = (lambda text: print(text, flush=True)) if pidx == 0 else (lambda text: None)
   say("parameters: " + ", ".join(f"{k} {v:,}" for k, v in overview.items()))
@@ -643,7 +701,15 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     manager.close()
     writer.close()
     train_iter.close()
+    if store is not None:
+      store.close()
     return {}
+  feed = None
+  if store is not None:
+    say(f"Engram tables in host memory: {store.nbytes / 2**20:,.1f} MiB with their "
+        f"optimizer state ({t.get('host_tables_mode', 'overlap')} updates)")
+    feed = host_tables.HostFeed(store, train_iter, t.get("host_tables_mode", "overlap"),
+                                tx.table_lr)
   if start:
     say(f"resumed from step {start}")
 
@@ -652,24 +718,38 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     stop_requested.append(signum)
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-  train_step = make_train_step(model, tx, state_sh)
+  train_step = make_train_step(model, tx, state_sh, host_tables=host, mesh=mesh)
   eval_step = make_eval_step(model)
-  eval_batches = [_global_batch(b, batch_sh) for b in task.eval_batches]
+  eval_batches = [_global_batch(b, batch_sh) for b in task.eval_batches] if not host else []
+
+  def eval_now():
+    batches = eval_batches
+    if host:  # rows from the tables as they are now
+      feed.wait()
+      batches = [_global_batch(feed._with_rows(b), batch_sh) for b in task.eval_batches]
+    return evaluate(eval_step, state_variables(state), batches, byte_lengths)
   progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
   console = writers.ConsoleProgress(start, t.steps)
 
   def save(step):
-    data = {**train_iter.get_state(), "fingerprint": fingerprint}
+    position = feed.iterator_state() if feed is not None else train_iter.get_state()
+    data = {**position, "fingerprint": fingerprint}
+    if feed is not None:
+      feed.wait()  # the saved tables include this step's update
     try:
-      checkpoints.save(manager, step, state, _all_data_states(data))
+      checkpoints.save(manager, step, state, _all_data_states(data),
+                       host_tables=None if store is None else store.state_dict())
     except Exception as err:  # noqa: BLE001  the previous async save's failure
       raise _save_failed(err, workdir, manager) from None
 
   metrics, eval_step_number, failed = {}, None, False
   try:
     for step in range(start + 1, t.steps + 1):
-      batch = _global_batch(next(train_iter), batch_sh)
+      batch = _global_batch(feed.next_batch() if feed else next(train_iter), batch_sh)
       new_state, step_metrics = train_step(state, batch)
+      if feed is not None:
+        feed.gather_ahead()  # overlap: the next batch's rows while the device computes
+        feed.apply(step_metrics.pop("table_rows"), step)
       loss = float(step_metrics["loss"])
       if not bool(step_metrics["finite"]):
         what = f"loss {loss}" if not math.isfinite(loss) else "parameters after the update"
@@ -684,8 +764,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
                         if k.startswith("moe_")}})
         console.report(step, loss)
       if step % t.eval_every == 0 or step == t.steps:
-        metrics, eval_step_number = evaluate(eval_step, state_variables(state),
-                                             eval_batches, byte_lengths), step
+        metrics, eval_step_number = eval_now(), step
         write(step, metrics)
         say(writers.format_eval(step, metrics))
       # One read of the signal flag per step, so that the save and the stop agree
@@ -709,6 +788,12 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
         raise
     manager.close()
     writer.flush()
+    if feed is not None:
+      try:
+        feed.close()
+      except TrainingError:
+        if not failed:
+          raise
     train_iter.close()
     for s, handler in previous.items():
       signal.signal(s, handler)

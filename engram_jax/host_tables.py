@@ -1,0 +1,242 @@
+"""Engram tables trained in host memory (`engram.placement="host"`).
+
+Row ids depend only on tokens, so the rows a step reads are known before it runs: the
+tables and their row-sparse optimizer state live in host RAM (NumPy), the input side
+gathers each batch's rows (`np.take` over several threads) and ships them to the
+device as `engram_rows`, the step returns the table gradient as deduplicated rows
+(`tables.row_gradients`), and the host applies the row-sparse update to the rows
+touched. The accelerator never holds a table: a table the size of host RAM trains.
+
+The update runs the same `TableOptimizer.update` as device tables (jitted on the CPU,
+over a static number of rows), so `exact` host training equals device training.
+`docs/scale_out.md` ("Tables in host memory") has the modes and the memory they cost.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from engram_jax import config as config_lib
+from engram_jax import tables
+
+MODES = ("overlap", "exact")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _rows_update(optimizer: tables.TableOptimizer, rows_UxE, state_rows, grads_UxE, count,
+                 lr):
+  return optimizer.update(rows_UxE, state_rows, grads_UxE, count, lr)
+
+
+class HostTableStore:
+  """Each Engram layer's table `[R, E]` and row-sparse optimizer state in host RAM.
+
+  tables_L: one per layer in `engram.layers` order (padded rows included);
+  states_L: one dict of `[R, ...]` arrays per layer (`{}` for sgd or frozen tables).
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, tables_L: Sequence[np.ndarray],
+               optimizer: Optional[tables.TableOptimizer], states_L=None,
+               threads: int = 0):
+    e = cfg.engram
+    spec = e.hash_spec()
+    if len(tables_L) != len(e.layers):
+      raise ValueError(f"{len(tables_L)} host tables for engram.layers={e.layers}")
+    self.cfg, self.optimizer = cfg, optimizer
+    self.names = [path[0] for path in tables.table_paths(e)]
+    self.tables_L = [np.ascontiguousarray(t) for t in tables_L]
+    for i, table in enumerate(self.tables_L):
+      want = (e.padded_rows(spec.rows(i)), e.head_dim)
+      if table.shape != want:
+        raise ValueError(f"host table of {self.names[i]} has shape {table.shape}; this "
+                         f"model needs {want}")
+    self.states_L = [dict(s) for s in (states_L or [{} for _ in self.tables_L])]
+    self.offsets_LxH = spec.offsets_LxH.astype(np.int64)
+    self._threads = threads or min(8, os.cpu_count() or 1)
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        self._threads, thread_name_prefix="engram-host-tables")
+
+  @classmethod
+  def from_params(cls, cfg: config_lib.ModelConfig, params, optimizer, table_opt_state=None):
+    """(params without tables, store): the tables (and their state, if any) copied from
+    a full parameter tree into host memory."""
+    paths = tables.table_paths(cfg.engram)
+    dense, tables_L = tables.split_tables(params, paths)
+    state = table_opt_state or {}
+    host = lambda tree: jax.tree_util.tree_map(lambda x: np.array(jax.device_get(x)), tree)
+    states_L = [host(state.get(p[0], {})) for p in paths]
+    if optimizer is not None and not any(states_L):
+      states_L = [host(optimizer.init(np.asarray(jax.device_get(t)))) for t in tables_L]
+    return dense, cls(cfg, [np.array(jax.device_get(t)) for t in tables_L], optimizer,
+                      states_L)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(t.nbytes + sum(v.nbytes for v in s.values())
+               for t, s in zip(self.tables_L, self.states_L))
+
+  def row_ids(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
+    ids = np.asarray(hash_ids_BxTxLxH).astype(np.int64)
+    return [ids[:, :, l] + self.offsets_LxH[l] for l in range(len(self.tables_L))]
+
+  def gather(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
+    """Rows `[B, T, H, E]` per layer; `np.take` in chunks over the thread pool."""
+    out = []
+    for table, ids in zip(self.tables_L, self.row_ids(hash_ids_BxTxLxH)):
+      rows = np.empty(ids.shape + table.shape[1:], table.dtype)
+      flat_ids, flat_rows = ids.reshape(-1), rows.reshape(-1, table.shape[1])
+      bounds = np.linspace(0, flat_ids.size, self._threads + 1).astype(int)
+      list(self._pool.map(  # slices are views: each thread fills its part of `rows`
+          lambda a, b: np.take(table, flat_ids[a:b], axis=0, out=flat_rows[a:b]),
+          bounds[:-1], bounds[1:]))
+      out.append(rows)
+    return out
+
+  def apply(self, sparse_L, count: int, lr: float) -> int:
+    """One row-sparse step: `sparse_L` = [(ids_U, grads_UxE)] per layer, as
+    `tables.row_gradients` returns them (ids >= rows are padding). Returns the number
+    of non-finite values written."""
+    if self.optimizer is None:
+      return 0
+    nonfinite = 0
+    for i, (ids_U, grads_UxE) in enumerate(sparse_L):
+      table, state = self.tables_L[i], self.states_L[i]
+      ids_U = np.asarray(ids_U).astype(np.int64)
+      valid_U = ids_U < table.shape[0]
+      safe_U = np.where(valid_U, ids_U, 0)
+      new_rows, new_state = _rows_update(
+          self.optimizer, table[safe_U], {k: v[safe_U] for k, v in state.items()},
+          np.asarray(grads_UxE), np.int32(count), np.float32(lr))
+      written = ids_U[valid_U]
+      new_rows = np.asarray(new_rows)[valid_U]
+      nonfinite += int(np.sum(~np.isfinite(new_rows)))
+      table[written] = new_rows
+      for k, v in new_state.items():
+        state[k][written] = np.asarray(v)[valid_U]
+    return nonfinite
+
+  def state_dict(self) -> dict:
+    """{"block_L": {"table": [R, E], **optimizer state}}: what a checkpoint holds."""
+    return {name: {"table": t, **s}
+            for name, t, s in zip(self.names, self.tables_L, self.states_L)}
+
+  def load_state_dict(self, saved: dict) -> None:
+    for i, name in enumerate(self.names):
+      entry = dict(saved[name])
+      table = entry.pop("table")
+      if table.shape != self.tables_L[i].shape:
+        raise ValueError(f"checkpoint host table {name} has shape {table.shape}, this "
+                         f"model {self.tables_L[i].shape}")
+      self.tables_L[i] = np.ascontiguousarray(table)
+      self.states_L[i] = {k: np.ascontiguousarray(v) for k, v in entry.items()}
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------
+# The trainer's side: batches with their rows, and the host half of each step
+# ----------------------------------------------------------------------------------
+def drop_tables(state, tx: tables.SparseTx):
+  """A TrainState (of arrays, shardings or shapes) without the tables and their state:
+  what the device holds when the host holds the tables."""
+  return state.replace(params=tables.split_tables(state.params, tx.paths)[0],
+                       table_opt_state={})
+
+
+def store_layout(full_state, tx: tables.SparseTx) -> dict:
+  """{"block_L": {"table": x, **state}} of a full TrainState: the checkpoint item."""
+  _, tables_L = tables.split_tables(full_state.params, tx.paths)
+  return {path[0]: {"table": table, **full_state.table_opt_state.get(path[0], {})}
+          for path, table in zip(tx.paths, tables_L)}
+
+
+def store_from_layout(cfg, saved: dict, optimizer) -> HostTableStore:
+  names = [p[0] for p in tables.table_paths(cfg.engram)]
+  entries = [dict(saved[name]) for name in names]
+  return HostTableStore(cfg, [e.pop("table") for e in entries], optimizer, entries)
+
+
+class HostFeed:
+  """Train batches with their rows gathered from a `HostTableStore`, and the updates.
+
+  exact:   gather the rows of batch t after update t-1 landed: the same rows as device
+           tables would read (the same losses).
+  overlap: gather the rows of batch t+1 while step t runs, after update t-1 landed but
+           before update t: a row touched by steps t and t+1 is one step stale there;
+           update t runs on a host thread while the device runs step t+1.
+  `iterator_state()` is the data position of the batches already trained on (not of
+  the batch gathered ahead), so checkpoints resume where training stopped.
+  """
+
+  def __init__(self, store: HostTableStore, train_iter, mode: str, table_lr):
+    if mode not in MODES:
+      raise ValueError(f"train.host_tables_mode={mode!r}: choose one of {MODES}")
+    self.store, self.mode, self._iter, self._table_lr = store, mode, train_iter, table_lr
+    self._updater = concurrent.futures.ThreadPoolExecutor(1, "engram-host-update")
+    self._pending = None
+    self._ahead = None
+    self._state_before_ahead = None
+
+  def _with_rows(self, batch: dict) -> dict:
+    from engram_jax import train
+    rows = self.store.gather(batch["hash_ids"])
+    return {**batch, **{train.ROWS_KEY.format(i): r for i, r in enumerate(rows)}}
+
+  def next_batch(self) -> dict:
+    """The next train batch (NumPy) with `engram_rows_i` from the host tables."""
+    if self._ahead is not None:
+      batch, self._ahead = self._ahead, None
+      return batch
+    self.wait()
+    return self._with_rows(next(self._iter))
+
+  def gather_ahead(self) -> None:
+    """overlap: fetch the next batch and gather its rows now (the device is busy)."""
+    if self.mode != "overlap":
+      return
+    self._state_before_ahead = self._iter.get_state()
+    batch = next(self._iter)
+    self.wait()
+    self._ahead = self._with_rows(batch)
+
+  def apply(self, table_rows, step: int) -> None:
+    """Update `step`'s rows (the step just run; `count` = step, lr at step - 1)."""
+    sparse_L = [(np.asarray(ids), np.asarray(grads)) for ids, grads in table_rows]
+    lr = float(self._table_lr(step - 1))
+    if self.mode == "exact":
+      self._check(self.store.apply(sparse_L, step, lr), step)
+      return
+    self.wait()
+    self._pending = (step, self._updater.submit(self.store.apply, sparse_L, step, lr))
+
+  def wait(self) -> None:
+    """Blocks until the update in flight has landed."""
+    if self._pending is not None:
+      step, future = self._pending
+      self._pending = None
+      self._check(future.result(), step)
+
+  @staticmethod
+  def _check(nonfinite: int, step: int) -> None:
+    if nonfinite:
+      from engram_jax import train
+      raise train.TrainingError(
+          f"non-finite values in the host table rows updated at step {step}; this "
+          "state is not saved and the last good checkpoint is kept (lower "
+          "train.learning_rate or train.table_lr_multiplier?)")
+
+  def iterator_state(self) -> dict:
+    return self._state_before_ahead if self._ahead is not None else self._iter.get_state()
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._updater.shutdown(wait=True)
+      self.store.close()

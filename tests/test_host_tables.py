@@ -1,0 +1,151 @@
+"""Engram tables in host memory: exact == device training, resume, overlap, generation
+from host and disk tables, and the errors of bad table files."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("clu")
+pytest.importorskip("orbax.checkpoint")
+
+from engram_jax import checkpoints, generate, host_tables, offload, tables, train  # noqa: E402
+
+from tests import lm_test_config  # noqa: E402
+from tests.conftest import tiny_model_config  # noqa: E402
+
+
+def _config(placement="host", mode="exact", steps=4, **train_overrides):
+  c = lm_test_config.get_config("tiny")
+  c.train.update(steps=steps, eval_every=steps, table_optimizer="lazy_adam",
+                 host_tables_mode=mode, warmup_steps=1)
+  c.train.update(train_overrides)
+  c.model.engram.placement = placement
+  return c
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r["train_loss"] for r in rows if "train_loss" in r]
+
+
+def _newest(workdir):
+  return max(checkpoints.saved_steps(workdir))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The same 4 steps with device tables and with exact host tables."""
+  root = tmp_path_factory.mktemp("host_tables")
+  out = {}
+  for name, placement in (("device", "device"), ("host", "host")):
+    out[name] = str(root / name)
+    train.train_and_evaluate(_config(placement), out[name])
+  return out
+
+
+@pytest.mark.parametrize("name", ["lazy_adam", "rowwise_adagrad", "sgd"])
+def test_host_update_equals_the_device_row_update(name):
+  cfg = tiny_model_config()
+  optimizer = tables.make_optimizer(name)
+  rng = np.random.default_rng(0)
+  spec = cfg.engram.hash_spec()
+  tables_L = [rng.normal(size=(cfg.engram.padded_rows(spec.rows(i)), cfg.engram.head_dim))
+              .astype(np.float32) for i in range(len(cfg.engram.layers))]
+  states_L = [jax.tree_util.tree_map(np.asarray, optimizer.init(t)) for t in tables_L]
+  store = host_tables.HostTableStore(
+      cfg, [t.copy() for t in tables_L], optimizer,
+      [jax.tree_util.tree_map(np.copy, s) for s in states_L], threads=3)
+  sparse_L = []
+  for table in tables_L:
+    ids = rng.integers(0, table.shape[0], 40)
+    ids_U, grads = tables.dedup(jnp.asarray(ids, jnp.int32),
+                                jnp.asarray(rng.normal(size=(40, table.shape[1])), jnp.float32),
+                                table.shape[0])
+    sparse_L.append((np.asarray(ids_U), np.asarray(grads)))
+  assert store.apply(sparse_L, 3, 0.05) == 0
+  for i, (ids_U, grads) in enumerate(sparse_L):
+    want, want_state, _ = tables.apply_rows(jnp.asarray(tables_L[i]),
+                                            jax.tree_util.tree_map(jnp.asarray, states_L[i]),
+                                            jnp.asarray(ids_U), jnp.asarray(grads),
+                                            optimizer, jnp.int32(3), jnp.float32(0.05))
+    np.testing.assert_allclose(store.tables_L[i], want, rtol=1e-6, atol=1e-7)
+    for key, value in want_state.items():
+      np.testing.assert_allclose(store.states_L[i][key], value, rtol=1e-6, atol=1e-7)
+  # a gather over several threads equals one np.take
+  ids = rng.integers(0, 50, (2, 7, len(cfg.engram.layers), spec.num_heads_total))
+  for rows, table, row_ids in zip(store.gather(ids), store.tables_L, store.row_ids(ids)):
+    np.testing.assert_array_equal(rows, np.take(table, row_ids, axis=0))
+  store.close()
+
+
+def test_exact_host_training_equals_device_training(runs):
+  np.testing.assert_allclose(_losses(runs["host"]), _losses(runs["device"]), rtol=1e-6)
+  cfg = generate.read_model_config(runs["host"])
+  paths = tables.table_paths(cfg.engram)
+  _, device_params, device_tables, *_ = offload.load_workdir(runs["device"])
+  _, host_params, saved_tables, *_ = offload.load_workdir(runs["host"])
+  for a, b in zip(device_tables.tables_L, saved_tables.tables_L):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert all(p[0] not in host_params or "table" not in host_params[p[0]]["engram"]
+             for p in paths)
+
+
+def test_host_tables_resume_exactly(runs, tmp_path, capsys):
+  workdir = str(tmp_path / "resumed")
+  train.train_and_evaluate(_config(stop_after_steps=2), workdir)
+  train.train_and_evaluate(_config(), workdir)
+  assert "Engram tables in host memory" in capsys.readouterr().out
+  np.testing.assert_allclose(_losses(workdir), _losses(runs["host"]), rtol=1e-6)
+
+
+def test_overlap_is_one_step_stale_but_trains(runs, tmp_path):
+  workdir = str(tmp_path / "overlap")
+  train.train_and_evaluate(_config(mode="overlap"), workdir)
+  exact, overlap = _losses(runs["host"]), _losses(workdir)
+  assert overlap[:2] == pytest.approx(exact[:2], rel=1e-6)  # step 1's update: lr 0
+  assert overlap[2:] != pytest.approx(exact[2:], rel=1e-7)  # stale rows from step 3 on
+  assert np.all(np.isfinite(overlap)) and overlap[-1] == pytest.approx(exact[-1], abs=0.05)
+
+
+def test_generation_reads_host_trained_tables_from_device_host_and_disk(runs, tmp_path,
+                                                                      capsys):
+  argv = [f"--workdir={runs['host']}", "--prompt=def ", "--max_new_tokens=5",
+          "--temperature=0"]
+  outputs = {}
+  table_dir = str(tmp_path / "tables")
+  assert offload.main(["export", f"--workdir={runs['host']}", f"--out={table_dir}"]) == 0
+  for tables_flag in ("device", "host", "disk"):
+    capsys.readouterr()
+    extra = [f"--tables={tables_flag}"] + ([f"--table_dir={table_dir}"]
+                                           if tables_flag == "disk" else [])
+    assert generate.main(argv + extra) == 0
+    outputs[tables_flag] = capsys.readouterr().out.split("--- sample 0 ---")[1]
+  assert outputs["device"] == outputs["host"] == outputs["disk"]
+
+  # a truncated table file and a table of the wrong shape: one line each, exit 2
+  name = json.load(open(os.path.join(table_dir, offload.TABLES_MANIFEST)))["tables"][0]["file"]
+  path = os.path.join(table_dir, name)
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  assert generate.main(argv + ["--tables=disk", f"--table_dir={table_dir}"]) == 2
+  err = capsys.readouterr().err
+  assert "truncated" in err and len(err.strip().splitlines()) == 1
+  np.save(path, np.zeros((8, 3), np.float32))
+  assert generate.main(argv + ["--tables=disk", f"--table_dir={table_dir}"]) == 2
+  assert "has shape (8, 3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("placement,optimizer,says", [
+    ("host", "adam", "row-sparse table optimizer"),
+    ("disk", "lazy_adam", "for generation"),
+])
+def test_placements_that_cannot_train_are_refused(tmp_path, placement, optimizer, says):
+  with pytest.raises(ValueError, match=says):
+    train.train_and_evaluate(_config(placement, table_optimizer=optimizer),
+                             str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
