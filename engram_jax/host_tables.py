@@ -120,6 +120,17 @@ class HostTableStore:
         state[k][written] = np.asarray(v)[valid_U]
     return nonfinite
 
+  def digest(self) -> str:
+    """sha256 of every table and state array: equal on replicas that applied the same
+    updates (several processes), printed at the end of a run."""
+    import hashlib
+    h = hashlib.sha256()
+    for table, state in zip(self.tables_L, self.states_L):
+      h.update(np.ascontiguousarray(table).tobytes())
+      for key in sorted(state):
+        h.update(np.ascontiguousarray(state[key]).tobytes())
+    return h.hexdigest()[:16]
+
   def state_dict(self) -> dict:
     """{"block_L": {"table": [R, E], **optimizer state}}: what a checkpoint holds."""
     return {name: {"table": t, **s}

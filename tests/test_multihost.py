@@ -7,6 +7,7 @@ process reads its own share of the train rows, so the reference's iterator joins
 two processes' iterators (process 0's rows first, as on the mesh).
 """
 import json
+import re
 import os
 import signal
 import subprocess
@@ -154,6 +155,20 @@ def test_two_processes_match_one_process(two_process_run, one_process_metrics):
     assert g["step"] == w["step"]
     for key in w:
       assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (g["step"], key)
+
+
+def test_two_processes_keep_identical_host_table_replicas(tmp_path):
+  """engram.placement=host: each process holds a full replica and applies the same
+  (globally deduplicated) row updates, so the replicas end bit-identical."""
+  workdir = str(tmp_path / "host")
+  _launch(workdir, "--config.model.engram.placement=host",
+          "--config.train.table_optimizer=lazy_adam", "--config.train.warmup_steps=1")
+  digests = [re.search(r"host tables of process \d: sha256 (\w+)", _process_log(workdir, i))
+             for i in range(2)]
+  assert all(digests), [_process_log(workdir, i)[-2000:] for i in range(2)]
+  assert digests[0].group(1) == digests[1].group(1)
+  assert [r["step"] for r in _metrics(workdir) if "train_loss" in r] == list(
+      range(1, STEPS + 1))
 
 
 # ----------------------------------------------------------------------------------
