@@ -1,9 +1,10 @@
 """Forward vs forward+backward cost: RMSNorm, the Engram layer and `tiny`'s train step,
-with the hand-written RMSNorm backward ("custom_vjp") and with plain autodiff of the
-same expression ("autodiff", the code before), in one process.
+with the hand-written backwards ("custom_vjp": RMSNorm and the Engram conv) and with
+plain autodiff of the same expressions ("autodiff", the code before), in one process.
 
-The "autodiff" path swaps `engram_jax.layers.norms.rms_norm` for the plain expression
-while tracing, so both paths run the same model code otherwise. Paths alternate in
+The "autodiff" path swaps `engram_jax.layers.norms.rms_norm` and
+`engram_jax.layers.engram.causal_dilated_conv` for the plain expressions while
+tracing, so both paths run the same model code otherwise. Paths alternate in
 rounds (medians) so that load drift on a shared machine hits both.
 """
 import argparse
@@ -21,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
 from engram_jax import tasks  # noqa: E402
+from engram_jax.layers import engram as engram_lib  # noqa: E402
 from engram_jax.layers import norms  # noqa: E402
 from engram_jax.layers.engram import Engram  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
@@ -34,16 +36,24 @@ def autodiff_rms_norm(x, scale, eps=1e-6, out_dtype=jnp.float32):
   return (y * scale.astype(jnp.float32)).astype(out_dtype)
 
 
+def autodiff_conv(x_BxTxC, kernel_KxC, dilation, history_BxPxC):
+  """The Engram conv as it was before its custom VJP: slices of the extended input."""
+  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
+  t = x_BxTxC.shape[1]
+  return sum(kernel_KxC[j].astype(x_BxTxC.dtype) * ext[:, j * dilation:j * dilation + t]
+             for j in range(kernel_KxC.shape[0]))
+
+
 @contextlib.contextmanager
 def norm_impl(name: str):
-  """Traces with the given RMSNorm core ("custom_vjp" or "autodiff")."""
-  saved = norms.rms_norm
+  """Traces with the given RMSNorm and conv cores ("custom_vjp" or "autodiff")."""
+  saved = norms.rms_norm, engram_lib.causal_dilated_conv
   if name == "autodiff":
-    norms.rms_norm = autodiff_rms_norm
+    norms.rms_norm, engram_lib.causal_dilated_conv = autodiff_rms_norm, autodiff_conv
   try:
     yield
   finally:
-    norms.rms_norm = saved
+    norms.rms_norm, engram_lib.causal_dilated_conv = saved
 
 
 def full_size_buffers(compiled_hlo: str, elements: int) -> int:
@@ -86,7 +96,8 @@ def engram_fns(model_cfg, batch: int, seq: int):
   fwd = jax.jit(layer.apply)
   loss = lambda p, h: jnp.sum(layer.apply(p, h, ids) ** 2)
   bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  return (lambda: fwd(params, h, ids)), (lambda: bwd(params, h))
+  buffers = full_size_buffers(bwd.lower(params, h).compile().as_text(), h.size)
+  return (lambda: fwd(params, h, ids)), (lambda: bwd(params, h)), buffers
 
 
 def alternate(fns: dict, rounds: int, repeats: int) -> dict:
@@ -118,11 +129,11 @@ def main(argv=None):
   lb, ls = args.layer_batch or batch, args.layer_seq or seq
   x = jnp.asarray(np.random.default_rng(0).normal(size=(lb, ls, model_cfg.width)),
                   jnp.float32)
-  fns, buffers = {}, {}
+  fns, buffers, layer_buffers = {}, {}, {}
   for impl in ("custom_vjp", "autodiff"):
     with norm_impl(impl):
       nf, nb, buffers[impl] = norm_fns(x)
-      ef, eb = engram_fns(model_cfg, lb, ls)
+      ef, eb, layer_buffers[impl] = engram_fns(model_cfg, lb, ls)
       # Trace + compile now, while the chosen norm is installed.
       for fn in (nf, nb, ef, eb):
         jax.block_until_ready(fn())
@@ -142,6 +153,8 @@ def main(argv=None):
             f"ratio {b / f:5.2f}x")
   print("norm fwd+bwd full-size buffers written (compiled HLO): "
         + ", ".join(f"{impl} {n}" for impl, n in buffers.items()))
+  print("Engram layer fwd+bwd buffers of [B, T, D] size (compiled HLO): "
+        + ", ".join(f"{impl} {n}" for impl, n in layer_buffers.items()))
   if args.no_step:
     return
   steps = {}

@@ -1,4 +1,5 @@
-"""The hand-written RMSNorm backward against autodiff of the plain expression."""
+"""Hand-written backwards (RMSNorm, the Engram conv) against autodiff of the plain
+expressions."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,3 +62,35 @@ def test_module_grads_match_reference_under_jit():
   g_ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(params, x)
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------
+# The Engram conv's custom VJP (layers/engram.py) against autodiff of the plain taps
+# ----------------------------------------------------------------------------------
+def reference_conv(x_BxTxC, kernel_KxC, dilation, history_BxPxC):
+  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
+  taps, t = kernel_KxC.shape[0], x_BxTxC.shape[1]
+  return sum(kernel_KxC[j].astype(x_BxTxC.dtype) * ext[:, j * dilation:j * dilation + t]
+             for j in range(taps))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_values_and_grads_match_autodiff(dtype):
+  from engram_jax.layers.engram import causal_dilated_conv
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(keys[0], (2, 7, 5)).astype(dtype)
+  kernel = jax.random.normal(keys[1], (4, 5))
+  history = jax.random.normal(keys[2], (2, 9, 5)).astype(dtype)
+  cot = jax.random.normal(keys[3], (2, 7, 5)).astype(dtype)
+  ours = lambda x, k, h: causal_dilated_conv(x, k, 3, h)
+  ref = lambda x, k, h: reference_conv(x, k, 3, h)
+  y, vjp = jax.vjp(ours, x, kernel, history)
+  y_ref, vjp_ref = jax.vjp(ref, x, kernel, history)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  for a, b in zip(vjp(cot), vjp_ref(cot)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol)
+  if dtype == jnp.float32:
+    check_grads(ours, (x, kernel, history), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)

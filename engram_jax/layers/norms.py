@@ -57,14 +57,19 @@ def _scale_grad(gx_Nx_, r_Nx1, scale_shape):
   """sum over rows of g * x * r, as a contraction with r.
 
   A dot, not a column reduction: XLA:CPU ran `sum(g * xhat, rows)` fused with `dx`
-  ~2x slower than the whole backward with this dot (bench/backward.py).
+  ~2x slower than the whole backward with a dot. With one scale row (the usual norm)
+  it is `r^T @ gx`, `[1, N] x [N, D]`, which needs no transposed copy of `gx`.
   """
   rows = int(np.prod(scale_shape[:-1], dtype=np.int64))
-  gx_NxPxD = gx_Nx_.reshape(-1, rows, scale_shape[-1])
+  width = scale_shape[-1]
+  # HIGHEST: a TPU would otherwise run these f32 dots in one bf16 pass.
+  highest = jax.lax.Precision.HIGHEST
+  if rows == 1:
+    return jnp.matmul(r_Nx1.reshape(1, -1), gx_Nx_.reshape(-1, width),
+                      precision=highest).reshape(scale_shape)
+  gx_NxPxD = gx_Nx_.reshape(-1, rows, width)
   r_NxP = r_Nx1.reshape(-1, rows)
-  # HIGHEST: a TPU would otherwise run this f32 dot in one bf16 pass.
-  return jnp.einsum("npd,np->pd", gx_NxPxD, r_NxP,
-                    precision=jax.lax.Precision.HIGHEST).reshape(scale_shape)
+  return jnp.einsum("npd,np->pd", gx_NxPxD, r_NxP, precision=highest).reshape(scale_shape)
 
 
 rms_norm.defvjp(_forward, _backward)
