@@ -11,16 +11,20 @@ is (time for `--new` tokens - time for 2 tokens) / (`--new` - 2), so the prefill
 call overhead cancel.
 """
 import argparse
+import os
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax import config as config_lib
-from engram_jax import generate
-from engram_jax.models.lm import EngramLM
-from timing import median_seconds  # bench/timing.py (scripts run from bench/)
+# This checkout's engram_jax, not an installed one (as the other bench scripts do).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engram_jax import config as config_lib  # noqa: E402
+from engram_jax import generate  # noqa: E402
+from engram_jax.models.lm import EngramLM  # noqa: E402
+from timing import median_seconds  # noqa: E402  bench/timing.py (scripts run from bench/)
 
 
 def main():
