@@ -309,14 +309,24 @@ def main(argv=None) -> dict:
             "sizes": {"batch": s.batch, "seq": s.seq, "width": s.model.width,
                       "depth": s.model.depth, "vocab": s.model.vocab_size,
                       "engram_layers": list(s.model.engram.layers)}}
-  report["gather"] = check_gather(s, s.model.engram.head_dim)
-  report["train_mfu"], report["engram_overhead"] = check_train(s, peak)
+  section_s = {}
+
+  def timed(name, fn):
+    begin = time.perf_counter()
+    out = fn()
+    section_s[name] = time.perf_counter() - begin  # compiles included
+    print(f"{name}: {section_s[name]:.1f} s", flush=True)
+    return out
+
+  report["gather"] = timed("gather", lambda: check_gather(s, s.model.engram.head_dim))
+  report["train_mfu"], report["engram_overhead"] = timed("train", lambda: check_train(s, peak))
   model = EngramLM(s.model)
   params = nn.unbox(jax.jit(model.init)(
       jax.random.key(0), jnp.zeros((1, s.prompt), jnp.int32)))["params"]
-  report["decode"] = check_decode(s, params)
-  report["offload"] = check_offload(s, params)
-  report["row_sparse"] = check_row_sparse(s)
+  report["decode"] = timed("decode", lambda: check_decode(s, params))
+  report["offload"] = timed("offload", lambda: check_offload(s, params))
+  report["row_sparse"] = timed("row_sparse", lambda: check_row_sparse(s))
+  report["section_s"] = section_s
   report["wall_s"] = time.perf_counter() - start
   out = os.path.abspath(args.out)
   os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -1,9 +1,11 @@
 """RMSNorm with logically named scale, over the last axis, with a hand-written backward.
 
 Autodiff of `x * rsqrt(mean(x^2) + eps) * scale` keeps several full-size f32
-intermediates and differentiates the mean, the rsqrt and the broadcasts one by one:
-on CPU its backward cost ~17x its forward. `rms_norm` is a `jax.custom_vjp` whose
-backward is the closed form, from saved `x` and the per-row `1/rms` only:
+intermediates and differentiates the mean, the rsqrt and the broadcasts one by one (on
+a 2-core CPU its fwd+bwd cost 5x to 11x its forward at 8k+ rows; docs/benchmarks.md,
+"Backward cost"). `rms_norm` is a `jax.custom_vjp` whose backward is the closed form,
+from saved `x` and the per-row `1/rms` only (about half the time, fewer full-size
+buffers):
 
   xhat = x * r,  r = rsqrt(mean(x^2) + eps),  y = xhat * scale
   dscale = sum_rows(g * x * r)     (a dot with r, see _scale_grad)
