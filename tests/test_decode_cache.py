@@ -52,3 +52,24 @@ def test_decode_keeps_the_prefill_cache_layout():
   kv, s, h = CFG.num_kv_heads, CFG.max_len, CFG.resolved_head_dim
   assert cache["blocks_2_3"]["attention"]["k"].shape == (2, 2, kv, s, h)
   assert cache["block_1"]["attention"]["v"].shape == (2, kv, s, h)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_chunked_decode_attention_equals_dense_attention(stacked):
+  """Several chunks, rows at different positions (one on a chunk boundary)."""
+  from engram_jax.layers.attention import chunked_decode_attention, gqa_attention
+  keys = jax.random.split(jax.random.key(3), 3)
+  b, kv, s, h, n = 3, 2, 32, 8, 4
+  q = jax.random.normal(keys[0], (b, 1, n, h))
+  k = jax.random.normal(keys[1], (2, b, kv, s, h))
+  v = jax.random.normal(keys[2], (2, b, kv, s, h))
+  position_B = jnp.array([5, 8, 21])
+  visible = (jnp.arange(s)[None, None, :] <= position_B[:, None, None])
+  want = gqa_attention(q, k[1], v[1], visible)
+  got = (chunked_decode_attention(q, k, v, position_B, jnp.int32(1), chunk=8) if stacked
+         else chunked_decode_attention(q, k[1], v[1], position_B, chunk=8))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # keys past every row's position are never read: garbage there changes nothing
+  k_junk = k.at[:, :, :, 24:].set(jnp.nan)
+  got_junk = chunked_decode_attention(q, k_junk[1], v[1], position_B, chunk=8)
+  np.testing.assert_allclose(np.asarray(got_junk), np.asarray(want), rtol=1e-5, atol=1e-5)

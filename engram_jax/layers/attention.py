@@ -11,6 +11,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engram_jax.layers.mlp import dense_init
 
@@ -78,6 +79,60 @@ def gqa_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, visible_BxTxS):
   return out.reshape(b, t, n, h)
 
 
+def decode_chunk(max_len: int, target: int = 128) -> int:
+  """Keys per chunk of `chunked_decode_attention`: the largest divisor of `max_len` up
+  to `target` (chunks must tile the cache), or `max_len` when that is small."""
+  best = max(d for d in range(1, min(target, max_len) + 1) if max_len % d == 0)
+  return best if best >= min(32, max_len) else max_len
+
+
+def chunked_decode_attention(q_Bx1xNxH, cache_k, cache_v, position_B, layer=None,
+                             chunk: int = 128):
+  """One new query per row against the filled part of the cache only.
+
+  Loops over key chunks up to the furthest row's position (online softmax), reading
+  each chunk straight from the cache (`[B, K, S, H]`, or slot `layer` of a stacked
+  `[L, B, K, S, H]`): a step's cost follows the sequence so far, not `max_len`, and no
+  whole layer of the cache is copied out.
+  """
+  b, _, n, h = q_Bx1xNxH.shape
+  kv = cache_k.shape[-3]
+  lead = () if layer is None else (layer,)
+  size = (1,) * len(lead) + (b, kv, chunk, h)
+  q_Bx1xKxGxH = q_Bx1xNxH.reshape(b, 1, kv, n // kv, h)
+  scale = 1.0 / np.sqrt(h).astype(np.float32)
+  neg = jnp.finfo(jnp.float32).min
+
+  def read(cache, c):
+    start = lead + (0, 0, c * chunk, 0)
+    return jax.lax.dynamic_slice(cache, start, size).reshape(b, kv, chunk, h)
+
+  def body(c, carry):
+    m_BxKxGx1, l_BxKxGx1, acc_BxKxGx1xH = carry
+    k_c = read(cache_k, c)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q_Bx1xKxGxH, k_c,
+                        preferred_element_type=jnp.float32) * scale
+    key_pos_C = c * chunk + jnp.arange(chunk)
+    visible_BxC = key_pos_C[None, :] <= position_B[:, None]
+    scores = jnp.where(visible_BxC[:, None, None, None], scores, neg)
+    m_new = jnp.maximum(m_BxKxGx1, scores.max(axis=-1))
+    p = jnp.exp(scores - m_new[..., None])
+    correction = jnp.exp(m_BxKxGx1 - m_new)
+    v_c = read(cache_v, c)
+    pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v_c.dtype), v_c,
+                    preferred_element_type=jnp.float32)
+    return (m_new, l_BxKxGx1 * correction + p.sum(axis=-1),
+            acc_BxKxGx1xH * correction[..., None] + pv)
+
+  g = n // kv
+  init = (jnp.full((b, kv, g, 1), neg, jnp.float32), jnp.zeros((b, kv, g, 1), jnp.float32),
+          jnp.zeros((b, kv, g, 1, h), jnp.float32))
+  chunks = jnp.max(position_B) // chunk + 1
+  _, l_BxKxGx1, acc = jax.lax.fori_loop(0, chunks, body, init)
+  out_BxKxGx1xH = acc / l_BxKxGx1[..., None]
+  return jnp.moveaxis(out_BxKxGx1xH, 3, 1).reshape(b, 1, n, h).astype(cache_v.dtype)
+
+
 class Attention(nn.Module):
   """Causal GQA with RoPE; keys/values live in the `cache` collection when decoding."""
   num_heads: int
@@ -118,6 +173,11 @@ class Attention(nn.Module):
       start_B = positions_BxT[:, 0]
       cached_k.value = write_kv(cached_k.value, k, start_B, cache_layer)
       cached_v.value = write_kv(cached_v.value, v, start_B, cache_layer)
+      if self.mode == "decode" and x_BxTxD.shape[1] == 1:
+        out_Bx1xNxH = chunked_decode_attention(
+            q, cached_k.value, cached_v.value, start_B, cache_layer,
+            decode_chunk(self.max_len))
+        return self._out(out_Bx1xNxH, x_BxTxD.shape[-1])
       if cache_layer is None:
         k, v = cached_k.value, cached_v.value
       else:
@@ -126,7 +186,10 @@ class Attention(nn.Module):
       key_positions_BxS = jnp.broadcast_to(jnp.arange(self.max_len), (b, self.max_len))
     visible_BxTxS = key_positions_BxS[:, None, :] <= positions_BxT[:, :, None]
     out_BxTxNxH = gqa_attention(q, k, v, visible_BxTxS)
+    return self._out(out_BxTxNxH, x_BxTxD.shape[-1])
+
+  def _out(self, out_BxTxNxH, width: int):
     return nn.DenseGeneral(
-        x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False,
+        width, axis=(-2, -1), use_bias=False,
         kernel_init=dense_init(("heads", "head_dim", "embed")), dtype=self.dtype,
         param_dtype=self.param_dtype, name="out")(out_BxTxNxH)
