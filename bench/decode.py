@@ -3,18 +3,28 @@
 Same model, same process, same prompts: prints tokens/s of both, their ratio, and the
 per-token latency of the cached path. Greedy, so both paths emit the same tokens
 (checked before timing).
+
+`--sweep` instead reports the cached path's per-step time against batch and against
+`max_len` (the KV cache size): a step should cost about the same at any `max_len`
+that holds the sequence, and batch 8 should cost well under 8x batch 1. Per-step time
+is (time for `--new` tokens - time for 2 tokens) / (`--new` - 2), so the prefill and
+call overhead cancel.
 """
 import argparse
+import os
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax import config as config_lib
-from engram_jax import generate
-from engram_jax.models.lm import EngramLM
-from timing import median_seconds  # bench/timing.py (scripts run from bench/)
+# This checkout's engram_jax, not an installed one (as the other bench scripts do).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engram_jax import config as config_lib  # noqa: E402
+from engram_jax import generate  # noqa: E402
+from engram_jax.models.lm import EngramLM  # noqa: E402
+from timing import median_seconds  # noqa: E402  bench/timing.py (scripts run from bench/)
 
 
 def main():
@@ -26,7 +36,12 @@ def main():
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--engram_layers", default="1,3")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--sweep", action="store_true", help="per-step time vs batch, max_len")
+  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--max_lens", default="128,1024")
   args = parser.parse_args()
+  if args.sweep:
+    return sweep(args)
 
   total = args.prompt + args.new
   layers = tuple(int(x) for x in args.engram_layers.split(",") if x)
@@ -65,6 +80,51 @@ def main():
   print(f"cached scan decode vs full recompute: {t_full / t_cached:.1f}x "
         f"(cached {new_tokens / t_cached:.0f} tok/s, {1e3 * t_cached / args.new:.2f} ms/step; "
         f"recompute {new_tokens / t_full:.0f} tok/s)")
+
+
+def model_config(args, max_len: int):
+  layers = tuple(int(x) for x in args.engram_layers.split(",") if x)
+  return config_lib.validate(config_lib.ModelConfig(
+      vocab_size=1024, width=args.width, depth=args.depth, num_heads=4, num_kv_heads=2,
+      max_len=max_len, engram=config_lib.EngramConfig(layers=layers, table_size=(10007,))))
+
+
+def sweep(args):
+  """Per-step cached decode time for each (batch, max_len), in alternating rounds."""
+  batches = [int(b) for b in args.batches.split(",")]
+  max_lens = [int(m) for m in args.max_lens.split(",")]
+  params = nn.unbox(EngramLM(model_config(args, max(max_lens))).init(
+      jax.random.key(0), jnp.zeros((1, args.prompt), jnp.int32)))["params"]
+  calls = {}
+  for max_len in max_lens:
+    model = EngramLM(model_config(args, max_len))  # same params: the cache size differs
+    for batch in batches:
+      prompt = jnp.asarray(np.random.default_rng(batch).integers(0, 1024, (batch, args.prompt)),
+                           jnp.int32)
+      lengths = jnp.full((batch,), args.prompt, jnp.int32)
+      for new in (2, args.new):
+        fn = jax.jit(lambda p, x, n, model=model, new=new: generate.generate(
+            model, p, x, n, jax.random.key(0), max_new_tokens=new, temperature=0.0))
+        jax.block_until_ready(fn(params, prompt, lengths))
+        calls[(max_len, batch, new)] = lambda fn=fn, x=prompt, n=lengths: fn(params, x, n)
+  times = {key: [] for key in calls}
+  for _ in range(args.repeats):
+    for key, call in calls.items():
+      times[key].append(median_seconds(call, 3))
+  step_ms = {(m, b): 1e3 * (np.median(times[(m, b, args.new)]) - np.median(times[(m, b, 2)]))
+             / (args.new - 2) for m in max_lens for b in batches}
+  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices); "
+        f"width {args.width}, depth {args.depth}, Engram at {args.engram_layers}; prompt "
+        f"{args.prompt}, {args.new} new tokens; {args.repeats} alternating rounds")
+  print("ms per decode step (rows: max_len, columns: batch)")
+  print("max_len " + "".join(f"{b:>10d}" for b in batches))
+  for m in max_lens:
+    print(f"{m:7d} " + "".join(f"{step_ms[(m, b)]:10.3f}" for b in batches))
+  b0, m0 = batches[0], max_lens[0]
+  for b in batches[1:]:
+    print(f"batch {b} / batch {b0} at max_len {m0}: {step_ms[(m0, b)] / step_ms[(m0, b0)]:.2f}x")
+  for m in max_lens[1:]:
+    print(f"max_len {m} / {m0} at batch {b0}: {step_ms[(m, b0)] / step_ms[(m0, b0)]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@
 #   XLA_FLAGS             extra XLA flags; the latency-hiding scheduler (overlaps
 #                         collectives with compute) is added unless XLA_FLAGS sets it
 #   DRY_RUN=1             print the command instead of running it
+#   ENGRAM_HUGEPAGES=0    do not add glibc.malloc.hugetlb=1 to GLIBC_TUNABLES (added by
+#                         default: malloc'd XLA buffers on transparent huge pages,
+#                         docs/benchmarks.md "Huge pages")
 # The job fails (JAX_PLATFORMS=cuda) rather than falling back to the CPU when jax sees
 # no GPU.
 set -euo pipefail
@@ -30,8 +33,13 @@ xla_flags="${XLA_FLAGS:-}"
 if [[ "$xla_flags" != *xla_gpu_enable_latency_hiding_scheduler* ]]; then
   xla_flags="${xla_flags:+$xla_flags }--xla_gpu_enable_latency_hiding_scheduler=true"
 fi
-cmd=(env JAX_PLATFORMS=cuda XLA_FLAGS="$xla_flags" "$python" -m engram_jax.main
-     --config="$config" --workdir="$workdir" --distributed=off "$@")
+# Transparent huge pages for malloc (XLA's host buffers): docs/benchmarks.md "Huge pages".
+tunables="${GLIBC_TUNABLES:-}"
+if [[ "${ENGRAM_HUGEPAGES:-1}" != 0 && "$tunables" != *glibc.malloc.hugetlb* ]]; then
+  tunables="${tunables:+$tunables:}glibc.malloc.hugetlb=1"
+fi
+cmd=(env JAX_PLATFORMS=cuda XLA_FLAGS="$xla_flags" GLIBC_TUNABLES="$tunables"
+     "$python" -m engram_jax.main --config="$config" --workdir="$workdir" --distributed=off "$@")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf 'cd %q && ' "$root"

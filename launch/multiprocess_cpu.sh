@@ -15,6 +15,9 @@
 #   PORT                 coordinator port (default: a free one)
 #   PYTHON               interpreter (default: python)
 #   TIMEOUT              seconds before every process is stopped (default: none)
+#   ENGRAM_HUGEPAGES=0   do not add glibc.malloc.hugetlb=1 to GLIBC_TUNABLES (added by
+#                        default: malloc'd XLA buffers on transparent huge pages,
+#                        docs/benchmarks.md "Huge pages")
 # Process i writes its output to WORKDIR/logs/process_i.log and also to this terminal
 # with a "[i]" prefix. The script exits 0 when every process does; when one fails the
 # others are stopped and the script exits with the failing process's status.
@@ -39,6 +42,11 @@ for arg in "$@"; do
   [[ "$arg" == --config.mesh.num_devices=* ]] && mesh_override=()
 done
 
+# Transparent huge pages for malloc (XLA's host buffers): docs/benchmarks.md "Huge pages".
+tunables="${GLIBC_TUNABLES:-}"
+if [[ "${ENGRAM_HUGEPAGES:-1}" != 0 && "$tunables" != *glibc.malloc.hugetlb* ]]; then
+  tunables="${tunables:+$tunables:}glibc.malloc.hugetlb=1"
+fi
 mkdir -p "$workdir/logs"
 pids=()
 cleanup() {
@@ -53,7 +61,7 @@ trap 'exit 143' TERM INT
 for ((i = 0; i < num; i++)); do
   (
     cd "$root"
-    export JAX_PLATFORMS=cpu
+    export JAX_PLATFORMS=cpu GLIBC_TUNABLES="$tunables"
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
     exec "$python" -u -m engram_jax.main --config="$config" --workdir="$workdir" \
       --coordinator_address="127.0.0.1:$port" --num_processes="$num" --process_id="$i" \

@@ -31,6 +31,8 @@
 #   DETACH=1          start the job under nohup (log: ~/engram_run.log on each worker)
 #                     and return; otherwise stream every worker's output
 #   DRY_RUN=1         print the gcloud commands instead of running them
+#   ENGRAM_HUGEPAGES=0  do not run the job with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+#                     (transparent huge pages for host buffers; docs/benchmarks.md)
 set -euo pipefail
 
 usage() {
@@ -141,7 +143,12 @@ mount+=" $bucket $mount_point; fi && mkdir -p $local_workdir"
 run "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$mount"
 
 # 4. The job: the same command on every worker at once.
-job="cd $remote_dir && . ~/engram_venv/bin/activate && python -m engram_jax.main"
+job="cd $remote_dir && . ~/engram_venv/bin/activate && "
+# Transparent huge pages for malloc (host buffers): docs/benchmarks.md "Huge pages".
+if [[ "${ENGRAM_HUGEPAGES:-1}" != 0 ]]; then
+  job+="GLIBC_TUNABLES=\${GLIBC_TUNABLES:+\$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1 "
+fi
+job+="python -m engram_jax.main"
 for arg in --config="$config" --workdir="$local_workdir" --distributed=on "$@"; do
   job+=" $(quote "$arg")"
 done

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engram_jax.layers.mlp import dense_init
 
@@ -48,17 +49,88 @@ def write_at(buffer_BxSx_, update_BxTx_, start_B):
   return jax.vmap(one)(buffer_BxSx_, update_BxTx_, start_B)
 
 
-def gqa_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxTxS):
+def write_kv(cache_Bx_KxSxH, update_BxTxKxH, start_B, layer=None):
+  """Writes each row's new keys (or values) at its own positions; a scatter of B*T
+  slices `[K, H]`, done in place on a loop-carried cache.
+
+  The cache is kv-head major, `[B, K, S, H]` (or `[L, B, K, S, H]` with `layer`: the
+  stacked cache of a scanned run, models/lm.py), the layout `gqa_attention` reads
+  without a transpose.
+  """
+  b, t = update_BxTxKxH.shape[:2]
+  positions_BxT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)
+  rows_Bx1 = jnp.arange(b)[:, None]
+  update = update_BxTxKxH.astype(cache_Bx_KxSxH.dtype)
+  if layer is None:
+    return cache_Bx_KxSxH.at[rows_Bx1, :, positions_BxT].set(update, mode="drop")
+  return cache_Bx_KxSxH.at[layer, rows_Bx1, :, positions_BxT].set(update, mode="drop")
+
+
+def gqa_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, visible_BxTxS):
   """Softmax attention where each of K kv heads serves N/K query heads."""
   b, t, n, h = q_BxTxNxH.shape
-  kv = k_BxSxKxH.shape[2]
+  kv = k_BxKxSxH.shape[1]
   q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+  scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH,
                       preferred_element_type=jnp.float32) / jnp.sqrt(h).astype(jnp.float32)
   scores = jnp.where(visible_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH)
   return out.reshape(b, t, n, h)
+
+
+def decode_chunk(max_len: int, target: int = 128) -> int:
+  """Keys per chunk of `chunked_decode_attention`: the largest divisor of `max_len` up
+  to `target` (chunks must tile the cache), or `max_len` when that is small."""
+  best = max(d for d in range(1, min(target, max_len) + 1) if max_len % d == 0)
+  return best if best >= min(32, max_len) else max_len
+
+
+def chunked_decode_attention(q_Bx1xNxH, cache_k, cache_v, position_B, layer=None,
+                             chunk: int = 128):
+  """One new query per row against the filled part of the cache only.
+
+  Loops over key chunks up to the furthest row's position (online softmax), reading
+  each chunk straight from the cache (`[B, K, S, H]`, or slot `layer` of a stacked
+  `[L, B, K, S, H]`): a step's cost follows the sequence so far, not `max_len`, and no
+  whole layer of the cache is copied out.
+  """
+  b, _, n, h = q_Bx1xNxH.shape
+  kv = cache_k.shape[-3]
+  lead = () if layer is None else (layer,)
+  size = (1,) * len(lead) + (b, kv, chunk, h)
+  q_Bx1xKxGxH = q_Bx1xNxH.reshape(b, 1, kv, n // kv, h)
+  scale = 1.0 / np.sqrt(h).astype(np.float32)
+  neg = jnp.finfo(jnp.float32).min
+
+  def read(cache, c):
+    start = lead + (0, 0, c * chunk, 0)
+    return jax.lax.dynamic_slice(cache, start, size).reshape(b, kv, chunk, h)
+
+  def body(c, carry):
+    m_BxKxGx1, l_BxKxGx1, acc_BxKxGx1xH = carry
+    k_c = read(cache_k, c)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q_Bx1xKxGxH, k_c,
+                        preferred_element_type=jnp.float32) * scale
+    key_pos_C = c * chunk + jnp.arange(chunk)
+    visible_BxC = key_pos_C[None, :] <= position_B[:, None]
+    scores = jnp.where(visible_BxC[:, None, None, None], scores, neg)
+    m_new = jnp.maximum(m_BxKxGx1, scores.max(axis=-1))
+    p = jnp.exp(scores - m_new[..., None])
+    correction = jnp.exp(m_BxKxGx1 - m_new)
+    v_c = read(cache_v, c)
+    pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v_c.dtype), v_c,
+                    preferred_element_type=jnp.float32)
+    return (m_new, l_BxKxGx1 * correction + p.sum(axis=-1),
+            acc_BxKxGx1xH * correction[..., None] + pv)
+
+  g = n // kv
+  init = (jnp.full((b, kv, g, 1), neg, jnp.float32), jnp.zeros((b, kv, g, 1), jnp.float32),
+          jnp.zeros((b, kv, g, 1, h), jnp.float32))
+  chunks = jnp.max(position_B) // chunk + 1
+  _, l_BxKxGx1, acc = jax.lax.fori_loop(0, chunks, body, init)
+  out_BxKxGx1xH = acc / l_BxKxGx1[..., None]
+  return jnp.moveaxis(out_BxKxGx1xH, 3, 1).reshape(b, 1, n, h).astype(cache_v.dtype)
 
 
 class Attention(nn.Module):
@@ -73,9 +145,12 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, rope_positions_BxTxA=None):
+  def __call__(self, x_BxTxD, positions_BxT, rope_positions_BxTxA=None, cache_layer=None):
     """positions_BxT: sequence positions (causal mask and KV-cache slots);
-    rope_positions_BxTxA: what RoPE rotates with (`rope`), default `positions_BxT`."""
+    rope_positions_BxTxA: what RoPE rotates with (`rope`), default `positions_BxT`;
+    cache_layer: when set ("decode" inside a scanned run of layers whose cache is
+    carried, models/lm.py), the cache holds every layer of the run, `[L, B, K, S, H]`,
+    and this call reads and writes slot `cache_layer`."""
     proj = lambda heads, axes, name: nn.DenseGeneral(
         (heads, self.head_dim), use_bias=False, kernel_init=dense_init(axes),
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -89,18 +164,32 @@ class Attention(nn.Module):
 
     if self.mode is None:
       key_positions_BxS = positions_BxT
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, T, H]
     else:
       b = x_BxTxD.shape[0]
-      shape = (b, self.max_len, self.num_kv_heads, self.head_dim)
+      shape = (b, self.num_kv_heads, self.max_len, self.head_dim)
       cached_k = self.variable("cache", "k", jnp.zeros, shape, self.dtype)
       cached_v = self.variable("cache", "v", jnp.zeros, shape, self.dtype)
-      cached_k.value = write_at(cached_k.value, k, positions_BxT[:, 0])
-      cached_v.value = write_at(cached_v.value, v, positions_BxT[:, 0])
-      k, v = cached_k.value, cached_v.value
+      start_B = positions_BxT[:, 0]
+      cached_k.value = write_kv(cached_k.value, k, start_B, cache_layer)
+      cached_v.value = write_kv(cached_v.value, v, start_B, cache_layer)
+      if self.mode == "decode" and x_BxTxD.shape[1] == 1:
+        out_Bx1xNxH = chunked_decode_attention(
+            q, cached_k.value, cached_v.value, start_B, cache_layer,
+            decode_chunk(self.max_len))
+        return self._out(out_Bx1xNxH, x_BxTxD.shape[-1])
+      if cache_layer is None:
+        k, v = cached_k.value, cached_v.value
+      else:
+        k = jax.lax.dynamic_index_in_dim(cached_k.value, cache_layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(cached_v.value, cache_layer, 0, keepdims=False)
       key_positions_BxS = jnp.broadcast_to(jnp.arange(self.max_len), (b, self.max_len))
     visible_BxTxS = key_positions_BxS[:, None, :] <= positions_BxT[:, :, None]
     out_BxTxNxH = gqa_attention(q, k, v, visible_BxTxS)
+    return self._out(out_BxTxNxH, x_BxTxD.shape[-1])
+
+  def _out(self, out_BxTxNxH, width: int):
     return nn.DenseGeneral(
-        x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False,
+        width, axis=(-2, -1), use_bias=False,
         kernel_init=dense_init(("heads", "head_dim", "embed")), dtype=self.dtype,
         param_dtype=self.param_dtype, name="out")(out_BxTxNxH)

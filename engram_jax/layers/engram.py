@@ -21,6 +21,7 @@ leaving the residual stream untouched. Row ids depend only on tokens, so the
 lookup can run anywhere (host-side hashing, sharded or offloaded tables): rows given
 in the `engram_rows` collection replace the table (see engram_jax.offload).
 """
+from functools import partial
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -65,15 +66,49 @@ def causal_dilated_conv(x_BxTxC, kernel_KxC, dilation: int, history_BxPxC):
   history_BxPxC holds the P = (K-1)*dilation inputs before position 0 (zeros at the
   start of a sequence, the decode state when generating).
   """
+  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
+  return _taps(ext, kernel_KxC.astype(x_BxTxC.dtype), dilation)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _taps(ext_BxUxC, kernel_KxC, dilation: int):
+  """y_t = sum_j kernel[j] * ext[t + j * dilation], t < U - (K-1) * dilation.
+
+  A custom VJP: autodiff turns each tap's slice into a pad of the whole `[B, U, C]`
+  input (K full-size buffers, then their sum); the backward below is one padded copy
+  of the cotangent, one fused multiply-add over its K shifted views, and K reductions.
+  """
+  taps = kernel_KxC.shape[0]
+  t = ext_BxUxC.shape[1] - (taps - 1) * dilation
+  y = jnp.zeros(ext_BxUxC.shape[:1] + (t,) + ext_BxUxC.shape[2:], ext_BxUxC.dtype)
+  for j in range(taps):
+    y = y + kernel_KxC[j] * ext_BxUxC[:, j * dilation:j * dilation + t]
+  return y
+
+
+def _taps_fwd(ext_BxUxC, kernel_KxC, dilation):
+  return _taps(ext_BxUxC, kernel_KxC, dilation), (ext_BxUxC, kernel_KxC)
+
+
+def _taps_bwd(dilation, res, g_BxTxC):
+  ext_BxUxC, kernel_KxC = res
   taps = kernel_KxC.shape[0]
   span = (taps - 1) * dilation
-  t = x_BxTxC.shape[1]
-  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
-  y = jnp.zeros_like(x_BxTxC)
-  for j in range(taps):
-    start = span - (taps - 1 - j) * dilation
-    y = y + kernel_KxC[j].astype(x_BxTxC.dtype) * ext[:, start:start + t]
-  return y
+  u = ext_BxUxC.shape[1]
+  t = g_BxTxC.shape[1]
+  g32 = g_BxTxC.astype(jnp.float32)
+  k32 = kernel_KxC.astype(jnp.float32)
+  # d ext[p] = sum_j kernel[j] * g[p - j * dilation] (where that is in range)
+  g_pad = jnp.pad(g32, ((0, 0), (span, span), (0, 0)))
+  d_ext = sum(k32[j] * g_pad[:, span - j * dilation:span - j * dilation + u]
+              for j in range(taps))
+  ext32 = ext_BxUxC.astype(jnp.float32)
+  d_kernel = jnp.stack([jnp.sum(g32 * ext32[:, j * dilation:j * dilation + t], axis=(0, 1))
+                        for j in range(taps)])
+  return d_ext.astype(ext_BxUxC.dtype), d_kernel.astype(kernel_KxC.dtype)
+
+
+_taps.defvjp(_taps_fwd, _taps_bwd)
 
 
 def history_before(ext_BxUx_, ends_B: Optional[jax.Array], span: int):

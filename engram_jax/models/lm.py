@@ -68,6 +68,7 @@ class Block(nn.Module):
   engram_index: Optional[int] = None
   mode: Mode = None
   layer: int = 0
+  carried_cache: bool = False  # decode in a scanned run: the cache stacks the run's layers
 
   @nn.compact
   def __call__(self, h, positions_BxT, hash_ids_BxTxLxH=None, lengths_B=None,
@@ -95,8 +96,9 @@ class Block(nn.Module):
       ffn = SwiGLU(cfg.resolved_mlp_dim, dtype, pdtype, name="mlp")
     ffn_norm = norm("mlp_norm")
     sublayers = (
-        ("attention", lambda x: attention(attention_norm(x), positions_BxT,
-                                          rope_positions_BxTxA)),
+        ("attention", lambda x: attention(
+            attention_norm(x), positions_BxT, rope_positions_BxTxA,
+            cache_layer=layer_offset if self.carried_cache else None)),
         ("mlp", lambda x: ffn(ffn_norm(x))))
     for j, (name, sublayer) in enumerate(sublayers):
       if hyper:
@@ -165,12 +167,18 @@ def apply_blocks(cfg: config_lib.ModelConfig, h_BxTxD, positions_BxT, hash_ids_B
       h = block(h, positions_BxT, hash_ids_BxTxLxH, lengths_B, *extra,
                 masked_BxT=masked_BxT)
     else:
+      # Decoding carries the run's stacked cache through the layer loop (each layer
+      # writes its slot in place) instead of scanning over it, which would rebuild the
+      # whole [L, B, max_len, ...] stack at every step; same cache layout either way.
+      carried = mode == "decode"
+      axes = {"params": 0, moe.BIAS: 0, moe.STATS: 0, **({} if carried else {"cache": 0})}
       scanned = nn.scan(
-          _maybe_remat(ScanBlock, cfg),
-          variable_axes={"params": 0, "cache": 0, moe.BIAS: 0, moe.STATS: 0},
+          _maybe_remat(ScanBlock, cfg), variable_axes=axes,
+          variable_carry="cache" if carried else False,
           split_rngs={"params": True}, in_axes=(0, nn.broadcast) + (nn.broadcast,) * len(extra),
           length=length, metadata_params={nn.PARTITION_NAME: "layers"})
-      h, _ = scanned(cfg, mode=mode, layer=first, name=f"blocks_{first}_{first + length - 1}")(
+      h, _ = scanned(cfg, mode=mode, layer=first, carried_cache=carried,
+                     name=f"blocks_{first}_{first + length - 1}")(
           h, jnp.arange(length, dtype=jnp.int32), positions_BxT, *extra)
   return collapse_branches(h) if cfg.hyper_connections else h
 
