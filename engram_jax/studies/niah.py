@@ -72,20 +72,23 @@ def make_document(rng: np.random.Generator, filler: list[str], needles: int = 3,
 
 
 def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 3,
-                queries: int = 2, seed: int = 0, docs_per_file: int = 200) -> None:
+                queries: int = 2, seed: int = 0, docs_per_file: int = 200,
+                filler_lines_per_doc: int = 6) -> None:
   """Writes `out/train/part-XXXX.txt` and `out/val.jsonl` (deterministic per seed)."""
   rng = np.random.default_rng(seed)
   filler = filler_lines()
   os.makedirs(os.path.join(out, "train"), exist_ok=True)
   for part in range(-(-docs // docs_per_file)):
     count = min(docs_per_file, docs - part * docs_per_file)
-    texts = [make_document(rng, filler, needles, queries)["text"] for _ in range(count)]
+    texts = [make_document(rng, filler, needles, queries, filler_lines_per_doc)["text"]
+             for _ in range(count)]
     with open(os.path.join(out, "train", f"part-{part:04d}.txt"), "w",
               encoding="utf-8") as f:
       f.write("\n".join(texts))
   with open(os.path.join(out, "val.jsonl"), "w", encoding="utf-8") as f:
     for _ in range(val_docs):
-      for prompt, value in make_document(rng, filler, needles, queries)["queries"]:
+      for prompt, value in make_document(rng, filler, needles, queries,
+                                         filler_lines_per_doc)["queries"]:
         f.write(json.dumps({"prompt": prompt, "value": value}) + "\n")
 
 
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
   make.add_argument("--needles", type=int, default=3)
   make.add_argument("--queries", type=int, default=2)
   make.add_argument("--seed", type=int, default=0)
+  make.add_argument("--filler_lines", type=int, default=6, help="filler lines per document")
   ev = sub.add_parser("eval", help="exact recall of a trained workdir")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--data", required=True, help="a directory written by `make`")
@@ -156,14 +160,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "make":
-      for name in ("docs", "val_docs", "needles", "queries"):
+      for name in ("docs", "val_docs", "needles", "queries", "filler_lines"):
         if getattr(args, name) < 1:
           raise ValueError(f"--{name}={getattr(args, name)}: use 1 or more")
       if args.queries > args.needles:
         raise ValueError(f"--queries={args.queries} exceeds --needles={args.needles}: "
                          "each query asks a different needle")
       make_corpus(args.out, args.docs, args.val_docs, args.needles, args.queries,
-                  args.seed)
+                  args.seed, filler_lines_per_doc=args.filler_lines)
       print(f"wrote {args.out}/train/*.txt and {args.out}/val.jsonl")
     else:
       result = recall(args.workdir, args.data, args.max_queries)
