@@ -619,6 +619,43 @@ def _finish_saves(manager, workdir: str) -> None:
     raise _save_failed(err, workdir) from None
 
 
+def _saved_placement(workdir: str) -> str:
+  """`engram.placement` of the run that wrote the workdir's checkpoints ("device" for
+  runs that predate it or have no model_config.json)."""
+  try:
+    with open(os.path.join(workdir, "model_config.json"), encoding="utf-8") as f:
+      return json.load(f).get("engram", {}).get("placement", "device")
+  except (OSError, ValueError):
+    return "device"
+
+
+def _place_tables(state, manager, full_abstract, tx, model_cfg, saved_host: bool,
+                  host: bool, full_sh, state_sh):
+  """(state, HostTableStore or None) of a restored checkpoint for this run's placement.
+
+  host -> host: the tables come from the `host_tables` item; device -> host: they move
+  out of the restored params; host -> device: they move into them (with their state).
+  """
+  from engram_jax import host_tables
+  step = int(state.step)
+  layout = (checkpoints.restore_host_tables(
+      manager, step, host_tables.store_layout(full_abstract, tx)) if saved_host else None)
+  if host and saved_host:
+    return state, host_tables.store_from_layout(model_cfg, layout, tx.table)
+  if host:  # device -> host
+    _, store = host_tables.HostTableStore.from_params(model_cfg, state.params, tx.table,
+                                                      state.table_opt_state)
+    print(f"moved the tables of checkpoint {step} from device to host memory", flush=True)
+    return jax.device_put(host_tables.drop_tables(state, tx), state_sh), store
+  names = [p[0] for p in tx.paths]  # host -> device
+  params = tables.merge_tables(state.params, tx.paths, [layout[n]["table"] for n in names])
+  table_state = {n: {k: v for k, v in layout[n].items() if k != "table"} for n in names}
+  table_state = {n: v for n, v in table_state.items() if v}
+  print(f"moved the tables of checkpoint {step} from host to device memory", flush=True)
+  return jax.device_put(state.replace(params=params, table_opt_state=table_state),
+                        full_sh), None
+
+
 def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerprint,
                 accept_data_change):
   from clu import metric_writers, periodic_actions
@@ -642,16 +679,18 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
   full_abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       jax.eval_shape(init_state, rng), full_sh)
-  abstract = host_tables.drop_tables(full_abstract, tx) if host else full_abstract
+  # The checkpoint's tables may live elsewhere than this run's (a switch of
+  # engram.placement between device and host): restore its layout, then move them.
+  saved_host = bool(engram.layers) and _saved_placement(workdir) == "host"
+  restore_abstract = (host_tables.drop_tables(full_abstract, tx) if saved_host
+                      else full_abstract)
   try:
-    state, data_state, unreadable = _restore_or_explain(manager, abstract, workdir,
+    state, data_state, unreadable = _restore_or_explain(manager, restore_abstract, workdir,
                                                         task.model_cfg)
     store = None
-    if host and state is not None:
-      store = host_tables.store_from_layout(
-          task.model_cfg, checkpoints.restore_host_tables(
-              manager, int(state.step), host_tables.store_layout(full_abstract, tx)),
-          tx.table)
+    if state is not None and (host or saved_host):
+      state, store = _place_tables(state, manager, full_abstract, tx, task.model_cfg,
+                                   saved_host, host, full_sh, state_sh)
   except BaseException:
     manager.close()
     raise

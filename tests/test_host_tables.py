@@ -149,3 +149,14 @@ def test_placements_that_cannot_train_are_refused(tmp_path, placement, optimizer
     train.train_and_evaluate(_config(placement, table_optimizer=optimizer),
                              str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("first,then", [("device", "host"), ("host", "device")])
+def test_a_run_moves_its_tables_between_device_and_host(runs, tmp_path, capsys, first,
+                                                        then):
+  workdir = str(tmp_path / "moved")
+  train.train_and_evaluate(_config(first, stop_after_steps=2), workdir)
+  train.train_and_evaluate(_config(then), workdir)
+  assert f"from {first} to {then} memory" in capsys.readouterr().out
+  np.testing.assert_allclose(_losses(workdir), _losses(runs["device"]), rtol=1e-6)
+  assert generate.read_model_config(workdir).engram.placement == then
