@@ -749,8 +749,8 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
         f"optimizer state ({t.get('host_tables_mode', 'overlap')} updates)")
     feed = host_tables.HostFeed(store, train_iter, t.get("host_tables_mode", "overlap"),
                                 tx.table_lr)
-  if start:
-    say(f"resumed from step {start}")
+  if start:  # every process: each keeps its own log (launch/multiprocess_cpu.sh)
+    print(f"resumed from step {start}", flush=True)
 
   stop_requested = []
   def on_signal(signum, _frame):
@@ -814,7 +814,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
         save(step)
       if (stop or budget_spent) and step < t.steps:
         _finish_saves(manager, workdir)
-        say(f"stopped at step {step}; checkpoint saved")
+        print(f"stopped at step {step}; checkpoint saved", flush=True)
         break
   except BaseException:
     failed = True
@@ -841,5 +841,6 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
   if metrics:
     label = (f"step {int(state.step)}" if eval_step_number == int(state.step) else
              f"step {int(state.step)} (last eval at step {eval_step_number})")
-    say(f"final: {label} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"final: {label} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+          flush=True)
   return metrics

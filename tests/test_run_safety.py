@@ -202,11 +202,11 @@ def test_failed_save_is_one_error_and_keeps_older_checkpoints(tmp_path, monkeypa
   from engram_jax import checkpoints
   real_save, calls = checkpoints.save, []
 
-  def save_then_fill_the_disk(mngr, step, state, data_state):
+  def save_then_fill_the_disk(mngr, step, state, data_state, **kwargs):
     calls.append(step)
     if len(calls) > 1:
       raise OSError(errno.ENOSPC, "No space left on device")
-    real_save(mngr, step, state, data_state)
+    real_save(mngr, step, state, data_state, **kwargs)
   monkeypatch.setattr(checkpoints, "save", save_then_fill_the_disk)
   workdir = str(tmp_path / "full")
   with pytest.raises(train.TrainingError,
