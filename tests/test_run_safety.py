@@ -15,27 +15,18 @@ pytest.importorskip("orbax.checkpoint")
 
 from engram_jax import train, workdir_lock, writers  # noqa: E402
 
-from tests import lm_test_config  # noqa: E402
+from tests import runs  # noqa: E402
 from tests.cli import ROOT, run_main  # noqa: E402
 
 CONFIG_FLAG = "--config=tests/lm_test_config.py:tiny"
 
 
 def _config(steps=4, **train_overrides):
-  c = lm_test_config.get_config("tiny")
-  c.train.update(steps=steps, eval_every=steps)
-  c.train.update(train_overrides)
-  return c
+  return runs.tiny_config(steps, **train_overrides)
 
 
-def _metric_rows(workdir):
-  with open(os.path.join(workdir, writers.METRICS_FILE)) as f:
-    return [json.loads(line) for line in f]
-
-
-def _steps(workdir):
-  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                if s.isdigit())
+_metric_rows = runs.metric_rows
+_steps = runs.checkpoint_steps
 
 
 # ---------------------------------------------------------------------------------

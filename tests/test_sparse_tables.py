@@ -261,17 +261,13 @@ def test_table_optimizer_is_validated():
 # Through the trainer: resume, a changed optimizer, sizing
 # ----------------------------------------------------------------------------------
 def _config(steps=4, **train_overrides):
-  from tests import lm_test_config
-  c = lm_test_config.get_config("tiny")
-  c.train.update(steps=steps, eval_every=steps, table_optimizer="rowwise_adagrad")
-  c.train.update(train_overrides)
-  return c
+  from tests import runs
+  return runs.tiny_config(steps, **{"table_optimizer": "rowwise_adagrad", **train_overrides})
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+  from tests import runs
+  return runs.train_losses(workdir)
 
 
 def test_resume_is_exact_and_the_table_optimizer_cannot_change(tmp_path):

@@ -14,7 +14,7 @@ pytest.importorskip("orbax.checkpoint")
 
 from engram_jax import checkpoints, train  # noqa: E402
 
-from tests import lm_test_config  # noqa: E402
+from tests import runs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,22 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FLAG = "--config=tests/lm_test_config.py:tiny"
 
 
-def _config(steps=6, **train_overrides):
-  c = lm_test_config.get_config("tiny")
-  c.train.update(steps=steps, eval_every=steps)
-  c.train.update(train_overrides)
-  return c
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
-
-
-def _steps(workdir):
-  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                if s.isdigit())
+_config = runs.tiny_config
+_losses = runs.train_losses
+_steps = runs.checkpoint_steps
 
 
 def _main(*args, **kwargs):

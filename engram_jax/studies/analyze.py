@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engram_jax import cli
 from engram_jax import config as config_lib
 from engram_jax import hashing
 from engram_jax.layers.hyper import collapse_branches, expand_branches
@@ -205,17 +206,14 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/analysis)")
   parser.add_argument("--batches", type=int, default=4, help="validation batches to read")
   args = parser.parse_args(argv)
-  try:
+  out = args.out or os.path.join(args.workdir, "analysis")
+
+  def body():
     if args.batches < 1:
       raise ValueError(f"--batches={args.batches}: use 1 or more")
-    analyze(args.workdir, args.baseline, args.out or os.path.join(args.workdir, "analysis"),
-            args.batches)
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.out or os.path.join(args.workdir, 'analysis')}/"
-        "{analysis.md,logit_lens.csv,cka.csv,cka.png}")
-  return 0
+    analyze(args.workdir, args.baseline, out, args.batches)
+    print(f"wrote {out}/{{analysis.md,logit_lens.csv,cka.csv,cka.png}}")
+  return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import sysconfig
 
 import numpy as np
 
+from engram_jax import cli
+
 _KEY_LETTERS = "bcdfghjklmnpqrstvwxz"
 
 
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
   ev.add_argument("--data", required=True, help="a directory written by `make`")
   ev.add_argument("--max_queries", type=int, default=0, help="0 = all")
   args = parser.parse_args(argv)
-  try:
+
+  def body():
     if args.command == "make":
       for name in ("docs", "val_docs", "needles", "queries", "filler_lines"):
         if getattr(args, name) < 1:
@@ -170,12 +173,8 @@ def main(argv=None) -> int:
                   args.seed, filler_lines_per_doc=args.filler_lines)
       print(f"wrote {args.out}/train/*.txt and {args.out}/val.jsonl")
     else:
-      result = recall(args.workdir, args.data, args.max_queries)
-      print(json.dumps(result))
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return 0
+      print(json.dumps(recall(args.workdir, args.data, args.max_queries)))
+  return cli.run(body)
 
 
 if __name__ == "__main__":

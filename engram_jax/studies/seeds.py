@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engram_jax import config_files
+from engram_jax import cli, config_files
 
 RESULT = "result.json"
 
@@ -138,22 +138,15 @@ def main(argv=None) -> int:
                            "is the reference)")
   parser.add_argument("--metric", default="eval_loss")
   args = parser.parse_args(argv)
-  try:
-    try:
-      seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-      raise ValueError(f"--seeds={args.seeds!r}: give integers, e.g. 0,1,2") from None
-    if not seeds:
-      raise ValueError("--seeds is empty: give integers, e.g. 0,1,2")
+
+  def body():
+    seeds = cli.parse_ints(args.seeds, "--seeds")
     variants = [parse_variant(v) for v in args.variant] or [("default", [])]
     if len({name for name, _ in variants}) != len(variants):
       raise ValueError("--variant: two variants share a name")
-    rows = run(args.config, variants, seeds, args.workdir, args.metric)
-  except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: train.TrainingError
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(summarize(rows, args.metric))
-  return 0
+    print(summarize(run(args.config, variants, seeds, args.workdir, args.metric),
+                    args.metric))
+  return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""What every command does the same way: parse integer lists, and turn bad input into
+one line on stderr with exit status 2 (no traceback)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+  """`"0,1,2"` -> [0, 1, 2]; anything else is a ValueError naming `flag`."""
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"{flag}={text!r}: give integers, e.g. 0,1,2") from None
+  if not values:
+    raise ValueError(f"{flag} is empty: give integers, e.g. 0,1,2")
+  return values
+
+
+def run(body: Callable[[], int | None]) -> int:
+  """`body()`'s exit status (0 for None); a ValueError, OSError or RuntimeError (the
+  trainer's TrainingError) is one `error:` line and status 2."""
+  try:
+    return body() or 0
+  except (ValueError, OSError, RuntimeError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2

@@ -1,0 +1,28 @@
+"""What the training tests read from a run: its config, metrics and checkpoints."""
+import json
+import os
+
+from tests import lm_test_config
+
+
+def tiny_config(steps: int = 6, **train_overrides):
+  """`tests/lm_test_config.py:tiny` for `steps` steps, evaluated at the last one."""
+  c = lm_test_config.get_config("tiny")
+  c.train.update(steps=steps, eval_every=steps)
+  c.train.update(train_overrides)
+  return c
+
+
+def metric_rows(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  """{step: train_loss} of a run's metrics.jsonl."""
+  return {r["step"]: r["train_loss"] for r in metric_rows(workdir) if "train_loss" in r}
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit())
