@@ -501,13 +501,8 @@ def plan(c, rhos) -> str:
 
 
 def _floats(text: str, flag: str) -> list[float]:
-  try:
-    values = [float(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise ValueError(f"{flag}={text!r}: give comma-separated numbers, e.g. 0,0.5,1") from None
-  if not values:
-    raise ValueError(f"{flag} is empty: give at least one value")
-  return values
+  from engram_jax import cli
+  return cli.parse_list(text, flag, float, example="0,0.5,1")
 
 
 def main(argv=None) -> int:

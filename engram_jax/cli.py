@@ -6,15 +6,20 @@ import sys
 from typing import Callable
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-  """`"0,1,2"` -> [0, 1, 2]; anything else is a ValueError naming `flag`."""
+def parse_list(text: str, flag: str, kind=int, example: str = "0,1,2") -> list:
+  """`"0,1,2"` -> [0, 1, 2] (`kind` per item); anything else, or nothing, is a
+  ValueError naming `flag`."""
   try:
-    values = [int(v) for v in text.split(",") if v.strip()]
+    values = [kind(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise ValueError(f"{flag}={text!r}: give integers, e.g. 0,1,2") from None
+    raise ValueError(f"{flag}={text!r}: give comma-separated values, e.g. {example}") from None
   if not values:
-    raise ValueError(f"{flag} is empty: give integers, e.g. 0,1,2")
+    raise ValueError(f"{flag} is empty: give comma-separated values, e.g. {example}")
   return values
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+  return parse_list(text, flag, int)
 
 
 def run(body: Callable[[], int | None]) -> int:

@@ -162,12 +162,8 @@ def load_image_workdir(workdir: str):
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
   """`"0,1,2"` -> [0, 1, 2], each checked against `[0, num_classes)`."""
-  try:
-    classes = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    raise ValueError(f"--classes={text!r}: give comma-separated class ids, e.g. 0,1,2") from None
-  if not classes:
-    raise ValueError("--classes is empty: give comma-separated class ids, e.g. 0,1,2")
+  from engram_jax import cli
+  classes = cli.parse_list(text, "--classes")
   bad = [c for c in classes if not 0 <= c < num_classes]
   if bad:
     raise ValueError(f"--classes: class {bad[0]} is outside [0, data.num_classes="
