@@ -368,6 +368,13 @@ def dry_run_report(config) -> str:
                f"({', '.join(parts)}), optimizer state "
                f"{gib(sharding.bytes_per_device(opt_trees, opt_shardings))} (Engram "
                f"tables {gib(table_state)})")
+  if model_cfg.engram.placement == "host" and model_cfg.engram.layers:
+    host_bytes = _tree_bytes([leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
+        params) if overview_group(path, leaf) == "engram_tables"]) + _tree_bytes(
+            state.table_opt_state)
+    lines.append(f"engram.placement='host': the Engram tables and their optimizer state "
+                 f"live in host RAM instead, {gib(host_bytes)} on every host (a full "
+                 "replica per process); subtract them from the per-device figures above")
   return "\n".join(lines)
 
 
