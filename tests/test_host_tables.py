@@ -160,3 +160,24 @@ def test_a_run_moves_its_tables_between_device_and_host(runs, tmp_path, capsys, 
   assert f"from {first} to {then} memory" in capsys.readouterr().out
   np.testing.assert_allclose(_losses(workdir), _losses(runs["device"]), rtol=1e-6)
   assert generate.read_model_config(workdir).engram.placement == then
+
+
+def test_sigterm_saves_host_tables_and_resumes_exactly(runs, tmp_path, monkeypatch, capsys):
+  """A real SIGTERM to this process during step 2 (the trainer's handler is installed):
+  the run saves the host tables with step 2 and stops; the resume ends as if
+  uninterrupted."""
+  import signal
+  real_apply = host_tables.HostFeed.apply
+
+  def apply_then_preempt(self, table_rows, step):
+    real_apply(self, table_rows, step)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(host_tables.HostFeed, "apply", apply_then_preempt)
+  workdir = str(tmp_path / "preempted")
+  train.train_and_evaluate(_config(), workdir)
+  assert "stopped at step 2; checkpoint saved" in capsys.readouterr().out
+  assert checkpoints.saved_steps(workdir) == [2]
+  monkeypatch.setattr(host_tables.HostFeed, "apply", real_apply)
+  train.train_and_evaluate(_config(), workdir)
+  np.testing.assert_allclose(_losses(workdir), _losses(runs["host"]), rtol=1e-6)
