@@ -194,7 +194,8 @@ class HostFeed:
     self._ahead = None
     self._state_before_ahead = None
 
-  def _with_rows(self, batch: dict) -> dict:
+  def with_rows(self, batch: dict) -> dict:
+    """`batch` (NumPy, with `hash_ids`) plus its rows from the tables as they are now."""
     from engram_jax import train
     rows = self.store.gather(batch["hash_ids"])
     return {**batch, **{train.ROWS_KEY.format(i): r for i, r in enumerate(rows)}}
@@ -205,7 +206,7 @@ class HostFeed:
       batch, self._ahead = self._ahead, None
       return batch
     self.wait()
-    return self._with_rows(next(self._iter))
+    return self.with_rows(next(self._iter))
 
   def gather_ahead(self) -> None:
     """overlap: fetch the next batch and gather its rows now (the device is busy)."""
@@ -214,7 +215,7 @@ class HostFeed:
     self._state_before_ahead = self._iter.get_state()
     batch = next(self._iter)
     self.wait()
-    self._ahead = self._with_rows(batch)
+    self._ahead = self.with_rows(batch)
 
   def apply(self, table_rows, step: int) -> None:
     """Update `step`'s rows (the step just run; `count` = step, lr at step - 1)."""

@@ -772,7 +772,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     batches = eval_batches
     if host:  # rows from the tables as they are now
       feed.wait()
-      batches = [_global_batch(feed._with_rows(b), batch_sh) for b in task.eval_batches]
+      batches = [_global_batch(feed.with_rows(b), batch_sh) for b in task.eval_batches]
     return evaluate(eval_step, state_variables(state), batches, byte_lengths)
   progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
   console = writers.ConsoleProgress(start, t.steps)
