@@ -58,25 +58,29 @@ class JsonlWriter:
 
 def repair_metrics(path: str, resume_step: int) -> int:
   """Drops a torn last line and every line logged after `resume_step`; returns how many
-  lines were dropped. Rewrites atomically (temp file + rename), only when needed."""
+  lines were dropped. Rewrites atomically (temp file + rename), only when needed; the
+  dropped lines are appended to `metrics.dropped.jsonl` beside it, never lost."""
   if not os.path.exists(path):
     return 0
   with open(path, "rb") as f:
     raw = f.read()
   lines = raw.split(b"\n")
-  kept, dropped = [], 0
+  kept, dropped = [], []
   for line in lines:
     if not line.strip():
       continue
     try:  # a torn line (kill -9 mid-write) does not parse
       step = int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
-      dropped += 1
+      dropped.append(line)
       continue
     if step > resume_step:
-      dropped += 1
+      dropped.append(line)
       continue
     kept.append(line)
+  if dropped:
+    with open(path.replace(".jsonl", "") + ".dropped.jsonl", "ab") as f:
+      f.write(b"".join(line + b"\n" for line in dropped))
   if dropped or not raw.endswith(b"\n") and raw:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -84,4 +88,4 @@ def repair_metrics(path: str, resume_step: int) -> int:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  return dropped
+  return len(dropped)

@@ -175,6 +175,8 @@ def test_repair_metrics_keeps_whole_lines_up_to_the_resume_step(tmp_path):
   assert writers.repair_metrics(str(path), 2) == 2
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
   assert writers.repair_metrics(str(path), 2) == 0
+  kept_aside = (tmp_path / "metrics.dropped.jsonl").read_text().splitlines()
+  assert kept_aside == ['{"step": 3, "a": 3}', '{"st']  # nothing is lost
 
 
 def test_sigint_during_start_up_is_one_line(tmp_path):
