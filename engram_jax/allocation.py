@@ -523,6 +523,9 @@ def main(argv=None) -> int:
       p.add_argument("--workdir", required=True)
       p.add_argument("--steps", type=int, default=None, help="override train.steps")
       p.add_argument("--seeds", default="0")
+      p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override a config field (repeatable), e.g. "
+                          "--set=data.source=site_packages --set=data.max_files=1500")
   args = parser.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
@@ -537,6 +540,8 @@ def main(argv=None) -> int:
     if args.steps is not None and args.steps < 1:
       raise ValueError(f"--steps={args.steps}: use a positive integer")
     seeds = [int(s) for s in _floats(args.seeds, "--seeds")]
+    from engram_jax import config_files
+    config_files.overrides(args.set)(c)
     sweep(c, rhos, args.workdir, args.steps, seeds)
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
