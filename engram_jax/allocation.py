@@ -337,10 +337,8 @@ def point_config(c, rho: float, seed: int, steps: Optional[int] = None):
   out.seed = seed
   out.data.seed = seed
   if steps is not None:
-    t = out.train
-    t.update(steps=steps, warmup_steps=min(t.warmup_steps, max(1, steps // 10)),
-             eval_every=steps, log_every=min(t.log_every, steps),
-             checkpoint_every=min(t.checkpoint_every, steps))
+    from engram_jax import run_config
+    run_config.with_steps(out.train, steps)
   return out
 
 

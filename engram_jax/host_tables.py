@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import tables
+from engram_jax import offload, tables
 
 MODES = ("overlap", "exact")
 
@@ -33,30 +33,28 @@ def _rows_update(optimizer: tables.TableOptimizer, rows_UxE, state_rows, grads_U
   return optimizer.update(rows_UxE, state_rows, grads_UxE, count, lr)
 
 
-class HostTableStore:
-  """Each Engram layer's table `[R, E]` and row-sparse optimizer state in host RAM.
+class HostTableStore(offload.HostTables):
+  """`offload.HostTables` (the tables in host RAM, their row offsets) that also train:
+  each layer's row-sparse optimizer state, threaded gathers and the host update.
 
-  tables_L: one per layer in `engram.layers` order (padded rows included);
+  tables_L: one per layer in `engram.layers` order, padded rows included (the exact
+  shape the params would hold, so checkpoints move between placements);
   states_L: one dict of `[R, ...]` arrays per layer (`{}` for sgd or frozen tables).
   """
 
   def __init__(self, cfg: config_lib.ModelConfig, tables_L: Sequence[np.ndarray],
                optimizer: Optional[tables.TableOptimizer], states_L=None,
                threads: int = 0):
-    e = cfg.engram
-    spec = e.hash_spec()
-    if len(tables_L) != len(e.layers):
-      raise ValueError(f"{len(tables_L)} host tables for engram.layers={e.layers}")
-    self.cfg, self.optimizer = cfg, optimizer
-    self.names = [path[0] for path in tables.table_paths(e)]
-    self.tables_L = [np.ascontiguousarray(t) for t in tables_L]
+    super().__init__(cfg, tables_L)
+    e, spec = cfg.engram, self.spec
+    self.optimizer = optimizer
+    self.names = [path[0] for path in self.paths]
     for i, table in enumerate(self.tables_L):
       want = (e.padded_rows(spec.rows(i)), e.head_dim)
       if table.shape != want:
         raise ValueError(f"host table of {self.names[i]} has shape {table.shape}; this "
                          f"model needs {want}")
     self.states_L = [dict(s) for s in (states_L or [{} for _ in self.tables_L])]
-    self.offsets_LxH = spec.offsets_LxH.astype(np.int64)
     self._threads = threads or min(8, os.cpu_count() or 1)
     self._pool = concurrent.futures.ThreadPoolExecutor(
         self._threads, thread_name_prefix="engram-host-tables")
@@ -77,15 +75,11 @@ class HostTableStore:
 
   @property
   def nbytes(self) -> int:
-    return sum(t.nbytes + sum(v.nbytes for v in s.values())
-               for t, s in zip(self.tables_L, self.states_L))
-
-  def row_ids(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
-    ids = np.asarray(hash_ids_BxTxLxH).astype(np.int64)
-    return [ids[:, :, l] + self.offsets_LxH[l] for l in range(len(self.tables_L))]
+    """The tables and their optimizer state."""
+    return super().nbytes + sum(v.nbytes for s in self.states_L for v in s.values())
 
   def gather(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
-    """Rows `[B, T, H, E]` per layer; `np.take` in chunks over the thread pool."""
+    """`HostTables.gather`, its `np.take` split in chunks over the thread pool."""
     out = []
     for table, ids in zip(self.tables_L, self.row_ids(hash_ids_BxTxLxH)):
       rows = np.empty(ids.shape + table.shape[1:], table.dtype)

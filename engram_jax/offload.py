@@ -26,6 +26,7 @@ docs/scale_out.md has the design notes and bench/offload.py the measured overhea
 from __future__ import annotations
 
 import functools
+import json
 import queue
 import threading
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -99,13 +100,16 @@ class HostTables:
     ngram = tokens if vocab_map_V is None else np.asarray(vocab_map_V)[tokens]
     return hashing.ngram_hash_ids(ngram, self.spec)
 
+  def row_ids(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
+    """Each layer's flat-table row ids `[B, T, H]` (int64): hash ids + head offsets."""
+    ids = np.asarray(hash_ids_BxTxLxH).astype(np.int64)
+    return [ids[:, :, l] + self.offsets_LxH[l] for l in range(len(self.tables_L))]
+
   def gather(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
     """Rows `[B, T, H, E]` per layer; `np.take`, the fast NumPy row copy."""
-    ids = np.asarray(hash_ids_BxTxLxH).astype(np.int64)
-    return [table.take(ids[:, :, l] + self.offsets_LxH[l])
-            if isinstance(table, fp8.Fp8Table)
-            else np.take(table, ids[:, :, l] + self.offsets_LxH[l], axis=0)
-            for l, table in enumerate(self.tables_L)]
+    return [table.take(ids) if isinstance(table, fp8.Fp8Table)
+            else np.take(table, ids, axis=0)
+            for table, ids in zip(self.tables_L, self.row_ids(hash_ids_BxTxLxH))]
 
   def rows(self, hash_ids_BxTxLxH) -> dict:
     """The `ROWS_COLLECTION` tree of the ids' rows, as host arrays."""
@@ -184,31 +188,37 @@ def export_tables(workdir: str, out_dir: str) -> str:
   `tables.json` manifest into `out_dir`: the on-disk form `disk_tables` memory-maps.
   Works for runs trained with device or host tables; each file is written to a
   temporary name and renamed, so a reader never sees half a table."""
-  import json
   import os
+
+  from engram_jax import tokenizer as tokenizer_lib
   _, _, tables, _, _, step = load_workdir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   names = []
   for path, table in zip(tables.paths, tables.tables_L):
     name = f"{path[0]}.npy"
-    tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-      np.save(f, np.asarray(table))
-    os.replace(tmp, os.path.join(out_dir, name))
+    tokenizer_lib.atomic_write(os.path.join(out_dir, name),
+                               lambda tmp, t=table: _save_npy(tmp, t))
     names.append({"file": name, "shape": list(table.shape), "dtype": str(table.dtype)})
   manifest = {"workdir": os.path.abspath(workdir), "step": step, "tables": names}
-  tmp = os.path.join(out_dir, f".{TABLES_MANIFEST}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, TABLES_MANIFEST))
+  tokenizer_lib.atomic_write(os.path.join(out_dir, TABLES_MANIFEST),
+                             lambda tmp: _save_json(tmp, manifest))
   return out_dir
+
+
+def _save_npy(path: str, array) -> None:
+  with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
+    np.save(f, np.asarray(array))
+
+
+def _save_json(path: str, value) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1)
 
 
 def disk_tables(cfg: config_lib.ModelConfig, table_dir: str) -> HostTables:
   """`HostTables` over `np.memmap`s of `export_tables`' files: only the rows a lookup
   asks for are read from disk. A missing, truncated or misshapen file is a one-line
   ValueError naming it (never a silent garbage read)."""
-  import json
   import os
   manifest_path = os.path.join(table_dir, TABLES_MANIFEST)
   try:

@@ -44,7 +44,7 @@ class LibraryLogs:
     if self._file is not None:
       try:
         self._file.write(message + "\n")
-      except (OSError, ValueError):
+      except (OSError, ValueError):  # a full disk: the message stays in `messages`
         pass
 
   def first_error(self) -> Optional[str]:
@@ -115,7 +115,7 @@ def library_logs_to(path: str) -> Iterator[Optional[str]]:
   finally:
     try:
       log_file.close()
-    except OSError:
+    except OSError:  # a full disk fails the final flush: the records are dropped
       pass
 
 
@@ -160,5 +160,5 @@ def quiet_library_logs(path: Optional[str] = None) -> Iterator[LibraryLogs]:
     if log_file is not None:
       try:
         log_file.close()
-      except OSError:
+      except OSError:  # as in library_logs_to: nothing left to report it to
         pass

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from engram_jax import config_files
+from engram_jax import config_files, run_config
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,11 +49,7 @@ def train_point(variant: str, workdir: str, steps: int, overrides: Callable = No
     print(f"{variant}: trained to step {steps} already, skipped", flush=True)
     return
   config = _image_configs().get_config(variant)
-  config.train.steps = steps
-  config.train.eval_every = steps
-  config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
-  config.train.warmup_steps = min(config.train.warmup_steps, max(1, steps // 10))
-  config.train.log_every = min(config.train.log_every, steps)
+  run_config.with_steps(config.train, steps)
   if overrides:
     overrides(config)
   train.train_and_evaluate(config, workdir)

@@ -57,6 +57,14 @@ def validate_train(t) -> None:
     _fail("grad_clip", get("grad_clip"), "must be >= 0 (0 = no clipping)")
 
 
+def with_steps(train, steps: int) -> None:
+  """Shortens (or lengthens) a `train` section to `steps` in place, keeping it valid:
+  warm-up within the run, an eval and a checkpoint at the end (study commands)."""
+  train.update(steps=steps, warmup_steps=min(train.warmup_steps, max(1, steps // 10)),
+               eval_every=steps, log_every=min(train.log_every, steps),
+               checkpoint_every=min(train.checkpoint_every, steps))
+
+
 def validate_lm_lengths(seq_len: int, max_len: int) -> None:
   """An LM's training windows must fit its positions (RoPE and the KV cache)."""
   if seq_len > max_len:

@@ -404,12 +404,11 @@ def ensure_writable_workdir(workdir: str) -> None:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  from engram_jax import tokenizer
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  tokenizer.atomic_write(path, write)
 
 
 def config_json(config) -> str:
@@ -427,28 +426,26 @@ def write_run_metadata(workdir: str, config, model_cfg: config_lib.ModelConfig) 
                      json.dumps(config_lib.to_dict(model_cfg), indent=1))
 
 
-def _flat(tree, prefix="") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+def saved_model_config(workdir: str) -> dict:
+  """The workdir's `model_config.json` as a dict ({} when it has none or it is torn)."""
+  try:
+    with open(os.path.join(workdir, "model_config.json"), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 def model_config_differences(workdir: str, model_cfg: config_lib.ModelConfig) -> list[str]:
   """`model.FIELD: saved -> now` for each field that differs from the workdir's
   `model_config.json` (none when the workdir has none)."""
   from engram_jax.data import fingerprint
-  path = os.path.join(workdir, "model_config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+  saved = saved_model_config(workdir)
+  if not saved:
     return []
   now = json.loads(json.dumps(config_lib.to_dict(model_cfg)))  # tuples -> lists
-  return fingerprint.differences(_flat(saved, "model."), _flat(now, "model."))
+  flat = lambda tree: {f"model.{k}": v for k, v in
+                       traverse_util.flatten_dict(tree, sep=".").items()}
+  return fingerprint.differences(flat(saved), flat(now))
 
 
 def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
@@ -460,9 +457,8 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
   (the batches then differ from an uninterrupted run's).
   """
   from engram_jax import sharding, workdir_lock
-  tasks.abstract(config)  # validate every field before any work
-  run_config.validate_placement(tasks.abstract(config).model_cfg.engram,
-                                table_optimizer(config))
+  checked = tasks.abstract(config)  # validate every field before any work
+  run_config.validate_placement(checked.model_cfg.engram, table_optimizer(config))
   fingerprint = tasks.data_fingerprint(config)  # a source matching nothing fails here
   created = not os.path.exists(workdir)
   ensure_writable_workdir(workdir)
@@ -490,14 +486,14 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
 
 
 def _remove_if_only_lock(workdir: str) -> None:
-  """A workdir this run created and left with nothing in it but its lock file goes."""
+  """A workdir this run created (the caller checks) and left holding nothing but its
+  own lock file goes; anything else in it stays (`rmdir` refuses a non-empty one)."""
   from engram_jax import workdir_lock
   try:
-    if os.listdir(workdir) in ([], [workdir_lock.LOCK_FILE]):
-      if os.listdir(workdir):
-        os.remove(os.path.join(workdir, workdir_lock.LOCK_FILE))
-      os.rmdir(workdir)
-  except OSError:
+    if os.listdir(workdir) == [workdir_lock.LOCK_FILE]:
+      os.remove(os.path.join(workdir, workdir_lock.LOCK_FILE))
+    os.rmdir(workdir)
+  except OSError:  # not empty, or already gone: leave it as it is
     pass
 
 
@@ -607,10 +603,9 @@ def _save_failed(err: Exception, workdir: str, manager=None) -> TrainingError:
   if manager is not None:
     try:  # let saves still in flight commit before listing what is kept
       manager.wait_until_finished()
-    except Exception:  # noqa: BLE001  the failure being reported
+    except Exception:  # noqa: BLE001  the failure being reported: already in hand
       pass
-  directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
-  kept = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  kept = checkpoints.saved_steps(workdir)
   return TrainingError(
       f"saving a checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} "
       f"failed ({getattr(err, 'strerror', None) or checkpoints.first_line(err)}); the "
@@ -629,11 +624,7 @@ def _finish_saves(manager, workdir: str) -> None:
 def _saved_placement(workdir: str) -> str:
   """`engram.placement` of the run that wrote the workdir's checkpoints ("device" for
   runs that predate it or have no model_config.json)."""
-  try:
-    with open(os.path.join(workdir, "model_config.json"), encoding="utf-8") as f:
-      return json.load(f).get("engram", {}).get("placement", "device")
-  except (OSError, ValueError):
-    return "device"
+  return saved_model_config(workdir).get("engram", {}).get("placement", "device")
 
 
 def _place_tables(state, manager, full_abstract, tx, model_cfg, saved_host: bool,

@@ -87,7 +87,7 @@ class WorkdirLock:
     if self._fd is None:
       return
     import fcntl
-    try:
+    try:  # an empty record marks a clean exit; failing that, it reads as stale later
       os.ftruncate(self._fd, 0)
     except OSError:
       pass

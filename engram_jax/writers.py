@@ -82,10 +82,9 @@ def repair_metrics(path: str, resume_step: int) -> int:
     with open(path.replace(".jsonl", "") + ".dropped.jsonl", "ab") as f:
       f.write(b"".join(line + b"\n" for line in dropped))
   if dropped or not raw.endswith(b"\n") and raw:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(b"".join(line + b"\n" for line in kept))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from engram_jax import tokenizer
+    def write(tmp):
+      with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in kept))
+    tokenizer.atomic_write(path, write)
   return len(dropped)

@@ -76,7 +76,8 @@ def make_document(rng: np.random.Generator, filler: list[str], needles: int = 3,
 def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 3,
                 queries: int = 2, seed: int = 0, docs_per_file: int = 200,
                 filler_lines_per_doc: int = 6) -> None:
-  """Writes `out/train/part-XXXX.txt` and `out/val.jsonl` (deterministic per seed)."""
+  """Writes `out/train/part-0000.txt`, `part-0001.txt`, ... (`docs_per_file` documents
+  each) and `out/val.jsonl`; the same files for the same seed."""
   rng = np.random.default_rng(seed)
   filler = filler_lines()
   os.makedirs(os.path.join(out, "train"), exist_ok=True)
