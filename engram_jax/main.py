@@ -119,16 +119,9 @@ def config_variants(config_arg: str) -> tuple[str, ...]:
 
 def describe_config(config, config_arg: str) -> str:
   """Every field with its value, then the file's variants (`--print_config`)."""
-  flat = {}
-  def walk(node, prefix):
-    for key in sorted(node.keys()):
-      value = node[key]
-      if hasattr(value, "keys"):
-        walk(value, f"{prefix}{key}.")
-      else:
-        flat[f"{prefix}{key}"] = value
-  walk(config, "")
-  lines = [f"--config.{k}={v!r}" for k, v in flat.items()]
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  lines = [f"--config.{k}={v!r}" for k, v in sorted(flat.items())]
   variants = config_variants(config_arg)
   if variants:
     lines.append(f"variants of {config_arg.split(':')[0]}: {', '.join(variants)}")

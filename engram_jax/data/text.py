@@ -28,7 +28,7 @@ import hashlib
 import os
 import sysconfig
 import tempfile
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import grain
 import numpy as np
@@ -205,17 +205,23 @@ def corpus_files(cfg: TextDataConfig, split: str) -> list[str]:
   if cfg.source == "tfds":
     raise ValueError("data.source='tfds' has no files: corpus_files is for the "
                      "local sources ('stdlib', 'site_packages', 'files').")
-  if split == "train":
-    return _local_corpus(cfg)[2]
-  root, files = _local_files(cfg)
-  return _spread(split_files(files, root, cfg.val_fraction)[1], cfg.max_files)
+  return _local_corpus(cfg).used(split, cfg.max_files)
 
 
-def _local_corpus(cfg: TextDataConfig) -> tuple[str, list[str], list[str]]:
-  """(root, every matching file, the train files used) of a local source."""
+class LocalCorpus(NamedTuple):
+  """A local source's files: every match, its train/val split, and what is used."""
+  root: str
+  files: list[str]
+  train_all: list[str]
+  val_all: list[str]
+
+  def used(self, split: str, max_files: int) -> list[str]:
+    return _spread(self.train_all if split == "train" else self.val_all, max_files)
+
+
+def _local_corpus(cfg: TextDataConfig) -> LocalCorpus:
   root, files = _local_files(cfg)
-  train, _ = split_files(files, root, cfg.val_fraction)
-  return root, files, _spread(train, cfg.max_files)
+  return LocalCorpus(root, files, *split_files(files, root, cfg.val_fraction))
 
 
 def fingerprint(cfg: TextDataConfig) -> dict:
@@ -226,9 +232,10 @@ def fingerprint(cfg: TextDataConfig) -> dict:
   if cfg.source == "tfds":
     return fingerprint_lib.config_fields(
         cfg, fields + ["tfds_name", "tfds_train_split", "text_field"])
-  root, _, train = _local_corpus(cfg)
+  corpus = _local_corpus(cfg)
   return {**fingerprint_lib.config_fields(cfg, fields + ["val_fraction", "max_files"]),
-          **fingerprint_lib.files_fingerprint(train, root)}
+          **fingerprint_lib.files_fingerprint(corpus.used("train", cfg.max_files),
+                                              corpus.root)}
 
 
 def describe_corpus(cfg: TextDataConfig) -> str:
@@ -236,8 +243,9 @@ def describe_corpus(cfg: TextDataConfig) -> str:
   if cfg.source == "tfds":
     return (f"data: tfds {cfg.tfds_name!r} split {cfg.tfds_train_split!r} "
             f"(field {cfg.text_field!r})")
-  root, files, train = _local_corpus(cfg)
-  train_all, val = split_files(files, root, cfg.val_fraction)
+  corpus = _local_corpus(cfg)
+  files, train_all, val = corpus.files, corpus.train_all, corpus.val_all
+  train = corpus.used("train", cfg.max_files)
   where = {"stdlib": "the standard library", "site_packages": "site-packages"}.get(
       cfg.source, repr(cfg.files_glob))
   capped = (f", capped by data.max_files={cfg.max_files} (0 = all)"
