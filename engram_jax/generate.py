@@ -269,8 +269,8 @@ def load_workdir(workdir: str):
     params = params["params"]
   vocab_map = None
   if cfg.engram.layers:
-    vocab_map = jnp.asarray(hashing.compressed_vocab_for(
-        tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
+    vocab_map = jnp.asarray(tokenizer_lib.workdir_compressed_vocab(
+        workdir, tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
   return model, params, tok, vocab_map, step
 
 

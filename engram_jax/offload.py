@@ -296,8 +296,8 @@ def load_workdir(workdir: str, table_dir: Optional[str] = None):
     items, step = checkpoints.restore_checkpoint(
         workdir, {"params": jax.tree_util.tree_map_with_path(place, abstract)})
     device_params, tables = split_params(items["params"], cfg)
-  vocab_map = jnp.asarray(hashing.compressed_vocab_for(tok, cfg.engram.hash,
-                                                        cfg.engram.compressed_vocab_size))
+  vocab_map = jnp.asarray(tokenizer_lib.workdir_compressed_vocab(
+      workdir, tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
   return model, device_params, tables, tok, vocab_map, step
 
 

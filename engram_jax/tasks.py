@@ -15,7 +15,7 @@ import flax.linen as nn
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import hashing, run_config
+from engram_jax import run_config
 
 KINDS = ("lm", "image")
 
@@ -123,8 +123,8 @@ def build(config, workdir: str) -> Task:
   model_cfg = lm_model_config(config, vocab_size=tok.get_vocab_size())
   run_config.validate_vocab(model_cfg.vocab_size, tok.get_vocab_size())
   engram = model_cfg.engram
-  compressed = (hashing.compressed_vocab_for(tok, engram.hash, engram.compressed_vocab_size)
-                if engram.layers else None)
+  compressed = (tokenizer_lib.workdir_compressed_vocab(
+      workdir, tok, engram.hash, engram.compressed_vocab_size) if engram.layers else None)
   spec = engram.hash_spec() if engram.layers and host_hashing else None
   kwargs = dict(process_index=pidx, process_count=pcount, compressed_vocab=compressed,
                 hash_spec=spec, cache_dir=f"{workdir}/token_cache")

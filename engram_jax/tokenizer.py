@@ -176,3 +176,36 @@ def token_byte_lengths(tok: tokenizers.Tokenizer) -> np.ndarray:
     else:
       lengths[token_id] = len(tok.decode([token_id]).encode("utf-8"))
   return lengths
+
+
+def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
+                             expected_size: int = 0) -> np.ndarray:
+  """`hashing.compressed_vocab_for` of the run's tokenizer, cached in the workdir.
+
+  Normalising every token of a 129k vocabulary takes seconds; training, generation and
+  offloaded generation all read the same map, so it is computed once per (tokenizer,
+  hash mode) and kept as `WORKDIR/compressed_vocab-MODE-KEY.npy`, KEY a hash of the
+  tokenizer. A declared size is checked on every read, not only the first.
+  """
+  import hashlib
+
+  from engram_jax import hashing
+  key = hashlib.blake2b(tok.to_str().encode("utf-8"), digest_size=8).hexdigest()
+  path = os.path.join(workdir, f"compressed_vocab-{mode}-{key}.npy")
+  if os.path.exists(path):
+    vocab = np.load(path)
+    size = int(vocab.max()) + 1 if vocab.size else 0
+    if expected_size and size != int(expected_size):
+      raise ValueError(f"compressed vocabulary has {size} entries but {int(expected_size)} "
+                       "were declared (engram.compressed_vocab_size): wrong tokenizer?")
+    return vocab
+  vocab = hashing.compressed_vocab_for(tok, mode, expected_size or None)
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      np.save(f, vocab)
+  try:
+    atomic_write(path, write)
+  except OSError:  # a read-only workdir (inference): computed, just not cached
+    pass
+  return vocab

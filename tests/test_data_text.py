@@ -337,3 +337,22 @@ def test_site_packages_source_is_real_installed_code():
   assert len(train_files) == 8 and val_files and not set(train_files) & set(val_files)
   assert all(f.startswith(root) and f.endswith(".py") for f in train_files + val_files)
   assert "site-packages" in text.describe_corpus(cfg)
+
+
+def test_compressed_vocab_is_cached_in_the_workdir(tmp_path):
+  import tokenizers
+  from engram_jax import hashing
+  from engram_jax import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.train_bpe(text.corpus_files(
+      text.TextDataConfig(max_files=3), "train"), 300, str(tmp_path / "tok.json"))
+  assert isinstance(tok, tokenizers.Tokenizer)
+  for mode in ("engram_jax", "published"):
+    want = hashing.compressed_vocab_for(tok, mode)
+    first = tokenizer_lib.workdir_compressed_vocab(str(tmp_path), tok, mode)
+    cached = list(tmp_path.glob(f"compressed_vocab-{mode}-*.npy"))
+    assert len(cached) == 1 and np.array_equal(first, want)
+    np.testing.assert_array_equal(
+        tokenizer_lib.workdir_compressed_vocab(str(tmp_path), tok, mode), want)
+  with pytest.raises(ValueError, match="compressed_vocab_size"):
+    tokenizer_lib.workdir_compressed_vocab(str(tmp_path), tok, "published",
+                                           int(want.max()) + 7)
