@@ -14,7 +14,9 @@ setup(
     description="Engram conditional memory (hashed n-gram tables) for JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["engram_jax", "engram_jax.*"]),
+    # configs/ sits at the top of the checkout and installs as engram_jax.configs
+    packages=find_packages(include=["engram_jax", "engram_jax.*"]) + ["engram_jax.configs"],
+    package_dir={"engram_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={

@@ -38,7 +38,8 @@ import numpy as np
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_BENCH), _BENCH]
 from engram_jax import config as config_lib  # noqa: E402
-from engram_jax import generate, train  # noqa: E402
+from engram_jax import train  # noqa: E402
+from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
 
@@ -218,11 +219,12 @@ def check_decode(s: Sizes, params) -> dict:
 
 def check_offload(s: Sizes, params) -> dict:
   try:
-    from engram_jax import offload
+    from engram_jax import host_tables
+    from engram_jax.sampling import offload as offload
   except ImportError as err:  # e.g. a dependency missing from a bare image
     return {"skipped": f"engram_jax.offload does not import: {err}"}
   model = EngramLM(s.model)
-  device_params, tables = offload.split_params(params, s.model)
+  device_params, tables = host_tables.split_params(params, s.model)
   b = s.decode_batches[min(1, len(s.decode_batches) - 1)]
   prompt = np.random.default_rng(1).integers(0, s.model.vocab_size, (b, s.prompt))
   lengths = np.full((b,), s.prompt, np.int32)

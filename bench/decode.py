@@ -22,7 +22,7 @@ import numpy as np
 # This checkout's engram_jax, not an installed one (as the other bench scripts do).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engram_jax import config as config_lib  # noqa: E402
-from engram_jax import generate  # noqa: E402
+from engram_jax.sampling import text as generate  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py (scripts run from bench/)
 

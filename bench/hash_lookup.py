@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engram_jax import hash_quality as hq  # noqa: E402
+from engram_jax.studies import hash_quality as hq  # noqa: E402
 from engram_jax import hashing  # noqa: E402
 from timing import median_seconds  # bench/timing.py (scripts run from bench/)
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from engram_jax import hash_quality as hq  # noqa: E402
+from engram_jax.studies import hash_quality as hq  # noqa: E402
 from engram_jax import hashing  # noqa: E402
 
 MAX_NGRAM = 3

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import image as image_configs  # noqa: E402
-from engram_jax import generate_image  # noqa: E402
+from engram_jax.sampling import image as generate_image  # noqa: E402
 from engram_jax.models import image  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
 

@@ -29,7 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engram_jax import config as config_lib  # noqa: E402
-from engram_jax import generate, offload  # noqa: E402
+from engram_jax.sampling import text as generate  # noqa: E402
+from engram_jax import host_tables
+from engram_jax.sampling import offload as offload  # noqa: E402
 from engram_jax.layers.engram import ROWS_COLLECTION  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
@@ -72,7 +74,7 @@ def main():
   lengths = np.full((args.batch,), args.prompt, np.int32)
   params = jax.jit(lambda k: nn.unbox(model.init(k, jnp.asarray(prompt[:, :8])))["params"])(
       jax.random.key(0))
-  device_params, tables = offload.split_params(params, cfg)
+  device_params, tables = host_tables.split_params(params, cfg)
 
   def runs(new):
     """(on-device, offloaded) generation of `new` tokens after the prompt."""

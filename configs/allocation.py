@@ -2,7 +2,7 @@
 
 Each family is a pure-MoE reference (rho = 1) and the rule that trades its routed
 experts for Engram tables at equal total parameters (`engram_jax.allocation.allocate`,
-docs/allocation.md). `python -m engram_jax.allocation sweep --config=...:FAMILY
+docs/allocation.md). `python -m engram_jax.studies.allocation_sweep sweep --config=...:FAMILY
 --rhos=...` trains one member per rho.
 
 Variants (R is any number in [0, 1], e.g. toy_rho_0.75):

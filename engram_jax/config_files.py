@@ -20,9 +20,31 @@ def load_module(path: str):
   return module
 
 
+SHIPPED_PREFIX = "configs/"
+
+
+def resolve(path: str) -> str:
+  """`path` if it is a file; else, for `configs/NAME.py`, the copy installed with the
+  package (`engram_jax.configs`), so the shipped configs load from any directory."""
+  if os.path.isfile(path) or not path.startswith(SHIPPED_PREFIX):
+    return path
+  spec = importlib.util.find_spec("engram_jax.configs")
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    shipped = os.path.join(folder, path[len(SHIPPED_PREFIX):])
+    if os.path.isfile(shipped):
+      return shipped
+  return path
+
+
+def resolve_arg(config_arg: str) -> str:
+  """`--config`'s value `path.py:variant` with its path `resolve`d."""
+  path, sep, variant = config_arg.partition(":")
+  return resolve(path) + sep + variant
+
+
 def load(spec: str):
   """`path.py:variant` -> the file's `get_config(variant)` (as ml_collections does)."""
-  path, _, variant = spec.partition(":")
+  path, _, variant = resolve_arg(spec).partition(":")
   if not os.path.isfile(path):
     raise ValueError(f"--config={spec!r}: no file {path!r}; give PATH.py:VARIANT")
   module = load_module(path)

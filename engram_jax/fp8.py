@@ -97,7 +97,7 @@ def gather_rows(values_RxE, scales_RxS, row_ids):
 
 
 class Fp8Table:
-  """A host FP8 table (arrays or memory maps) that `offload.HostTables` can gather
+  """A host FP8 table (arrays or memory maps) that `host_tables.HostTables` can gather
   from: `take(ids)` returns f32 rows, reading only the rows asked for."""
 
   def __init__(self, values_RxE, scales_RxS):

@@ -16,13 +16,154 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import offload, tables
+from engram_jax import fp8, hashing, tables
+from engram_jax.errors import TrainingError
+from engram_jax.layers.engram import ROWS_COLLECTION
+
+TABLE = "table"
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
+
+
+def engram_paths(cfg: config_lib.ModelConfig) -> list[tuple[str, ...]]:
+  """Param paths of the Engram layers, in `engram.layers` order (the hash ids' L axis)."""
+  return [(f"block_{layer}", "engram") for layer in cfg.engram.layers]
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _nest(paths, leaves) -> dict:
+  """A nested dict with `leaves[i]` at `paths[i]`."""
+  out: dict = {}
+  for path, leaf in zip(paths, leaves):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return out
+
+
+class HostTables:
+  """The Engram tables of one model in host memory, and lookups of their rows.
+
+  tables_L: one `[rows, head_dim]` array per Engram layer (in `engram.layers` order),
+    as stored in the params (padded rows included; they are never addressed), or an
+    `fp8.Fp8Table` (e.g. a memory-mapped V4.1 checkpoint), dequantised per row read.
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, tables_L: Sequence[np.ndarray]):
+    e = cfg.engram
+    if len(tables_L) != len(e.layers):
+      raise ValueError(f"{len(tables_L)} tables for engram.layers={e.layers}: give one per "
+                       "Engram layer")
+    self.cfg, self.spec = cfg, e.hash_spec()
+    self.paths = engram_paths(cfg)
+    self.tables_L = [t if isinstance(t, fp8.Fp8Table) else np.ascontiguousarray(t)
+                     for t in tables_L]
+    for i, (path, table) in enumerate(zip(self.paths, self.tables_L)):
+      if table.ndim != 2 or table.shape[1] != e.head_dim or table.shape[0] < self.spec.rows(i):
+        raise ValueError(f"table of {'/'.join(path)} has shape {table.shape}; this model "
+                         f"needs [>= {self.spec.rows(i)}, engram head_dim={e.head_dim}]")
+    self.offsets_LxH = self.spec.offsets_LxH.astype(np.int64)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(t.nbytes for t in self.tables_L)
+
+  def hash_ids(self, tokens_BxT: np.ndarray, vocab_map_V=None) -> np.ndarray:
+    """Host-side hash ids `[B, T, L, H]` (bit-identical to the model's in-graph hash)."""
+    tokens = np.asarray(tokens_BxT)
+    ngram = tokens if vocab_map_V is None else np.asarray(vocab_map_V)[tokens]
+    return hashing.ngram_hash_ids(ngram, self.spec)
+
+  def row_ids(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
+    """Each layer's flat-table row ids `[B, T, H]` (int64): hash ids + head offsets."""
+    ids = np.asarray(hash_ids_BxTxLxH).astype(np.int64)
+    return [ids[:, :, l] + self.offsets_LxH[l] for l in range(len(self.tables_L))]
+
+  def gather(self, hash_ids_BxTxLxH) -> list[np.ndarray]:
+    """Rows `[B, T, H, E]` per layer; `np.take`, the fast NumPy row copy."""
+    return [table.take(ids) if isinstance(table, fp8.Fp8Table)
+            else np.take(table, ids, axis=0)
+            for table, ids in zip(self.tables_L, self.row_ids(hash_ids_BxTxLxH))]
+
+  def rows(self, hash_ids_BxTxLxH) -> dict:
+    """The `ROWS_COLLECTION` tree of the ids' rows, as host arrays."""
+    return _nest([p + ("rows",) for p in self.paths], self.gather(hash_ids_BxTxLxH))
+
+  def device_rows(self, hash_ids_BxTxLxH, sharding=None) -> dict:
+    """`rows` put on the device; returns before the copy ends (jax transfers async)."""
+    return jax.device_put(self.rows(hash_ids_BxTxLxH), sharding)
+
+  def callback_rows(self, hash_ids_BxTxLxH) -> dict:
+    """`rows` from inside `jit`: a host callback gathers them when the ids are ready.
+
+    `pure_callback`, not `io_callback`: the lookup has no side effects, so XLA may
+    schedule it freely (or drop it if unused).
+    """
+    b, t, _, h = hash_ids_BxTxLxH.shape
+    dtypes = [t_.dtype for t_ in self.tables_L]
+    shapes = [jax.ShapeDtypeStruct((b, t, h, self.cfg.engram.head_dim), d) for d in dtypes]
+    rows_L = jax.pure_callback(lambda ids: self.gather(ids), shapes, hash_ids_BxTxLxH)
+    return _nest([p + ("rows",) for p in self.paths], list(rows_L))
+
+
+# ----------------------------------------------------------------------------------
+# Moving tables to the host
+# ----------------------------------------------------------------------------------
+def without(tree, paths) -> Any:
+  """Copy of the nested dict `tree` without the leaves at `paths`."""
+  drop = {tuple(p) for p in paths}
+
+  def walk(node, prefix):
+    if not hasattr(node, "items"):
+      return node
+    return {k: walk(v, prefix + (k,)) for k, v in node.items() if prefix + (k,) not in drop}
+  return walk(tree, ())
+
+
+def split_params(params, cfg: config_lib.ModelConfig):
+  """(device_params, HostTables): the Engram tables copied to host memory and left out
+  of the params. Drop other references to `params` to free the device copies.
+
+  A table sharded over several hosts is not addressable from one; load such a model
+  with `load_workdir`, which reads the tables from the checkpoint instead.
+  """
+  tables = []
+  for path in engram_paths(cfg):
+    try:
+      table = _get(params, path + (TABLE,))
+    except (KeyError, TypeError):
+      raise ValueError(f"params have no Engram table at {'/'.join(path + (TABLE,))}; pass "
+                       "the params of a model with engram.layers="
+                       f"{cfg.engram.layers}") from None
+    if isinstance(table, jax.Array) and not table.is_fully_addressable:
+      raise ValueError(f"the table at {'/'.join(path)} spans several processes; use "
+                       "offload.load_workdir to read it from the checkpoint")
+    tables.append(np.asarray(jax.device_get(table)))
+  device = without(params, [p + (TABLE,) for p in engram_paths(cfg)])
+  return device, HostTables(cfg, tables)
+
+
+def host_memory_sharding(device=None):
+  """A sharding in host memory of `device` (pinned if it has it), else its default
+  memory: restores into it never touch accelerator memory."""
+  device = device or jax.devices()[0]
+  kinds = {m.kind for m in device.addressable_memories()}
+  for kind in HOST_MEMORY_KINDS:
+    if kind in kinds:
+      return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+  return jax.sharding.SingleDeviceSharding(device)
+
 
 MODES = ("overlap", "exact")
 
@@ -33,8 +174,8 @@ def _rows_update(optimizer: tables.TableOptimizer, rows_UxE, state_rows, grads_U
   return optimizer.update(rows_UxE, state_rows, grads_UxE, count, lr)
 
 
-class HostTableStore(offload.HostTables):
-  """`offload.HostTables` (the tables in host RAM, their row offsets) that also train:
+class HostTableStore(HostTables):
+  """`HostTables` (the tables in host RAM, their row offsets) that also train:
   each layer's row-sparse optimizer state, threaded gathers and the host update.
 
   tables_L: one per layer in `engram.layers` order, padded rows included (the exact
@@ -190,9 +331,8 @@ class HostFeed:
 
   def with_rows(self, batch: dict) -> dict:
     """`batch` (NumPy, with `hash_ids`) plus its rows from the tables as they are now."""
-    from engram_jax import train
     rows = self.store.gather(batch["hash_ids"])
-    return {**batch, **{train.ROWS_KEY.format(i): r for i, r in enumerate(rows)}}
+    return {**batch, **{tables.ROWS_KEY.format(i): r for i, r in enumerate(rows)}}
 
   def next_batch(self) -> dict:
     """The next train batch (NumPy) with `engram_rows_i` from the host tables."""
@@ -231,8 +371,7 @@ class HostFeed:
   @staticmethod
   def _check(nonfinite: int, step: int) -> None:
     if nonfinite:
-      from engram_jax import train
-      raise train.TrainingError(
+      raise TrainingError(
           f"non-finite values in the host table rows updated at step {step}; this "
           "state is not saved and the last good checkpoint is kept (lower "
           "train.learning_rate or train.table_lr_multiplier?)")

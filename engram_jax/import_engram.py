@@ -15,7 +15,7 @@ file; when the files also hold `engram.wkv` / `q_weight` / `k_weight`, it loads 
 as our v4 layer's params. Any inconsistency is a one-line error (exit status 2).
 
 `load(...)` is the Python entry: an `EngramConfig` (published hash, v4 variant) and
-`fp8.Fp8Table`s that `V41Engram.rows` (or `offload.HostTables`) gather from.
+`fp8.Fp8Table`s that `V41Engram.rows` (or `host_tables.HostTables`) gather from.
 """
 from __future__ import annotations
 

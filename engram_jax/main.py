@@ -211,8 +211,17 @@ def parse_flags(argv):
   sys.exit(2)
 
 
+def with_shipped_configs(argv) -> list[str]:
+  """`--config=configs/NAME.py:...` pointed at the installed copy when the working
+  directory has no such file (`config_files.resolve`)."""
+  from engram_jax import config_files
+  return [("--config=" + config_files.resolve_arg(a.split("=", 1)[1]))
+          if a.startswith("--config=") else a for a in argv]
+
+
 def run(argv) -> int:
   """The command in-process (tests): parse `argv`, run, return the exit status."""
+  argv = with_shipped_configs(argv)
   saved_argv = sys.argv
   sys.argv = list(argv)  # ml_collections finds the --config.* overrides in sys.argv
   try:
@@ -228,4 +237,5 @@ def run(argv) -> int:
 
 
 if __name__ == "__main__":
+  sys.argv = with_shipped_configs(sys.argv)
   app.run(main, flags_parser=parse_flags)

@@ -36,6 +36,7 @@ from engram_jax import sharding
 from engram_jax.layers.engram import lookup_rows
 from engram_jax.models.lm import engram_row_ids
 
+ROWS_KEY = "engram_rows_{}"  # a batch's host-gathered rows of Engram layer i
 TABLE_OPTIMIZERS = ("adam", "lazy_adam", "rowwise_adagrad", "sgd")
 
 

@@ -24,11 +24,9 @@ from flax import traverse_util
 from engram_jax import config as config_lib
 from engram_jax import checkpoints, optim, quiet, run_config, tables, tasks
 from engram_jax.layers import moe
+from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
-
-
-class TrainingError(RuntimeError):
-  """A run that must stop (non-finite loss or parameters); the message names the step."""
+from engram_jax.tables import ROWS_KEY
 
 
 @flax.struct.dataclass
@@ -70,7 +68,6 @@ def _moe_config(model: nn.Module) -> config_lib.MoEConfig:
   return getattr(_model_config(model), "moe", config_lib.MoEConfig())
 
 
-ROWS_KEY = "engram_rows_{}"  # a batch's host-gathered rows of Engram layer i
 
 
 def batch_rows(model: nn.Module, batch: dict):

@@ -34,7 +34,7 @@ def test_imports_without_grain_clu_ml_collections():
           f"for m in {NOT_ON_A_BARE_GPU_IMAGE!r}: sys.modules[m] = None\n"
           f"sys.path.insert(0, {BENCH!r})\n"
           "import accelerator_check\n"
-          "from engram_jax import offload\n"
+          "from engram_jax.sampling import offload\n"
           "bad = [m for m in sys.modules if m.split('.')[0] in "
           f"{NOT_ON_A_BARE_GPU_IMAGE!r} and sys.modules[m] is not None]\n"
           "assert not bad, bad\n")

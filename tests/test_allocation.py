@@ -12,6 +12,7 @@ import pytest
 
 from configs import allocation as allocation_configs
 from engram_jax import allocation
+from engram_jax.studies import allocation_sweep
 from engram_jax import config as config_lib
 from engram_jax.models.lm import EngramLM
 
@@ -213,7 +214,7 @@ def test_sweep_writes_table_csv_plot_and_skips_finished_points(tmp_path, capsys)
   workdir = str(tmp_path / "study")
   args = ["sweep", "--config=configs/allocation.py:micro", "--rhos=0,1",
           f"--workdir={workdir}", "--steps=3"]
-  assert allocation.main(args) == 0
+  assert allocation_sweep.main(args) == 0
   with open(os.path.join(workdir, "allocation.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [float(r["rho"]) for r in rows] == [0.0, 1.0]
@@ -228,18 +229,18 @@ def test_sweep_writes_table_csv_plot_and_skips_finished_points(tmp_path, capsys)
   first = capsys.readouterr().out
   assert "skipped" not in first
   mtime = os.path.getmtime(os.path.join(workdir, "rho_0_seed_0", "result.json"))
-  assert allocation.main(args) == 0
+  assert allocation_sweep.main(args) == 0
   second = capsys.readouterr().out
   assert second.count("finished earlier") == 2 and "train_loss" not in second
   assert os.path.getmtime(os.path.join(workdir, "rho_0_seed_0", "result.json")) == mtime
 
 
 def test_plan_and_bad_flags(capsys):
-  assert allocation.main(["plan", "--config=configs/allocation.py:toy", "--rhos=0,1"]) == 0
+  assert allocation_sweep.main(["plan", "--config=configs/allocation.py:toy", "--rhos=0,1"]) == 0
   out = capsys.readouterr().out
   assert sum(line.startswith("| ") for line in out.splitlines()) == 3
   assert "| 1 | 1.000 | 16 |" in out
-  assert allocation.main(["plan", "--config=configs/allocation.py:toy", "--rhos=a"]) == 2
+  assert allocation_sweep.main(["plan", "--config=configs/allocation.py:toy", "--rhos=a"]) == 2
   assert "--rhos='a'" in capsys.readouterr().err
-  assert allocation.main(["plan", "--config=configs/lm.py:tiny"]) == 2
+  assert allocation_sweep.main(["plan", "--config=configs/lm.py:tiny"]) == 2
   assert "no `allocation` section" in capsys.readouterr().err

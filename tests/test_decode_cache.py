@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import generate
+from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM, segments
 
 from tests.conftest import tiny_model_config, with_random_conv

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import evaluate
+from engram_jax.studies import evaluate as evaluate
 from engram_jax.data import images
 from engram_jax.models import image
 from engram_jax.train import cross_entropy

@@ -58,12 +58,13 @@ def test_bad_shapes_are_one_line_errors():
 
 
 def test_host_tables_gather_fp8_rows():
-  from engram_jax import offload
+  from engram_jax import host_tables
+  from engram_jax.sampling import offload as offload
   from tests.conftest import tiny_model_config
   cfg = tiny_model_config(embed_per_ngram=64)  # head_dim 32: one scale per row
   spec = cfg.engram.hash_spec()
   floats = [_table(rows=spec.rows(i), width=32, seed=i) for i in range(2)]
-  host = offload.HostTables(cfg, [fp8.Fp8Table.from_float(t) for t in floats])
+  host = host_tables.HostTables(cfg, [fp8.Fp8Table.from_float(t) for t in floats])
   tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 9))
   ids = host.hash_ids(tokens)
   for l, rows in enumerate(host.gather(ids)):

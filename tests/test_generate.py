@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from engram_jax import generate
+from engram_jax import generate as generate_cli
+from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM
 
 from tests.conftest import tiny_model_config, with_random_conv
@@ -104,7 +105,7 @@ def test_eos_rows_pad_and_length_check():
 # ----------------------------------------------------------------------------------
 def test_cli_samples_from_the_newest_checkpoint(trained_workdir, capsys):
   args = [f"--workdir={trained_workdir}", "--prompt=def ", "--max_new_tokens=8"]
-  assert generate.main(args + ["--temperature=0", "--num_samples=2"]) == 0
+  assert generate_cli.main(args + ["--temperature=0", "--num_samples=2"]) == 0
   out = capsys.readouterr().out
   assert "step 3" in out
   samples = out.split("--- sample ")[1:]
@@ -121,24 +122,24 @@ def test_cli_samples_from_the_newest_checkpoint(trained_workdir, capsys):
   eos = tokenizer_lib.eos_id(tok)
   row = row[:row.index(eos)] if eos in row else row
   assert samples[0].split("\n", 1)[1].rstrip("\n") == "def " + tok.decode(row)
-  assert generate.main(args + ["--temperature=1", "--top_k=5", "--seed=1"]) == 0
+  assert generate_cli.main(args + ["--temperature=1", "--top_k=5", "--seed=1"]) == 0
 
 
 def test_cli_errors_name_the_flag(trained_workdir, tmp_path, capsys):
-  assert generate.main([f"--workdir={tmp_path}"]) == 2
+  assert generate_cli.main([f"--workdir={tmp_path}"]) == 2
   assert "model_config.json" in capsys.readouterr().err
   import shutil
   empty = tmp_path / "no_ckpt"
   empty.mkdir()
   for name in ("model_config.json", "tokenizer.json"):
     shutil.copy(os.path.join(trained_workdir, name), empty / name)
-  assert generate.main([f"--workdir={empty}"]) == 2
+  assert generate_cli.main([f"--workdir={empty}"]) == 2
   assert "has no checkpoint" in capsys.readouterr().err
   long_prompt = "x " * 40
-  assert generate.main([f"--workdir={trained_workdir}", f"--prompt={long_prompt}",
+  assert generate_cli.main([f"--workdir={trained_workdir}", f"--prompt={long_prompt}",
                         "--max_new_tokens=8"]) == 2
   assert "model.max_len=32" in capsys.readouterr().err
-  assert generate.main([f"--workdir={trained_workdir}", "--top_p=0"]) == 2
+  assert generate_cli.main([f"--workdir={trained_workdir}", "--top_p=0"]) == 2
   assert "--top_p" in capsys.readouterr().err
 
 
@@ -146,7 +147,7 @@ def test_cli_errors_name_the_flag(trained_workdir, tmp_path, capsys):
     ("temperature", "nan"), ("temperature", "inf"), ("temperature", "-0.5"),
     ("top_k", "-1"), ("top_p", "0.0"), ("top_p", "nan")])
 def test_cli_sampling_error_names_only_the_bad_flag(tmp_path, capsys, flag, value):
-  assert generate.main([f"--workdir={tmp_path}", f"--{flag}={value}"]) == 2
+  assert generate_cli.main([f"--workdir={tmp_path}", f"--{flag}={value}"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith(f"error: --{flag}={value}: use ")
   others = {"--temperature", "--top_k", "--top_p", "--cfg_scale"} - {f"--{flag}"}
@@ -162,11 +163,11 @@ def test_image_sampling_settings_are_checked_one_flag_at_a_time():
 
 def test_cli_help_lists_image_flags_and_defaults(tmp_path, capsys):
   with pytest.raises(SystemExit):
-    generate.main(["--help"])
+    generate_cli.main(["--help"])
   help_text = capsys.readouterr().out
   assert "--classes" in help_text and "--cfg_scale" in help_text
   assert "image workdirs" in help_text and "(default: 64)" in help_text
-  assert generate.main([f"--workdir={tmp_path}", "--classes=1"]) == 2
+  assert generate_cli.main([f"--workdir={tmp_path}", "--classes=1"]) == 2
   assert "only for image workdirs" in capsys.readouterr().err
 
 
@@ -205,7 +206,7 @@ def test_config_that_does_not_fit_the_checkpoint_is_one_error_line(trained_workd
   with open(path, "w", encoding="utf-8") as f:
     json.dump(cfg, f)
   capfd.readouterr()
-  assert generate.main([f"--workdir={workdir}"]) == 2
+  assert generate_cli.main([f"--workdir={workdir}"]) == 2
   err = capfd.readouterr().err
   assert "model_config.json does not match checkpoint 3" in err, err
   assert "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engram_jax import hash_quality as hq
+from engram_jax.studies import hash_quality as hq
 from engram_jax import hashing
 
 

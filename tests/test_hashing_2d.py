@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import hash_quality as hq
+from engram_jax.studies import hash_quality as hq
 from engram_jax import hashing
 
 PAD = hashing.PAD_ID

@@ -11,7 +11,11 @@ import pytest
 pytest.importorskip("clu")
 pytest.importorskip("orbax.checkpoint")
 
-from engram_jax import checkpoints, generate, host_tables, offload, tables, train  # noqa: E402
+from engram_jax import generate as generate_cli
+from engram_jax import checkpoints, host_tables, tables, train  # noqa: E402
+from engram_jax.sampling import text as generate
+from engram_jax import disk_tables
+from engram_jax.sampling import offload as offload
 
 from tests import lm_test_config  # noqa: E402
 from tests.conftest import tiny_model_config  # noqa: E402
@@ -117,26 +121,26 @@ def test_generation_reads_host_trained_tables_from_device_host_and_disk(runs, tm
           "--temperature=0"]
   outputs = {}
   table_dir = str(tmp_path / "tables")
-  assert offload.main(["export", f"--workdir={runs['host']}", f"--out={table_dir}"]) == 0
+  assert disk_tables.main(["export", f"--workdir={runs['host']}", f"--out={table_dir}"]) == 0
   for tables_flag in ("device", "host", "disk"):
     capsys.readouterr()
     extra = [f"--tables={tables_flag}"] + ([f"--table_dir={table_dir}"]
                                            if tables_flag == "disk" else [])
-    assert generate.main(argv + extra) == 0
+    assert generate_cli.main(argv + extra) == 0
     outputs[tables_flag] = capsys.readouterr().out.split("--- sample 0 ---")[1]
   assert outputs["device"] == outputs["host"] == outputs["disk"]
 
   # a truncated table file and a table of the wrong shape: one line each, exit 2
-  name = json.load(open(os.path.join(table_dir, offload.TABLES_MANIFEST)))["tables"][0]["file"]
+  name = json.load(open(os.path.join(table_dir, disk_tables.TABLES_MANIFEST)))["tables"][0]["file"]
   path = os.path.join(table_dir, name)
   data = open(path, "rb").read()
   with open(path, "wb") as f:
     f.write(data[:len(data) // 2])
-  assert generate.main(argv + ["--tables=disk", f"--table_dir={table_dir}"]) == 2
+  assert generate_cli.main(argv + ["--tables=disk", f"--table_dir={table_dir}"]) == 2
   err = capsys.readouterr().err
   assert "truncated" in err and len(err.strip().splitlines()) == 1
   np.save(path, np.zeros((8, 3), np.float32))
-  assert generate.main(argv + ["--tables=disk", f"--table_dir={table_dir}"]) == 2
+  assert generate_cli.main(argv + ["--tables=disk", f"--table_dir={table_dir}"]) == 2
   assert "has shape (8, 3)" in capsys.readouterr().err
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from configs import image as image_configs
 from engram_jax import config as config_lib
-from engram_jax import generate_image, hashing
+from engram_jax import hashing
+from engram_jax.sampling import image as generate_image
 from engram_jax.data import images
 from engram_jax.layers.attention import rope
 from engram_jax.models import image

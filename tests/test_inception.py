@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from engram_jax import evaluate, inception, probes
+from engram_jax.studies import evaluate as evaluate
+from engram_jax.studies import inception as inception
+from engram_jax.studies import probes as probes
 
 RNG = np.random.default_rng(0)
 

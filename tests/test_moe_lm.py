@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from engram_jax import config as config_lib
-from engram_jax import generate, train
+from engram_jax import train
+from engram_jax.sampling import text as generate
 from engram_jax.layers import moe
 from engram_jax.models.lm import EngramLM, relayout_params, segments
 

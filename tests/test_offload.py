@@ -5,7 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from engram_jax import generate, offload
+from engram_jax.sampling import text as generate
+from engram_jax import host_tables
+from engram_jax.sampling import offload as offload
 from engram_jax.layers.engram import ROWS_COLLECTION
 from engram_jax.models.lm import EngramLM
 
@@ -23,7 +25,7 @@ def setup():
   params = with_random_conv(nn.unbox(model.init(jax.random.key(0), prompt))["params"], CFG)
   # a many-to-one compressed vocabulary, so host and device both apply the map
   vocab_map = (np.arange(CFG.vocab_size) // 3).astype(np.int32)
-  device_params, tables = offload.split_params(params, CFG)
+  device_params, tables = host_tables.split_params(params, CFG)
   return model, params, device_params, tables, prompt, lengths, vocab_map
 
 
@@ -104,9 +106,9 @@ def test_prefetcher_gives_each_batch_its_rows(setup):
 def test_errors_name_what_to_fix(setup):
   model, params, device_params, tables, *_ = setup
   with pytest.raises(ValueError, match="block_1/engram/table"):
-    offload.split_params(device_params, CFG)
+    host_tables.split_params(device_params, CFG)
   with pytest.raises(ValueError, match="block_3/engram"):
-    offload.HostTables(CFG, [tables.tables_L[0], tables.tables_L[1][:, :4]])
+    host_tables.HostTables(CFG, [tables.tables_L[0], tables.tables_L[1][:, :4]])
   with pytest.raises(ValueError, match="model.max_len=48"):
     offload.generate(model, device_params, tables, np.zeros((1, 40), np.int32),
                      np.array([40], np.int32), jax.random.key(0), max_new_tokens=9)

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from configs import image as image_configs
-from engram_jax import checkpoints, evaluate, generate_image, probes
+from engram_jax import checkpoints
+from engram_jax.studies import evaluate as evaluate
+from engram_jax.sampling import image as generate_image
+from engram_jax.studies import probes as probes
 from engram_jax.data import images
 from engram_jax.models import image
 from engram_jax.models.lm import relayout_params
@@ -270,14 +273,15 @@ def test_generate_image_cli_without_checkpoint_or_config(tmp_path, capsys):
   assert "has no config.json" in capsys.readouterr().err
 
 
-def test_main_if_image_workdir_dispatches_only_image_runs(workdir, tmp_path):
+def test_generate_dispatches_on_the_runs_kind(workdir, tmp_path, capsys):
+  from engram_jax import generate as generate_cli
   lm = tmp_path / "lm"
   lm.mkdir()
   (lm / "config.json").write_text(json.dumps({"model": {}, "data": {"source": "stdlib"}}))
-  assert generate_image.main_if_image_workdir([f"--workdir={lm}", "--prompt=x"]) is None
-  assert generate_image.is_image_workdir(workdir)
-  assert generate_image.main_if_image_workdir(
-      [f"--workdir={workdir}", "--classes=12"]) == 2
+  assert not generate_cli._is_image_run([f"--workdir={lm}", "--prompt=x"])
+  assert generate_cli._is_image_run([f"--workdir={workdir}"])
+  assert generate_cli.main([f"--workdir={workdir}", "--classes=12"]) == 2
+  assert "--classes" in capsys.readouterr().err  # the image CLI answered
 
 
 def test_probes_cli_writes_every_probe(workdir, capsys):

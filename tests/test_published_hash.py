@@ -173,7 +173,7 @@ def test_2d_stencil_is_lookbacks_in_stencil_order():
 def test_lm_with_published_hash_decodes_like_the_full_forward():
   """In-graph hashing, host hash ids and the decode state all use the published hash."""
   import flax.linen as nn
-  from engram_jax import generate
+  from engram_jax.sampling import text as generate
   from engram_jax.models.lm import EngramLM
   from tests.conftest import tiny_model_config, with_random_conv
   cfg = tiny_model_config(hash="published", compressed_vocab_size=97, pad_id=2)
@@ -241,7 +241,7 @@ def test_masked_prompt_decodes_like_the_masked_full_forward():
   """Non-text prompt spans: cached decoding (marks carried in the n-gram history, output
   mask in prefill) equals the full forward with the same marks and mask."""
   import flax.linen as nn
-  from engram_jax import generate
+  from engram_jax.sampling import text as generate
   from engram_jax.models.lm import EngramLM
   from tests.conftest import tiny_model_config, with_random_conv
   cfg = tiny_model_config(hash="published", compressed_vocab_size=97, pad_id=2)

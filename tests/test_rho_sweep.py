@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
-from engram_jax import rho_sweep  # noqa: E402
+from engram_jax.studies import rho_sweep as rho_sweep  # noqa: E402
 
 
 def test_sweep_trains_once_and_reports(tmp_path, capsys):

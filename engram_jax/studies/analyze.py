@@ -112,7 +112,7 @@ def cka_matrix(streams_a, streams_b) -> np.ndarray:
 # ----------------------------------------------------------------------------------
 def _load(workdir: str):
   """(cfg, params, tokenizer, vocab_map_V) of an LM workdir's newest checkpoint."""
-  from engram_jax import generate
+  from engram_jax.sampling import text as generate
   model, variables, tok, vocab_map, step = generate.load_workdir(workdir)
   params = lm.as_variables(variables)["params"]
   return model.cfg, nn.unbox(params), tok, vocab_map, step

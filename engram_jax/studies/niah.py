@@ -109,7 +109,7 @@ def recall(workdir: str, data: str, max_queries: int = 0, batch_size: int = 16) 
   import jax
   import jax.numpy as jnp
 
-  from engram_jax import generate
+  from engram_jax.sampling import text as generate
   queries = read_queries(data)
   if max_queries:
     queries = queries[:max_queries]

@@ -10,7 +10,7 @@ varied the class predictions of generated images are.
   (seeded, jit), caches it as an npz and reports its held-out (test split) accuracy;
   features are its penultimate layer.
 * ImageNet (VQ codes): `--inception_weights=PATH --decoder=pkg.module:fn` runs your VQ
-  decoder, then the FID InceptionV3 of `engram_jax.inception` (pytorch-fid's network,
+  decoder, then the FID InceptionV3 of `engram_jax.studies.inception` (pytorch-fid's network,
   weights converted from a file you downloaded yourself; nothing is downloaded here).
   Or `--feature_net=pkg.module:factory`: a factory you write that returns any
   FeatureNet. docs/probes.md says what each must return.
@@ -25,7 +25,6 @@ import functools
 import importlib
 import math
 import os
-import zipfile
 from typing import Any, Iterable, Protocol
 
 import flax.linen as nn
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.models.image import ImageARModel
+from engram_jax.studies import npz
 from engram_jax.progress import progress
 
 
@@ -202,25 +202,6 @@ def train_digits_classifier(levels: int, split_seed: int = 0, seed: int = 0,
   return jax.device_get(params), accuracy
 
 
-def read_npz(path: str, what: str, fix: str = "") -> dict[str, np.ndarray]:
-  """Every array of an npz file; a ValueError naming `what` (a flag, a cache) if it is
-  not one, with `fix` appended."""
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      return {k: npz[k] for k in npz.files}
-  except (OSError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as err:
-    raise ValueError(f"{what}: cannot read it as an npz (not an npz archive: {err})"
-                     + (f"; {fix}" if fix else "")) from None
-
-
-def save_npz(path: str, arrays: dict[str, Any]) -> None:
-  """Writes `arrays` as an npz through a temporary file: a torn write never leaves a
-  readable file (or a cache hit) behind."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 def digits_feature_net(cache_dir: str, levels: int, split_seed: int = 0, seed: int = 0,
                        steps: int = 400) -> DigitsFeatureNet:
   """The digits classifier of these settings: loaded from `cache_dir`, else trained there.
@@ -232,7 +213,7 @@ def digits_feature_net(cache_dir: str, levels: int, split_seed: int = 0, seed: i
   path = os.path.join(cache_dir, f"digits_classifier_levels{levels}_split{split_seed}_"
                                  f"seed{seed}_steps{steps}.npz")
   if os.path.exists(path):
-    stored = read_npz(path, f"digits classifier cache {path!r}", "delete it to retrain")
+    stored = npz.read_npz(path, f"digits classifier cache {path!r}", "delete it to retrain")
     flat = {tuple(k.split("/")[1:]): v for k, v in stored.items() if k.startswith("params/")}
     return DigitsFeatureNet(traverse_util.unflatten_dict(flat), levels,
                             float(stored["accuracy"]), path)
@@ -240,7 +221,7 @@ def digits_feature_net(cache_dir: str, levels: int, split_seed: int = 0, seed: i
   os.makedirs(cache_dir, exist_ok=True)
   flat = {"params/" + "/".join(k): np.asarray(v)
           for k, v in traverse_util.flatten_dict(params).items()}
-  save_npz(path, {"accuracy": np.float64(accuracy), **flat})
+  npz.save_npz(path, {"accuracy": np.float64(accuracy), **flat})
   return DigitsFeatureNet(params, levels, accuracy, path)
 
 
@@ -292,7 +273,7 @@ def check_feature_net_choice(spec: str = "", inception_weights: str = "",
                      "images [N, h, w, 3] in [0, 1] (your VQ decoder)")
   if decoder and not inception_weights:
     raise ValueError(f"--decoder={decoder!r} needs --inception_weights=PATH, the npz "
-                     "that `python -m engram_jax.inception convert` writes (docs/probes.md)")
+                     "that `python -m engram_jax.studies.inception convert` writes (docs/probes.md)")
 
 
 def feature_net_for(config, cache_dir: str, spec: str = "", inception_weights: str = "",
@@ -303,7 +284,7 @@ def feature_net_for(config, cache_dir: str, spec: str = "", inception_weights: s
   if spec:
     return load_feature_net(spec)
   if inception_weights:
-    from engram_jax import inception
+    from engram_jax.studies import inception as inception
     return inception.InceptionFeatureNet(inception_weights, load_decoder(decoder))
   data = config.data
   if data.source != "digits":
@@ -317,7 +298,7 @@ def feature_net_for(config, cache_dir: str, spec: str = "", inception_weights: s
 def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu `[F]`, sigma `[F, F]`) from an npz with those keys (pytorch-fid `--save-stats`,
   ADM reference batches): FID against them instead of the split's features."""
-  stored = read_npz(path, f"--reference_stats={path!r}")
+  stored = npz.read_npz(path, f"--reference_stats={path!r}")
   if not {"mu", "sigma"} <= set(stored):
     raise ValueError(f"--reference_stats={path!r} has keys {sorted(stored)}; it needs 'mu' "
                      "[F] and 'sigma' [F, F]")
@@ -333,7 +314,7 @@ def add_feature_net_flags(parser) -> None:
   parser.add_argument("--feature_net", default="",
                       help="pkg.module:factory returning a FeatureNet (non-digits data)")
   parser.add_argument("--inception_weights", default="",
-                      help="npz of the FID InceptionV3 (python -m engram_jax.inception "
+                      help="npz of the FID InceptionV3 (python -m engram_jax.studies.inception "
                            "convert); needs --decoder")
   parser.add_argument("--decoder", default="",
                       help="pkg.module:fn mapping codes [N, H, W] to RGB [N, h, w, 3] in "
@@ -360,7 +341,7 @@ def feature_net_options(args) -> dict[str, str]:
 # ----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _sampler():
-  from engram_jax import generate_image
+  from engram_jax.sampling import image as generate_image
   return jax.jit(generate_image.generate_images, static_argnums=0,
                  static_argnames=tuple(generate_image.SAMPLING_TYPES))
 
@@ -422,7 +403,7 @@ def quality_from_config(config, split: str, *, samples_per_class: int, seed: int
   """FID / IS for a workdir's config: its feature net (`feature_net_for`), the features
   of the `split` images as reference (or `reference_stats`' mu and sigma), the config's
   `sample` settings."""
-  from engram_jax import generate_image
+  from engram_jax.sampling import image as generate_image
   from engram_jax.data import images
   net = feature_net_for(config, cache_dir, feature_net, inception_weights, decoder)
   if reference_stats:
@@ -469,7 +450,7 @@ def nll_bits_per_token(model: ImageARModel, params, batches: Iterable[dict]) -> 
 
 
 # ----------------------------------------------------------------------------------
-# Command line: python -m engram_jax.evaluate --workdir=DIR
+# Command line: python -m engram_jax.studies.evaluate --workdir=DIR
 # ----------------------------------------------------------------------------------
 def main(argv=None) -> int:
   import argparse
@@ -477,7 +458,7 @@ def main(argv=None) -> int:
   import sys
 
   parser = argparse.ArgumentParser(
-      prog="python -m engram_jax.evaluate",
+      prog="python -m engram_jax.studies.evaluate",
       description="NLL (bits/token) on a split, and FID / IS of samples against it, of "
                   "an image workdir's newest checkpoint; writes DIR/eval_<split>_step<N>.json.")
   parser.add_argument("--workdir", required=True)
@@ -494,7 +475,7 @@ def main(argv=None) -> int:
       if getattr(args, name) < 0:
         raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
     options = feature_net_options(args)
-    from engram_jax import generate_image
+    from engram_jax.sampling import image as generate_image
     from engram_jax.data import images
     config, model, params, step = generate_image.load_image_workdir(args.workdir)
     data_cfg = images.ImageDataConfig(**config.data.to_dict())

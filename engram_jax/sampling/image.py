@@ -10,7 +10,7 @@ conditional sampling, batch not doubled).
 import jax
 import jax.numpy as jnp
 
-from engram_jax.generate import check_sampling, sample
+from engram_jax.sampling.text import check_sampling, sample
 from engram_jax.models.image import ImageARModel
 
 
@@ -114,7 +114,7 @@ def generate_images(model: ImageARModel, params, labels_B, rng, *, cfg_scale: fl
 
 
 # ----------------------------------------------------------------------------------
-# Command line: python -m engram_jax.generate_image --workdir=DIR --classes=0,1,2
+# Command line: python -m engram_jax.generate --workdir=DIR --classes=0,1,2
 # ----------------------------------------------------------------------------------
 CONFIG_FILE = "config.json"
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
   import numpy as np
 
   parser = argparse.ArgumentParser(
-      prog="python -m engram_jax.generate_image",
+      prog="python -m engram_jax.generate",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       description="Sample images per class from the newest checkpoint of an image workdir; "
                   "writes a PNG grid (rows = classes) and the codes as npz.")
@@ -259,20 +259,6 @@ def main(argv=None) -> int:
         ", ".join(f"{k}={v}" for k, v in sampling.items()), flush=True)
   print(out, flush=True)
   return 0
-
-
-def main_if_image_workdir(argv=None):
-  """For `python -m engram_jax.generate`: runs `main(argv)` when `--workdir` is an image
-  run and returns its exit code; None otherwise (the LM CLI goes on)."""
-  import argparse
-  import sys
-
-  parser = argparse.ArgumentParser(add_help=False)
-  parser.add_argument("--workdir")
-  known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-  if known.workdir and is_image_workdir(known.workdir):
-    return main(argv)
-  return None
 
 
 if __name__ == "__main__":

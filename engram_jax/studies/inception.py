@@ -10,7 +10,7 @@ Parameters are named like pytorch-fid's state dict (`Mixed_5b/branch1x1/conv/ker
 `Mixed_5b.branch1x1.conv.weight`), so converting its weights is a rename and a
 transpose. Once, on any machine with torch and the weights file:
 
-    python -m engram_jax.inception convert \
+    python -m engram_jax.studies.inception convert \
         --torch_weights=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz
 
 then copy the npz and pass it as `--inception_weights` (docs/probes.md).
@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from engram_jax import evaluate
+from engram_jax.studies import npz
 
 INPUT_SIZE = 299
 FEATURES = 2048
 NUM_CLASSES = 1008
 TORCH_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
-CONVERT_COMMAND = ("python -m engram_jax.inception convert "
+CONVERT_COMMAND = ("python -m engram_jax.studies.inception convert "
                    f"--torch_weights={TORCH_WEIGHTS} --out={{out}}")
 
 
@@ -283,7 +283,7 @@ def convert_torch_state(state: dict[str, Any]) -> dict[str, np.ndarray]:
 def read_torch_state(path: str) -> dict[str, np.ndarray]:
   """A state dict from a `.pth` (needs torch) or an `.npz` keyed by torch names."""
   if path.endswith(".npz"):
-    return evaluate.read_npz(path, f"--torch_weights={path!r}")
+    return npz.read_npz(path, f"--torch_weights={path!r}")
   try:
     import torch
   except ImportError:
@@ -304,7 +304,7 @@ def load_inception(weights_path: str) -> tuple[InceptionV3, dict]:
          "that has the pytorch-fid weights (nothing is downloaded; docs/probes.md)")
   if not os.path.isfile(weights_path):
     raise ValueError(f"inception weights {weights_path!r}: no such file; {fix}")
-  flat = evaluate.read_npz(weights_path, f"inception weights {weights_path!r}", fix)
+  flat = npz.read_npz(weights_path, f"inception weights {weights_path!r}", fix)
   shapes = variable_shapes()
   extra, missing = set(flat) - set(shapes), set(shapes) - set(flat)
   if extra or missing:
@@ -373,14 +373,14 @@ class InceptionFeatureNet:
 
 
 # ----------------------------------------------------------------------------------
-# Command line: python -m engram_jax.inception convert --torch_weights=... --out=...
+# Command line: python -m engram_jax.studies.inception convert --torch_weights=... --out=...
 # ----------------------------------------------------------------------------------
 def main(argv=None) -> int:
   import argparse
   import sys
 
   parser = argparse.ArgumentParser(
-      prog="python -m engram_jax.inception",
+      prog="python -m engram_jax.studies.inception",
       description="Convert pytorch-fid's FID InceptionV3 weights to the npz that "
                   "--inception_weights reads. Nothing is downloaded.")
   commands = parser.add_subparsers(dest="command", required=True)
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
                        "(docs/probes.md)")
     flat = convert_torch_state(read_torch_state(args.torch_weights))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    evaluate.save_npz(args.out, flat)
+    npz.save_npz(args.out, flat)
   except (ImportError, ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -12,7 +12,7 @@
   divergences, to set the donor probe's numbers against.
 
 Every probe is a function of (model config or model, params, batches), testable
-without a workdir; `python -m engram_jax.probes --workdir=DIR --probe=...` runs them
+without a workdir; `python -m engram_jax.studies.probes --workdir=DIR --probe=...` runs them
 on a checkpoint and writes `DIR/probes/<probe>.{md,csv,png}`. docs/probes.md has the
 formulas.
 """
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import evaluate, hashing
+from engram_jax import hashing
+from engram_jax.studies import evaluate as evaluate
 from engram_jax.models.image import ImageARModel, ImageModelConfig
 from engram_jax.progress import progress
 
@@ -378,7 +379,7 @@ def plot_divergences(summary: Sequence[dict]) -> Callable:
 
 
 # ----------------------------------------------------------------------------------
-# Command line: python -m engram_jax.probes --workdir=DIR --probe=donor
+# Command line: python -m engram_jax.studies.probes --workdir=DIR --probe=donor
 # ----------------------------------------------------------------------------------
 def _parse_gates(text: str):
   gates = []
@@ -414,7 +415,7 @@ def _divergence_report(args, out_dir: str, name: str, results, compare, header) 
 
 def run(args) -> list[str]:
   """Runs the probes of parsed `args` on the workdir's newest checkpoint; the paths."""
-  from engram_jax import generate_image
+  from engram_jax.sampling import image as generate_image
   from engram_jax.data import images
 
   config, model, params, step = generate_image.load_image_workdir(args.workdir)
@@ -460,7 +461,7 @@ def main(argv=None) -> int:
   import sys
 
   parser = argparse.ArgumentParser(
-      prog="python -m engram_jax.probes",
+      prog="python -m engram_jax.studies.probes",
       description="Probe how an image model uses Engram; writes DIR/probes/<probe>."
                   "{md,csv,png} (docs/probes.md).")
   parser.add_argument("--workdir", required=True)

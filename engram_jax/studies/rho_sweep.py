@@ -1,6 +1,6 @@
 """The budget-ratio sweep of arXiv 2605.13179: FID vs rho against the baseline.
 
-`python -m engram_jax.rho_sweep --family=digits --rhos=0.32,0.51,0.76 --workdir=ROOT`
+`python -m engram_jax.studies.rho_sweep --family=digits --rhos=0.32,0.51,0.76 --workdir=ROOT`
 trains `configs/image.py:{family}_baseline` (`ar_b` for the ar_b family) and every
 `{family}_rho_R` into `ROOT/<variant>` (a point whose newest checkpoint already reached
 `--steps` is not trained again; an interrupted one resumes), evaluates each on one split
@@ -17,12 +17,10 @@ from typing import Callable, Sequence
 
 from engram_jax import config_files, run_config
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _image_configs():
-  """configs/image.py of this checkout (it lives beside the package)."""
-  return config_files.load_module(os.path.join(_ROOT, "configs", "image.py"))
+  """configs/image.py, the shipped image configs (`engram_jax.configs.image`)."""
+  from engram_jax.configs import image
+  return image
 
 
 def baseline_variant(family: str) -> str:
@@ -58,7 +56,8 @@ def train_point(variant: str, workdir: str, steps: int, overrides: Callable = No
 def evaluate_point(workdir: str, split: str, quality) -> dict[str, float]:
   """NLL (bits/token) on `split` and FID / IS by `quality` of a workdir's newest step."""
   import jax
-  from engram_jax import evaluate, generate_image
+  from engram_jax.studies import evaluate as evaluate
+  from engram_jax.sampling import image as generate_image
   from engram_jax.data import images
   config, model, params, step = generate_image.load_image_workdir(workdir)
   data_cfg = images.ImageDataConfig(**config.data.to_dict())
@@ -99,7 +98,8 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
   `overrides(config)` edits every point's config (data paths, batch size, mesh);
   `feature_net_options`: `evaluate.quality_from_config`'s network keywords.
   """
-  from engram_jax import evaluate, probes
+  from engram_jax.studies import evaluate as evaluate
+  from engram_jax.studies import probes as probes
   points = variants(family, rhos)
   config = _image_configs().get_config(points[0][0])
   if overrides:
@@ -125,7 +125,7 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
 
 def main(argv=None) -> int:
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m engram_jax.rho_sweep", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m engram_jax.studies.rho_sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", default="digits", choices=("digits", "ar_b"))
   parser.add_argument("--rhos", default="0.17,0.32,0.41,0.51,0.63,0.76,0.90")
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override for every point, repeatable, e.g. "
                            "--set=data.train_path=/codes/train.npz")
-  from engram_jax import evaluate
+  from engram_jax.studies import evaluate as evaluate
   evaluate.add_feature_net_flags(parser)
   args = parser.parse_args(argv)
   try:
