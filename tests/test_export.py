@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engram_jax import sharding, train
 from engram_jax.sampling import text as generate
 from engram_jax.sampling import image as generate_image
-from engram_jax import host_tables
+from engram_jax import host_tables as host_tables_lib
 from engram_jax.sampling import offload as offload
 from engram_jax.models import image
 from engram_jax.models.lm import EngramLM
@@ -104,11 +104,11 @@ def test_image_sampler_lowers():
 @pytest.fixture(scope="module")
 def host_tables(lm):
   model, params = lm
-  tables = [np.zeros(params[path[0]][path[1]][host_tables.TABLE].shape, np.float32)
-            for path in host_tables.engram_paths(model.cfg)]
-  device_params = host_tables.without(
-      params, [p + (host_tables.TABLE,) for p in host_tables.engram_paths(model.cfg)])
-  return device_params, host_tables.HostTables(model.cfg, tables)
+  tables = [np.zeros(params[path[0]][path[1]][host_tables_lib.TABLE].shape, np.float32)
+            for path in host_tables_lib.engram_paths(model.cfg)]
+  device_params = host_tables_lib.without(
+      params, [p + (host_tables_lib.TABLE,) for p in host_tables_lib.engram_paths(model.cfg)])
+  return device_params, host_tables_lib.HostTables(model.cfg, tables)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

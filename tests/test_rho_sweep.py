@@ -56,13 +56,9 @@ def test_overrides_parse_literals_and_strings():
   assert config.train.learning_rate == 1e-3
 
 
-def test_rho_variants_load_through_the_command_line():
+def test_rho_variants_load_through_the_command_line(capfd):
   """config_flags locks the config it loads: every section must be lockable."""
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "engram_jax.main", "--dry_run",
-                         "--config=configs/image.py:digits_rho_0.51"],
-                        cwd=root, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "image model" in proc.stdout
+  from tests.cli import run_main
+  code, out, err = run_main(capfd, "--dry_run", "--config=configs/image.py:digits_rho_0.51")
+  assert code == 0, err[-2000:]
+  assert "image model" in out
