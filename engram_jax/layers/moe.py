@@ -31,14 +31,11 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from engram_jax import config as config_lib
 from engram_jax.layers.mlp import SwiGLU
 
 STATS = "intermediates"       # collection the routing statistics are sown into
 BIAS = "routing"              # collection holding the loss-free balancing bias
-SCORE_FNS = ("sigmoid", "softmax")
-BALANCE = ("aux_loss", "bias", "none")
-DISPATCH = ("sort", "one_hot")
-GROUP_MATMULS = ("auto", "ragged_dot", "tiles")
 
 
 class Routing(NamedTuple):
@@ -350,87 +347,56 @@ def _expert_init(in_axis: int, out_axis: int, axes: tuple[str, ...]):
 
 
 class MoE(nn.Module):
-  """Shared + routed SwiGLU experts: `[B, T, D] -> [B, T, D]`.
+  """Shared + routed SwiGLU experts: `[B, T, D] -> [B, T, D]`, as `cfg` (a MoEConfig) says.
 
-  num_experts / expert_dim / top_k: routed experts, their hidden size, experts per token.
-  num_shared / shared_dim: always-on experts (one SwiGLU of hidden num_shared *
-    shared_dim, which equals their sum); shared_dim 0 = expert_dim.
-  score_fn: "sigmoid" (DeepSeek-V3) or "softmax" (V2); normalize_weights: divide the
+  cfg.num_experts / expert_dim / top_k: routed experts, their hidden size, experts per
+    token. cfg.num_shared / shared_dim: always-on experts (one SwiGLU of hidden
+    num_shared * shared_dim, which equals their sum); shared_dim 0 = expert_dim.
+  cfg.score_fn: "sigmoid" (DeepSeek-V3) or "softmax" (V2); normalize_weights: divide the
     chosen scores by their sum; routed_scale: multiplies the routed weights.
-  balance: "aux_loss" (sown loss times aux_loss_coef, add it to the training loss),
+  cfg.balance: "aux_loss" (sown loss times aux_loss_coef, add it to the training loss),
     "bias" (loss-free: a per-expert bias in the `routing` collection steers top-k;
     the trainer updates it with `update_routing_biases`), or "none".
-  capacity_factor: None = dropless (grouped matmuls); a number = fixed buffers of
+  cfg.capacity_factor: 0 = dropless (grouped matmuls); > 0 = fixed buffers of
     expert_capacity(N, K, E, factor) rows per expert, lowest-affinity overflow dropped.
-  group_matmul: the dropless grouped matmul: "ragged_dot", "tiles" (block-sparse
+  cfg.group_matmul: the dropless grouped matmul: "ragged_dot", "tiles" (block-sparse
     batched matmuls of `tile` rows) or "auto" (ragged_dot on TPU, tiles elsewhere).
-  dispatch: "sort" (the layer) or "one_hot" (dense reference for tests/benchmarks).
+  cfg.dispatch: "sort" (the layer) or "one_hot" (dense reference for tests/benchmarks).
   expert_axis: mesh axis the experts are sharded over; used when the mesh (`mesh`, or
     the one set with `jax.set_mesh`) has it with size > 1. Tokens are split over it and
     over the `batch_axes` present in the mesh.
+  `config.validate_moe` checks `cfg` when the layer is first traced; an invalid field
+  raises ValueError naming it (`moe.<field>`).
   """
-  num_experts: int
-  expert_dim: int
-  top_k: int = 2
-  num_shared: int = 0
-  shared_dim: int = 0
-  score_fn: str = "sigmoid"
-  normalize_weights: bool = True
-  routed_scale: float = 1.0
-  balance: str = "aux_loss"
-  aux_loss_coef: float = 1e-3
-  capacity_factor: Optional[float] = None
-  group_matmul: str = "auto"
-  tile: int = 128
-  dispatch: str = "sort"
+  cfg: config_lib.MoEConfig
   expert_axis: Optional[str] = "expert"
   batch_axes: tuple[str, ...] = ("data", "fsdp")
   mesh: Optional[jax.sharding.Mesh] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _check(self):
-    def fail(field, allowed):
-      raise ValueError(f"MoE.{field}={getattr(self, field)!r} is invalid: {allowed}")
-    if self.num_experts < 1:
-      fail("num_experts", "must be >= 1")
-    if self.expert_dim < 1:
-      fail("expert_dim", "must be >= 1")
-    if not 1 <= self.top_k <= self.num_experts:
-      fail("top_k", f"must be in [1, num_experts={self.num_experts}]")
-    if self.num_shared < 0 or self.shared_dim < 0:
-      fail("num_shared" if self.num_shared < 0 else "shared_dim", "must be >= 0")
-    if self.score_fn not in SCORE_FNS:
-      fail("score_fn", f"choose one of {SCORE_FNS}")
-    if self.balance not in BALANCE:
-      fail("balance", f"choose one of {BALANCE}")
-    if self.dispatch not in DISPATCH:
-      fail("dispatch", f"choose one of {DISPATCH}")
-    if self.group_matmul not in GROUP_MATMULS:
-      fail("group_matmul", f"choose one of {GROUP_MATMULS}")
-    if self.tile < 1:
-      fail("tile", "must be >= 1 (rows per block of the tiled grouped matmul)")
-    if self.capacity_factor is not None and not self.capacity_factor > 0:
-      fail("capacity_factor", "must be > 0, or None for dropless routing")
-
   def _ep_mesh(self):
     """The mesh to shard experts over, or None for the single-device path."""
     mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
-    if (self.expert_axis is None or self.dispatch != "sort" or
+    if (self.expert_axis is None or self.cfg.dispatch != "sort" or
         self.expert_axis not in mesh.axis_names or mesh.shape[self.expert_axis] == 1):
       return None
-    if self.num_experts % mesh.shape[self.expert_axis]:
+    if self.cfg.num_experts % mesh.shape[self.expert_axis]:
       raise ValueError(
-          f"MoE.num_experts={self.num_experts} must be a multiple of the "
+          f"moe.num_experts={self.cfg.num_experts} must be a multiple of the "
           f"'{self.expert_axis}' mesh axis size {mesh.shape[self.expert_axis]}; change "
           "num_experts or the mesh (or set expert_axis=None to replicate experts)")
     return mesh
 
   @nn.compact
   def __call__(self, x_BxTxD):
-    self._check()
+    cfg = self.cfg
+    if not cfg.enabled:
+      raise ValueError(f"moe.num_experts={cfg.num_experts!r} is invalid: an MoE layer "
+                       "needs >= 1 routed expert")
+    config_lib.validate_moe(cfg)
     b, t, d = x_BxTxD.shape
-    e, k, f = self.num_experts, self.top_k, self.expert_dim
+    e, k, f = cfg.num_experts, cfg.top_k, cfg.expert_dim
     x_NxD = x_BxTxD.reshape(b * t, d)
 
     router_DxE = self.param(
@@ -438,10 +404,10 @@ class MoE(nn.Module):
                                                ("embed", "experts")),
         (d, e), self.param_dtype)
     bias_E = None
-    if self.balance == "bias":
+    if cfg.balance == "bias":
       bias_E = self.variable(BIAS, "bias", jnp.zeros, (e,), jnp.float32).value
     routing = route(x_NxD.astype(jnp.float32) @ router_DxE.astype(jnp.float32), k,
-                    self.score_fn, self.normalize_weights, self.routed_scale, bias_E)
+                    cfg.score_fn, cfg.normalize_weights, cfg.routed_scale, bias_E)
 
     kernels = tuple(self.param(name, init, shape, self.param_dtype).astype(self.dtype)
                     for name, init, shape in (
@@ -455,25 +421,26 @@ class MoE(nn.Module):
     self.sow(STATS, "load", load_E)
     self.sow(STATS, "dropped_fraction", 1.0 - jnp.mean(kept_NxK.astype(jnp.float32)))
     self.sow(STATS, "max_violation", jnp.max(load_E) / jnp.mean(load_E) - 1.0)
-    if self.balance == "aux_loss":
-      self.sow(STATS, "aux_loss", self.aux_loss_coef * aux_balance_loss(
+    if cfg.balance == "aux_loss":
+      self.sow(STATS, "aux_loss", cfg.aux_loss_coef * aux_balance_loss(
           routing.scores_NxE.reshape(b, t, e), routing.experts_NxK.reshape(b, t, k)))
 
-    if self.num_shared:
-      y_NxD = y_NxD + SwiGLU(self.num_shared * (self.shared_dim or f), self.dtype,
+    if cfg.num_shared:
+      y_NxD = y_NxD + SwiGLU(cfg.num_shared * cfg.resolved_shared_dim, self.dtype,
                              self.param_dtype, name="shared")(x_NxD)
     return y_NxD.reshape(b, t, d).astype(self.dtype)
 
   def _experts(self, x_NxD, routing: Routing, kernels):
     """Per-assignment expert outputs `[N, K, D]` and which assignments were kept."""
     experts_NxK, priority_NxK = routing.experts_NxK, routing.priority_NxK
-    capacity = None
-    if self.capacity_factor is not None:
-      capacity = expert_capacity(x_NxD.shape[0], self.top_k, self.num_experts,
-                                 self.capacity_factor)
-    if self.dispatch == "one_hot":
+    cfg, capacity = self.cfg, None
+    capacity_factor = cfg.capacity_factor or None     # 0 = dropless
+    if capacity_factor is not None:
+      capacity = expert_capacity(x_NxD.shape[0], cfg.top_k, cfg.num_experts,
+                                 capacity_factor)
+    if cfg.dispatch == "one_hot":
       return one_hot_experts(x_NxD, experts_NxK, priority_NxK, kernels, capacity)
-    grouped = grouped_swiglu(self.group_matmul, self.tile)
+    grouped = grouped_swiglu(cfg.group_matmul, cfg.tile)
     mesh = self._ep_mesh()
     if mesh is not None:
       token_axes = tuple(a for a in self.batch_axes
@@ -487,7 +454,7 @@ class MoE(nn.Module):
             "MoE.expert_axis); change the batch or sequence length")
       return expert_parallel_experts(x_NxD, experts_NxK, priority_NxK, kernels, mesh=mesh,
                                      expert_axis=self.expert_axis, token_axes=token_axes,
-                                     capacity_factor=self.capacity_factor, grouped=grouped)
+                                     capacity_factor=capacity_factor, grouped=grouped)
     if capacity is None:
       return (sorted_experts(x_NxD, experts_NxK, kernels, grouped),
               jnp.ones(experts_NxK.shape, bool))
