@@ -134,11 +134,11 @@ def test_module_sows_scaled_aux_loss(variables):
   _, stats = _run(model, _params(variables))
   logits = X.reshape(N, D) @ variables["params"]["router"]
   routing = moe.route(logits, K)
-  want = 0.01 * _aux_reference(routing.scores_NxE.reshape(B, T, E),
-                               routing.experts_NxK.reshape(B, T, K))
+  want = 0.01 * _aux_reference(routing.scores_BTxX.reshape(B, T, E),
+                               routing.experts_BTxXk.reshape(B, T, K))
   np.testing.assert_allclose(stats["aux_loss"], want, rtol=1e-5)
   np.testing.assert_array_equal(
-      stats["load"], np.bincount(np.asarray(routing.experts_NxK).ravel(), minlength=E))
+      stats["load"], np.bincount(np.asarray(routing.experts_BTxXk).ravel(), minlength=E))
   assert float(moe.total_aux_loss({"a": {"aux_loss": (stats["aux_loss"],)},
                                    "b": {"aux_loss": (stats["aux_loss"],)}})) == pytest.approx(
                                        2 * float(stats["aux_loss"]))
@@ -147,10 +147,10 @@ def test_module_sows_scaled_aux_loss(variables):
 def test_bias_steers_selection_but_not_weights():
   logits = jax.random.normal(jax.random.key(5), (N, E))
   bias = jnp.zeros((E,)).at[jnp.array([3, 6])].set(100.0)
-  r = moe.route(logits, K, "sigmoid", bias_E=bias)
-  assert np.all(np.sort(np.asarray(r.experts_NxK), -1) == np.array([3, 6]))
+  r = moe.route(logits, K, "sigmoid", bias_X=bias)
+  assert np.all(np.sort(np.asarray(r.experts_BTxXk), -1) == np.array([3, 6]))
   s = jax.nn.sigmoid(logits)[:, jnp.array([3, 6])]
-  np.testing.assert_allclose(np.sort(r.weights_NxK, -1),
+  np.testing.assert_allclose(np.sort(r.weights_BTxXk, -1),
                              np.sort(s / s.sum(-1, keepdims=True), -1), rtol=1e-6)
 
 
