@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engram_jax.config import MoEConfig
 from engram_jax.layers import moe
 from engram_jax.layers.mlp import SwiGLU
 from timing import median_seconds  # bench/timing.py (scripts run from bench/)
@@ -36,8 +37,8 @@ def main():
 
   tokens = args.batch * args.length
   x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.width))
-  layer = lambda **kw: moe.MoE(args.experts, args.expert_dim, args.top_k, args.shared,
-                               balance="none", **kw)
+  layer = lambda **kw: moe.MoE(MoEConfig(args.experts, args.expert_dim, args.top_k,
+                                         args.shared, balance="none", **kw))
   models = {
       "sort": layer(group_matmul="tiles", tile=args.tile),
       "ragged": layer(group_matmul="ragged_dot"),

@@ -10,7 +10,6 @@ import dataclasses
 from typing import Any, Mapping, Union
 
 from engram_jax import hashing
-from engram_jax.layers import moe as moe_lib
 
 GateMode = Union[str, float]
 _GATE_NAMES = ("learned", "off")
@@ -20,6 +19,11 @@ LOOKUPS = ("gather", "psum", "all_to_all")
 PLACEMENTS = ("device", "host", "disk")
 VARIANTS = ("paper", "v4")
 HYPER = ("auto", "dynamic", "static", "none")
+# MoEConfig's allowed values (validate_moe checks them; layers/moe.py reads the config)
+SCORE_FNS = ("sigmoid", "softmax")
+BALANCE = ("aux_loss", "bias", "none")
+DISPATCH = ("sort", "one_hot")
+GROUP_MATMULS = ("auto", "ragged_dot", "tiles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +203,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
   for name in ("dtype", "param_dtype"):
     if getattr(cfg, name) not in _DTYPES:
       _fail(f"model.{name}", getattr(cfg, name), f"choose one of {_DTYPES}")
-  validate_moe(cfg)
+  validate_moe(cfg.moe, cfg.depth)
 
   e = cfg.engram
   if e.max_ngram < 2:
@@ -252,9 +256,11 @@ def validate(cfg: ModelConfig) -> ModelConfig:
   return cfg
 
 
-def validate_moe(cfg: ModelConfig) -> None:
-  """The `moe` section; with num_experts 0 only the sign of the fields is checked."""
-  m = cfg.moe
+def validate_moe(m: MoEConfig, depth: int | None = None) -> MoEConfig:
+  """The `moe` section; with num_experts 0 only the sign of the fields is checked.
+
+  depth: the model's depth, to check `first_dense_layers` (None: not checked).
+  """
   for name in ("num_experts", "expert_dim", "num_shared", "shared_dim", "first_dense_layers"):
     value = getattr(m, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -263,22 +269,22 @@ def validate_moe(cfg: ModelConfig) -> None:
     if getattr(m, name) < 0:
       _fail(f"moe.{name}", getattr(m, name), "must be >= 0")
   if not m.enabled:
-    return
+    return m
   if m.expert_dim < 1:
     _fail("moe.expert_dim", m.expert_dim,
           "must be >= 1 when moe.num_experts > 0 (the hidden width of one routed expert)")
   if not 1 <= m.top_k <= m.num_experts:
     _fail("moe.top_k", m.top_k, f"must be in [1, moe.num_experts={m.num_experts}]")
-  if m.first_dense_layers >= cfg.depth:
+  if depth is not None and m.first_dense_layers >= depth:
     _fail("moe.first_dense_layers", m.first_dense_layers,
-          f"must be < model.depth={cfg.depth} (or set moe.num_experts=0 for a dense model)")
-  for name, allowed in (("score_fn", moe_lib.SCORE_FNS), ("balance", moe_lib.BALANCE),
-                        ("dispatch", moe_lib.DISPATCH),
-                        ("group_matmul", moe_lib.GROUP_MATMULS)):
+          f"must be < model.depth={depth} (or set moe.num_experts=0 for a dense model)")
+  for name, allowed in (("score_fn", SCORE_FNS), ("balance", BALANCE),
+                        ("dispatch", DISPATCH), ("group_matmul", GROUP_MATMULS)):
     if getattr(m, name) not in allowed:
       _fail(f"moe.{name}", getattr(m, name), f"choose one of {allowed}")
   if m.tile < 1:
     _fail("moe.tile", m.tile, "must be >= 1 (rows per block of the tiled grouped matmul)")
+  return m
 
 
 def _as_tuple(value: Any, field: str = "value") -> tuple:

@@ -6,8 +6,11 @@ runs on NumPy arrays (host: data pipelines, prefetch, offload) and on jax arrays
 (multiply, XOR, shift, `mod p`), so both paths give bit-identical ids without
 `jax_enable_x64`.
 
-Notation: B batch, T sequence, O n-gram orders (2..N, so O = N-1), K hash heads per
-order, H = O*K heads in all, L Engram layers, N max n-gram order.
+Shapes (docs/architecture.md): B batch, T positions, P positions before position 0,
+L Engram layers, N max n-gram order (a window holds N tokens), O n-gram orders (2..N,
+so O = N-1), G hash heads per order, H = O*G heads of a layer, Hi x Wi an image grid
+(HiWi cells). `HashSpec.table_sizes_LxOxK`, `multipliers_LxOxKxN` and
+`published_layout`'s `primes_OxK` predate that legend: their K is G.
 """
 from __future__ import annotations
 
@@ -165,7 +168,7 @@ def _next_prime(after: int, taken: set[int]) -> int:
 
 def head_table_sizes(num_layers: int, max_ngram: int, heads: int,
                      min_rows: Sequence[int]) -> np.ndarray:
-  """Prime table sizes `[L, O, K]`, each >= its order's minimum, all distinct.
+  """Prime table sizes `[L, O, G]`, each >= its order's minimum, all distinct.
 
   Search order (layer, order, head) and start point (`min_rows[o] - 1`) follow the
   reference, so primes are distinct across heads, orders and layers.
@@ -188,7 +191,7 @@ def head_table_sizes(num_layers: int, max_ngram: int, heads: int,
 
 def layer_multipliers(seed: int, layer_id: int, max_ngram: int,
                       heads: int) -> np.ndarray:
-  """Odd uint32 multipliers `[O, K, N]` of one layer; zero past each order's length.
+  """Odd uint32 multipliers `[O, G, N]` of one layer; zero past each order's length.
 
   Per-layer seeding (`seed + 10007 * layer_id`) decorrelates layers; every head has its
   own multipliers so the heads of one order are independent hash functions.
@@ -298,14 +301,14 @@ def make_hash_spec(layer_ids: tuple[int, ...], max_ngram: int, heads: int,
 
 def published_layout(layer_ids: Sequence[int], max_ngram: int, heads: int,
                      vocab_size_per_order: Sequence[int] | int) -> dict[int, dict]:
-  """The reference's table layout: per layer id, its primes `[O, K]`, offsets `[O*K]`
+  """The reference's table layout: per layer id, its primes `[O, G]`, offsets `[H]`
   and rows (the sum of its primes). Primes are distinct over all layers, in
   `layer_ids` order, each order's search starting at its vocab size - 1."""
   if isinstance(vocab_size_per_order, (int, np.integer)):
     vocab_size_per_order = (int(vocab_size_per_order),) * (max_ngram - 1)
-  sizes_LxOxK = head_table_sizes(len(layer_ids), max_ngram, heads, vocab_size_per_order)
+  sizes_LxOxG = head_table_sizes(len(layer_ids), max_ngram, heads, vocab_size_per_order)
   out = {}
-  for layer_id, primes in zip(layer_ids, sizes_LxOxK):
+  for layer_id, primes in zip(layer_ids, sizes_LxOxG):
     flat = primes.ravel()
     out[int(layer_id)] = dict(primes_OxK=primes, rows=int(flat.sum()),
                               offsets_H=np.concatenate([[0], np.cumsum(flat)[:-1]]))
@@ -329,7 +332,7 @@ def _fmix32(h, xp):
 
 
 def mix_windows(windows_BxTxN, multipliers_LxOxKxN):
-  """Per-(layer, order, head) hash values `[B, T, L, O, K]` of n-gram windows.
+  """Per-(layer, order, head) hash values `[B, T, L, O, G]` of n-gram windows.
 
   `windows_BxTxN[..., k]` is the token k steps back from the predicted position (k = 0
   is the current token); the 1D and 2D hashes differ only in how they build windows.
@@ -437,7 +440,7 @@ def published_mixes(windows_BxTxN, spec: HashSpec):
 
 
 def _published_ids(windows_BxTxN, spec: HashSpec):
-  """Per-head row ids `[B, T, L, O, K]` (uint32) of the published hash."""
+  """Per-head row ids `[B, T, L, O, G]` (uint32) of the published hash."""
   xp = _xp(windows_BxTxN)
   hi_BxTxLxO, lo_BxTxLxO = published_mixes(windows_BxTxN, spec)
   sizes = spec.table_sizes_LxOxK.astype(np.int64)
@@ -537,27 +540,27 @@ def validate_stencil(stencil, max_ngram: int | None = None, height: int | None =
   return offsets
 
 
-def _neighbour_index(cells_S, height: int, width: int, stencil, pad_index: int, xp):
-  """Raster index `[S, N]` of each stencil neighbour of cells `cells_S`; off-grid: pad.
+def _neighbour_index(cells_T, height: int, width: int, stencil, pad_index: int, xp):
+  """Raster index `[T, N]` of each stencil neighbour of cells `cells_T`; off-grid: pad.
 
   Offsets point up or left, so a neighbour is on the grid iff its row is >= 0 and its
   column is in [0, width).
   """
-  row_S, col_S = cells_S // width, cells_S % width
+  row_T, col_T = cells_T // width, cells_T % width
   cols = []
   for dy, dx in stencil:
-    row, col = row_S + dy, col_S + dx
+    row, col = row_T + dy, col_T + dx
     on_grid = (row >= 0) & (col >= 0) & (col < width)
     cols.append(xp.where(on_grid, row * width + col, pad_index))
   return xp.stack(cols, axis=-1).astype(xp.int32)
 
 
-def _gather_neighbours(canvas_BxC, index_SxN):
-  """`canvas[b, index]` as uint32, PAD_ID where the index is C (one past the end)."""
-  xp = _xp(canvas_BxC)
-  pad = xp.full((canvas_BxC.shape[0], 1), PAD_ID, dtype=xp.uint32)
-  ext = xp.concatenate([canvas_BxC.astype(xp.uint32), pad], axis=1)
-  return ext[:, index_SxN]
+def _gather_neighbours(canvas_BxHiWi, index_TxN):
+  """`canvas[b, index]` as uint32, PAD_ID where the index is one past the end."""
+  xp = _xp(canvas_BxHiWi)
+  pad = xp.full((canvas_BxHiWi.shape[0], 1), PAD_ID, dtype=xp.uint32)
+  ext = xp.concatenate([canvas_BxHiWi.astype(xp.uint32), pad], axis=1)
+  return ext[:, index_TxN]
 
 
 def _check_grid(height: int, width: int) -> None:
@@ -584,25 +587,25 @@ def spatial_windows(cells_BxT, height: int, width: int,
   return _gather_neighbours(cells_BxT, index_TxN)
 
 
-def spatial_windows_at(canvas_BxHW, start, length: int, height: int, width: int,
+def spatial_windows_at(canvas_BxHiWi, start, length: int, height: int, width: int,
                        stencil=DEFAULT_STENCIL):
   """Windows `[B, length, N]` of cells [start, start+length) read from a canvas.
 
-  The decode form of `spatial_windows`: canvas_BxHW holds the cells generated so far,
+  The decode form of `spatial_windows`: canvas_BxHiWi holds the cells generated so far,
   and `start` may be a traced scalar (a `lax.scan` step). Cell t reads only cells < t,
   so canvas entries from start + length - 1 on (from `start` on when length == 1) may
   hold anything. Requires start + length <= height * width.
   """
   _check_grid(height, width)
   offsets = validate_stencil(stencil, height=height, width=width)
-  if canvas_BxHW.shape[1] != height * width:
-    raise ValueError(f"canvas_BxHW has {canvas_BxHW.shape[1]} cells per image; a "
+  if canvas_BxHiWi.shape[1] != height * width:
+    raise ValueError(f"canvas_BxHiWi has {canvas_BxHiWi.shape[1]} cells per image; a "
                      f"{height}x{width} grid (data.height x data.width) needs "
                      f"{height * width}.")
   xp = np if isinstance(start, (int, np.integer, np.ndarray)) else jnp
-  cells_S = xp.asarray(start, dtype=xp.int32) + xp.arange(length, dtype=xp.int32)
-  index_SxN = _neighbour_index(cells_S, height, width, offsets, height * width, xp)
-  return _gather_neighbours(canvas_BxHW, index_SxN)
+  cells_T = xp.asarray(start, dtype=xp.int32) + xp.arange(length, dtype=xp.int32)
+  index_TxN = _neighbour_index(cells_T, height, width, offsets, height * width, xp)
+  return _gather_neighbours(canvas_BxHiWi, index_TxN)
 
 
 def _spec_stencil(spec: HashSpec, stencil, height: int, width: int):
@@ -620,7 +623,7 @@ def spatial_hash_ids(cells_BxT, spec: HashSpec, height: int, width: int,
   return hash_windows(spatial_windows(cells_BxT, height, width, offsets), spec)
 
 
-def spatial_hash_ids_at(canvas_BxHW, start, spec: HashSpec, height: int, width: int,
+def spatial_hash_ids_at(canvas_BxHiWi, start, spec: HashSpec, height: int, width: int,
                         stencil=DEFAULT_STENCIL, length: int = 1):
   """Row ids `[B, length, L, H]` of cells [start, start+length), read from a canvas.
 
@@ -629,4 +632,4 @@ def spatial_hash_ids_at(canvas_BxHW, start, spec: HashSpec, height: int, width: 
   """
   offsets = _spec_stencil(spec, stencil, height, width)
   return hash_windows(
-      spatial_windows_at(canvas_BxHW, start, length, height, width, offsets), spec)
+      spatial_windows_at(canvas_BxHiWi, start, length, height, width, offsets), spec)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from engram_jax import config as config_lib
 from engram_jax.layers import moe
 from engram_jax.layers.mlp import SwiGLU
 
@@ -14,10 +15,10 @@ N = B * T
 X = jax.random.normal(jax.random.key(0), (B, T, D))
 
 
-def _moe(**overrides):
+def _moe(mesh=None, name=None, **overrides):
   fields = dict(num_experts=E, expert_dim=F, top_k=K, num_shared=1)
   fields.update(overrides)
-  return moe.MoE(**fields)
+  return moe.MoE(config_lib.MoEConfig(**fields), mesh=mesh, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,10 @@ def test_params_carry_logical_axes():
 
 
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
 def test_one_expert_top1_is_swiglu(score_fn, capacity_factor):
-  model = moe.MoE(num_experts=1, expert_dim=F, top_k=1, score_fn=score_fn,
-                  capacity_factor=capacity_factor)
+  model = moe.MoE(config_lib.MoEConfig(num_experts=1, expert_dim=F, top_k=1,
+                                       score_fn=score_fn, capacity_factor=capacity_factor))
   params = nn.unbox(model.init(jax.random.key(2), X))["params"]
   dense = {name: {"kernel": params[name][0]} for name in ("gate", "up", "down")}
   want = SwiGLU(F).apply({"params": dense}, X)
@@ -75,7 +76,7 @@ def test_sort_dispatch_equals_one_hot(variables, group_matmul):
   assert float(s_sort["dropped_fraction"]) == float(s_ref["dropped_fraction"]) > 0
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
 def test_permutation_equivariant_over_tokens(variables, capacity_factor):
   """Routing and drops depend on each token alone (drops: by affinity, not position)."""
   model = _moe(capacity_factor=capacity_factor)
@@ -133,11 +134,11 @@ def test_module_sows_scaled_aux_loss(variables):
   _, stats = _run(model, _params(variables))
   logits = X.reshape(N, D) @ variables["params"]["router"]
   routing = moe.route(logits, K)
-  want = 0.01 * _aux_reference(routing.scores_NxE.reshape(B, T, E),
-                               routing.experts_NxK.reshape(B, T, K))
+  want = 0.01 * _aux_reference(routing.scores_BTxX.reshape(B, T, E),
+                               routing.experts_BTxXk.reshape(B, T, K))
   np.testing.assert_allclose(stats["aux_loss"], want, rtol=1e-5)
   np.testing.assert_array_equal(
-      stats["load"], np.bincount(np.asarray(routing.experts_NxK).ravel(), minlength=E))
+      stats["load"], np.bincount(np.asarray(routing.experts_BTxXk).ravel(), minlength=E))
   assert float(moe.total_aux_loss({"a": {"aux_loss": (stats["aux_loss"],)},
                                    "b": {"aux_loss": (stats["aux_loss"],)}})) == pytest.approx(
                                        2 * float(stats["aux_loss"]))
@@ -146,10 +147,10 @@ def test_module_sows_scaled_aux_loss(variables):
 def test_bias_steers_selection_but_not_weights():
   logits = jax.random.normal(jax.random.key(5), (N, E))
   bias = jnp.zeros((E,)).at[jnp.array([3, 6])].set(100.0)
-  r = moe.route(logits, K, "sigmoid", bias_E=bias)
-  assert np.all(np.sort(np.asarray(r.experts_NxK), -1) == np.array([3, 6]))
+  r = moe.route(logits, K, "sigmoid", bias_X=bias)
+  assert np.all(np.sort(np.asarray(r.experts_BTxXk), -1) == np.array([3, 6]))
   s = jax.nn.sigmoid(logits)[:, jnp.array([3, 6])]
-  np.testing.assert_allclose(np.sort(r.weights_NxK, -1),
+  np.testing.assert_allclose(np.sort(r.weights_BTxXk, -1),
                              np.sort(s / s.sum(-1, keepdims=True), -1), rtol=1e-6)
 
 
@@ -257,9 +258,9 @@ def _value_and_grads(model, variables):
 
 
 @pytest.mark.parametrize("shape,names,capacity_factor,group_matmul,ambient", [
-    ((8,), ("expert",), None, "tiles", False),           # one expert per device
-    ((2, 4), ("data", "expert"), None, "tiles", True),   # two per device, tokens on both
-    ((2, 4), ("data", "expert"), None, "ragged_dot", False),
+    ((8,), ("expert",), 0.0, "tiles", False),            # one expert per device
+    ((2, 4), ("data", "expert"), 0.0, "tiles", True),    # two per device, tokens on both
+    ((2, 4), ("data", "expert"), 0.0, "ragged_dot", False),
     ((2, 4), ("data", "expert"), E / K, "tiles", False),  # capacity buffers, no drops
 ])
 def test_expert_parallel_equals_single_device(variables, shape, names, capacity_factor,
@@ -295,11 +296,13 @@ def test_expert_parallel_capacity_is_per_source_shard(variables):
 
 
 def test_errors_name_the_field():
-  with pytest.raises(ValueError, match="MoE.top_k"):
+  with pytest.raises(ValueError, match="moe.top_k"):
     _moe(top_k=E + 1).init(jax.random.key(0), X)
-  with pytest.raises(ValueError, match="MoE.score_fn"):
+  with pytest.raises(ValueError, match="moe.score_fn"):
     _moe(score_fn="relu").init(jax.random.key(0), X)
-  with pytest.raises(ValueError, match="MoE.group_matmul"):
+  with pytest.raises(ValueError, match="moe.group_matmul"):
     _moe(group_matmul="megablox").init(jax.random.key(0), X)
-  with pytest.raises(ValueError, match="MoE.num_experts"):
+  with pytest.raises(ValueError, match="moe.num_experts"):
+    _moe(num_experts=0).init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match="moe.num_experts"):
     _moe(num_experts=6, mesh=_mesh((8,), ("expert",))).init(jax.random.key(0), X)

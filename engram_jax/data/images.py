@@ -5,19 +5,20 @@ Sources (`ImageDataConfig.source`):
                   values 0..16), each pixel quantised to `levels` tokens; a fixed
                   stratified train/val/test split of 1439/179/179 images (seeded
                   by `split_seed`).
-  "npz":          a `.npz` per split holding `codes [N, H, W]` (any integer dtype) and
-                  `labels [N]`: the output of any VQ tokenizer.
+  "npz":          a `.npz` per split holding `codes [I, Hi, Wi]` (any integer dtype) and
+                  `labels [I]`: the output of any VQ tokenizer.
   "array_record": ArrayRecord files per split (a path or a glob), one image per record
                   in the format of `encode_record` (write them with
                   `write_array_record`): random access without loading a split.
 
-An image is its H*W codes in raster order. Every batch is a dict of int32 NumPy arrays:
-  inputs  [b, H*W]  the class token (codebook_size + label; the null class
+An image is its HiWi = Hi*Wi codes in raster order. Every batch is a dict of int32
+NumPy arrays:
+  inputs  [b, HiWi] the class token (codebook_size + label; the null class
                     codebook_size + num_classes when dropped for classifier-free
-                    guidance), then cells 0..H*W-2;
-  targets [b, H*W]  cells 0..H*W-1: position t predicts cell t;
+                    guidance), then cells 0..HiWi-2;
+  targets [b, HiWi] cells 0..HiWi-1: position t predicts cell t;
   labels  [b]       the true class (also when the class token was dropped);
-  hash_ids [b, H*W, L, H] (optional) the 2D Engram row ids of every cell's context
+  hash_ids [b, HiWi, L, H] (optional) the 2D Engram row ids of every cell's context
                     (`hashing.spatial_hash_ids` of `targets`), computed on the host.
 """
 from __future__ import annotations
@@ -115,8 +116,8 @@ def fingerprint(cfg: ImageDataConfig) -> dict:
 
 
 def _format_hint(source: str) -> str:
-  return ("`.npz` with codes [N, H, W] and labels [N]" if source == "npz" else
-          "ArrayRecord file or glob (see images.write_array_record)")
+  return ("`.npz` with codes [images, height, width] and labels [images]"
+          if source == "npz" else "ArrayRecord file or glob (see images.write_array_record)")
 
 
 # ----------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def _split_path(cfg: ImageDataConfig, split: str) -> str:
 
 
 def _check_codes(cfg: ImageDataConfig, where: str, codes, labels) -> None:
-  """Shapes and id ranges of codes `[N, H, W]` and labels `[N]`, naming the field."""
+  """Shapes and id ranges of codes `[I, Hi, Wi]` and labels `[I]`, naming the field."""
   if codes.ndim != 3 or codes.shape[1:] != (cfg.height, cfg.width):
     raise ValueError(
         f"{where}: codes have shape {codes.shape} but data.height x data.width is "
@@ -240,49 +241,50 @@ def _npz_arrays(cfg: ImageDataConfig, split: str) -> tuple[np.ndarray, np.ndarra
   where = f"{_split_field(split)}={path!r}"
   if not os.path.isfile(path):
     raise ValueError(f"{where} does not exist; point it at a `.npz` with codes "
-                     f"[N, H, W] and labels [N].")
+                     f"[images, height, width] and labels [images].")
   with np.load(path, allow_pickle=False) as npz:
     missing = sorted({"codes", "labels"} - set(npz.files))
     if missing:
       raise ValueError(f"{where} lacks {missing} (it has {sorted(npz.files)}); save it "
-                       f"with np.savez(path, codes=codes_NxHxW, labels=labels_N).")
+                       f"with np.savez(path, codes=codes, labels=labels).")
     codes, labels = npz["codes"], npz["labels"]
   _check_codes(cfg, where, codes, labels)
   return codes.astype(np.int32), labels.astype(np.int32)
 
 
-def encode_record(codes_HxW, label: int) -> bytes:
-  """One image as an ArrayRecord record: int32 little-endian label, H, W, then codes.
+def encode_record(codes_HixWi, label: int) -> bytes:
+  """One image as an ArrayRecord record: int32 little-endian label, Hi, Wi, then codes.
 
   A fixed binary layout rather than `.npz` bytes: decoding is `np.frombuffer`, which is
   thread-safe (grain reads with threads; `np.load` is not, see data/text.py).
   """
-  codes = np.asarray(codes_HxW)
+  codes = np.asarray(codes_HixWi)
   if codes.ndim != 2:
-    raise ValueError(f"codes_HxW has shape {codes.shape}; give one image [H, W].")
+    raise ValueError(f"codes_HixWi has shape {codes.shape}; give one image "
+                     "[height, width].")
   header = np.array([label, *codes.shape], dtype="<i4")
   return header.tobytes() + codes.astype("<i4").tobytes()
 
 
 def decode_record(record: bytes) -> tuple[np.ndarray, int]:
-  """Inverse of `encode_record`: (codes `[H, W]` int32, label)."""
+  """Inverse of `encode_record`: (codes `[Hi, Wi]` int32, label)."""
   values = np.frombuffer(record, dtype="<i4")
   if len(values) < _RECORD_HEADER or len(values) != (
       _RECORD_HEADER + int(values[1]) * int(values[2])):
     raise ValueError(f"a record of {len(record)} bytes is not an image record; write "
-                     f"records with images.write_array_record (label, H, W, codes).")
+                     f"records with images.write_array_record (label, Hi, Wi, codes).")
   label, height, width = (int(v) for v in values[:_RECORD_HEADER])
   return values[_RECORD_HEADER:].reshape(height, width).astype(np.int32), label
 
 
-def write_array_record(path: str, codes_NxHxW, labels_N) -> None:
+def write_array_record(path: str, codes_IxHixWi, labels_I) -> None:
   """Writes images as ArrayRecord records (group size 1: fast random access)."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  codes, labels = np.asarray(codes_NxHxW), np.asarray(labels_N)
+  codes, labels = np.asarray(codes_IxHixWi), np.asarray(labels_I)
   if codes.ndim != 3 or labels.shape != codes.shape[:1]:
     raise ValueError(f"codes {codes.shape} and labels {labels.shape}: give codes "
-                     f"[N, H, W] and labels [N].")
+                     f"[images, height, width] and labels [images].")
   writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
   try:
     for image, label in zip(codes, labels):
@@ -305,7 +307,7 @@ def _record_files(cfg: ImageDataConfig, split: str) -> list[str]:
 # Random-access sources
 # ----------------------------------------------------------------------------------
 class _ArraySource:
-  """Images held in memory (digits, npz): item i is {'codes': [H, W], 'label': ()}.
+  """Images held in memory (digits, npz): item i is {'codes': [Hi, Wi], 'label': ()}.
 
   Pickles as (config, split), so grain workers reload the file rather than receiving a
   copy of every array.
@@ -361,7 +363,7 @@ def _check_split(split: str) -> None:
 
 
 def image_source(cfg: ImageDataConfig, split: str):
-  """A split as a random-access source of {'codes': [H, W] int32, 'label': int32}.
+  """A split as a random-access source of {'codes': [Hi, Wi] int32, 'label': int32}.
 
   Checks files, shapes and id ranges up front (the first record of ArrayRecord files;
   every later record is checked as it is read).
@@ -403,20 +405,20 @@ class _Features:
   def __call__(self, step: int,
                examples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     labels_B = np.asarray(examples["label"], np.int32)
-    cells_BxHW = np.asarray(examples["codes"], np.int32).reshape(len(labels_B), -1)
+    cells_BxHiWi = np.asarray(examples["codes"], np.int32).reshape(len(labels_B), -1)
     class_B = self._vocab.class_token(labels_B)
     if self._dropout > 0:
       rng = np.random.default_rng((self._seed, _DROPOUT_STREAM, self._process, step))
       drop_B = rng.random(len(labels_B)) < self._dropout
       class_B = np.where(drop_B, np.int32(self._vocab.null_class), class_B)
     batch = {
-        "inputs": np.concatenate([class_B[:, None], cells_BxHW[:, :-1]], axis=1),
-        "targets": np.ascontiguousarray(cells_BxHW),
+        "inputs": np.concatenate([class_B[:, None], cells_BxHiWi[:, :-1]], axis=1),
+        "targets": np.ascontiguousarray(cells_BxHiWi),
         "labels": labels_B,
     }
     if self._spec is not None:
       batch["hash_ids"] = hashing.spatial_hash_ids(
-          cells_BxHW, self._spec, self._height, self._width, self._stencil)
+          cells_BxHiWi, self._spec, self._height, self._width, self._stencil)
     return batch
 
 

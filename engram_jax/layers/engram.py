@@ -3,7 +3,7 @@
 For a position t with hidden state h_t (one per residual branch m) and row ids z_t of
 its n-grams (from `engram_jax.hashing`, one per order and head):
 
-  e_t   = concat_{n,k} E[offset_{n,k} + z_{t,n,k}]         lookup, width (N-1)*K*d_head
+  e_t   = concat_{n,g} table[offset_{n,g} + z_{t,n,g}]     lookup, width HE = (N-1)*G*E
   key   = W_K^m e_t,  value = W_V e_t                      W_V shared, W_K per branch
   s     = <RMSNorm(h_t^m), RMSNorm(key)> / sqrt(D)
   alpha = sigmoid(sign(s) * sqrt(|s|))                     (or a constant, or 0)
@@ -13,7 +13,7 @@ its n-grams (from `engram_jax.hashing`, one per order and head):
 and the block adds y to its residual stream. `engram.variant = "v4"` is DeepSeek-V4.1's
 form: one projection of e_t to M keys and one shared value, no conv,
 
-  [key^1..key^M, value] = e_t W                           W: [F, M+1, D]
+  [key^1..key^M, value] = e_t W                           W: [HE, M1, D], M1 = M+1
   alpha^m = gate(RMSNorm_m(h_t^m), RMSNorm_m(key^m)),  y^m = alpha^m * value
 
 and, in both variants, positions marked in `masked_BxT` (non-text spans) get y = 0,
@@ -60,67 +60,68 @@ def context_gate(h_norm_BxTxMxD, key_norm_BxTxMxD):
   return jax.nn.sigmoid(jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), _GATE_EPS)))
 
 
-def causal_dilated_conv(x_BxTxC, kernel_KxC, dilation: int, history_BxPxC):
+def causal_dilated_conv(x_BxTxMD, kernel_KxMD, dilation: int, history_BxPxMD):
   """Depthwise causal conv: y_t = sum_j kernel[j] * x[t - (K-1-j) * dilation].
 
-  history_BxPxC holds the P = (K-1)*dilation inputs before position 0 (zeros at the
+  history_BxPxMD holds the P = (K-1)*dilation inputs before position 0 (zeros at the
   start of a sequence, the decode state when generating).
   """
-  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
-  return _taps(ext, kernel_KxC.astype(x_BxTxC.dtype), dilation)
+  ext = jnp.concatenate([history_BxPxMD.astype(x_BxTxMD.dtype), x_BxTxMD], axis=1)
+  return _taps(ext, kernel_KxMD.astype(x_BxTxMD.dtype), dilation)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _taps(ext_BxUxC, kernel_KxC, dilation: int):
-  """y_t = sum_j kernel[j] * ext[t + j * dilation], t < U - (K-1) * dilation.
+def _taps(ext_BxTpxMD, kernel_KxMD, dilation: int):
+  """y_t = sum_j kernel[j] * ext[t + j * dilation], t < Tp - (K-1) * dilation.
 
-  A custom VJP: autodiff turns each tap's slice into a pad of the whole `[B, U, C]`
+  ext holds Tp = P + T inputs: the P before position 0, then the T new ones.
+  A custom VJP: autodiff turns each tap's slice into a pad of the whole `[B, Tp, MD]`
   input (K full-size buffers, then their sum); the backward below is one padded copy
   of the cotangent, one fused multiply-add over its K shifted views, and K reductions.
   """
-  taps = kernel_KxC.shape[0]
-  t = ext_BxUxC.shape[1] - (taps - 1) * dilation
-  y = jnp.zeros(ext_BxUxC.shape[:1] + (t,) + ext_BxUxC.shape[2:], ext_BxUxC.dtype)
+  taps = kernel_KxMD.shape[0]
+  t = ext_BxTpxMD.shape[1] - (taps - 1) * dilation
+  y = jnp.zeros(ext_BxTpxMD.shape[:1] + (t,) + ext_BxTpxMD.shape[2:], ext_BxTpxMD.dtype)
   for j in range(taps):
-    y = y + kernel_KxC[j] * ext_BxUxC[:, j * dilation:j * dilation + t]
+    y = y + kernel_KxMD[j] * ext_BxTpxMD[:, j * dilation:j * dilation + t]
   return y
 
 
-def _taps_fwd(ext_BxUxC, kernel_KxC, dilation):
-  return _taps(ext_BxUxC, kernel_KxC, dilation), (ext_BxUxC, kernel_KxC)
+def _taps_fwd(ext_BxTpxMD, kernel_KxMD, dilation):
+  return _taps(ext_BxTpxMD, kernel_KxMD, dilation), (ext_BxTpxMD, kernel_KxMD)
 
 
-def _taps_bwd(dilation, res, g_BxTxC):
-  ext_BxUxC, kernel_KxC = res
-  taps = kernel_KxC.shape[0]
+def _taps_bwd(dilation, res, g_BxTxMD):
+  ext_BxTpxMD, kernel_KxMD = res
+  taps = kernel_KxMD.shape[0]
   span = (taps - 1) * dilation
-  u = ext_BxUxC.shape[1]
-  t = g_BxTxC.shape[1]
-  g32 = g_BxTxC.astype(jnp.float32)
-  k32 = kernel_KxC.astype(jnp.float32)
+  u = ext_BxTpxMD.shape[1]
+  t = g_BxTxMD.shape[1]
+  g32 = g_BxTxMD.astype(jnp.float32)
+  k32 = kernel_KxMD.astype(jnp.float32)
   # d ext[p] = sum_j kernel[j] * g[p - j * dilation] (where that is in range)
   g_pad = jnp.pad(g32, ((0, 0), (span, span), (0, 0)))
   d_ext = sum(k32[j] * g_pad[:, span - j * dilation:span - j * dilation + u]
               for j in range(taps))
-  ext32 = ext_BxUxC.astype(jnp.float32)
+  ext32 = ext_BxTpxMD.astype(jnp.float32)
   d_kernel = jnp.stack([jnp.sum(g32 * ext32[:, j * dilation:j * dilation + t], axis=(0, 1))
                         for j in range(taps)])
-  return d_ext.astype(ext_BxUxC.dtype), d_kernel.astype(kernel_KxC.dtype)
+  return d_ext.astype(ext_BxTpxMD.dtype), d_kernel.astype(kernel_KxMD.dtype)
 
 
 _taps.defvjp(_taps_fwd, _taps_bwd)
 
 
-def history_before(ext_BxUx_, ends_B: Optional[jax.Array], span: int):
+def history_before(ext_BxTpx_, ends_B: Optional[jax.Array], span: int):
   """Decode state: the `span` inputs before each row's end.
 
   ext holds `span` history entries then the new inputs, so position p is ext[p + span];
   `ends_B` (prompt lengths) defaults to the end of the new inputs.
   """
   if ends_B is None:
-    return ext_BxUx_[:, ext_BxUx_.shape[1] - span:]
+    return ext_BxTpx_[:, ext_BxTpx_.shape[1] - span:]
   return jax.vmap(lambda row, end: jax.lax.dynamic_slice_in_dim(row, end, span, axis=0))(
-      ext_BxUx_, ends_B)
+      ext_BxTpx_, ends_B)
 
 
 class Engram(nn.Module):
@@ -169,22 +170,22 @@ class Engram(nn.Module):
       if not cfg.table_trainable:
         table = jax.lax.stop_gradient(table)
       rows_BxTxHxE = lookup_rows(table, row_ids_BxTxH, cfg.lookup)
-    e_BxTxF = rows_BxTxHxE.reshape(b, t, cfg.features).astype(self.dtype)
+    e_BxTxHE = rows_BxTxHxE.reshape(b, t, cfg.features).astype(self.dtype)
     if cfg.variant == "v4":
-      return self._v4(h_BxTxMxD, e_BxTxF)
+      return self._v4(h_BxTxMxD, e_BxTxHE)
 
     value_BxTxD = nn.Dense(
         width, use_bias=False, kernel_init=dense_init(("engram_features", "embed")),
-        dtype=self.dtype, param_dtype=self.param_dtype, name="value")(e_BxTxF)
+        dtype=self.dtype, param_dtype=self.param_dtype, name="value")(e_BxTxHE)
 
     constant = config_lib.gate_constant(cfg.gate)
     if constant is None:
-      w_key_MxFxD = self.param(
+      w_key_MxHExD = self.param(
           "key", nn.with_logical_partitioning(
               nn.initializers.lecun_normal(in_axis=1, out_axis=2),
               ("branch", "engram_features", "embed")),
           (branches, cfg.features, width), self.param_dtype)
-      key_BxTxMxD = jnp.einsum("btf,mfd->btmd", e_BxTxF, w_key_MxFxD.astype(self.dtype))
+      key_BxTxMxD = jnp.einsum("btf,mfd->btmd", e_BxTxHE, w_key_MxHExD.astype(self.dtype))
       alpha_BxTxMx1 = context_gate(self._branch_norm("hidden_norm")(h_BxTxMxD),
                                    self._branch_norm("key_norm")(key_BxTxMxD))
     else:
@@ -206,29 +207,29 @@ class Engram(nn.Module):
     return context_gate(self._branch_norm("hidden_norm")(h_BxTxMxD),
                         self._branch_norm("key_norm")(key_BxTxMxD))
 
-  def _v4(self, h_BxTxMxD, e_BxTxF):
+  def _v4(self, h_BxTxMxD, e_BxTxHE):
     """DeepSeek-V4.1's fusion: y^m = alpha^m * value, keys and value from one matmul."""
     branches, width = h_BxTxMxD.shape[2:]
-    w_FxM1xD = self.param(
+    w_HExM1xD = self.param(
         "key_value", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
             ("engram_features", "branch", "embed")),
         (self.engram.features, branches + 1, width), self.param_dtype)
-    kv_BxTxM1xD = jnp.einsum("btf,fmd->btmd", e_BxTxF, w_FxM1xD.astype(self.dtype))
+    kv_BxTxM1xD = jnp.einsum("btf,fmd->btmd", e_BxTxHE, w_HExM1xD.astype(self.dtype))
     key_BxTxMxD, value_BxTxD = kv_BxTxM1xD[:, :, :branches], kv_BxTxM1xD[:, :, branches]
     alpha_BxTxMx1 = self._gate(h_BxTxMxD, key_BxTxMxD)
     return (alpha_BxTxMx1 * value_BxTxD[:, :, None, :]).astype(self.dtype)
 
-  def _conv(self, x_BxTxC, kernel_KxC, lengths_B):
+  def _conv(self, x_BxTxMD, kernel_KxMD, lengths_B):
     """Runs the short conv, reading and writing the decode state when caching."""
     dilation = self.engram.max_ngram
     span = (self.engram.kernel_size - 1) * dilation
-    b, t, c = x_BxTxC.shape
-    zeros = jnp.zeros((b, span, c), x_BxTxC.dtype)
+    b, t, c = x_BxTxMD.shape
+    zeros = jnp.zeros((b, span, c), x_BxTxMD.dtype)
     if self.mode is None:
-      return causal_dilated_conv(x_BxTxC, kernel_KxC, dilation, zeros)
+      return causal_dilated_conv(x_BxTxMD, kernel_KxMD, dilation, zeros)
     state = self.variable("cache", "conv_history", lambda: zeros)
     history = zeros if self.mode == "prefill" else state.value
-    y = causal_dilated_conv(x_BxTxC, kernel_KxC, dilation, history)
-    state.value = history_before(jnp.concatenate([history, x_BxTxC], axis=1), lengths_B, span)
+    y = causal_dilated_conv(x_BxTxMD, kernel_KxMD, dilation, history)
+    state.value = history_before(jnp.concatenate([history, x_BxTxMD], axis=1), lengths_B, span)
     return y

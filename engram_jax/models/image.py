@@ -1,6 +1,6 @@
 """ImageARModel: a class-conditional autoregressive image decoder with 2D Engram.
 
-A sequence of an `H x W` code grid has `H*W` positions (docs/vision.md): position 0
+A sequence of an `Hi x Wi` code grid has `Hi*Wi` positions (docs/vision.md): position 0
 holds the class token, position `t >= 1` holds cell `t-1`, and position `t` predicts
 cell `t`. The model is EngramLM's decoder (`lm.apply_blocks`: the same `Block`s, runs
 of plain blocks scanned, Engram at `engram.layers`) with three changes:
@@ -73,7 +73,7 @@ def make_image_config(model: Any, data: Any) -> ImageModelConfig:
   """Builds and validates an ImageModelConfig from the `model` and `data` sections.
 
   model: a `ModelConfig` or a mapping for `config.from_dict`; `vocab_size = 0` and
-    `max_len = 0` are derived (the image vocabulary; `H*W` positions).
+    `max_len = 0` are derived (the image vocabulary; `Hi*Wi` positions).
   data: a mapping (or `data.images.ImageDataConfig`) with `height`, `width`,
     `num_classes` and the codebook: `codebook_size`, or `levels` when `source` is
     "digits".
@@ -204,8 +204,8 @@ class ImageARModel(nn.Module):
     start_B = positions_BxT[:, 0]
     canvas.value = write_at(canvas.value, inputs_BxT, start_B - 1)
     length = inputs_BxT.shape[1]
-    row_ids = lambda canvas_HW, start: hashing.spatial_hash_ids_at(
-        canvas_HW[None], start, spec, g.height, g.width, stencil, length)[0]
+    row_ids = lambda canvas_HiWi, start: hashing.spatial_hash_ids_at(
+        canvas_HiWi[None], start, spec, g.height, g.width, stencil, length)[0]
     return jax.vmap(row_ids)(canvas.value, start_B)
 
 

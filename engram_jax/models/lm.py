@@ -36,12 +36,8 @@ _REMAT_POLICIES = {
 
 def moe_layer(cfg: config_lib.ModelConfig, name: str = "moe") -> moe.MoE:
   """The MoE FFN of `cfg.moe` (experts over the `expert` mesh axis when it has one)."""
-  m = cfg.moe
-  return moe.MoE(
-      m.num_experts, m.expert_dim, m.top_k, m.num_shared, m.shared_dim, m.score_fn,
-      m.normalize_weights, m.routed_scale, m.balance, m.aux_loss_coef,
-      m.capacity_factor or None, m.group_matmul, m.tile, m.dispatch,
-      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+  return moe.MoE(cfg.moe, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                 name=name)
 
 
 def engram_row_ids(engram: config_lib.EngramConfig, hash_ids_BxTxLxH, index: int):
