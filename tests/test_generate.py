@@ -10,6 +10,7 @@ from engram_jax import generate as generate_cli
 from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM
 
+from tests.equivalence import assert_cached_equals_full
 from tests.conftest import tiny_model_config, with_random_conv
 
 CFG = tiny_model_config()
@@ -21,16 +22,8 @@ def test_prefill_plus_cached_decode_equals_full_forward():
   lengths = np.array([4, 11, 7], np.int32)
   model = EngramLM(CFG)
   params = with_random_conv(nn.unbox(model.init(jax.random.key(0), seq))["params"], CFG)
-  full = np.asarray(model.apply({"params": params}, seq))
-  prompt = np.where(np.arange(11)[None] < lengths[:, None], seq[:, :11], 0)
-  steps = 30 - int(lengths.max())
-  forced = np.stack([seq[b, lengths[b]:lengths[b] + steps] for b in range(3)])
-  cached = jax.jit(generate.teacher_forced_logits, static_argnums=0)(
-      model, params, prompt, lengths, forced)
-  for b in range(3):
-    # the logits after feeding token at position p predict p+1: compare position by position
-    want = full[b, lengths[b]:lengths[b] + steps]
-    np.testing.assert_allclose(cached[b], want, rtol=2e-4, atol=2e-4)
+  full = model.apply({"params": params}, seq)
+  assert_cached_equals_full(model, params, seq, lengths, full, 11, 30 - int(lengths.max()))
 
 
 def _params_with_conv(model, seq):

@@ -17,6 +17,7 @@ from engram_jax.sampling import text as generate
 from engram_jax.layers import moe
 from engram_jax.models.lm import EngramLM, relayout_params, segments
 
+from tests.equivalence import assert_cached_equals_full
 from tests.conftest import tiny_model_config, with_random_conv
 
 BASE = tiny_model_config()                      # Engram at 1 and 3, depth 4, width 32
@@ -233,15 +234,9 @@ def test_cached_decode_equals_full_forward_with_branches_and_moe(hc_moe_variable
   seq = rng.integers(0, BASE.vocab_size, (3, 28)).astype(np.int32)
   lengths = np.array([3, 10, 6], np.int32)
   model = EngramLM(HC_MOE)
-  full = np.asarray(_apply(HC_MOE)(hc_moe_variables, seq))
-  prompt = np.where(np.arange(10)[None] < lengths[:, None], seq[:, :10], 0)
-  steps = 28 - int(lengths.max())
-  forced = np.stack([seq[b, lengths[b]:lengths[b] + steps] for b in range(3)])
-  cached = jax.jit(generate.teacher_forced_logits, static_argnums=0)(
-      model, hc_moe_variables, prompt, lengths, forced)
-  for b in range(3):
-    np.testing.assert_allclose(cached[b], full[b, lengths[b]:lengths[b] + steps],
-                               rtol=2e-4, atol=2e-4)
+  full = _apply(HC_MOE)(hc_moe_variables, seq)
+  assert_cached_equals_full(model, hc_moe_variables, seq, lengths, full, 10,
+                            28 - int(lengths.max()))
 
 
 def test_remat_bf16_moe_branches_trace_and_differentiate():

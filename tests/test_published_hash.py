@@ -14,6 +14,8 @@ import pytest
 from engram_jax import config as config_lib
 from engram_jax import hashing
 
+from tests.equivalence import assert_cached_equals_full
+
 
 def reference_multipliers(seed, layer_ids, max_ngram, compressed_vocab_size):
   bound = (np.iinfo(np.int64).max // compressed_vocab_size) // 2
@@ -173,7 +175,6 @@ def test_2d_stencil_is_lookbacks_in_stencil_order():
 def test_lm_with_published_hash_decodes_like_the_full_forward():
   """In-graph hashing, host hash ids and the decode state all use the published hash."""
   import flax.linen as nn
-  from engram_jax.sampling import text as generate
   from engram_jax.models.lm import EngramLM
   from tests.conftest import tiny_model_config, with_random_conv
   cfg = tiny_model_config(hash="published", compressed_vocab_size=97, pad_id=2)
@@ -189,14 +190,7 @@ def test_lm_with_published_hash_decodes_like_the_full_forward():
       cfg.engram.hash_spec().published_multipliers_LxN, 2))
   np.testing.assert_allclose(np.asarray(apply(params, seq, host_ids)), full,
                              rtol=1e-6, atol=1e-6)
-  lengths = np.array([5, 8], np.int32)
-  prompt = np.where(np.arange(8)[None] < lengths[:, None], seq[:, :8], 0)
-  forced = np.stack([seq[b, lengths[b]:lengths[b] + 10] for b in range(2)])
-  cached = jax.jit(generate.teacher_forced_logits, static_argnums=0)(
-      model, params, prompt, lengths, forced)
-  for b in range(2):
-    np.testing.assert_allclose(cached[b], full[b, lengths[b]:lengths[b] + 10],
-                               rtol=2e-4, atol=2e-4)
+  assert_cached_equals_full(model, params, seq, np.array([5, 8], np.int32), full, 8, 10)
 
 
 # ----------------------------------------------------------------------------------
@@ -241,7 +235,6 @@ def test_masked_prompt_decodes_like_the_masked_full_forward():
   """Non-text prompt spans: cached decoding (marks carried in the n-gram history, output
   mask in prefill) equals the full forward with the same marks and mask."""
   import flax.linen as nn
-  from engram_jax.sampling import text as generate
   from engram_jax.models.lm import EngramLM
   from tests.conftest import tiny_model_config, with_random_conv
   cfg = tiny_model_config(hash="published", compressed_vocab_size=97, pad_id=2)
@@ -255,10 +248,4 @@ def test_masked_prompt_decodes_like_the_masked_full_forward():
   full = jax.jit(lambda p, x, m: model.apply(
       {"params": p}, x, ngram_tokens_BxT=hashing.mark_dead(x, m), masked_BxT=m))(
           params, seq, masked)
-  prompt = np.where(np.arange(8)[None] < lengths[:, None], seq[:, :8], 0)
-  forced = np.stack([seq[b, lengths[b]:lengths[b] + 8] for b in range(2)])
-  cached = jax.jit(generate.teacher_forced_logits, static_argnums=0)(
-      model, params, prompt, lengths, forced, None, masked[:, :8])
-  for b in range(2):
-    np.testing.assert_allclose(cached[b], np.asarray(full)[b, lengths[b]:lengths[b] + 8],
-                               rtol=2e-4, atol=2e-4)
+  assert_cached_equals_full(model, params, seq, lengths, full, 8, 8, None, masked[:, :8])
