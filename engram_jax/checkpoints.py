@@ -242,7 +242,7 @@ def root_cause_line(err: BaseException) -> str:
 
 
 def restore_checkpoint(workdir: str, abstract_items: dict,
-                       config_file: str = "model_config.json",
+                       config_file: str = "config.json",
                        skip: tuple = ()) -> tuple[dict, int]:
   """({name: tree}, step) of the newest readable checkpoint, for inference.
 

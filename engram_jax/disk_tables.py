@@ -1,9 +1,9 @@
 """Engram tables as files: `.npy` per layer plus a `tables.json` manifest, memory-mapped.
 
-`python -m engram_jax.disk_tables export --workdir=W --out=DIR` writes the newest
-checkpoint's tables; `disk_tables(cfg, DIR)` opens them as `HostTables` whose rows are
-read from disk only when a lookup asks for them (`engram.placement="disk"`,
-`python -m engram_jax.generate --tables=disk --table_dir=DIR`).
+`write_tables` writes them (`python -m engram_jax.workdir export_tables --workdir=W
+--out=DIR` exports a run's newest checkpoint); `disk_tables(cfg, DIR)` opens them as
+`HostTables` whose rows are read from disk only when a lookup asks for them
+(`engram.placement="disk"`, `python -m engram_jax.generate --tables=disk --table_dir=DIR`).
 """
 from __future__ import annotations
 
@@ -17,16 +17,14 @@ from engram_jax.host_tables import HostTables
 TABLES_MANIFEST = "tables.json"
 
 
-def export_tables(workdir: str, out_dir: str) -> str:
-  """Writes the newest checkpoint's Engram tables as `.npy` files (one per layer) and a
-  `tables.json` manifest into `out_dir`: the on-disk form `disk_tables` memory-maps.
-  Works for runs trained with device or host tables; each file is written to a
-  temporary name and renamed, so a reader never sees half a table."""
+def write_tables(tables: HostTables, out_dir: str, **source) -> str:
+  """Writes `tables` as `.npy` files (one per layer) and a `tables.json` manifest
+  (with `source`, e.g. the workdir and step) into `out_dir`: the on-disk form
+  `disk_tables` memory-maps. Each file is written to a temporary name and renamed, so
+  a reader never sees half a table. Returns `out_dir`."""
   import os
 
   from engram_jax import tokenizer as tokenizer_lib
-  from engram_jax.sampling import offload
-  _, _, tables, _, _, step = offload.load_workdir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   names = []
   for path, table in zip(tables.paths, tables.tables_L):
@@ -34,7 +32,7 @@ def export_tables(workdir: str, out_dir: str) -> str:
     tokenizer_lib.atomic_write(os.path.join(out_dir, name),
                                lambda tmp, t=table: _save_npy(tmp, t))
     names.append({"file": name, "shape": list(table.shape), "dtype": str(table.dtype)})
-  manifest = {"workdir": os.path.abspath(workdir), "step": step, "tables": names}
+  manifest = {**source, "tables": names}
   tokenizer_lib.atomic_write(os.path.join(out_dir, TABLES_MANIFEST),
                              lambda tmp: _save_json(tmp, manifest))
   return out_dir
@@ -51,7 +49,7 @@ def _save_json(path: str, value) -> None:
 
 
 def disk_tables(cfg: config_lib.ModelConfig, table_dir: str) -> HostTables:
-  """`HostTables` over `np.memmap`s of `export_tables`' files: only the rows a lookup
+  """`HostTables` over `np.memmap`s of `write_tables`' files: only the rows a lookup
   asks for are read from disk. A missing, truncated or misshapen file is a one-line
   ValueError naming it (never a silent garbage read)."""
   import os
@@ -62,7 +60,7 @@ def disk_tables(cfg: config_lib.ModelConfig, table_dir: str) -> HostTables:
   except (OSError, ValueError) as err:
     raise ValueError(f"--table_dir={table_dir!r}: no readable {TABLES_MANIFEST} "
                      f"({getattr(err, 'strerror', None) or err}); write one with "
-                     "`python -m engram_jax.disk_tables export`") from None
+                     "`python -m engram_jax.workdir export_tables`") from None
   spec, e = cfg.engram.hash_spec(), cfg.engram
   entries = manifest.get("tables", [])
   if len(entries) != len(e.layers):
@@ -82,27 +80,3 @@ def disk_tables(cfg: config_lib.ModelConfig, table_dir: str) -> HostTables:
                        f"{want} (engram.table_size, heads or head width differ)")
     tables_L.append(table)
   return HostTables(cfg, tables_L)
-
-
-def main(argv=None) -> int:
-  """`python -m engram_jax.disk_tables export --workdir=W --out=DIR`: disk tables."""
-  import argparse
-  import sys
-  parser = argparse.ArgumentParser(
-      prog="python -m engram_jax.disk_tables",
-      description="Write a workdir's Engram tables as memory-mappable .npy files.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  export = sub.add_parser("export", help="tables of the newest checkpoint -> DIR")
-  export.add_argument("--workdir", required=True)
-  export.add_argument("--out", required=True)
-  args = parser.parse_args(argv)
-  try:
-    print(f"wrote {export_tables(args.workdir, args.out)}/{TABLES_MANIFEST}")
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -13,11 +13,14 @@ def _is_image_run(argv) -> bool:
   import argparse
   import sys
 
-  from engram_jax.sampling import image
+  from engram_jax import workdir
   parser = argparse.ArgumentParser(add_help=False)
   parser.add_argument("--workdir")
   known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-  return bool(known.workdir) and image.is_image_workdir(known.workdir)
+  try:
+    return bool(known.workdir) and workdir.read_config(known.workdir)[1] == "image"
+  except (ValueError, OSError):
+    return False
 
 
 IMAGE_FLAGS = ("classes", "samples_per_class", "cfg_scale", "out")
@@ -47,8 +50,8 @@ def build_parser():
   parser.add_argument("--tables", choices=("device", "host", "disk"), default="device",
                       help="where the Engram tables live while sampling: device memory, "
                            "host RAM (rows gathered by a host callback), or .npy files "
-                           "memory-mapped from --table_dir (`python -m engram_jax.offload "
-                           "export`); language models")
+                           "memory-mapped from --table_dir (`python -m engram_jax.workdir "
+                           "export_tables`); language models")
   parser.add_argument("--table_dir", default="", help="with --tables=disk")
   image = parser.add_argument_group(
       "image workdirs", "these apply only when --workdir is an image run")
@@ -81,16 +84,10 @@ def main(argv=None) -> int:
       raise ValueError(f"{', '.join(image_flags)}: only for image workdirs; "
                        f"--workdir={args.workdir!r} is not an image run")
     text.check_sampling(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
-    if (args.tables == "disk") != bool(args.table_dir):
-      raise ValueError("--tables=disk and --table_dir go together: give both (the "
-                       "directory written by `python -m engram_jax.disk_tables export`)")
-    host_tables = None
-    if args.tables == "device":
-      model, params, tok, vocab_map, step = text.load_workdir(args.workdir)
-    else:
-      from engram_jax.sampling import offload as offload
-      model, params, host_tables, tok, vocab_map, step = offload.load_workdir(
-          args.workdir, args.table_dir or None)
+    from engram_jax import workdir
+    run = workdir.load(args.workdir, args.tables, args.table_dir or None)
+    model, variables, tok, vocab_map, step = (run.model, run.variables, run.tokenizer,
+                                              run.vocab_map, run.step)
     from engram_jax import tokenizer as tokenizer_lib
     eos = tokenizer_lib.eos_id(tok)
     ids = tok.encode(args.prompt, add_special_tokens=False).ids or [eos]
@@ -106,15 +103,15 @@ def main(argv=None) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=eos,
                     vocab_map_V=vocab_map)
-    if host_tables is not None:
+    if run.tables is not None:
       from engram_jax.sampling import offload as offload
-      new = np.asarray(offload.generate(model, params, host_tables, prompt, lengths,
+      new = np.asarray(offload.generate(model, variables, run.tables, prompt, lengths,
                                         jax.random.key(args.seed), **sampling))
     else:
-      run = jax.jit(text.generate, static_argnums=0, static_argnames=(
+      sample = jax.jit(text.generate, static_argnums=0, static_argnames=(
           "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
-      new = np.asarray(run(model, params, prompt, lengths, jax.random.key(args.seed),
-                           **sampling))
+      new = np.asarray(sample(model, variables, prompt, lengths, jax.random.key(args.seed),
+                              **sampling))
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

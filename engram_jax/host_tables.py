@@ -136,7 +136,7 @@ def split_params(params, cfg: config_lib.ModelConfig):
   of the params. Drop other references to `params` to free the device copies.
 
   A table sharded over several hosts is not addressable from one; load such a model
-  with `load_workdir`, which reads the tables from the checkpoint instead.
+  with `workdir.load(tables="host")`, which reads the tables from the checkpoint instead.
   """
   tables = []
   for path in engram_paths(cfg):
@@ -148,7 +148,7 @@ def split_params(params, cfg: config_lib.ModelConfig):
                        f"{cfg.engram.layers}") from None
     if isinstance(table, jax.Array) and not table.is_fully_addressable:
       raise ValueError(f"the table at {'/'.join(path)} spans several processes; use "
-                       "offload.load_workdir to read it from the checkpoint")
+                       "workdir.load(tables='host') to read it from the checkpoint")
     tables.append(np.asarray(jax.device_get(table)))
   device = without(params, [p + (TABLE,) for p in engram_paths(cfg)])
   return device, HostTables(cfg, tables)

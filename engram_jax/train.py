@@ -27,6 +27,7 @@ from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
 from engram_jax.tables import ROWS_KEY
+from engram_jax.workdir import model_config_differences, saved_model_config, write_run_metadata
 
 
 @flax.struct.dataclass
@@ -400,51 +401,6 @@ def ensure_writable_workdir(workdir: str) -> None:
                        "checkpoints; move it away or choose another --workdir")
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  from engram_jax import tokenizer
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  tokenizer.atomic_write(path, write)
-
-
-def config_json(config) -> str:
-  return (config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort")
-          else json.dumps(dict(config), indent=1))
-
-
-def write_run_metadata(workdir: str, config, model_cfg: config_lib.ModelConfig) -> None:
-  """`config.json` and `model_config.json`, atomically; called only once the run's
-  checkpoint restored (or there was none), so a failed resume never rewrites them."""
-  if jax.process_index() != 0:
-    return
-  _atomic_write_text(os.path.join(workdir, "config.json"), config_json(config))
-  _atomic_write_text(os.path.join(workdir, "model_config.json"),
-                     json.dumps(config_lib.to_dict(model_cfg), indent=1))
-
-
-def saved_model_config(workdir: str) -> dict:
-  """The workdir's `model_config.json` as a dict ({} when it has none or it is torn)."""
-  try:
-    with open(os.path.join(workdir, "model_config.json"), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
-def model_config_differences(workdir: str, model_cfg: config_lib.ModelConfig) -> list[str]:
-  """`model.FIELD: saved -> now` for each field that differs from the workdir's
-  `model_config.json` (none when the workdir has none)."""
-  from engram_jax.data import fingerprint
-  saved = saved_model_config(workdir)
-  if not saved:
-    return []
-  now = json.loads(json.dumps(config_lib.to_dict(model_cfg)))  # tuples -> lists
-  flat = lambda tree: {f"model.{k}": v for k, v in
-                       traverse_util.flatten_dict(tree, sep=".").items()}
-  return fingerprint.differences(flat(saved), flat(now))
-
-
 def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
                        ) -> dict[str, float]:
   """Trains, evaluates and checkpoints; returns the final eval metrics.
@@ -620,7 +576,7 @@ def _finish_saves(manager, workdir: str) -> None:
 
 def _saved_placement(workdir: str) -> str:
   """`engram.placement` of the run that wrote the workdir's checkpoints ("device" for
-  runs that predate it or have no model_config.json)."""
+  runs that predate it or have no saved model config)."""
   return saved_model_config(workdir).get("engram", {}).get("placement", "device")
 
 

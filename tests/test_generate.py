@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engram_jax import generate as generate_cli
+from engram_jax import workdir as workdir_lib
 from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM
 
@@ -105,11 +106,12 @@ def test_cli_samples_from_the_newest_checkpoint(trained_workdir, capsys):
   assert len(samples) == 2 and samples[0][1:] == samples[1][1:]  # greedy rows agree
   assert all(s.split("\n", 1)[1].startswith("def ") for s in samples)
   # the CLI's greedy text is what the library's generate() gives for the same prompt
-  model, params, tok, vocab_map, _ = generate.load_workdir(trained_workdir)
+  run = workdir_lib.load(trained_workdir)
+  tok = run.tokenizer
   ids = tok.encode("def ", add_special_tokens=False).ids
-  new = generate.generate(model, params, np.array([ids], np.int32),
+  new = generate.generate(run.model, run.variables, np.array([ids], np.int32),
                           np.array([len(ids)], np.int32), jax.random.key(0),
-                          max_new_tokens=8, temperature=0.0, vocab_map_V=vocab_map)
+                          max_new_tokens=8, temperature=0.0, vocab_map_V=run.vocab_map)
   from engram_jax import tokenizer as tokenizer_lib
   row = [int(t) for t in new[0]]
   eos = tokenizer_lib.eos_id(tok)
@@ -120,11 +122,11 @@ def test_cli_samples_from_the_newest_checkpoint(trained_workdir, capsys):
 
 def test_cli_errors_name_the_flag(trained_workdir, tmp_path, capsys):
   assert generate_cli.main([f"--workdir={tmp_path}"]) == 2
-  assert "model_config.json" in capsys.readouterr().err
+  assert "has no config.json" in capsys.readouterr().err
   import shutil
   empty = tmp_path / "no_ckpt"
   empty.mkdir()
-  for name in ("model_config.json", "tokenizer.json"):
+  for name in ("config.json", "tokenizer.json"):
     shutil.copy(os.path.join(trained_workdir, name), empty / name)
   assert generate_cli.main([f"--workdir={empty}"]) == 2
   assert "has no checkpoint" in capsys.readouterr().err
@@ -180,7 +182,7 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
     with open(os.path.join(data_dir, name), "wb") as f:
       f.write(b"torn write")
   capfd.readouterr()
-  *_, step = generate.load_workdir(workdir)
+  step = workdir_lib.load(workdir).step
   err = capfd.readouterr().err
   assert step == 3
   assert err.startswith("warning: checkpoint 5 is unreadable (") and err.endswith(
@@ -192,16 +194,16 @@ def test_config_that_does_not_fit_the_checkpoint_is_one_error_line(trained_workd
                                                                     tmp_path, capfd):
   import json
   workdir = _copy_workdir(trained_workdir, tmp_path / "edited")
-  path = os.path.join(workdir, "model_config.json")
+  path = os.path.join(workdir, "config.json")
   with open(path, encoding="utf-8") as f:
-    cfg = json.load(f)
-  cfg["width"] *= 2
+    saved = json.load(f)
+  saved["resolved_model"]["model"]["width"] *= 2
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(cfg, f)
+    json.dump(saved, f)
   capfd.readouterr()
   assert generate_cli.main([f"--workdir={workdir}"]) == 2
   err = capfd.readouterr().err
-  assert "model_config.json does not match checkpoint 3" in err, err
+  assert "config.json does not match checkpoint 3" in err, err
   assert "Traceback" not in err and len(err.splitlines()) == 1, err
 
 

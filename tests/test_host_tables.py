@@ -13,9 +13,8 @@ pytest.importorskip("orbax.checkpoint")
 
 from engram_jax import generate as generate_cli
 from engram_jax import checkpoints, host_tables, tables, train  # noqa: E402
-from engram_jax.sampling import text as generate
+from engram_jax import workdir as workdir_lib  # noqa: E402
 from engram_jax import disk_tables
-from engram_jax.sampling import offload as offload
 
 from tests import lm_test_config  # noqa: E402
 from tests.conftest import tiny_model_config  # noqa: E402
@@ -88,10 +87,11 @@ def test_host_update_equals_the_device_row_update(name):
 
 def test_exact_host_training_equals_device_training(runs):
   np.testing.assert_allclose(_losses(runs["host"]), _losses(runs["device"]), rtol=1e-6)
-  cfg = generate.read_model_config(runs["host"])
+  cfg = workdir_lib.model_config(runs["host"])
   paths = tables.table_paths(cfg.engram)
-  _, device_params, device_tables, *_ = offload.load_workdir(runs["device"])
-  _, host_params, saved_tables, *_ = offload.load_workdir(runs["host"])
+  device_tables = workdir_lib.load(runs["device"], tables="host").tables
+  host_run = workdir_lib.load(runs["host"], tables="host")
+  host_params, saved_tables = host_run.params, host_run.tables
   for a, b in zip(device_tables.tables_L, saved_tables.tables_L):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert all(p[0] not in host_params or "table" not in host_params[p[0]]["engram"]
@@ -121,7 +121,7 @@ def test_generation_reads_host_trained_tables_from_device_host_and_disk(runs, tm
           "--temperature=0"]
   outputs = {}
   table_dir = str(tmp_path / "tables")
-  assert disk_tables.main(["export", f"--workdir={runs['host']}", f"--out={table_dir}"]) == 0
+  assert workdir_lib.main(["export_tables", f"--workdir={runs['host']}", f"--out={table_dir}"]) == 0
   for tables_flag in ("device", "host", "disk"):
     capsys.readouterr()
     extra = [f"--tables={tables_flag}"] + ([f"--table_dir={table_dir}"]
@@ -163,7 +163,7 @@ def test_a_run_moves_its_tables_between_device_and_host(runs, tmp_path, capsys, 
   train.train_and_evaluate(_config(then), workdir)
   assert f"from {first} to {then} memory" in capsys.readouterr().out
   np.testing.assert_allclose(_losses(workdir), _losses(runs["device"]), rtol=1e-6)
-  assert generate.read_model_config(workdir).engram.placement == then
+  assert workdir_lib.model_config(workdir).engram.placement == then
 
 
 def test_sigterm_saves_host_tables_and_resumes_exactly(runs, tmp_path, monkeypatch, capsys):

@@ -365,7 +365,9 @@ def test_moe_training_resumes_with_its_routing_biases(moe_run, tmp_path):
   assert all("moe_max_violation" in r and "moe_dropped_fraction" in r
              for r in _metrics(one) if "train_loss" in r)
   # generation loads params and the trained biases
-  model, variables, _, vocab_map, step = generate.load_workdir(one)
+  from engram_jax import workdir
+  run = workdir.load(one)
+  model, variables, vocab_map, step = run.model, run.variables, run.vocab_map, run.step
   assert step == 4 and set(variables) == {"params", moe.BIAS}
   biases = np.concatenate([np.ravel(b) for b in jax.tree_util.tree_leaves(variables[moe.BIAS])])
   assert np.any(biases != 0)

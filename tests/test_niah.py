@@ -33,10 +33,12 @@ def test_corpus_and_recall_scoring(trained_workdir, tmp_path):
   queries = niah.read_queries(str(tmp_path))
   assert len(queries) == 4
   # score against what the model itself answers: recall 1, then against other values: 0
+  from engram_jax import workdir
   from engram_jax.sampling import text as generate
   import jax
   import jax.numpy as jnp
-  model, params, tok, vocab_map, _ = generate.load_workdir(trained_workdir)
+  run = workdir.load(trained_workdir)
+  model, params, tok, vocab_map = run.model, run.variables, run.tokenizer, run.vocab_map
   answers = []
   for q in queries:
     ids = tok.encode(q["prompt"]).ids

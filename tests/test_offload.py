@@ -114,9 +114,13 @@ def test_errors_name_what_to_fix(setup):
                      np.array([40], np.int32), jax.random.key(0), max_new_tokens=9)
 
 
-def test_load_workdir_restores_tables_into_host_memory(trained_workdir):
-  model, device_params, tables, tok, vocab_map, step = offload.load_workdir(trained_workdir)
-  ref_model, params, _, ref_vocab, ref_step = generate.load_workdir(trained_workdir)
+def test_load_with_host_tables_restores_them_into_host_memory(trained_workdir):
+  from engram_jax import workdir
+  host = workdir.load(trained_workdir, tables="host")
+  model, device_params, tables, tok, vocab_map, step = (
+      host.model, host.params, host.tables, host.tokenizer, host.vocab_map, host.step)
+  ref = workdir.load(trained_workdir)
+  ref_model, params, ref_vocab, ref_step = ref.model, ref.params, ref.vocab_map, ref.step
   assert step == ref_step == 3 and not [p for p in _paths(device_params) if "table" in p]
   for layer, table in zip(model.cfg.engram.layers, tables.tables_L):
     np.testing.assert_array_equal(table, np.asarray(params[f"block_{layer}"]["engram"]["table"]))

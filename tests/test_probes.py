@@ -235,10 +235,14 @@ def workdir(saved):
   return saved[0]
 
 
-def test_load_image_workdir_restores_the_saved_params(saved):
-  config, model, params, step = generate_image.load_image_workdir(saved[0])
-  assert step == 7 and config.data.batch_size == 30 and model.cfg.model.width == 32
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params, saved[1])
+def test_loading_an_image_workdir_restores_the_saved_params(saved):
+  from engram_jax import workdir
+  run = workdir.load(saved[0])
+  assert run.kind == "image" and run.tokenizer is None and run.vocab_map is None
+  assert run.step == 7 and run.config.data.batch_size == 30 and run.model.cfg.model.width == 32
+  jax.tree_util.tree_map(np.testing.assert_array_equal, run.params, saved[1])
+  with pytest.raises(ValueError, match=r"holds a 'image' run .* reads 'lm' runs"):
+    workdir.load(saved[0], kind="lm")
 
 
 def test_generate_image_cli_writes_a_png_grid(workdir, capsys):

@@ -214,10 +214,10 @@ def test_checkpoints_of_another_layout_stop_instead_of_restarting(tmp_path):
   train.train_and_evaluate(_config(steps=2), workdir)
   wider = _config(steps=4)
   wider.model.width = 64  # a different state layout: nothing restores
-  with open(os.path.join(workdir, "model_config.json")) as f:
+  with open(os.path.join(workdir, "config.json")) as f:
     saved = f.read()
   with pytest.raises(ValueError, match=r"another model config \(model.width: 32 -> 64\)"):
     train.train_and_evaluate(wider, workdir)
   assert _steps(workdir) == [2], "the checkpoints stay where they are"
-  with open(os.path.join(workdir, "model_config.json")) as f:
+  with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == saved, "a failed resume leaves the run's metadata alone"

@@ -116,50 +116,6 @@ def generate_images(model: ImageARModel, params, labels_B, rng, *, cfg_scale: fl
 # ----------------------------------------------------------------------------------
 # Command line: python -m engram_jax.generate --workdir=DIR --classes=0,1,2
 # ----------------------------------------------------------------------------------
-CONFIG_FILE = "config.json"
-
-
-def read_workdir_config(workdir: str):
-  """The run's full config (`DIR/config.json`) as an `ml_collections.ConfigDict`."""
-  import json
-  import os
-
-  import ml_collections
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ValueError(f"--workdir={workdir!r} has no {CONFIG_FILE}; point it at a "
-                     "directory written by `python -m engram_jax.main "
-                     "--config=configs/image.py:digits --workdir=DIR`")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def is_image_workdir(workdir: str) -> bool:
-  """Whether the workdir's config.json describes an image run (a data grid and classes)."""
-  try:
-    config = read_workdir_config(workdir)
-  except (ValueError, OSError):
-    return False
-  data = config.get("data") or {}
-  return all(k in data for k in ("height", "width", "num_classes"))
-
-
-def load_image_workdir(workdir: str):
-  """(config, model, params, step) of an image workdir's newest readable checkpoint."""
-  from engram_jax import checkpoints
-  from engram_jax.models import image
-
-  config = read_workdir_config(workdir)
-  if not all(k in config for k in ("model", "data")) or not is_image_workdir(workdir):
-    raise ValueError(f"--workdir={workdir!r}: its {CONFIG_FILE} is not an image run (no "
-                     "data.height/width/num_classes); for a language model use "
-                     "`python -m engram_jax.generate`")
-  model_cfg = image.make_image_config(config.model, config.data)
-  items, step = checkpoints.restore_checkpoint(workdir, {"params": image.abstract_params(model_cfg)},
-                                   CONFIG_FILE)
-  return config, ImageARModel(model_cfg), items["params"], step
-
-
 def parse_classes(text: str, num_classes: int) -> list[int]:
   """`"0,1,2"` -> [0, 1, 2], each checked against `[0, num_classes)`."""
   from engram_jax import cli
@@ -238,7 +194,9 @@ def main(argv=None) -> int:
   try:
     if args.samples_per_class < 1:
       raise ValueError(f"--samples_per_class={args.samples_per_class}: use a positive integer")
-    config, model, params, step = load_image_workdir(args.workdir)
+    from engram_jax import workdir
+    trained = workdir.load(args.workdir, kind="image")
+    config, model, params, step = trained.config, trained.model, trained.params, trained.step
     g = model.cfg
     classes = (parse_classes(args.classes, g.num_classes) if getattr(args, "classes", "")
                else list(range(g.num_classes)))

@@ -2,9 +2,13 @@
 
 A table row is read only when an n-gram hashes to it, and the hash depends only on
 tokens, so the rows a step needs are known as soon as its tokens are: the tables can
-live in host RAM (NumPy) while the device holds the backbone. `split_params` moves a
-trained model's tables out of its params; `load_workdir` restores a checkpoint's
-tables straight into host memory (a table larger than the device never lands on it).
+live in host RAM (NumPy) while the device holds the backbone. `host_tables.split_params`
+moves a trained model's tables out of its params; `workdir.load(tables="host")`
+restores a checkpoint's tables straight into host memory (a table larger than the
+device never lands on it), `workdir.load(tables="disk")` memory-maps exported ones.
+
+`device_params` below may be a variables dict (`workdir.Run.variables`: params and
+MoE routing biases).
 
 How rows reach the model: `layers.engram.ROWS_COLLECTION`, a variable collection of
 `[B, T, H, E]` rows under each Engram layer's path, which the layer reads instead of
@@ -28,88 +32,16 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax import config as config_lib
 from engram_jax.sampling import text as generate_lib
-from engram_jax import hashing
-from engram_jax.host_tables import TABLE, HostTables, engram_paths, host_memory_sharding, split_params
-from engram_jax.disk_tables import disk_tables
+from engram_jax.host_tables import HostTables
 from engram_jax.layers.engram import ROWS_COLLECTION
-
-def load_workdir(workdir: str, table_dir: Optional[str] = None):
-  """(model, device_params, HostTables, tokenizer, vocab_map_V, step) of a training
-  workdir's newest checkpoint, with the tables restored into host memory.
-
-  The tables are restored with a `pinned_host` sharding (orbax writes them straight
-  into host RAM), then wrapped as NumPy; the rest goes to the default device. With
-  `table_dir` (written by `export_tables`) the tables are memory-mapped from disk
-  instead and the checkpoint's tables are never read.
-  """
-  import os
-
-  import flax.linen as nn
-
-  from engram_jax import checkpoints
-  from engram_jax import tokenizer as tokenizer_lib
-  from engram_jax.models.lm import EngramLM
-
-  cfg = generate_lib.read_model_config(workdir)
-  if not cfg.engram.layers:
-    raise ValueError(f"--workdir={workdir!r} holds a model without Engram "
-                     "(model.engram.layers is empty): there are no tables to offload")
-  tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
-  model = EngramLM(cfg)
-  abstract = jax.eval_shape(
-      lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))["params"]
-  device, host = jax.sharding.SingleDeviceSharding(jax.devices()[0]), host_memory_sharding()
-  table_paths = {p + (TABLE,) for p in engram_paths(cfg)}
-
-  def place(path, leaf):
-    keys = tuple(getattr(k, "key", k) for k in path)
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                sharding=host if keys in table_paths else device)
-  if table_dir:
-    from engram_jax import tables as tables_lib
-    dense, _ = tables_lib.split_tables(abstract, tables_lib.table_paths(cfg.engram))
-    items, step = checkpoints.restore_checkpoint(
-        workdir, {"params": jax.tree_util.tree_map_with_path(place, dense)},
-        skip=tuple("/".join(p + (TABLE,)) for p in engram_paths(cfg)))
-    device_params, tables = items["params"], disk_tables(cfg, table_dir)
-  elif checkpoints.newest_has_host_tables(workdir):  # trained with host tables
-    device_params, tables_L, step = restore_host_trained(
-        workdir, cfg, jax.tree_util.tree_map_with_path(place, abstract))
-    tables = HostTables(cfg, tables_L)
-  else:
-    items, step = checkpoints.restore_checkpoint(
-        workdir, {"params": jax.tree_util.tree_map_with_path(place, abstract)})
-    device_params, tables = split_params(items["params"], cfg)
-  vocab_map = jnp.asarray(tokenizer_lib.workdir_compressed_vocab(
-      workdir, tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
-  return model, device_params, tables, tok, vocab_map, step
-
-
-def restore_host_trained(workdir: str, cfg: config_lib.ModelConfig, abstract_params):
-  """(params without tables, NumPy tables per layer, step) of a run trained with
-  `engram.placement="host"`: the tables come from the checkpoint's `host_tables` item
-  (their optimizer state is not read)."""
-  from engram_jax import checkpoints
-  from engram_jax import tables as tables_lib
-  paths = tables_lib.table_paths(cfg.engram)
-  dense, tables_abstract = tables_lib.split_tables(abstract_params, paths)
-  items, step = checkpoints.restore_checkpoint(workdir, {"params": dense})
-  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
-  try:
-    saved = checkpoints.restore_host_tables(
-        mngr, step, {p[0]: {"table": t} for p, t in zip(paths, tables_abstract)},
-        partial=True)
-  finally:
-    mngr.close()
-  return items["params"], [saved[p[0]]["table"] for p in paths], step
+from engram_jax.models.lm import as_variables
 
 
 # ----------------------------------------------------------------------------------
@@ -118,7 +50,7 @@ def restore_host_trained(workdir: str, cfg: config_lib.ModelConfig, abstract_par
 def logits(model, device_params, tables: HostTables, tokens_BxT, vocab_map_V=None):
   """Full-forward logits `[B, T, V]`; the rows are gathered on the host up front."""
   ids = tables.hash_ids(tokens_BxT, vocab_map_V)
-  return _apply(model, {"params": device_params, ROWS_COLLECTION: tables.device_rows(ids)},
+  return _apply(model, {**as_variables(device_params), ROWS_COLLECTION: tables.device_rows(ids)},
                 jnp.asarray(tokens_BxT), jnp.asarray(ids))
 
 

@@ -217,63 +217,6 @@ def prompt_bucket(length: int, max_new_tokens: int, max_len: int) -> int:
   return min(bucket, max_len - max_new_tokens)
 
 
-def read_model_config(workdir: str):
-  """The `ModelConfig` a training run saved in `workdir` (a clear error when absent)."""
-  import json
-  import os
-
-  from engram_jax import config as config_lib
-
-  config_path = os.path.join(workdir, "model_config.json")
-  if not os.path.exists(config_path):
-    raise ValueError(f"--workdir={workdir!r} has no model_config.json; point it at a "
-                     "directory written by `python -m engram_jax.main`")
-  with open(config_path, encoding="utf-8") as f:
-    return config_lib.from_dict(json.load(f))
-
-
-def load_workdir(workdir: str):
-  """(model, params, tokenizer, vocab_map_V, step) of a training workdir's newest checkpoint.
-
-  `params` is a variables dict (params and routing biases) for MoE models with
-  `moe.balance="bias"`; every function here takes either.
-  """
-  import os
-
-  import flax.linen as nn
-
-  from engram_jax import checkpoints, hashing
-  from engram_jax import tokenizer as tokenizer_lib
-  from engram_jax.layers import moe
-
-  cfg = read_model_config(workdir)
-  tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
-  model = EngramLM(cfg)
-  abstract = jax.eval_shape(
-      lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
-  if cfg.engram.layers and checkpoints.newest_has_host_tables(workdir):
-    # trained with host tables: put them back into the params for on-device generation
-    from engram_jax.sampling import offload as offload
-    from engram_jax import tables as tables_lib
-    dense, tables_L, step = offload.restore_host_trained(workdir, cfg, abstract["params"])
-    params = tables_lib.merge_tables(dense, tables_lib.table_paths(cfg.engram),
-                                     [jnp.asarray(t) for t in tables_L])
-    if abstract.get(moe.BIAS):
-      raise ValueError(f"--workdir={workdir!r}: MoE routing biases with host tables are "
-                       "not supported by generate yet")
-  elif abstract.get(moe.BIAS):  # MoE loss-free balancing: the trained routing biases too
-    params, step = checkpoints.restore_checkpoint(
-        workdir, {"params": abstract["params"], moe.BIAS: abstract[moe.BIAS]})
-  else:
-    params, step = checkpoints.restore_checkpoint(workdir, {"params": abstract["params"]})
-    params = params["params"]
-  vocab_map = None
-  if cfg.engram.layers:
-    vocab_map = jnp.asarray(tokenizer_lib.workdir_compressed_vocab(
-        workdir, tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
-  return model, params, tok, vocab_map, step
-
-
 SAMPLING_RULES = {
     "temperature": (lambda v: v >= 0, "a finite number >= 0 (0 = greedy)"),
     "top_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),

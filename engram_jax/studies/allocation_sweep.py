@@ -59,7 +59,7 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
   import json
   import os
   from engram_jax import train
-  from engram_jax.sampling import text as generate
+  from engram_jax import workdir as workdir_lib
   directory = point_dir(workdir, rho, seed)
   result = os.path.join(directory, RESULT)
   if os.path.exists(result):
@@ -73,7 +73,7 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
         f"{tuple(config.model.engram.layers)} table_size "
         f"{tuple(config.model.engram.table_size)} -> {directory}", flush=True)
   metrics = train.train_and_evaluate(config, directory)
-  trained = generate.read_model_config(directory)
+  trained = workdir_lib.model_config(directory)
   reference = dataclasses.replace(reference_of(config), vocab_size=trained.vocab_size)
   row = dict(rho=rho, seed=seed, steps=int(config.train.steps), **summary(trained, reference),
              eval_loss=metrics.get("eval_loss"),

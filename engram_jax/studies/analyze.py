@@ -111,24 +111,19 @@ def cka_matrix(streams_a, streams_b) -> np.ndarray:
 # The command
 # ----------------------------------------------------------------------------------
 def _load(workdir: str):
-  """(cfg, params, tokenizer, vocab_map_V) of an LM workdir's newest checkpoint."""
-  from engram_jax.sampling import text as generate
-  model, variables, tok, vocab_map, step = generate.load_workdir(workdir)
-  params = lm.as_variables(variables)["params"]
-  return model.cfg, nn.unbox(params), tok, vocab_map, step
+  """(cfg, params, tokenizer, vocab_map_V, step) of an LM workdir's newest checkpoint."""
+  from engram_jax import workdir as workdir_lib
+  run = workdir_lib.load(workdir, kind="lm")
+  return run.model_cfg, nn.unbox(run.params), run.tokenizer, run.vocab_map, run.step
 
 
 def _eval_tokens(workdir: str, batches: int):
   """`[N, T+1]` token rows of the workdir's validation split (its own data config)."""
-  import json
-
-  import ml_collections
-
   from engram_jax import tasks
+  from engram_jax import workdir as workdir_lib
   from engram_jax.data import text
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if tasks.kind_of(config) != "lm":
+  config, kind = workdir_lib.read_config(workdir)
+  if kind != "lm":
     raise ValueError(f"--workdir={workdir!r} is an image run: analyses read LM workdirs")
   data_cfg = tasks._text_data_config(config)  # noqa: SLF001  the run's data section
   tok = text.build_tokenizer(data_cfg, workdir)

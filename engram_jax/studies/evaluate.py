@@ -475,9 +475,10 @@ def main(argv=None) -> int:
       if getattr(args, name) < 0:
         raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
     options = feature_net_options(args)
-    from engram_jax.sampling import image as generate_image
+    from engram_jax import workdir
     from engram_jax.data import images
-    config, model, params, step = generate_image.load_image_workdir(args.workdir)
+    trained = workdir.load(args.workdir, kind="image")
+    config, model, params, step = trained.config, trained.model, trained.params, trained.step
     data_cfg = images.ImageDataConfig(**config.data.to_dict())
     batches = images.eval_batches(data_cfg, args.split, max_batches=args.max_batches or None)
     metrics = {"step": step, "split": args.split,

@@ -109,11 +109,14 @@ def recall(workdir: str, data: str, max_queries: int = 0, batch_size: int = 16) 
   import jax
   import jax.numpy as jnp
 
+  from engram_jax import workdir as workdir_lib
   from engram_jax.sampling import text as generate
   queries = read_queries(data)
   if max_queries:
     queries = queries[:max_queries]
-  model, params, tok, vocab_map, step = generate.load_workdir(workdir)
+  trained = workdir_lib.load(workdir, kind="lm")
+  model, params, tok, vocab_map, step = (trained.model, trained.variables, trained.tokenizer,
+                                         trained.vocab_map, trained.step)
   new_tokens = 3
   encoded = [tok.encode(q["prompt"]).ids for q in queries]
   bucket = generate.prompt_bucket(max(len(e) for e in encoded), new_tokens,

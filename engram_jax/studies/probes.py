@@ -415,10 +415,11 @@ def _divergence_report(args, out_dir: str, name: str, results, compare, header) 
 
 def run(args) -> list[str]:
   """Runs the probes of parsed `args` on the workdir's newest checkpoint; the paths."""
-  from engram_jax.sampling import image as generate_image
+  from engram_jax import workdir
   from engram_jax.data import images
 
-  config, model, params, step = generate_image.load_image_workdir(args.workdir)
+  trained = workdir.load(args.workdir, kind="image")
+  config, model, params, step = trained.config, trained.model, trained.params, trained.step
   cfg = model.cfg
   if not cfg.model.engram.layers:
     raise ValueError(f"--workdir={args.workdir!r}: model.engram.layers is empty (a "

@@ -57,9 +57,10 @@ def evaluate_point(workdir: str, split: str, quality) -> dict[str, float]:
   """NLL (bits/token) on `split` and FID / IS by `quality` of a workdir's newest step."""
   import jax
   from engram_jax.studies import evaluate as evaluate
-  from engram_jax.sampling import image as generate_image
+  from engram_jax import workdir as workdir_lib
   from engram_jax.data import images
-  config, model, params, step = generate_image.load_image_workdir(workdir)
+  trained = workdir_lib.load(workdir, kind="image")
+  config, model, params, step = trained.config, trained.model, trained.params, trained.step
   data_cfg = images.ImageDataConfig(**config.data.to_dict())
   row = {"step": step, "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
          "nll_bits_per_token": evaluate.nll_bits_per_token(

@@ -1,0 +1,352 @@
+"""One trained run: its config, kind, model, variables, tokenizer and step (`load`).
+
+A training workdir is described by one file, `config.json`: the run's config (what
+`--print_config` prints) plus a `resolved_model` section, `{"kind": "lm" | "image",
+"model": ModelConfig}`, the model as training resolved it (e.g. `vocab_size` from the
+tokenizer). Training writes it (`write_run_metadata`) only once its resume restored.
+Workdirs written before that section existed keep the resolved model in
+`model_config.json`; they load and resume the same, and their next run folds it in.
+
+Every reader of a trained run (sampling, studies, the table export) goes through
+`load`, which restores the newest readable checkpoint with the Engram tables where
+the caller wants them: in the params (`"device"`), or as `host_tables.HostTables` in
+host RAM (`"host"`) or memory-mapped from an export (`"disk"`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax import config as config_lib
+from engram_jax.host_tables import HostTables
+from engram_jax.layers import moe
+
+CONFIG_FILE = "config.json"
+LEGACY_MODEL_CONFIG = "model_config.json"  # the resolved model, in older workdirs
+RESOLVED = "resolved_model"
+KINDS = ("lm", "image")
+PLACEMENTS = ("device", "host", "disk")
+SAVED_COLLECTIONS = ("params", moe.BIAS)  # the model variables a checkpoint holds
+_IMAGE_GRID = ("height", "width", "num_classes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trained run at its newest readable checkpoint.
+
+  config: the run's `ml_collections.ConfigDict` (without the resolved section).
+  model_cfg: `model.cfg`: a `ModelConfig` (lm) or `models.image.ImageModelConfig`.
+  variables: `{"params": ...}`, plus the MoE `routing` biases where the model has them
+    (`sampling.text` and `sampling.offload` take it whole; `params` is the tree alone).
+  tables: the Engram tables as `HostTables` when loaded with `tables="host"|"disk"`
+    (the params then hold none); None when they are in the params.
+  tokenizer, vocab_map: lm runs (vocab_map: the compressed vocabulary, with Engram).
+  """
+  workdir: str
+  config: Any
+  kind: str
+  model_cfg: Any
+  model: nn.Module
+  variables: dict
+  step: int
+  tokenizer: Any = None
+  vocab_map: Optional[jax.Array] = None
+  tables: Optional[HostTables] = None
+
+  @property
+  def params(self):
+    return self.variables["params"]
+
+
+# ----------------------------------------------------------------------------------
+# Reading the run's description
+# ----------------------------------------------------------------------------------
+def kind_of(config) -> str:
+  """"lm" or "image": `config.task`, else (runs older than it) "image" when the data
+  section has a grid and classes."""
+  kind = config.get("task")
+  if kind is None:
+    data = config.get("data") or {}
+    kind = "image" if all(k in data for k in _IMAGE_GRID) else "lm"
+  if kind not in KINDS:
+    raise ValueError(f"task={kind!r} is invalid: choose one of {KINDS}")
+  return kind
+
+
+def _read_saved(workdir: str) -> dict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"--workdir={workdir!r} has no {CONFIG_FILE}; point it at a "
+                     "directory written by `python -m engram_jax.main`")
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except ValueError as err:
+    raise ValueError(f"--workdir={workdir!r}: {CONFIG_FILE} is not readable JSON ({err}); "
+                     "restore it from the run's launch command (`--print_config`)") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"--workdir={workdir!r}: {CONFIG_FILE} holds no config object")
+  return saved
+
+
+def read_config(workdir: str):
+  """(config, kind) of the run in `workdir`: its `config.json` as a ConfigDict, the
+  resolved section left out. Reads no checkpoint."""
+  import ml_collections
+  saved = _read_saved(workdir)
+  resolved = saved.pop(RESOLVED, None) or {}
+  config = ml_collections.ConfigDict(saved)
+  return config, resolved.get("kind") or kind_of(config)
+
+
+def _resolved_model(workdir: str) -> tuple[dict, str]:
+  """(the resolved model config as a dict, the file it is in); ({}, "") when the
+  workdir has none or it is torn."""
+  for name in (CONFIG_FILE, LEGACY_MODEL_CONFIG):
+    try:
+      with open(os.path.join(workdir, name), encoding="utf-8") as f:
+        saved = json.load(f)
+      found = saved.get(RESOLVED, {}).get("model") if name == CONFIG_FILE else saved
+    except (OSError, ValueError, AttributeError):
+      continue
+    if found:
+      return found, name
+  return {}, ""
+
+
+def _model_config(workdir: str, config, kind: str):
+  """(model_cfg, the file that describes it): `ModelConfig` or `ImageModelConfig`."""
+  resolved, source = _resolved_model(workdir)
+  if kind == "image":
+    from engram_jax.models import image
+    data = config.get("data") or {}
+    if "model" not in config or not all(k in data for k in _IMAGE_GRID):
+      raise ValueError(f"--workdir={workdir!r}: its {CONFIG_FILE} is not an image run (no "
+                       "data.height/width/num_classes)")
+    return image.make_image_config(resolved or config.model, data), source or CONFIG_FILE
+  if not resolved:
+    raise ValueError(f"--workdir={workdir!r}: its {CONFIG_FILE} has no {RESOLVED} section "
+                     f"(and there is no {LEGACY_MODEL_CONFIG}); point it at a directory "
+                     "written by `python -m engram_jax.main`")
+  return config_lib.from_dict(resolved), source
+
+
+def model_config(workdir: str):
+  """The run's model config as training resolved it (`ModelConfig` for lm runs,
+  `ImageModelConfig` for image runs); reads no checkpoint."""
+  config, kind = read_config(workdir)
+  return _model_config(workdir, config, kind)[0]
+
+
+# ----------------------------------------------------------------------------------
+# Loading the run
+# ----------------------------------------------------------------------------------
+def abstract_variables(model: nn.Module) -> dict:
+  """ShapeDtypeStructs of the variables a checkpoint holds (params; MoE routing biases
+  where the model has them), from shapes alone: nothing is allocated."""
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  return {k: v for k, v in nn.unbox(boxed).items() if k in SAVED_COLLECTIONS and v}
+
+
+def _on_host(params, paths):
+  """`params` with the leaves at `paths` restored into host memory (never on an
+  accelerator: a table larger than the device never lands on it)."""
+  from engram_jax import host_tables
+  host, wanted = host_tables.host_memory_sharding(), set(paths)
+
+  def place(path, leaf):
+    if tuple(getattr(k, "key", k) for k in path) not in wanted:
+      return leaf
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=host)
+  return jax.tree_util.tree_map_with_path(place, params)
+
+
+def _host_tables_item(workdir: str, step: int, paths, tables_abstract) -> list:
+  """The NumPy tables of checkpoint `step`'s `host_tables` item (a run trained with
+  `engram.placement="host"`); their optimizer state is not read."""
+  from engram_jax import checkpoints
+  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
+  try:
+    saved = checkpoints.restore_host_tables(
+        mngr, step, {p[0]: {"table": t} for p, t in zip(paths, tables_abstract)},
+        partial=True)
+  finally:
+    mngr.close()
+  return [saved[p[0]]["table"] for p in paths]
+
+
+def _restore(workdir: str, model: nn.Module, cfg: config_lib.ModelConfig, placement: str,
+             table_dir: Optional[str], config_file: str):
+  """(variables, HostTables or None, step) of the newest readable checkpoint.
+
+  A host-trained run's checkpoint keeps its tables in the `host_tables` item, not in
+  the params; with `placement="disk"` the checkpoint's tables are never read.
+  """
+  from engram_jax import checkpoints, host_tables
+  from engram_jax import tables as tables_lib
+  abstract = abstract_variables(model)
+  paths = tables_lib.table_paths(cfg.engram) if cfg.engram.layers else []
+  host_trained = bool(paths) and checkpoints.newest_has_host_tables(workdir)
+  items = dict(abstract)
+  if placement == "host":
+    items["params"] = _on_host(items["params"], paths)
+  tables_abstract = []
+  if placement == "disk" or host_trained:
+    items["params"], tables_abstract = tables_lib.split_tables(items["params"], paths)
+  skip = tuple("/".join(p) for p in paths) if placement == "disk" else ()
+  restored, step = checkpoints.restore_checkpoint(workdir, items, config_file, skip)
+  params, tables = restored["params"], None
+  if placement == "disk":
+    from engram_jax.disk_tables import disk_tables
+    tables = disk_tables(cfg, table_dir)
+  elif host_trained:
+    tables_L = _host_tables_item(workdir, step, paths, tables_abstract)
+    if placement == "host":
+      tables = HostTables(cfg, tables_L)
+    else:
+      params = tables_lib.merge_tables(params, paths, [jnp.asarray(t) for t in tables_L])
+  elif placement == "host":
+    params, tables = host_tables.split_params(params, cfg)
+  return {**restored, "params": params}, tables, step
+
+
+def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None,
+         kind: Optional[str] = None) -> Run:
+  """The run in `workdir` at its newest readable checkpoint.
+
+  tables: where an lm run's Engram tables go: "device" (in the params), "host"
+    (restored into host RAM as `HostTables`) or "disk" (memory-mapped from `table_dir`,
+    written by `export_tables`; the checkpoint's tables are not read).
+  kind: "lm" or "image" for a caller that reads only that kind (a one-line error
+    otherwise, before any checkpoint is read).
+
+  Errors are one-line ValueErrors naming what to fix: no config, no checkpoint, a
+  config that does not fit the checkpoint. An unreadable newer checkpoint is one
+  warning line, and the one before it loads.
+  """
+  if tables not in PLACEMENTS:
+    raise ValueError(f"--tables={tables!r} is invalid: choose one of {PLACEMENTS}")
+  if (tables == "disk") != bool(table_dir):
+    raise ValueError("--tables=disk and --table_dir go together: give both (the "
+                     "directory written by `python -m engram_jax.workdir export_tables`)")
+  config, run_kind = read_config(workdir)
+  if kind is not None and run_kind != kind:
+    raise ValueError(f"--workdir={workdir!r} holds a {run_kind!r} run (its {CONFIG_FILE}); "
+                     f"this command reads {kind!r} runs, and `python -m engram_jax.generate` "
+                     "samples from either")
+  model_cfg, source = _model_config(workdir, config, run_kind)
+  cfg = getattr(model_cfg, "model", model_cfg)  # an image model's backbone
+  tok = vocab_map = None
+  if run_kind == "image":
+    from engram_jax.models.image import ImageARModel
+    if tables != "device":
+      raise ValueError(f"--tables={tables}: image runs sample with their tables on the "
+                       "device; offloaded tables are for language models")
+    model = ImageARModel(model_cfg)
+  else:
+    from engram_jax import tokenizer as tokenizer_lib
+    from engram_jax.models.lm import EngramLM
+    if tables != "device" and not cfg.engram.layers:
+      raise ValueError(f"--workdir={workdir!r} holds a model without Engram "
+                       "(model.engram.layers is empty): there are no tables to offload")
+    tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
+    model = EngramLM(model_cfg)
+  variables, host, step = _restore(workdir, model, cfg, tables, table_dir, source)
+  if tok is not None and cfg.engram.layers:
+    from engram_jax import tokenizer as tokenizer_lib
+    vocab_map = jnp.asarray(tokenizer_lib.workdir_compressed_vocab(
+        workdir, tok, cfg.engram.hash, cfg.engram.compressed_vocab_size))
+  return Run(workdir, config, run_kind, model_cfg, model, variables, step, tok, vocab_map,
+             host)
+
+
+# ----------------------------------------------------------------------------------
+# Writing the run's description (training)
+# ----------------------------------------------------------------------------------
+def config_json(config) -> str:
+  return (config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort")
+          else json.dumps(dict(config), indent=1))
+
+
+def write_run_metadata(workdir: str, config, model_cfg: config_lib.ModelConfig) -> None:
+  """`config.json` with its resolved section (kind, `model_cfg`), atomically; called
+  only once the run's checkpoint restored (or there was none), so a failed resume
+  never rewrites it. An older run's `model_config.json` goes: this file says it all."""
+  if jax.process_index() != 0:
+    return
+  from engram_jax import tokenizer
+  saved = json.loads(config_json(config))
+  saved[RESOLVED] = {"kind": kind_of(config), "model": config_lib.to_dict(model_cfg)}
+
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(saved, f, indent=1)
+  tokenizer.atomic_write(os.path.join(workdir, CONFIG_FILE), write)
+  try:
+    os.remove(os.path.join(workdir, LEGACY_MODEL_CONFIG))
+  except FileNotFoundError:
+    pass
+
+
+def saved_model_config(workdir: str) -> dict:
+  """The workdir's resolved model config as a dict ({} when it has none or it is torn)."""
+  return _resolved_model(workdir)[0]
+
+
+def model_config_differences(workdir: str, model_cfg: config_lib.ModelConfig) -> list[str]:
+  """`model.FIELD: saved -> now` for each field that differs from the workdir's saved
+  model config (none when the workdir has none)."""
+  from flax import traverse_util
+
+  from engram_jax.data import fingerprint
+  saved = saved_model_config(workdir)
+  if not saved:
+    return []
+  now = json.loads(json.dumps(config_lib.to_dict(model_cfg)))  # tuples -> lists
+  flat = lambda tree: {f"model.{k}": v for k, v in
+                       traverse_util.flatten_dict(tree, sep=".").items()}
+  return fingerprint.differences(flat(saved), flat(now))
+
+
+# ----------------------------------------------------------------------------------
+# python -m engram_jax.workdir export_tables --workdir=W --out=DIR
+# ----------------------------------------------------------------------------------
+def export_tables(workdir: str, out_dir: str) -> str:
+  """Writes the newest checkpoint's Engram tables as `disk_tables` files into
+  `out_dir` (runs trained with device or host tables alike); returns `out_dir`."""
+  from engram_jax import disk_tables
+  run = load(workdir, tables="host", kind="lm")
+  return disk_tables.write_tables(run.tables, out_dir, workdir=os.path.abspath(workdir),
+                                  step=run.step)
+
+
+def main(argv=None) -> int:
+  import argparse
+  import sys
+
+  from engram_jax import disk_tables
+  parser = argparse.ArgumentParser(
+      prog="python -m engram_jax.workdir",
+      description="Write a workdir's Engram tables as memory-mappable .npy files "
+                  "(`python -m engram_jax.generate --tables=disk --table_dir=DIR`).")
+  sub = parser.add_subparsers(dest="command", required=True)
+  export = sub.add_parser("export_tables", help="tables of the newest checkpoint -> DIR")
+  export.add_argument("--workdir", required=True)
+  export.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  try:
+    print(f"wrote {export_tables(args.workdir, args.out)}/{disk_tables.TABLES_MANIFEST}")
+  except (ValueError, OSError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
