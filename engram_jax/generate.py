@@ -8,6 +8,55 @@ which, so there is one command to remember.
 import jax
 import numpy as np
 
+from engram_jax.sampling import text
+
+
+def check_request(max_new_tokens: int, num_samples: int, temperature: float, top_k: int,
+                  top_p: float) -> None:
+  """A ValueError naming the first flag out of range (before any checkpoint is read)."""
+  for name, value in (("max_new_tokens", max_new_tokens), ("num_samples", num_samples)):
+    if value < 1:
+      raise ValueError(f"--{name}={value}: use a positive integer")
+  text.check_sampling(dict(temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+def continue_prompt(run, prompt: str, *, max_new_tokens: int = 64, num_samples: int = 1,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> list[str]:
+  """`num_samples` continuations of `prompt` (text, without the prompt) from a loaded LM
+  run (`workdir.load`): what `python -m engram_jax.generate --prompt=...` prints. Tables
+  in host RAM or on disk (`run.tables`) are read by a host callback per step."""
+  from engram_jax import tokenizer as tokenizer_lib
+  check_request(max_new_tokens, num_samples, temperature, top_k, top_p)
+  tok, max_len = run.tokenizer, run.model.cfg.max_len
+  eos = tokenizer_lib.eos_id(tok)
+  ids = tok.encode(prompt, add_special_tokens=False).ids or [eos]
+  if len(ids) + max_new_tokens > max_len:
+    raise ValueError(f"--prompt is {len(ids)} tokens; with --max_new_tokens={max_new_tokens} "
+                     f"that exceeds the model's context model.max_len={max_len}; shorten "
+                     "the prompt or ask for fewer tokens")
+  prompt_BxT = np.zeros((num_samples, text.prompt_bucket(len(ids), max_new_tokens, max_len)),
+                        np.int32)
+  prompt_BxT[:, :len(ids)] = ids
+  lengths_B = np.full((num_samples,), len(ids), np.int32)
+  sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, eos_id=eos, pad_id=eos, vocab_map_V=run.vocab_map)
+  if run.tables is not None:
+    from engram_jax.sampling import offload
+    new_BxS = offload.generate(run.model, run.variables, run.tables, prompt_BxT, lengths_B,
+                               jax.random.key(seed), **sampling)
+  else:
+    new_BxS = _generate_jit(run.model, run.variables, prompt_BxT, lengths_B,
+                            jax.random.key(seed), **sampling)
+  texts = []
+  for row in np.asarray(new_BxS).tolist():
+    texts.append(tok.decode(row[:row.index(eos)] if eos in row else row))
+  return texts
+
+
+_generate_jit = jax.jit(text.generate, static_argnums=0, static_argnames=(
+    "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
+
 
 def _is_image_run(argv) -> bool:
   import argparse
@@ -73,52 +122,25 @@ def main(argv=None) -> int:
   from engram_jax.sampling import image
   if _is_image_run(argv):  # an image workdir: --classes, --cfg_scale, a PNG grid
     return image.main(argv)
-  from engram_jax.sampling import text
   args = build_parser().parse_args(argv)
   try:
-    for name in ("max_new_tokens", "num_samples"):
-      if getattr(args, name) < 1:
-        raise ValueError(f"--{name}={getattr(args, name)}: use a positive integer")
     image_flags = [f"--{name}" for name in IMAGE_FLAGS if hasattr(args, name)]
     if image_flags:
       raise ValueError(f"{', '.join(image_flags)}: only for image workdirs; "
                        f"--workdir={args.workdir!r} is not an image run")
-    text.check_sampling(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+    check_request(args.max_new_tokens, args.num_samples, args.temperature, args.top_k,
+                       args.top_p)
     from engram_jax import workdir
-    run = workdir.load(args.workdir, args.tables, args.table_dir or None)
-    model, variables, tok, vocab_map, step = (run.model, run.variables, run.tokenizer,
-                                              run.vocab_map, run.step)
-    from engram_jax import tokenizer as tokenizer_lib
-    eos = tokenizer_lib.eos_id(tok)
-    ids = tok.encode(args.prompt, add_special_tokens=False).ids or [eos]
-    max_len = model.cfg.max_len
-    if len(ids) + args.max_new_tokens > max_len:
-      raise ValueError(f"--prompt is {len(ids)} tokens; with --max_new_tokens="
-                       f"{args.max_new_tokens} that exceeds the model's context "
-                       f"model.max_len={max_len}; shorten the prompt or ask for fewer tokens")
-    bucket = text.prompt_bucket(len(ids), args.max_new_tokens, max_len)
-    prompt = np.zeros((args.num_samples, bucket), np.int32)
-    prompt[:, :len(ids)] = ids
-    lengths = np.full((args.num_samples,), len(ids), np.int32)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=eos,
-                    vocab_map_V=vocab_map)
-    if run.tables is not None:
-      from engram_jax.sampling import offload as offload
-      new = np.asarray(offload.generate(model, variables, run.tables, prompt, lengths,
-                                        jax.random.key(args.seed), **sampling))
-    else:
-      sample = jax.jit(text.generate, static_argnums=0, static_argnames=(
-          "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
-      new = np.asarray(sample(model, variables, prompt, lengths, jax.random.key(args.seed),
-                              **sampling))
+    run = workdir.load(args.workdir, args.tables, args.table_dir or None, kind="lm")
+    texts = continue_prompt(run, args.prompt, max_new_tokens=args.max_new_tokens,
+                                 num_samples=args.num_samples, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  print(f"# {args.workdir} step {step}", flush=True)
-  for i, row in enumerate(new):
-    cut = list(row[:list(row).index(eos)]) if eos in row else list(row)
-    print(f"--- sample {i} ---\n{args.prompt}{tok.decode(cut)}", flush=True)
+  print(f"# {args.workdir} step {run.step}", flush=True)
+  for i, sample in enumerate(texts):
+    print(f"--- sample {i} ---\n{args.prompt}{sample}", flush=True)
   return 0
 
 

@@ -17,7 +17,7 @@ LAYERS = (
                          "import_engram", "checkpoints", "writers", "data.")),
     ("runs", ("workdir", "tasks", "sizing", "train", "sampling.")),
     ("studies", ("studies.",)),
-    ("entry points", ("main", "generate")),
+    ("entry points", ("main", "generate", "jobs")),
 )
 # Wings that must not reach into each other (sampling needs no training machinery).
 SEPARATE = (("sampling.", ("train", "tasks", "data.", "writers", "optim")),

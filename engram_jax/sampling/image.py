@@ -7,8 +7,12 @@ the class token, rows `[B, 2B)` the null class, and the sampled logits are
 `uncond + cfg_scale * (cond - uncond)`; `cfg_scale` 0 or 1 means no guidance (plain
 conditional sampling, batch not doubled).
 """
+import dataclasses
+import types
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engram_jax.sampling.text import check_sampling, sample
 from engram_jax.models.image import ImageARModel
@@ -129,7 +133,6 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 def save_grid_png(path: str, codes_RxSxHxW, classes, vmax: int) -> None:
   """One row of samples per class, each cell a grey level (0 light, `vmax` dark)."""
-  import numpy as np
   from matplotlib.figure import Figure
 
   codes = np.asarray(codes_RxSxHxW, np.float64)
@@ -161,12 +164,47 @@ def sampling_settings(config, overrides=None) -> dict:
   return {k: SAMPLING_TYPES[k](v) for k, v in settings.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """Samples of `sample_grid`: codes `[B, Hi, Wi]` (rows of the PNG are classes), their
+  labels, the PNG and npz written, and the sampling settings used."""
+  codes_BxHixWi: np.ndarray
+  labels_B: np.ndarray
+  png: str
+  sampling: dict
+
+
+def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
+                out: str = "", overrides=None) -> Grid:
+  """Samples `samples_per_class` images of each class (`"0,3"` or a list; all by
+  default) from a loaded image run (`workdir.load`), writes the PNG grid and the codes
+  as npz beside it (default WORKDIR/samples_stepS_seedN.png): what
+  `python -m engram_jax.generate` does for an image run. `overrides`: an object or dict
+  with cfg_scale / temperature / top_k / top_p over the config's `sample` section."""
+  import os
+  if samples_per_class < 1:
+    raise ValueError(f"--samples_per_class={samples_per_class}: use a positive integer")
+  g = run.model.cfg
+  if isinstance(classes, str):
+    classes = parse_classes(classes, g.num_classes) if classes else list(range(g.num_classes))
+  if isinstance(overrides, dict):
+    overrides = types.SimpleNamespace(**overrides)
+  sampling = sampling_settings(run.config, overrides)
+  check_sampling(sampling)
+  labels_B = np.repeat(np.asarray(classes, np.int32), samples_per_class)
+  sample = jax.jit(generate_images, static_argnums=0, static_argnames=tuple(sampling))
+  codes = np.asarray(sample(run.model, run.params, labels_B, jax.random.key(seed), **sampling))
+  out = out or os.path.join(run.workdir, f"samples_step{run.step}_seed{seed}.png")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  save_grid_png(out, codes.reshape(len(classes), samples_per_class, g.height, g.width),
+                classes, g.codebook_size - 1)
+  np.savez(os.path.splitext(out)[0] + ".npz", codes=codes, labels=labels_B)
+  return Grid(codes, labels_B, out, sampling)
+
+
 def main(argv=None) -> int:
   import argparse
-  import os
   import sys
-
-  import numpy as np
 
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.generate",
@@ -192,30 +230,19 @@ def main(argv=None) -> int:
                       help="PNG path (default: WORKDIR/samples_stepS_seedN.png)")
   args = parser.parse_args(argv)
   try:
-    if args.samples_per_class < 1:
+    if args.samples_per_class < 1:  # before a checkpoint is read
       raise ValueError(f"--samples_per_class={args.samples_per_class}: use a positive integer")
     from engram_jax import workdir
     trained = workdir.load(args.workdir, kind="image")
-    config, model, params, step = trained.config, trained.model, trained.params, trained.step
-    g = model.cfg
-    classes = (parse_classes(args.classes, g.num_classes) if getattr(args, "classes", "")
-               else list(range(g.num_classes)))
-    sampling = sampling_settings(config, args)
-    check_sampling(sampling)
-    labels = np.repeat(np.asarray(classes, np.int32), args.samples_per_class)
-    run = jax.jit(generate_images, static_argnums=0, static_argnames=tuple(sampling))
-    codes = np.asarray(run(model, params, labels, jax.random.key(args.seed), **sampling))
-    out = getattr(args, "out", "") or os.path.join(args.workdir, f"samples_step{step}_seed{args.seed}.png")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_grid_png(out, codes.reshape(len(classes), args.samples_per_class, g.height, g.width),
-                  classes, g.codebook_size - 1)
-    np.savez(os.path.splitext(out)[0] + ".npz", codes=codes, labels=labels)
+    grid = sample_grid(trained, args.classes if hasattr(args, "classes") else "",
+                       args.samples_per_class, seed=args.seed,
+                       out=getattr(args, "out", ""), overrides=args)
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  print(f"# {args.workdir} step {step}: {len(labels)} samples, " +
-        ", ".join(f"{k}={v}" for k, v in sampling.items()), flush=True)
-  print(out, flush=True)
+  print(f"# {args.workdir} step {trained.step}: {len(grid.labels_B)} samples, " +
+        ", ".join(f"{k}={v}" for k, v in grid.sampling.items()), flush=True)
+  print(grid.png, flush=True)
   return 0
 
 

@@ -233,3 +233,4 @@ def check_sampling(settings: dict) -> None:
     allowed, rule = SAMPLING_RULES[name]
     if not (math.isfinite(value) and allowed(value)):
       raise ValueError(f"--{name}={value}: use {rule}")
+
