@@ -52,3 +52,54 @@ def curves(workdir: str, key: str) -> tuple[list[int], list[float]]:
   return [int(r["step"]) for r in rows], [float(r[key]) for r in rows]
 
 
+
+
+def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None):
+  """The trained run in `workdir` (`workdir.Run`: config, kind, model, variables,
+  tokenizer, step), its newest readable checkpoint restored."""
+  from engram_jax import workdir as workdir_lib
+  return workdir_lib.load(workdir, tables, table_dir)
+
+
+def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
+  """Samples from a trained run, as `python -m engram_jax.generate` does. A language
+  model returns its continuations of `prompt` (a list of strings; settings:
+  max_new_tokens, num_samples, temperature, top_k, top_p, tables, table_dir); an image
+  run returns a `sampling.image.Grid` (codes, labels, the PNG written; settings:
+  classes, samples_per_class, out, cfg_scale, temperature, top_k, top_p)."""
+  from engram_jax import generate as generate_lib
+  from engram_jax import workdir as workdir_lib
+  from engram_jax.sampling import image
+  _, kind = workdir_lib.read_config(workdir)
+  if kind == "image":
+    run = workdir_lib.load(workdir, kind="image")
+    grid_keys = ("classes", "samples_per_class", "out")
+    return image.sample_grid(run, seed=seed, overrides={k: v for k, v in settings.items()
+                                                         if k not in grid_keys},
+                             **{k: v for k, v in settings.items() if k in grid_keys})
+  run = workdir_lib.load(workdir, settings.pop("tables", "device"),
+                         settings.pop("table_dir", None), kind="lm")
+  return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
+
+
+def evaluate(workdir: str, split: str = "val", **options) -> dict:
+  """NLL and (with samples_per_class) FID / IS of an image run: the metrics that
+  `python -m engram_jax.studies.evaluate` prints (also written as json in the workdir)."""
+  from engram_jax.studies import evaluate as evaluate_lib
+  metrics, _ = evaluate_lib.evaluate_run(workdir, split, **options)
+  return metrics
+
+
+def probes(workdir: str, probe: str = "all", **flags) -> dict[str, str]:
+  """Runs the vision paper's probes on an image run (`probe`: gate_clamp, donor, table or
+  all; `flags`: the command's, e.g. samples_per_class=10, max_batches=2) and returns each
+  report's markdown table by name; the md/csv/png files are in WORKDIR/probes."""
+  from engram_jax.studies import probes as probes_lib
+  argv = [f"--workdir={workdir}", f"--probe={probe}",
+          *(f"--{key}={value}" for key, value in flags.items())]
+  reports = {}
+  for path in probes_lib.run(probes_lib.parse_args(argv)):
+    if path.endswith(".md"):
+      with open(path, encoding="utf-8") as f:
+        reports[os.path.splitext(os.path.basename(path))[0]] = f.read()
+  return reports

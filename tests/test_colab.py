@@ -1,5 +1,9 @@
-"""The Colab notebooks run top to bottom (nbclient) at toy size, already installed."""
+"""The Colab notebooks run top to bottom (nbclient) at toy size. engram_jax is importable
+here, so the install cell installs nothing; the kernel inherits the tests' 8 simulated
+CPU devices, so the scale-out cell shards the tables over a real 8-device mesh."""
+import json
 import os
+import re
 
 import pytest
 
@@ -7,48 +11,73 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_TOY = {"model.width": 32, "model.depth": 3, "model.num_heads": 2,
+             "model.num_kv_heads": 2, "model.engram.table_size": 61, "mesh.num_devices": 1}
 
 
 def _execute(name, tmp_path, **env):
-  os.environ.update({"ENGRAM_COLAB_SKIP_INSTALL": "1", "ENGRAM_REPO": ROOT,
-                     "ENGRAM_COLAB_WORKDIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "2",
-                     **env})
+  env = {"ENGRAM_COLAB_WORKDIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "2",
+         "ENGRAM_COLAB_MESH_STEPS": "2", **env}
+  saved = {key: os.environ.get(key) for key in env}
+  os.environ.update(env)
   try:
     nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": ROOT}}).execute()
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
   finally:
-    for key in ("ENGRAM_COLAB_SKIP_INSTALL", "ENGRAM_REPO", "ENGRAM_COLAB_WORKDIR",
-                *env):
-      os.environ.pop(key, None)
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
   return nb
 
 
-def _outputs(nb) -> str:
-  return "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for out in cell.get("outputs", []))
+def _cell_text(cell) -> str:
+  """Printed text and rendered markdown of a cell."""
+  parts = []
+  for out in cell.get("outputs", []):
+    data = out.get("data", {})
+    parts.append(out.get("text", "") or "".join(data.get("text/markdown", "")))
+  return "\n".join(parts)
+
+
+def _outputs(nb) -> list[str]:
+  return [_cell_text(cell) for cell in nb.cells if cell.cell_type == "code"]
+
+
+def _mesh_checks(text: str) -> None:
+  assert "8 x cpu (cpu)" in text  # the kernel's 8 devices
+  per_device = re.search(r"engram tables: .* row-sharded over (\d+) devices", text)
+  assert per_device and per_device.group(1) == "8", text[-1500:]
 
 
 def test_lm_quickstart(tmp_path):
+  """Runs from an empty directory: the shipped configs resolve from the package."""
+  config = os.path.join(ROOT, "tests", "lm_test_config.py")
   nb = _execute("lm_quickstart.ipynb", tmp_path, ENGRAM_COLAB_STEPS="3",
-                ENGRAM_COLAB_CONFIG="tests/lm_test_config.py")
-  text = _outputs(nb)
-  assert "tiny_baseline: eval loss" in text and "tiny: eval loss" in text
+                ENGRAM_COLAB_CONFIG=config)
+  install, train, plot, sample, mesh = _outputs(nb)
+  assert "runtime: cpu" in install
+  assert "step 3/3" in train and "final: step 3" in train  # progress lines, live
+  assert re.search(r"tiny_baseline: eval loss \d", plot) and re.search(r"tiny: eval loss \d",
+                                                                       plot)
   assert os.path.getsize(tmp_path / "loss_curves.png") > 1000
-  assert text.count("'def ") == 2  # two samples continue the prompt
+  assert [line[:5] for line in sample.splitlines()] == ["'def ", "'def "]
+  _mesh_checks(mesh)
 
 
 def test_image_quickstart(tmp_path):
-  toy = ("--config.model.width=32 --config.model.depth=3 --config.model.num_heads=2 "
-         "--config.model.num_kv_heads=2 --config.model.engram.table_size=61 "
-         "--config.mesh.num_devices=1")
   nb = _execute("image_quickstart.ipynb", tmp_path, ENGRAM_COLAB_STEPS="3",
-                ENGRAM_COLAB_EXTRA=toy, ENGRAM_COLAB_SAMPLES="0")
-  text = _outputs(nb)
-  assert "digits final: step 3" in text and "digits_baseline final: step 3" in text
-  for name in ("digits_samples.png", "digits_baseline_samples.png"):
-    assert os.path.getsize(tmp_path / name) > 200
-  assert "| gate" in text or "gate" in text.lower()
+                ENGRAM_COLAB_OVERRIDES=json.dumps(IMAGE_TOY), ENGRAM_COLAB_SAMPLES="2")
+  install, train, samples, scores, probes, mesh = _outputs(nb)
+  assert "final: step 3" in train
+  for variant in ("digits", "digits_baseline"):
+    assert os.path.getsize(tmp_path / f"{variant}_samples.png") > 200
+    assert re.search(rf"{variant}: nll_bits_per_token \d.*fid \d", scores), scores
+  assert "(60, 8, 8)" in samples  # 10 classes x 6 samples of 8x8 codes
   for probe in ("gate_clamp", "table"):
     for ext in ("md", "csv", "png"):
       assert (tmp_path / "digits" / "probes" / f"{probe}.{ext}").exists()
+  assert "learned" in probes and "collapse" in probes  # both tables rendered
+  _mesh_checks(mesh)

@@ -452,6 +452,33 @@ def nll_bits_per_token(model: ImageARModel, params, batches: Iterable[dict]) -> 
 # ----------------------------------------------------------------------------------
 # Command line: python -m engram_jax.studies.evaluate --workdir=DIR
 # ----------------------------------------------------------------------------------
+def evaluate_run(workdir: str, split: str = "val", *, max_batches: int = 0,
+                 samples_per_class: int = 0, seed: int = 0, classifier_dir: str = "",
+                 **feature_net) -> tuple[dict, str]:
+  """(metrics, path of the json written) of an image run's newest checkpoint: NLL in bits
+  per token on `split` (`max_batches` 0 = all) and, with `samples_per_class`, FID / IS of
+  samples against the split (`feature_net`: `feature_net_options`' keywords). What
+  `python -m engram_jax.studies.evaluate` runs."""
+  import json
+  from engram_jax import workdir as workdir_lib
+  from engram_jax.data import images
+  trained = workdir_lib.load(workdir, kind="image")
+  config, model, params, step = trained.config, trained.model, trained.params, trained.step
+  data_cfg = images.ImageDataConfig(**config.data.to_dict())
+  batches = images.eval_batches(data_cfg, split, max_batches=max_batches or None)
+  metrics = {"step": step, "split": split,
+             "nll_bits_per_token": nll_bits_per_token(model, params, batches)}
+  if samples_per_class:
+    quality = quality_from_config(config, split, samples_per_class=samples_per_class,
+                                  seed=seed, cache_dir=classifier_dir or workdir,
+                                  **feature_net)
+    metrics.update(quality(model, params), feature_net=quality.describe)
+  path = os.path.join(workdir, f"eval_{split}_step{step}.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(metrics, f, indent=1)
+  return metrics, path
+
+
 def main(argv=None) -> int:
   import argparse
   import json
@@ -475,23 +502,9 @@ def main(argv=None) -> int:
       if getattr(args, name) < 0:
         raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
     options = feature_net_options(args)
-    from engram_jax import workdir
-    from engram_jax.data import images
-    trained = workdir.load(args.workdir, kind="image")
-    config, model, params, step = trained.config, trained.model, trained.params, trained.step
-    data_cfg = images.ImageDataConfig(**config.data.to_dict())
-    batches = images.eval_batches(data_cfg, args.split, max_batches=args.max_batches or None)
-    metrics = {"step": step, "split": args.split,
-               "nll_bits_per_token": nll_bits_per_token(model, params, batches)}
-    if args.samples_per_class:
-      quality = quality_from_config(config, args.split,
-                                    samples_per_class=args.samples_per_class, seed=args.seed,
-                                    cache_dir=args.classifier_dir or args.workdir,
-                                    **options)
-      metrics.update(quality(model, params), feature_net=quality.describe)
-    path = os.path.join(args.workdir, f"eval_{args.split}_step{step}.json")
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(metrics, f, indent=1)
+    metrics, path = evaluate_run(args.workdir, args.split, max_batches=args.max_batches,
+                                 samples_per_class=args.samples_per_class, seed=args.seed,
+                                 classifier_dir=args.classifier_dir, **options)
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -457,9 +457,9 @@ def run(args) -> list[str]:
   return paths
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+  """The probes command's flags, checked before any work (a ValueError names the flag)."""
   import argparse
-  import sys
 
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.studies.probes",
@@ -482,15 +482,20 @@ def main(argv=None) -> int:
   parser.add_argument("--bootstrap", type=int, default=1000)
   parser.add_argument("--permutations", type=int, default=10000)
   args = parser.parse_args(argv)
+  for name in ("max_batches", "batch_size", "samples_per_class"):
+    if getattr(args, name) < 0:
+      raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
+  for name in ("bootstrap", "permutations"):
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name}={getattr(args, name)}: use a positive integer")
+  evaluate.feature_net_options(args)  # a contradictory choice fails before any work
+  return args
+
+
+def main(argv=None) -> int:
+  import sys
   try:
-    for name in ("max_batches", "batch_size", "samples_per_class"):
-      if getattr(args, name) < 0:
-        raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
-    for name in ("bootstrap", "permutations"):
-      if getattr(args, name) < 1:
-        raise ValueError(f"--{name}={getattr(args, name)}: use a positive integer")
-    evaluate.feature_net_options(args)  # a contradictory choice fails before any work
-    paths = run(args)
+    paths = run(parse_args(argv))
   except (ValueError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
