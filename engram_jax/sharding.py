@@ -228,6 +228,29 @@ def bytes_per_device(abstract_tree, shardings) -> int:
       jax.tree_util.tree_map(nbytes, nn.unbox(abstract_tree), shardings))))
 
 
+def held_bytes(arrays) -> dict[int, int]:
+  """Bytes each device (by id) holds of the placed `arrays`, from their shards: what
+  the layout really put where (replicas count on every device that holds one)."""
+  held: dict[int, int] = {}
+  for array in arrays:
+    for shard in array.addressable_shards:
+      held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+  return held
+
+
+def describe_table_placement(tables) -> str:
+  """One line on where the Engram tables of a training state live, e.g. `engram tables:
+  2 layers, 4.0 MiB, row-sharded over 8 devices: 0.5 MiB per device`."""
+  held = held_bytes(tables)  # this process's devices; the shards are alike elsewhere
+  devices = len(set().union(*(t.sharding.device_set for t in tables)))
+  total = sum(int(t.nbytes) for t in tables)
+  mib = lambda n: f"{n / 2**20:.2f} MiB"
+  if devices == 1:
+    return f"engram tables: {len(tables)} layers, {mib(total)}, on one device"
+  return (f"engram tables: {len(tables)} layers, {mib(total)}, row-sharded over {devices} "
+          f"devices: {mib(max(held.values()))} per device")
+
+
 # ----------------------------------------------------------------------------------
 # Row-sharded table lookup
 # ----------------------------------------------------------------------------------
