@@ -247,6 +247,8 @@ def describe_table_placement(tables) -> str:
   mib = lambda n: f"{n / 2**20:.2f} MiB"
   if devices == 1:
     return f"engram tables: {len(tables)} layers, {mib(total)}, on one device"
+  if max(held.values()) >= total:
+    return f"engram tables: {len(tables)} layers, {mib(total)}, replicated on {devices} devices"
   return (f"engram tables: {len(tables)} layers, {mib(total)}, row-sharded over {devices} "
           f"devices: {mib(max(held.values()))} per device")
 
