@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from engram_jax.allocation import config_at, reference_of, summary
+from engram_jax.allocation import allocate, config_at, reference_of, summary
 
 RESULT = "result.json"
 CSV_FIELDS = ("rho", "rho_realized", "seed", "num_experts", "shared_dim", "table_size",
