@@ -9,25 +9,16 @@ from typing import Any, Callable, Union
 import jax
 import optax
 
+from engram_jax import param_groups as param_groups_lib
+
 Schedule = Union[float, Callable[[Any], Any]]
 
 
-def param_group(path, leaf) -> str:
-  """'table' for Engram tables, 'no_decay' for vectors and hyper-connection
-  coefficients, 'decay' for the rest."""
-  # dict keys only: boxed (nn.Partitioned) params add a trailing `.value` attribute
-  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-  if names and names[-1] == "table" and "engram" in names:
-    return "table"
-  if names and names[-1] in ("scale", "bias", "conv"):
-    return "no_decay"
-  if any(n.endswith("_hc") for n in names) and names[-1] != "kernel":
-    return "no_decay"  # hyper-connection coefficients (init 1 / identity) and scales
-  return "decay"
-
-
 def param_groups(params):
-  return jax.tree_util.tree_map_with_path(param_group, params)
+  """The optimizer group of every param: 'table', 'no_decay' or 'decay'
+  (`param_groups.optimizer_group`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_groups_lib.optimizer_group(path), params)
 
 
 def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,

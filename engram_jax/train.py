@@ -22,7 +22,7 @@ import optax
 from flax import traverse_util
 
 from engram_jax import config as config_lib
-from engram_jax import checkpoints, optim, quiet, run_config, tables, tasks
+from engram_jax import checkpoints, optim, param_groups, quiet, run_config, tables, tasks
 from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
@@ -210,36 +210,6 @@ def evaluate(eval_step, params, batches, byte_lengths_V=None) -> dict[str, float
   return metrics
 
 
-def overview_group(path, leaf) -> str:
-  """embeddings | engram_tables | routed_experts | shared_experts | backbone.
-
-  routed_experts: the expert kernels of MoE layers (`moe/{gate,up,down}`; the router
-  is backbone); shared_experts: `moe/shared/...`; backbone: everything else.
-  """
-  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-  if optim.param_group(path, leaf) == "table":
-    return "engram_tables"
-  if names[0] in ("embed", "unembed"):
-    return "embeddings"
-  if "moe" in names:
-    below = names[names.index("moe") + 1:]
-    if below[:1] == ["shared"]:
-      return "shared_experts"
-    if below in (["gate"], ["up"], ["down"]):
-      return "routed_experts"
-  return "backbone"
-
-
-def parameter_overview(params) -> dict[str, int]:
-  """Counts split into embeddings, Engram tables, MoE experts and the rest."""
-  counts = {"embeddings": 0, "engram_tables": 0, "backbone": 0}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    group = overview_group(path, leaf)
-    counts[group] = counts.get(group, 0) + leaf.size
-  counts["total"] = sum(counts.values())
-  return counts
-
-
 def table_optimizer(config) -> str:
   """`train.table_optimizer`, validated ("adam" for configs that predate it)."""
   return tables.validate_optimizer(config.train.get("table_optimizer", "adam"))
@@ -331,11 +301,11 @@ def dry_run_report(config) -> str:
     state = abstract_train_state(model, tx, seq_len)
     shardings = train_state_shardings(model, tx, seq_len, mesh)
   params = nn.unbox(state.params)
-  counts = parameter_overview(params)
+  counts = param_groups.parameter_overview(params)
   by_group = {}
   for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params),
                               jax.tree_util.tree_leaves(shardings.params)):
-    by_group.setdefault(overview_group(path, leaf), []).append((leaf, sh))
+    by_group.setdefault(param_groups.overview_view(param_groups.group(path)), []).append((leaf, sh))
   group_bytes = lambda group: sharding.bytes_per_device(
       [t for t, _ in by_group.get(group, [])], [s for _, s in by_group.get(group, [])])
   gib = lambda n: f"{n / 2**30:.3f} GiB"
@@ -367,7 +337,7 @@ def dry_run_report(config) -> str:
                f"tables {gib(table_state)})")
   if model_cfg.engram.placement == "host" and model_cfg.engram.layers:
     host_bytes = _tree_bytes([leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
-        params) if overview_group(path, leaf) == "engram_tables"]) + _tree_bytes(
+        params) if param_groups.group(path) == "engram_tables"]) + _tree_bytes(
             state.table_opt_state)
     lines.append(f"engram.placement='host': the Engram tables and their optimizer state "
                  f"live in host RAM instead, {gib(host_bytes)} on every host (a full "
@@ -378,7 +348,7 @@ def dry_run_report(config) -> str:
 def _table_leaves(opt_state) -> list:
   """The leaves of a dense optimizer state that belong to Engram tables (Adam's m, v)."""
   return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
-          if optim.param_group(path, leaf) == "table"]
+          if param_groups.group(path) == "engram_tables"]
 
 
 def ensure_writable_workdir(workdir: str) -> None:
@@ -722,7 +692,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     writer.write_scalars(step, scalars)
     jsonl.write(step, scalars)
 
-  overview = parameter_overview(state.params)
+  overview = param_groups.parameter_overview(state.params)
   if store is not None:
     overview["engram_tables"] = sum(t.size for t in store.tables_L)
     overview["total"] += overview["engram_tables"]

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "engram_jax"
 LAYERS = (
     ("base", ("hashing", "config", "fp8", "errors", "quiet", "progress", "cli",
               "config_files", "run_config", "workdir_lock", "optim", "sharding",
-              "data.fingerprint", "studies.npz")),
+              "param_groups", "data.fingerprint", "studies.npz")),
     ("layers", ("layers.", "tokenizer")),
     ("models", ("models.",)),
     ("tables and data", ("tables", "host_tables", "disk_tables", "allocation",

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import config as config_lib
-from engram_jax import hashing
+from engram_jax import hashing, param_groups
 from engram_jax.layers.attention import Mode, write_at
 from engram_jax.layers.norms import RMSNorm
 from engram_jax.models.lm import apply_blocks
@@ -244,17 +244,9 @@ def param_counts(cfg: ImageModelConfig) -> dict[str, int]:
 
 def tree_param_counts(params) -> dict[str, int]:
   """The same groups counted on a (possibly abstract) parameter tree."""
-  counts = {"backbone": 0, "engram_tables": 0, "engram_dense": 0}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [getattr(k, "key", str(k)) for k in path]
-    if "engram" not in names:
-      counts["backbone"] += leaf.size
-    elif names[-1] == "table":
-      counts["engram_tables"] += leaf.size
-    else:
-      counts["engram_dense"] += leaf.size
-  counts["total"] = sum(counts.values())
-  return counts
+  counts = param_groups.counts(params, param_groups.engram_view,
+                               ("backbone", "engram_tables", "engram_dense"))
+  return {**counts, "total": sum(counts.values())}
 
 
 def budget_ratio(cfg: ImageModelConfig, budget: int) -> float:
