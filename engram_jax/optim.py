@@ -1,15 +1,20 @@
-"""Optimizer with the paper's parameter groups.
+"""Optimizer with the paper's parameter groups, from a run's `train` section.
 
 Engram tables train with their own learning-rate multiplier and no weight decay (a
 frozen table gets no update at all); norms and other vectors get no weight decay;
-matrices get AdamW. Gradients are clipped by global norm first.
+matrices get AdamW. Gradients are clipped by global norm first. With a row-sparse
+`train.table_optimizer` the tables leave the optax chain for `tables.SparseTx`.
 """
+from __future__ import annotations
+
 from typing import Any, Callable, Union
 
 import jax
 import optax
 
+from engram_jax import config as config_lib
 from engram_jax import param_groups as param_groups_lib
+from engram_jax import run_config, tables
 
 Schedule = Union[float, Callable[[Any], Any]]
 
@@ -44,3 +49,22 @@ def make_optimizer(learning_rate: Schedule, *, weight_decay: float = 0.1,
   if grad_clip and grad_clip > 0:
     chain.insert(0, optax.clip_by_global_norm(grad_clip))
   return optax.chain(*chain)
+
+
+def from_train_config(t: run_config.TrainConfig, engram: config_lib.EngramConfig):
+  """(schedule, tx) of a run: AdamW + warmup-cosine with the table group.
+
+  tx is optax's (tables in Adam's table group) for `train.table_optimizer="adam"` or
+  a model without Engram, else a `tables.SparseTx` (row-sparse tables).
+  """
+  schedule = warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
+  sparse = t.table_optimizer != "adam" and bool(engram.layers)
+  tx = make_optimizer(schedule, weight_decay=t.weight_decay,
+                      table_lr_multiplier=t.table_lr_multiplier,
+                      table_trainable=engram.table_trainable and not sparse,
+                      grad_clip=0.0 if sparse else t.grad_clip)
+  if sparse:
+    table_opt = tables.make_optimizer(t.table_optimizer) if engram.table_trainable else None
+    tx = tables.SparseTx(t.table_optimizer, engram, tx, table_opt,
+                         lambda step: schedule(step) * t.table_lr_multiplier, t.grad_clip)
+  return schedule, tx

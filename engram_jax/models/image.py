@@ -93,12 +93,19 @@ def make_image_config(model: Any, data: Any) -> ImageModelConfig:
     model["vocab_size"] = grid["codebook_size"] + grid["num_classes"] + 1
   if not model.get("max_len"):
     model["max_len"] = grid["height"] * grid["width"]
-  return validate(ImageModelConfig(config_lib.from_dict(model), **grid))
+  return _check_grid(ImageModelConfig(config_lib.from_dict(model), **grid))
 
 
 def validate(cfg: ImageModelConfig) -> ImageModelConfig:
-  """Raises ValueError naming the first field that does not fit the grid."""
-  m = config_lib.validate(cfg.model)
+  """Raises ValueError naming the first invalid field of the decoder, or the first
+  that does not fit the grid."""
+  config_lib.validate(cfg.model)
+  return _check_grid(cfg)
+
+
+def _check_grid(cfg: ImageModelConfig) -> ImageModelConfig:
+  """The checks of `validate` that tie a (validated) decoder config to the grid."""
+  m = cfg.model
   if m.vocab_size != cfg.vocab_size:
     raise ValueError(
         f"model.vocab_size={m.vocab_size} is invalid: the image vocabulary has "

@@ -124,13 +124,13 @@ def _eval_tokens(workdir: str, batches: int):
 
   import ml_collections
 
-  from engram_jax import tasks
+  from engram_jax import run_config
   from engram_jax.data import text
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
-  if tasks.kind_of(config) != "lm":
+  if run_config.kind_of(config) != "lm":
     raise ValueError(f"--workdir={workdir!r} is an image run: analyses read LM workdirs")
-  data_cfg = tasks._text_data_config(config)  # noqa: SLF001  the run's data section
+  data_cfg = run_config.text_data_config(config.data)  # the run's data section
   tok = text.build_tokenizer(data_cfg, workdir)
   rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
           for b in text.eval_batches(data_cfg, tok, max_batches=batches)]
