@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from engram_jax import config as config_lib
 from engram_jax import checkpoints, optim, param_groups, quiet, run_config, tables, tasks
+from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
@@ -381,41 +382,6 @@ def _process_zero_first(fn, what: str):
   return fn() if result is None else result
 
 
-def _all_data_states(state: dict) -> dict:
-  """The data iterator states of every process, for a checkpoint.
-
-  orbax writes a JSON item from process 0 only, but each process reads its own share
-  of the data (its own grain state over tfds), so with several processes all states
-  are gathered and saved as {"processes": [state_0, state_1, ...]}.
-  """
-  if jax.process_count() == 1:
-    return state
-  import numpy as np
-  from jax.experimental import multihost_utils
-  raw = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32)))
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:raw.size] = raw
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return {"processes": [json.loads(bytes(row[:int(n)]).decode("utf-8"))
-                        for row, n in zip(gathered, lengths.reshape(-1))]}
-
-
-def _own_data_state(saved: dict) -> dict:
-  """This process's state from `_all_data_states` (or a one-process checkpoint)."""
-  if "processes" not in saved:
-    return saved
-  states, count = saved["processes"], jax.process_count()
-  if len(states) == count:
-    return states[jax.process_index()]
-  if all(s == states[0] for s in states):  # local corpora: just the batch count
-    return states[0]
-  raise ValueError(f"the checkpoint's data state was saved by {len(states)} processes "
-                   f"and this run has {count}: per-process tfds iterators cannot be "
-                   f"split differently; resume with {len(states)} processes (or use a "
-                   "new --workdir)")
-
-
 def _global_batch(batch: dict, batch_sharding) -> dict:
   """This process's rows as one global array per key, laid out over the mesh."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -437,77 +403,10 @@ def _restore_or_explain(manager, abstract, workdir, model_cfg):
         "workdir's config (see its config.json) or use a new --workdir") from None
 
 
-def _check_data_source(saved: dict | None, current: dict, accept: bool, step: int) -> None:
-  """Refuses to resume on a changed data source unless `accept`."""
-  from engram_jax.data import fingerprint
-  if saved is None or saved == current:
-    return  # older checkpoints carry no fingerprint
-  changed = fingerprint.differences(saved, current)
-  if accept:
-    print(f"warning: resuming on changed data ({'; '.join(changed)}); the batches after "
-          f"step {step} differ from an uninterrupted run's", flush=True)
-    return
-  raise ValueError(
-      f"the data source changed since checkpoint {step} ({'; '.join(changed)}): exact "
-      "resume would replay its batch count over other data; restore the data, pass "
-      "--accept_data_change to resume on the new data knowingly, or use a new --workdir")
-
-
-def _save_failed(err: Exception, workdir: str, manager=None) -> TrainingError:
-  """A failed (async) save, e.g. a full disk: one line that says the older checkpoints
-  are intact and how to go on."""
-  if manager is not None:
-    try:  # let saves still in flight commit before listing what is kept
-      manager.wait_until_finished()
-    except Exception:  # noqa: BLE001  the failure being reported: already in hand
-      pass
-  kept = checkpoints.saved_steps(workdir)
-  return TrainingError(
-      f"saving a checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} "
-      f"failed ({getattr(err, 'strerror', None) or checkpoints.first_line(err)}); the "
-      f"checkpoints before it are kept ({kept or 'none'}): free space or fix the "
-      "filesystem, then run the same command to resume")
-
-
-def _finish_saves(manager, workdir: str) -> None:
-  """Waits for the async saves in flight."""
-  try:
-    manager.wait_until_finished()
-  except Exception as err:  # noqa: BLE001  orbax re-raises its save thread's error
-    raise _save_failed(err, workdir) from None
-
-
 def _saved_placement(workdir: str) -> str:
   """`engram.placement` of the run that wrote the workdir's checkpoints ("device" for
   runs that predate it or have no model_config.json)."""
   return saved_model_config(workdir).get("engram", {}).get("placement", "device")
-
-
-def _place_tables(state, manager, full_abstract, tx, model_cfg, saved_host: bool,
-                  host: bool, full_sh, state_sh):
-  """(state, HostTableStore or None) of a restored checkpoint for this run's placement.
-
-  host -> host: the tables come from the `host_tables` item; device -> host: they move
-  out of the restored params; host -> device: they move into them (with their state).
-  """
-  from engram_jax import host_tables
-  step = int(state.step)
-  layout = (checkpoints.restore_host_tables(
-      manager, step, host_tables.store_layout(full_abstract, tx)) if saved_host else None)
-  if host and saved_host:
-    return state, host_tables.store_from_layout(model_cfg, layout, tx.table)
-  if host:  # device -> host
-    _, store = host_tables.HostTableStore.from_params(model_cfg, state.params, tx.table,
-                                                      state.table_opt_state)
-    print(f"moved the tables of checkpoint {step} from device to host memory", flush=True)
-    return jax.device_put(host_tables.drop_tables(state, tx), state_sh), store
-  names = [p[0] for p in tx.paths]  # host -> device
-  params = tables.merge_tables(state.params, tx.paths, [layout[n]["table"] for n in names])
-  table_state = {n: {k: v for k, v in layout[n].items() if k != "table"} for n in names}
-  table_state = {n: v for n, v in table_state.items() if v}
-  print(f"moved the tables of checkpoint {step} from host to device memory", flush=True)
-  return jax.device_put(state.replace(params=params, table_opt_state=table_state),
-                        full_sh), None
 
 
 def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx, schedule,
@@ -545,8 +444,9 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
                                                         task.model_cfg)
     store = None
     if state is not None and (host or saved_host):
-      state, store = _place_tables(state, manager, full_abstract, tx, task.model_cfg,
-                                   saved_host, host, full_sh, state_sh)
+      state, store = host_tables.place_restored(
+          state, manager, full_abstract, tx, task.model_cfg, saved_host, host, full_sh,
+          state_sh)
   except BaseException:
     manager.close()
     raise
@@ -564,9 +464,9 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   elif state is None:
     state = jax.jit(init_state, out_shardings=state_sh)(rng)
   else:
-    own = dict(_own_data_state(data_state))
-    _check_data_source(own.pop("fingerprint", None), fingerprint, accept_data_change,
-                       int(state.step))
+    own = dict(checkpoints.own_data_state(data_state))
+    fingerprint_lib.check_resume(own.pop("fingerprint", None), fingerprint,
+                                 accept_data_change, int(state.step))
     train_iter.set_state(own)
   start = int(state.step)
   # The restore succeeded (or there was nothing to restore): now the run's metadata
@@ -631,10 +531,10 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     if feed is not None:
       feed.wait()  # the saved tables include this step's update
     try:
-      checkpoints.save(manager, step, state, _all_data_states(data),
+      checkpoints.save(manager, step, state, checkpoints.gather_data_states(data),
                        host_tables=None if store is None else store.state_dict())
     except Exception as err:  # noqa: BLE001  the previous async save's failure
-      raise _save_failed(err, workdir, manager) from None
+      raise checkpoints.save_failed(err, workdir, manager) from None
 
   metrics, eval_step_number, failed = {}, None, False
   try:
@@ -668,7 +568,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
       if step % t.checkpoint_every == 0 or step == t.steps or stop or budget_spent:
         save(step)
       if (stop or budget_spent) and step < t.steps:
-        _finish_saves(manager, workdir)
+        checkpoints.finish_saves(manager, workdir)
         print(f"stopped at step {step}; checkpoint saved", flush=True)
         break
   except BaseException:
@@ -676,7 +576,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     raise
   finally:
     try:
-      _finish_saves(manager, workdir)
+      checkpoints.finish_saves(manager, workdir)
     except TrainingError:
       if not failed:  # else the error already on its way is the one to report
         raise
