@@ -241,22 +241,18 @@ def check_offload(s: Sizes, params) -> dict:
           "on_device_s": t_dev, "offloaded_s": t_host, "offloaded_over_on_device": t_host / t_dev}
 
 
-class _Attrs(dict):
-  """A dict with attribute access and `.get`: the config shape train.* reads."""
-  __getattr__ = dict.__getitem__
-
-
 def check_row_sparse(s: Sizes) -> dict:
-  if not (hasattr(train, "table_optimizer") and hasattr(train, "init_train_state")):
-    return {"skipped": "train.table_optimizer is not in this checkout (row-sparse tables "
-                       "not merged yet)"}
+  from engram_jax import optim, run_config
+  if not (hasattr(optim, "from_train_config") and hasattr(train, "init_train_state")):
+    return {"skipped": "optim.from_train_config is not in this checkout (row-sparse "
+                       "tables not merged yet)"}
   out = {}
   for name in ("adam", "lazy_adam"):
-    config = _Attrs(train=_Attrs(learning_rate=1e-3, warmup_steps=10, steps=1000,
-                                 weight_decay=0.1, table_lr_multiplier=5.0, grad_clip=1.0,
-                                 table_optimizer=name))
+    t = run_config.TrainConfig(learning_rate=1e-3, warmup_steps=10, steps=1000,
+                               weight_decay=0.1, table_lr_multiplier=5.0, grad_clip=1.0,
+                               table_optimizer=name)
     try:
-      _, tx = train.optimizer_from_config(config, s.model)
+      _, tx = optim.from_train_config(t, s.model.engram)
       out[f"{name}_step_s"] = time_train(s.model, s, tx)
     except Exception as err:  # another engineer's API may differ: report, don't die
       return {"skipped": f"train.table_optimizer exists but {name!r} failed here: "

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import tasks  # noqa: E402
+from engram_jax import run_config  # noqa: E402
 from engram_jax.layers import engram as engram_lib  # noqa: E402
 from engram_jax.layers import norms  # noqa: E402
 from engram_jax.layers.engram import Engram  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv=None):
 
   config = lm_configs.get_config(args.variant)
   vocab, batch, seq = config.data.vocab_size, config.data.batch_size, config.data.seq_len
-  model_cfg = tasks.lm_model_config(config, vocab_size=vocab)
+  model_cfg = run_config.from_config(config).with_tokenizer_vocab(vocab).model
   lb, ls = args.layer_batch or batch, args.layer_seq or seq
   x = jnp.asarray(np.random.default_rng(0).normal(size=(lb, ls, model_cfg.width)),
                   jnp.float32)

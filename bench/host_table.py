@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import hashing, host_tables, tasks, train  # noqa: E402
+from engram_jax import hashing, host_tables, optim, run_config, train  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 
 
@@ -68,8 +68,9 @@ def main(argv=None):
   config.train.table_optimizer = args.optimizer
   batch_size = args.batch_size or config.data.batch_size
   seq_len = config.data.seq_len
-  model_cfg = tasks.lm_model_config(config, vocab_size=config.data.vocab_size)
-  schedule, tx = train.optimizer_from_config(config, model_cfg)
+  run = run_config.from_config(config)
+  model_cfg = run.model
+  schedule, tx = optim.from_train_config(run.train, model_cfg.engram)
   model = EngramLM(model_cfg)
   data = batches(model_cfg, batch_size, seq_len, 4)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import tables, tasks, train  # noqa: E402
+from engram_jax import optim, run_config, sizing, tables, train  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
 
@@ -34,8 +34,9 @@ def build(config, rows: int, optimizer: str, batch):
   config = config.copy_and_resolve_references()
   config.model.engram.table_size = (rows,)
   config.train.table_optimizer = optimizer
-  model_cfg = tasks.lm_model_config(config, vocab_size=config.data.vocab_size)
-  _, tx = train.optimizer_from_config(config, model_cfg)
+  run = run_config.from_config(config)
+  model_cfg = run.model
+  _, tx = optim.from_train_config(run.train, model_cfg.engram)
   model = EngramLM(model_cfg)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"]))["params"]
   state = train.init_train_state(tx, params)
@@ -45,7 +46,7 @@ def build(config, rows: int, optimizer: str, batch):
   if isinstance(tx, tables.SparseTx):
     state_bytes = _bytes(state.table_opt_state)
   else:
-    state_bytes = _bytes(train._table_leaves(state.opt_state))
+    state_bytes = _bytes(sizing.table_leaves(state.opt_state))
   step = train.make_train_step(model, tx)
   state, metrics = step(state, batch)  # compile + first step
   jax.block_until_ready(metrics["loss"])

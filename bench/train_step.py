@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import tasks, train  # noqa: E402
+from engram_jax import optim, run_config, train  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
 
@@ -25,8 +25,9 @@ def build(config, vocab_size: int, engram: bool):
   config = config.copy_and_resolve_references()
   if not engram:
     config.model.engram.layers = ()
-  model_cfg = tasks.lm_model_config(config, vocab_size=vocab_size)
-  _, tx = train.optimizer_from_config(config, model_cfg)
+  run = run_config.from_config(config).with_tokenizer_vocab(vocab_size)
+  model_cfg = run.model
+  _, tx = optim.from_train_config(run.train, model_cfg.engram)
   model = EngramLM(model_cfg)
   seq = config.data.seq_len
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, seq), jnp.int32)))

@@ -20,12 +20,10 @@ import dataclasses
 import math
 from typing import Any, Callable, Optional
 
-import jax
-
 from engram_jax import config as config_lib
+from engram_jax import param_groups
+from engram_jax.param_groups import GROUPS
 
-GROUPS = ("embeddings", "attention", "norms", "dense_mlp", "router", "routed_experts",
-          "shared_experts", "engram_tables", "engram_dense", "hyper")
 FAMILIES = ("iso_params", "iso_flops")
 
 
@@ -148,31 +146,9 @@ def param_counts(cfg: config_lib.ModelConfig, context: Optional[int] = None) -> 
   return Counts(total, act, flops, used, stored, used * e.head_dim)
 
 
-def tree_group(path) -> str:
-  """The `GROUPS` entry of an LM parameter, from its path."""
-  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-  if names[0] in ("embed", "unembed"):
-    return "embeddings"
-  if "engram" in names:
-    return "engram_tables" if names[-1] == "table" else "engram_dense"
-  if any(n.endswith("_hc") for n in names):
-    return "hyper"
-  if "attention" in names:
-    return "attention"
-  if "moe" in names:
-    below = names[names.index("moe") + 1:]
-    return {"router": "router", "shared": "shared_experts"}.get(below[0], "routed_experts")
-  if "mlp" in names:
-    return "dense_mlp"
-  return "norms"
-
-
 def tree_counts(params) -> dict[str, int]:
   """Stored parameters per group of a (possibly abstract, unboxed) LM param tree."""
-  counts = dict.fromkeys(GROUPS, 0)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    counts[tree_group(path)] += int(math.prod(leaf.shape))
-  return counts
+  return param_groups.counts(params)
 
 
 # ----------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ before it is used. Inference restores only `state.params`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Optional
 
 import jax
 
 from engram_jax import quiet
+from engram_jax.errors import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
@@ -51,6 +53,65 @@ def save(mngr, step: int, state, data_state: dict, host_tables: dict | None = No
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
   if host_tables is not None:
     mngr.wait_until_finished()
+
+
+def save_failed(err: Exception, workdir: str, manager=None) -> TrainingError:
+  """A failed (async) save, e.g. a full disk: one line that says the older checkpoints
+  are intact and how to go on."""
+  if manager is not None:
+    try:  # let saves still in flight commit before listing what is kept
+      manager.wait_until_finished()
+    except Exception:  # noqa: BLE001  the failure being reported: already in hand
+      pass
+  kept = saved_steps(workdir)
+  return TrainingError(
+      f"saving a checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} "
+      f"failed ({getattr(err, 'strerror', None) or first_line(err)}); the "
+      f"checkpoints before it are kept ({kept or 'none'}): free space or fix the "
+      "filesystem, then run the same command to resume")
+
+
+def finish_saves(mngr, workdir: str) -> None:
+  """Waits for the async saves in flight; a failed one raises `save_failed`'s error."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as err:  # noqa: BLE001  orbax re-raises its save thread's error
+    raise save_failed(err, workdir) from None
+
+
+def gather_data_states(state: dict) -> dict:
+  """The data iterator states of every process, for the `data` item.
+
+  orbax writes a JSON item from process 0 only, but each process reads its own share
+  of the data (its own grain state over tfds), so with several processes all states
+  are gathered and saved as {"processes": [state_0, state_1, ...]}.
+  """
+  if jax.process_count() == 1:
+    return state
+  import numpy as np
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return {"processes": [json.loads(bytes(row[:int(n)]).decode("utf-8"))
+                        for row, n in zip(gathered, lengths.reshape(-1))]}
+
+
+def own_data_state(saved: dict) -> dict:
+  """This process's state from `gather_data_states` (or a one-process checkpoint)."""
+  if "processes" not in saved:
+    return saved
+  states, count = saved["processes"], jax.process_count()
+  if len(states) == count:
+    return states[jax.process_index()]
+  if all(s == states[0] for s in states):  # local corpora: just the batch count
+    return states[0]
+  raise ValueError(f"the checkpoint's data state was saved by {len(states)} processes "
+                   f"and this run has {count}: per-process tfds iterators cannot be "
+                   f"split differently; resume with {len(states)} processes (or use a "
+                   "new --workdir)")
 
 
 def has_host_tables(mngr, step: int) -> bool:

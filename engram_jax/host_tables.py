@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import fp8, hashing, tables
+from engram_jax import checkpoints, fp8, hashing, tables
 from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
 
@@ -306,6 +306,31 @@ def store_from_layout(cfg, saved: dict, optimizer) -> HostTableStore:
   names = [p[0] for p in tables.table_paths(cfg.engram)]
   entries = [dict(saved[name]) for name in names]
   return HostTableStore(cfg, [e.pop("table") for e in entries], optimizer, entries)
+
+
+def place_restored(state, mngr, full_abstract, tx: tables.SparseTx, cfg, saved_host: bool,
+                   host: bool, full_sh, state_sh):
+  """(state, HostTableStore or None) of a restored checkpoint for this run's placement.
+
+  host -> host: the tables come from the `host_tables` item; device -> host: they move
+  out of the restored params; host -> device: they move into them (with their state).
+  """
+  step = int(state.step)
+  layout = (checkpoints.restore_host_tables(mngr, step, store_layout(full_abstract, tx))
+            if saved_host else None)
+  if host and saved_host:
+    return state, store_from_layout(cfg, layout, tx.table)
+  if host:  # device -> host
+    _, store = HostTableStore.from_params(cfg, state.params, tx.table, state.table_opt_state)
+    print(f"moved the tables of checkpoint {step} from device to host memory", flush=True)
+    return jax.device_put(drop_tables(state, tx), state_sh), store
+  names = [p[0] for p in tx.paths]  # host -> device
+  params = tables.merge_tables(state.params, tx.paths, [layout[n]["table"] for n in names])
+  table_state = {n: {k: v for k, v in layout[n].items() if k != "table"} for n in names}
+  table_state = {n: v for n, v in table_state.items() if v}
+  print(f"moved the tables of checkpoint {step} from host to device memory", flush=True)
+  return jax.device_put(state.replace(params=params, table_opt_state=table_state),
+                        full_sh), None
 
 
 class HostFeed:

@@ -141,7 +141,8 @@ def main(argv):
       init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                        FLAGS.process_id)
     if FLAGS.dry_run:
-      print(train.dry_run_report(FLAGS.config))
+      from engram_jax import sizing
+      print(sizing.dry_run_report(FLAGS.config))
       return
     if not FLAGS.workdir:
       raise ValueError("--workdir is required to train; give a directory for checkpoints "

@@ -1,33 +1,29 @@
-"""Optimizer with the paper's parameter groups.
+"""Optimizer with the paper's parameter groups, from a run's `train` section.
 
 Engram tables train with their own learning-rate multiplier and no weight decay (a
 frozen table gets no update at all); norms and other vectors get no weight decay;
-matrices get AdamW. Gradients are clipped by global norm first.
+matrices get AdamW. Gradients are clipped by global norm first. With a row-sparse
+`train.table_optimizer` the tables leave the optax chain for `tables.SparseTx`.
 """
+from __future__ import annotations
+
 from typing import Any, Callable, Union
 
 import jax
 import optax
 
+from engram_jax import config as config_lib
+from engram_jax import param_groups as param_groups_lib
+from engram_jax import run_config, tables
+
 Schedule = Union[float, Callable[[Any], Any]]
 
 
-def param_group(path, leaf) -> str:
-  """'table' for Engram tables, 'no_decay' for vectors and hyper-connection
-  coefficients, 'decay' for the rest."""
-  # dict keys only: boxed (nn.Partitioned) params add a trailing `.value` attribute
-  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-  if names and names[-1] == "table" and "engram" in names:
-    return "table"
-  if names and names[-1] in ("scale", "bias", "conv"):
-    return "no_decay"
-  if any(n.endswith("_hc") for n in names) and names[-1] != "kernel":
-    return "no_decay"  # hyper-connection coefficients (init 1 / identity) and scales
-  return "decay"
-
-
 def param_groups(params):
-  return jax.tree_util.tree_map_with_path(param_group, params)
+  """The optimizer group of every param: 'table', 'no_decay' or 'decay'
+  (`param_groups.optimizer_group`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_groups_lib.optimizer_group(path), params)
 
 
 def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
@@ -53,3 +49,22 @@ def make_optimizer(learning_rate: Schedule, *, weight_decay: float = 0.1,
   if grad_clip and grad_clip > 0:
     chain.insert(0, optax.clip_by_global_norm(grad_clip))
   return optax.chain(*chain)
+
+
+def from_train_config(t: run_config.TrainConfig, engram: config_lib.EngramConfig):
+  """(schedule, tx) of a run: AdamW + warmup-cosine with the table group.
+
+  tx is optax's (tables in Adam's table group) for `train.table_optimizer="adam"` or
+  a model without Engram, else a `tables.SparseTx` (row-sparse tables).
+  """
+  schedule = warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
+  sparse = t.table_optimizer != "adam" and bool(engram.layers)
+  tx = make_optimizer(schedule, weight_decay=t.weight_decay,
+                      table_lr_multiplier=t.table_lr_multiplier,
+                      table_trainable=engram.table_trainable and not sparse,
+                      grad_clip=0.0 if sparse else t.grad_clip)
+  if sparse:
+    table_opt = tables.make_optimizer(t.table_optimizer) if engram.table_trainable else None
+    tx = tables.SparseTx(t.table_optimizer, engram, tx, table_opt,
+                         lambda step: schedule(step) * t.table_lr_multiplier, t.grad_clip)
+  return schedule, tx

@@ -55,11 +55,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 # ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Devices per mesh axis; one axis may be -1 (the devices the others leave)."""
+  """Devices per mesh axis; one axis may be -1 (the devices the others leave).
+  `num_devices`: the devices a run's mesh spans (`mesh_from_config`; 0 = all)."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   expert: int = 1
+  num_devices: int = 0
 
   def shape(self, num_devices: int) -> tuple[int, ...]:
     """Axis sizes for `num_devices` devices, in MESH_AXES order."""
@@ -92,6 +94,23 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence[Any]] =
   devices = list(jax.devices() if devices is None else devices)
   return jax.make_mesh(cfg.shape(len(devices)), MESH_AXES,
                        axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def mesh_from_config(cfg: MeshConfig, abstract: bool = False):
+  """The mesh of a run's `mesh` section: over all devices, or the first `num_devices`.
+
+  `abstract=True` gives a device-free `AbstractMesh` of `num_devices` devices, so a
+  dry run can size a pod-scale mesh on a laptop.
+  """
+  count = int(cfg.num_devices or 0)
+  if abstract:
+    count = count or jax.device_count()
+    return jax.sharding.AbstractMesh(cfg.shape(count), MESH_AXES,
+                                     axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  if count > jax.device_count():
+    raise ValueError(f"mesh.num_devices={count} but only {jax.device_count()} devices "
+                     "are visible; lower it (0 = all devices)")
+  return make_mesh(cfg, jax.devices()[:count] if count else None)
 
 
 _RULES = contextvars.ContextVar("engram_sharding_rules", default=())

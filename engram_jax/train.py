@@ -22,7 +22,8 @@ import optax
 from flax import traverse_util
 
 from engram_jax import config as config_lib
-from engram_jax import checkpoints, optim, quiet, run_config, tables, tasks
+from engram_jax import checkpoints, optim, param_groups, quiet, run_config, tables, tasks
+from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
@@ -56,6 +57,35 @@ def init_train_state(tx, params, routing=None) -> TrainState:
 def state_variables(state: TrainState) -> dict:
   """The model variables of a train state: params, and routing biases if any."""
   return {"params": state.params, **({moe.BIAS: state.routing} if state.routing else {})}
+
+
+def train_state_shardings(model: nn.Module, tx, seq_len: int, mesh):
+  """`TrainState` of NamedShardings: params and optimizer moments by logical axes
+  (row-sparse tables' state split by rows like its table)."""
+  from engram_jax import sharding
+  abstract = abstract_train_state(model, tx, seq_len)
+  boxed = abstract.params
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = sharding.state_shardings(boxed, mesh)
+  if isinstance(tx, tables.SparseTx):
+    opt_state = sharding.opt_state_shardings(tx.dense, tables.split_tables(boxed, tx.paths)[0],
+                                             mesh)
+    table_opt_state = tables.table_state_shardings(tx, abstract.table_opt_state, params)
+  else:
+    opt_state, table_opt_state = sharding.opt_state_shardings(tx, boxed, mesh), {}
+  return TrainState(replicated, params, opt_state,
+                    jax.tree_util.tree_map(lambda _: replicated, abstract.routing),
+                    table_opt_state)
+
+
+def abstract_train_state(model: nn.Module, tx, seq_len: int):
+  """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    state = init_train_state(tx, nn.unbox(variables["params"]),
+                             nn.unbox(variables.get(moe.BIAS, {})))
+    return state.replace(params=variables["params"])
+  return jax.eval_shape(init, jax.random.key(0))
 
 
 def _model_config(model: nn.Module):
@@ -211,177 +241,6 @@ def evaluate(eval_step, params, batches, byte_lengths_V=None) -> dict[str, float
   return metrics
 
 
-def overview_group(path, leaf) -> str:
-  """embeddings | engram_tables | routed_experts | shared_experts | backbone.
-
-  routed_experts: the expert kernels of MoE layers (`moe/{gate,up,down}`; the router
-  is backbone); shared_experts: `moe/shared/...`; backbone: everything else.
-  """
-  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-  if optim.param_group(path, leaf) == "table":
-    return "engram_tables"
-  if names[0] in ("embed", "unembed"):
-    return "embeddings"
-  if "moe" in names:
-    below = names[names.index("moe") + 1:]
-    if below[:1] == ["shared"]:
-      return "shared_experts"
-    if below in (["gate"], ["up"], ["down"]):
-      return "routed_experts"
-  return "backbone"
-
-
-def parameter_overview(params) -> dict[str, int]:
-  """Counts split into embeddings, Engram tables, MoE experts and the rest."""
-  counts = {"embeddings": 0, "engram_tables": 0, "backbone": 0}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    group = overview_group(path, leaf)
-    counts[group] = counts.get(group, 0) + leaf.size
-  counts["total"] = sum(counts.values())
-  return counts
-
-
-def table_optimizer(config) -> str:
-  """`train.table_optimizer`, validated ("adam" for configs that predate it)."""
-  return tables.validate_optimizer(config.train.get("table_optimizer", "adam"))
-
-
-def optimizer_from_config(config, model_cfg: config_lib.ModelConfig):
-  """(schedule, tx) of `config.train`: AdamW + warmup-cosine with the table group.
-
-  tx is optax's (tables in Adam's table group) for `train.table_optimizer="adam"` or
-  a model without Engram, else a `tables.SparseTx` (row-sparse tables).
-  """
-  t = config.train
-  schedule = optim.warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
-  name, engram = table_optimizer(config), model_cfg.engram
-  sparse = name != "adam" and bool(engram.layers)
-  tx = optim.make_optimizer(schedule, weight_decay=t.weight_decay,
-                            table_lr_multiplier=t.table_lr_multiplier,
-                            table_trainable=engram.table_trainable and not sparse,
-                            grad_clip=0.0 if sparse else t.grad_clip)
-  if sparse:
-    tx = tables.SparseTx(
-        name, engram, tx, tables.make_optimizer(name) if engram.table_trainable else None,
-        lambda step: schedule(step) * t.table_lr_multiplier, t.grad_clip)
-  return schedule, tx
-
-
-def mesh_from_config(config, abstract: bool = False):
-  """The device mesh of `config.mesh` (all devices, or the first `num_devices`).
-
-  `abstract=True` gives a device-free `AbstractMesh` of `num_devices` devices, so a
-  dry run can size a pod-scale mesh on a laptop.
-  """
-  from engram_jax import sharding
-  m = dict(config.get("mesh", {}))
-  count = int(m.pop("num_devices", 0) or 0)
-  mesh_cfg = sharding.MeshConfig(**m)
-  if abstract:
-    count = count or jax.device_count()
-    return jax.sharding.AbstractMesh(
-        mesh_cfg.shape(count), sharding.MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
-  if count > jax.device_count():
-    raise ValueError(f"mesh.num_devices={count} but only {jax.device_count()} devices "
-                     "are visible; lower it (0 = all devices)")
-  return sharding.make_mesh(mesh_cfg, jax.devices()[:count] if count else None)
-
-
-def train_state_shardings(model: nn.Module, tx, seq_len: int, mesh):
-  """`TrainState` of NamedShardings: params and optimizer moments by logical axes
-  (row-sparse tables' state split by rows like its table)."""
-  from engram_jax import sharding
-  abstract = abstract_train_state(model, tx, seq_len)
-  boxed = abstract.params
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = sharding.state_shardings(boxed, mesh)
-  if isinstance(tx, tables.SparseTx):
-    opt_state = sharding.opt_state_shardings(tx.dense, tables.split_tables(boxed, tx.paths)[0],
-                                             mesh)
-    table_opt_state = tables.table_state_shardings(tx, abstract.table_opt_state, params)
-  else:
-    opt_state, table_opt_state = sharding.opt_state_shardings(tx, boxed, mesh), {}
-  return TrainState(replicated, params, opt_state,
-                    jax.tree_util.tree_map(lambda _: replicated, abstract.routing),
-                    table_opt_state)
-
-
-def abstract_train_state(model: nn.Module, tx, seq_len: int):
-  """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
-    state = init_train_state(tx, nn.unbox(variables["params"]),
-                             nn.unbox(variables.get(moe.BIAS, {})))
-    return state.replace(params=variables["params"])
-  return jax.eval_shape(init, jax.random.key(0))
-
-
-def _tree_bytes(tree) -> int:
-  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
-
-
-def dry_run_report(config) -> str:
-  """Parameter counts by group and bytes of the train state, from shapes alone."""
-  from engram_jax import sharding
-  task = tasks.abstract(config, check_data=False)
-  model, model_cfg, seq_len = task.model, task.model_cfg, task.seq_len
-  _, tx = optimizer_from_config(config, model_cfg)
-  mesh = mesh_from_config(config, abstract=True)
-  with jax.sharding.use_abstract_mesh(mesh):  # psum/all_to_all lookups trace on a mesh
-    state = abstract_train_state(model, tx, seq_len)
-    shardings = train_state_shardings(model, tx, seq_len, mesh)
-  params = nn.unbox(state.params)
-  counts = parameter_overview(params)
-  by_group = {}
-  for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params),
-                              jax.tree_util.tree_leaves(shardings.params)):
-    by_group.setdefault(overview_group(path, leaf), []).append((leaf, sh))
-  group_bytes = lambda group: sharding.bytes_per_device(
-      [t for t, _ in by_group.get(group, [])], [s for _, s in by_group.get(group, [])])
-  gib = lambda n: f"{n / 2**30:.3f} GiB"
-  mesh_text = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
-  m = model_cfg.moe
-  lines = [f"{task.kind} model: width {model_cfg.width}, depth {model_cfg.depth}, vocab "
-           f"{model_cfg.vocab_size}, Engram layers {list(model_cfg.engram.layers)}, "
-           f"lookup {model_cfg.engram.lookup!r}"]
-  if m.enabled:
-    lines.append(f"  MoE: {m.num_experts} routed experts (top {m.top_k}, width "
-                 f"{m.expert_dim}) + {m.num_shared} shared (width {m.resolved_shared_dim}) "
-                 f"from layer {m.first_dense_layers}; branches {model_cfg.branches}")
-  lines += [f"  {k:<14} {v:>18,} params" for k, v in counts.items()]
-  opt_trees = (state.opt_state, state.table_opt_state)
-  opt_shardings = (shardings.opt_state, shardings.table_opt_state)
-  lines.append(f"  total bytes: params {gib(_tree_bytes(params))}, optimizer state "
-               f"{gib(_tree_bytes(opt_trees))} (train.table_optimizer "
-               f"{table_optimizer(config)!r})")
-  lines.append(f"mesh {mesh_text} ({mesh.size} devices), bytes per device:")
-  parts = [f"Engram tables {gib(group_bytes('engram_tables'))}"]
-  if m.enabled:
-    parts.append(f"routed experts {gib(group_bytes('routed_experts'))}")
-  table_state = sharding.bytes_per_device(
-      (_table_leaves(state.opt_state), state.table_opt_state),
-      (_table_leaves(shardings.opt_state), shardings.table_opt_state))
-  lines.append(f"  params {gib(sharding.bytes_per_device(params, shardings.params))} "
-               f"({', '.join(parts)}), optimizer state "
-               f"{gib(sharding.bytes_per_device(opt_trees, opt_shardings))} (Engram "
-               f"tables {gib(table_state)})")
-  if model_cfg.engram.placement == "host" and model_cfg.engram.layers:
-    host_bytes = _tree_bytes([leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
-        params) if overview_group(path, leaf) == "engram_tables"]) + _tree_bytes(
-            state.table_opt_state)
-    lines.append(f"engram.placement='host': the Engram tables and their optimizer state "
-                 f"live in host RAM instead, {gib(host_bytes)} on every host (a full "
-                 "replica per process); subtract them from the per-device figures above")
-  return "\n".join(lines)
-
-
-def _table_leaves(opt_state) -> list:
-  """The leaves of a dense optimizer state that belong to Engram tables (Adam's m, v)."""
-  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
-          if optim.param_group(path, leaf) == "table"]
-
-
 def ensure_writable_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable before any work that would be lost."""
   try:
@@ -405,14 +264,15 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
                        ) -> dict[str, float]:
   """Trains, evaluates and checkpoints; returns the final eval metrics.
 
-  Holds the workdir's lock for the whole run (one trainer per workdir).
-  `accept_data_change` resumes even when the data source changed since the checkpoint
-  (the batches then differ from an uninterrupted run's).
+  `config` (an `ml_collections.ConfigDict`) becomes a validated `run_config.RunConfig`
+  first, before any work; only its sections travel down (the ConfigDict itself is
+  written to the workdir's config.json). Holds the workdir's lock for the whole run
+  (one trainer per workdir). `accept_data_change` resumes even when the data source
+  changed since the checkpoint (the batches then differ from an uninterrupted run's).
   """
   from engram_jax import sharding, workdir_lock
-  checked = tasks.abstract(config)  # validate every field before any work
-  run_config.validate_placement(checked.model_cfg.engram, table_optimizer(config))
-  fingerprint = tasks.data_fingerprint(config)  # a source matching nothing fails here
+  run = run_config.from_config(config)  # validate every field before any work
+  fingerprint = tasks.data_fingerprint(run)  # a source matching nothing fails here
   created = not os.path.exists(workdir)
   ensure_writable_workdir(workdir)
   lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
@@ -421,12 +281,12 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
       lock.acquire()
       if lock.stale_note():
         print(lock.stale_note(), flush=True)
-    check_resumable(config, workdir)
-    task = _process_zero_first(lambda: tasks.build(config, workdir), "tokenizer and data")
-    schedule, tx = optimizer_from_config(config, task.model_cfg)
-    mesh = mesh_from_config(config)
+    check_resumable(run.train, workdir)
+    task = _process_zero_first(lambda: tasks.build(run, workdir), "tokenizer and data")
+    schedule, tx = optim.from_train_config(run.train, task.model_cfg.engram)
+    mesh = sharding.mesh_from_config(run.mesh)
     with sharding.use_mesh(mesh), quiet.library_logs_to(checkpoints.log_path(workdir)):
-      return _train_loop(config, workdir, task, tx, schedule, mesh, fingerprint,
+      return _train_loop(config, run, workdir, task, tx, schedule, mesh, fingerprint,
                          accept_data_change)
   except BaseException:
     if created and lock is not None:
@@ -450,7 +310,7 @@ def _remove_if_only_lock(workdir: str) -> None:
     pass
 
 
-def check_resumable(config, workdir: str) -> None:
+def check_resumable(t: run_config.TrainConfig, workdir: str) -> None:
   """A workdir with checkpoints resumes only with the table optimizer that wrote them
   (their state layouts differ); read from its config.json before it is rewritten."""
   saved, ckpts = (os.path.join(workdir, name) for name in ("config.json",
@@ -460,7 +320,7 @@ def check_resumable(config, workdir: str) -> None:
     return
   with open(saved, encoding="utf-8") as f:
     before = json.load(f).get("train", {}).get("table_optimizer", "adam")
-  now = table_optimizer(config)
+  now = t.table_optimizer
   if before != now:
     raise ValueError(f"train.table_optimizer={now!r} but the checkpoints in --workdir="
                      f"{workdir!r} were trained with {before!r}; resume with "
@@ -476,41 +336,6 @@ def _process_zero_first(fn, what: str):
   result = fn() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices(f"engram_jax: {what} ready")
   return fn() if result is None else result
-
-
-def _all_data_states(state: dict) -> dict:
-  """The data iterator states of every process, for a checkpoint.
-
-  orbax writes a JSON item from process 0 only, but each process reads its own share
-  of the data (its own grain state over tfds), so with several processes all states
-  are gathered and saved as {"processes": [state_0, state_1, ...]}.
-  """
-  if jax.process_count() == 1:
-    return state
-  import numpy as np
-  from jax.experimental import multihost_utils
-  raw = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32)))
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:raw.size] = raw
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return {"processes": [json.loads(bytes(row[:int(n)]).decode("utf-8"))
-                        for row, n in zip(gathered, lengths.reshape(-1))]}
-
-
-def _own_data_state(saved: dict) -> dict:
-  """This process's state from `_all_data_states` (or a one-process checkpoint)."""
-  if "processes" not in saved:
-    return saved
-  states, count = saved["processes"], jax.process_count()
-  if len(states) == count:
-    return states[jax.process_index()]
-  if all(s == states[0] for s in states):  # local corpora: just the batch count
-    return states[0]
-  raise ValueError(f"the checkpoint's data state was saved by {len(states)} processes "
-                   f"and this run has {count}: per-process tfds iterators cannot be "
-                   f"split differently; resume with {len(states)} processes (or use a "
-                   "new --workdir)")
 
 
 def _global_batch(batch: dict, batch_sharding) -> dict:
@@ -534,84 +359,19 @@ def _restore_or_explain(manager, abstract, workdir, model_cfg):
         "workdir's config (see its config.json) or use a new --workdir") from None
 
 
-def _check_data_source(saved: dict | None, current: dict, accept: bool, step: int) -> None:
-  """Refuses to resume on a changed data source unless `accept`."""
-  from engram_jax.data import fingerprint
-  if saved is None or saved == current:
-    return  # older checkpoints carry no fingerprint
-  changed = fingerprint.differences(saved, current)
-  if accept:
-    print(f"warning: resuming on changed data ({'; '.join(changed)}); the batches after "
-          f"step {step} differ from an uninterrupted run's", flush=True)
-    return
-  raise ValueError(
-      f"the data source changed since checkpoint {step} ({'; '.join(changed)}): exact "
-      "resume would replay its batch count over other data; restore the data, pass "
-      "--accept_data_change to resume on the new data knowingly, or use a new --workdir")
-
-
-def _save_failed(err: Exception, workdir: str, manager=None) -> TrainingError:
-  """A failed (async) save, e.g. a full disk: one line that says the older checkpoints
-  are intact and how to go on."""
-  if manager is not None:
-    try:  # let saves still in flight commit before listing what is kept
-      manager.wait_until_finished()
-    except Exception:  # noqa: BLE001  the failure being reported: already in hand
-      pass
-  kept = checkpoints.saved_steps(workdir)
-  return TrainingError(
-      f"saving a checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} "
-      f"failed ({getattr(err, 'strerror', None) or checkpoints.first_line(err)}); the "
-      f"checkpoints before it are kept ({kept or 'none'}): free space or fix the "
-      "filesystem, then run the same command to resume")
-
-
-def _finish_saves(manager, workdir: str) -> None:
-  """Waits for the async saves in flight."""
-  try:
-    manager.wait_until_finished()
-  except Exception as err:  # noqa: BLE001  orbax re-raises its save thread's error
-    raise _save_failed(err, workdir) from None
-
-
 def _saved_placement(workdir: str) -> str:
   """`engram.placement` of the run that wrote the workdir's checkpoints ("device" for
   runs that predate it or have no saved model config)."""
   return saved_model_config(workdir).get("engram", {}).get("placement", "device")
 
 
-def _place_tables(state, manager, full_abstract, tx, model_cfg, saved_host: bool,
-                  host: bool, full_sh, state_sh):
-  """(state, HostTableStore or None) of a restored checkpoint for this run's placement.
-
-  host -> host: the tables come from the `host_tables` item; device -> host: they move
-  out of the restored params; host -> device: they move into them (with their state).
-  """
-  from engram_jax import host_tables
-  step = int(state.step)
-  layout = (checkpoints.restore_host_tables(
-      manager, step, host_tables.store_layout(full_abstract, tx)) if saved_host else None)
-  if host and saved_host:
-    return state, host_tables.store_from_layout(model_cfg, layout, tx.table)
-  if host:  # device -> host
-    _, store = host_tables.HostTableStore.from_params(model_cfg, state.params, tx.table,
-                                                      state.table_opt_state)
-    print(f"moved the tables of checkpoint {step} from device to host memory", flush=True)
-    return jax.device_put(host_tables.drop_tables(state, tx), state_sh), store
-  names = [p[0] for p in tx.paths]  # host -> device
-  params = tables.merge_tables(state.params, tx.paths, [layout[n]["table"] for n in names])
-  table_state = {n: {k: v for k, v in layout[n].items() if k != "table"} for n in names}
-  table_state = {n: v for n, v in table_state.items() if v}
-  print(f"moved the tables of checkpoint {step} from host to device memory", flush=True)
-  return jax.device_put(state.replace(params=params, table_opt_state=table_state),
-                        full_sh), None
-
-
-def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerprint,
-                accept_data_change):
+def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx, schedule,
+                mesh, fingerprint, accept_data_change):
+  """The run of `train_and_evaluate`; `config` (the ConfigDict) is only written to the
+  workdir's config.json, `run` says everything else."""
   from clu import metric_writers, periodic_actions
   from engram_jax import host_tables, sharding, writers
-  t = config.train
+  t = run.train
   model, seq_len, train_iter = task.model, task.seq_len, task.train_iter
   byte_lengths = None if task.byte_lengths_V is None else jnp.asarray(task.byte_lengths_V)
   pidx = jax.process_index()
@@ -619,13 +379,13 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
   host = engram.placement == "host" and bool(engram.layers)
   full_sh = train_state_shardings(model, tx, seq_len, mesh)
   state_sh = host_tables.drop_tables(full_sh, tx) if host else full_sh
-  batch_sh = sharding.batch_sharding(mesh, batch_size=config.data.batch_size)
+  batch_sh = sharding.batch_sharding(mesh, batch_size=run.data.batch_size)
 
   def init_state(rng):
     variables = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))
     return init_train_state(tx, variables["params"], variables.get(moe.BIAS, {}))
 
-  rng = jax.random.key(config.seed)
+  rng = jax.random.key(run.seed)
   manager = checkpoints.manager(workdir, t.keep_checkpoints)
   full_abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -640,8 +400,9 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
                                                         task.model_cfg)
     store = None
     if state is not None and (host or saved_host):
-      state, store = _place_tables(state, manager, full_abstract, tx, task.model_cfg,
-                                   saved_host, host, full_sh, state_sh)
+      state, store = host_tables.place_restored(
+          state, manager, full_abstract, tx, task.model_cfg, saved_host, host, full_sh,
+          state_sh)
   except BaseException:
     manager.close()
     raise
@@ -659,9 +420,9 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
   elif state is None:
     state = jax.jit(init_state, out_shardings=state_sh)(rng)
   else:
-    own = dict(_own_data_state(data_state))
-    _check_data_source(own.pop("fingerprint", None), fingerprint, accept_data_change,
-                       int(state.step))
+    own = dict(checkpoints.own_data_state(data_state))
+    fingerprint_lib.check_resume(own.pop("fingerprint", None), fingerprint,
+                                 accept_data_change, int(state.step))
     train_iter.set_state(own)
   start = int(state.step)
   # The restore succeeded (or there was nothing to restore): now the run's metadata
@@ -678,7 +439,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     writer.write_scalars(step, scalars)
     jsonl.write(step, scalars)
 
-  overview = parameter_overview(state.params)
+  overview = param_groups.parameter_overview(state.params)
   if store is not None:
     overview["engram_tables"] = sum(t.size for t in store.tables_L)
     overview["total"] += overview["engram_tables"]
@@ -697,9 +458,8 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
   feed = None
   if store is not None:
     say(f"Engram tables in host memory: {store.nbytes / 2**20:,.1f} MiB with their "
-        f"optimizer state ({t.get('host_tables_mode', 'overlap')} updates)")
-    feed = host_tables.HostFeed(store, train_iter, t.get("host_tables_mode", "overlap"),
-                                tx.table_lr)
+        f"optimizer state ({t.host_tables_mode} updates)")
+    feed = host_tables.HostFeed(store, train_iter, t.host_tables_mode, tx.table_lr)
   if start:  # every process: each keeps its own log (launch/multiprocess_cpu.sh)
     print(f"resumed from step {start}", flush=True)
 
@@ -727,10 +487,10 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     if feed is not None:
       feed.wait()  # the saved tables include this step's update
     try:
-      checkpoints.save(manager, step, state, _all_data_states(data),
+      checkpoints.save(manager, step, state, checkpoints.gather_data_states(data),
                        host_tables=None if store is None else store.state_dict())
     except Exception as err:  # noqa: BLE001  the previous async save's failure
-      raise _save_failed(err, workdir, manager) from None
+      raise checkpoints.save_failed(err, workdir, manager) from None
 
   metrics, eval_step_number, failed = {}, None, False
   try:
@@ -760,11 +520,11 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
       # One read of the signal flag per step, so that the save and the stop agree
       # (a signal arriving later is seen at the next step).
       stop = bool(stop_requested)
-      budget_spent = bool(t.get("stop_after_steps", 0)) and step - start >= t.stop_after_steps
+      budget_spent = bool(t.stop_after_steps) and step - start >= t.stop_after_steps
       if step % t.checkpoint_every == 0 or step == t.steps or stop or budget_spent:
         save(step)
       if (stop or budget_spent) and step < t.steps:
-        _finish_saves(manager, workdir)
+        checkpoints.finish_saves(manager, workdir)
         print(f"stopped at step {step}; checkpoint saved", flush=True)
         break
   except BaseException:
@@ -772,7 +532,7 @@ def _train_loop(config, workdir, task: tasks.Task, tx, schedule, mesh, fingerpri
     raise
   finally:
     try:
-      _finish_saves(manager, workdir)
+      checkpoints.finish_saves(manager, workdir)
     except TrainingError:
       if not failed:  # else the error already on its way is the one to report
         raise

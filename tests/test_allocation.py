@@ -194,10 +194,10 @@ def test_engram_27b_is_iso_parameter_with_moe_27b():
 
 
 def test_dry_run_sizes_engram_27b_on_a_pod_mesh():
-  from engram_jax import train
+  from engram_jax import sizing
   c = allocation_configs.get_config("engram_27b")
   c.mesh.update(num_devices=64, fsdp=8, expert=8, data=-1)
-  report = train.dry_run_report(c)
+  report = sizing.dry_run_report(c)
   counts = allocation.param_counts(_model(c))
   assert f"routed_experts {counts.total['routed_experts']:>18,} params" in report
   assert "shared_experts" in report and "engram_tables" in report

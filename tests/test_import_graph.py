@@ -9,13 +9,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "engram_jax"
 # covers a subpackage.
 LAYERS = (
     ("base", ("hashing", "config", "fp8", "errors", "quiet", "progress", "cli",
-              "config_files", "run_config", "workdir_lock", "optim", "sharding",
+              "config_files", "workdir_lock", "sharding", "param_groups",
               "data.fingerprint", "studies.npz")),
     ("layers", ("layers.", "tokenizer")),
     ("models", ("models.",)),
     ("tables and data", ("tables", "host_tables", "disk_tables", "allocation",
                          "import_engram", "checkpoints", "writers", "data.")),
-    ("runs", ("workdir", "tasks", "sizing", "train", "sampling.")),
+    ("runs", ("run_config", "optim", "workdir", "tasks", "sizing", "train", "sampling.")),
     ("studies", ("studies.",)),
     ("entry points", ("main", "generate", "jobs")),
 )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engram_jax import config as config_lib
-from engram_jax import train
+from engram_jax import param_groups, train
 from engram_jax.sampling import text as generate
 from engram_jax.layers import moe
 from engram_jax.models.lm import EngramLM, relayout_params, segments
@@ -321,7 +321,7 @@ def test_train_step_updates_routing_biases_by_the_rate():
 def test_parameter_overview_has_expert_groups():
   cfg = _cfg(moe=MOE)
   params = _init(cfg)["params"]
-  counts = train.parameter_overview(params)
+  counts = param_groups.parameter_overview(params)
   d, layers = BASE.width, 3
   assert counts["routed_experts"] == layers * 3 * d * MOE.expert_dim * MOE.num_experts
   assert counts["shared_experts"] == layers * 3 * d * MOE.shared_dim

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("clu")
 pytest.importorskip("orbax.checkpoint")
 
-from engram_jax import train  # noqa: E402
+from engram_jax import sizing, train  # noqa: E402
 
 from tests import lm_test_config  # noqa: E402
 
@@ -265,7 +265,7 @@ def test_paper_scale_configs_size_on_an_abstract_mesh():
   """The paper layout's tables split over all 64 chips of a v5p-128 (docs/scale_out.md)."""
   sys.path.insert(0, ROOT)
   from configs import lm
-  report = train.dry_run_report(lm.get_config("paper_dense_v5p"))
+  report = sizing.dry_run_report(lm.get_config("paper_dense_v5p"))
   assert "Engram layers [1, 14], lookup 'psum'" in report
   assert "engram_tables       5,632,737,280 params" in report
   assert "(64 devices)" in report and "(Engram tables 0.328 GiB)" in report

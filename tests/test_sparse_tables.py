@@ -8,14 +8,13 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engram_jax import config as config_lib
-from engram_jax import sharding, tables, train
+from engram_jax import optim, run_config, sharding, sizing, tables, train
 from engram_jax.models.lm import EngramLM
 
 from tests.conftest import tiny_model_config
@@ -164,10 +163,10 @@ BATCH = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:]}
 
 
 def _tx(name, cfg=CFG, grad_clip=0.05):
-  config = ml_collections.ConfigDict(dict(train=dict(
+  t = run_config.train_config(dict(
       steps=10, learning_rate=1e-2, warmup_steps=1, weight_decay=0.1,
-      table_lr_multiplier=5.0, grad_clip=grad_clip, table_optimizer=name)))
-  return train.optimizer_from_config(config, cfg)[1]
+      table_lr_multiplier=5.0, grad_clip=grad_clip, table_optimizer=name))
+  return optim.from_train_config(t, cfg.engram)[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -288,12 +287,12 @@ def test_dry_run_reports_table_state_bytes():
   from configs import lm
   c = lm.get_config("paper_dense_v5p")
   assert c.train.table_optimizer == "lazy_adam"
-  report = train.dry_run_report(c)
+  report = sizing.dry_run_report(c)
   # 5.63B table params over 64 chips: 0.328 GiB of rows, m and v twice that
   assert "(Engram tables 0.328 GiB), optimizer state" in report
   assert "(Engram tables 0.656 GiB)" in report, report
   c.train.table_optimizer = "rowwise_adagrad"  # one f32 per row of 80: 1/80 of the table
-  assert "(Engram tables 0.004 GiB)" in train.dry_run_report(c)
+  assert "(Engram tables 0.004 GiB)" in sizing.dry_run_report(c)
 
 
 def test_checkpoints_from_before_the_table_state_field_restore(tmp_path):

@@ -34,3 +34,19 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
     if saved.get(key) != current.get(key):
       out.append(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}")
   return out
+
+
+def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], accept: bool,
+                 step: int) -> None:
+  """Refuses to resume checkpoint `step` on a changed data source unless `accept`."""
+  if saved is None or saved == current:
+    return  # older checkpoints carry no fingerprint
+  changed = differences(saved, current)
+  if accept:
+    print(f"warning: resuming on changed data ({'; '.join(changed)}); the batches after "
+          f"step {step} differ from an uninterrupted run's", flush=True)
+    return
+  raise ValueError(
+      f"the data source changed since checkpoint {step} ({'; '.join(changed)}): exact "
+      "resume would replay its batch count over other data; restore the data, pass "
+      "--accept_data_change to resume on the new data knowingly, or use a new --workdir")

@@ -34,7 +34,7 @@ import numpy as np
 
 from engram_jax import hashing
 from engram_jax.data import fingerprint as fingerprint_lib
-from engram_jax.data import text
+from engram_jax.data import iterators
 
 _SOURCES = ("digits", "npz", "array_record")
 _SPLITS = ("train", "val", "test")
@@ -256,7 +256,7 @@ def encode_record(codes_HixWi, label: int) -> bytes:
   """One image as an ArrayRecord record: int32 little-endian label, Hi, Wi, then codes.
 
   A fixed binary layout rather than `.npz` bytes: decoding is `np.frombuffer`, which is
-  thread-safe (grain reads with threads; `np.load` is not, see data/text.py).
+  thread-safe (grain reads with threads; `np.load` is not, see data/token_cache.py).
   """
   codes = np.asarray(codes_HixWi)
   if codes.ndim != 2:
@@ -424,7 +424,7 @@ class _Features:
 
 def train_iterator(cfg: ImageDataConfig, *, process_index: int = 0,
                    process_count: int = 1, hash_spec: hashing.HashSpec | None = None,
-                   stencil: Sequence = hashing.DEFAULT_STENCIL) -> text.TrainIterator:
+                   stencil: Sequence = hashing.DEFAULT_STENCIL) -> iterators.TrainIterator:
   """Infinite, reshuffled-per-epoch batches of this process's share of the train split.
 
   Process p reads images p, p + P, p + 2P, ... (disjoint, equal shards) and yields
@@ -433,7 +433,7 @@ def train_iterator(cfg: ImageDataConfig, *, process_index: int = 0,
   `hash_ids` with the given stencil.
   """
   validate(cfg)
-  per_process = text.per_process_batch(cfg, process_index, process_count)
+  per_process = iterators.per_process_batch(cfg, process_index, process_count)
   images = grain.MapDataset.source(image_source(cfg, "train"))
   usable = len(images) // process_count * process_count
   images = images[:usable][process_index::process_count]
@@ -449,19 +449,19 @@ def train_iterator(cfg: ImageDataConfig, *, process_index: int = 0,
   def dataset_at(start: int) -> grain.IterDataset:
     return batches[start:].to_iter_dataset(_READ_OPTIONS)
 
-  return text.TrainIterator(dataset_at, cfg.worker_count, by_index=True)
+  return iterators.TrainIterator(dataset_at, cfg.worker_count, by_index=True)
 
 
 def eval_batches(cfg: ImageDataConfig, split: str = "val", *,
                  max_batches: int | None = None, process_index: int = 0,
                  process_count: int = 1, hash_spec: hashing.HashSpec | None = None,
-                 stencil: Sequence = hashing.DEFAULT_STENCIL) -> text.EvalBatches:
+                 stencil: Sequence = hashing.DEFAULT_STENCIL) -> iterators.EvalBatches:
   """The first `max_batches` global batches of a split (all full batches when None)."""
   validate(cfg)
   _check_split(split)
   if max_batches is not None and max_batches < 1:
     raise ValueError(f"max_batches={max_batches}: use a positive number or None (all).")
-  per_process = text.per_process_batch(cfg, process_index, process_count)
+  per_process = iterators.per_process_batch(cfg, process_index, process_count)
   source = image_source(cfg, split)
   available = len(source) // cfg.batch_size
   if not available:
@@ -477,4 +477,4 @@ def eval_batches(cfg: ImageDataConfig, split: str = "val", *,
     return features(j, {"codes": np.stack([x["codes"] for x in items]),
                         "label": np.array([x["label"] for x in items], np.int32)})
 
-  return text.EvalBatches(read, cfg.batch_size, per_process, process_index, num_batches)
+  return iterators.EvalBatches(read, cfg.batch_size, per_process, process_index, num_batches)

@@ -9,11 +9,12 @@ Sources (`TextDataConfig.source`):
   "tfds":   a tfds dataset prepared as ArrayRecord, read with `tfds.data_source`.
 
 Local corpora are split into train/val by file (a stable hash of the path relative to
-the corpus root), tokenized once into a flat int32 stream (every document followed by
-EOS) cached as `.npy`, and cut into rows of `seq_len + 1` tokens: random access over
-rows makes shuffling, per-process sharding and resuming exact and cheap. tfds datasets
-(too large to tokenize up front) are streamed: records are shuffled, tokenized and
-packed by grain's concat-then-split.
+the corpus root: data/corpus.py), tokenized once into a flat int32 stream (every
+document followed by EOS) cached as `.npy` (data/token_cache.py), and cut into rows of
+`seq_len + 1` tokens: random access over rows makes shuffling, per-process sharding
+and resuming exact and cheap. tfds datasets (too large to tokenize up front) are
+streamed: records are shuffled, tokenized and packed by grain's concat-then-split. The
+iterators (`TrainIterator`, `EvalBatches`) are data/iterators.py's.
 
 Every batch is a dict of int32 NumPy arrays: `inputs`, `targets` `[b, T]` (a row's
 tokens shifted by one), plus `ngram_tokens` `[b, T]` (compressed ids) and `hash_ids`
@@ -23,12 +24,9 @@ n-gram history is padding at every row start, as in the model.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
 import os
-import sysconfig
 import tempfile
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -36,14 +34,12 @@ import tokenizers
 
 from engram_jax import hashing
 from engram_jax import tokenizer as tokenizer_lib
+from engram_jax.data import corpus as corpus_lib
 from engram_jax.data import fingerprint as fingerprint_lib
+from engram_jax.data import iterators, token_cache
 
 _SOURCES = ("stdlib", "site_packages", "files", "tfds")
 _SPLITS = ("train", "val")
-_STDLIB_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-_CACHE_VERSION = 1
-_ENCODE_CHUNK = 64          # documents per `encode_batch` call
 _TOKENIZER_SAMPLE_RECORDS = 50_000  # leading tfds train records a BPE is trained on
 _TOKENIZER_SAMPLE_FILES = 64
 # A few batches ahead is enough for a trainer; grain's default (500) would hold
@@ -93,111 +89,14 @@ def validate(cfg: TextDataConfig) -> TextDataConfig:
   return cfg
 
 
-def per_process_batch(cfg: TextDataConfig, process_index: int,
-                      process_count: int) -> int:
-  """Rows each process contributes to a global batch."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
-  if cfg.batch_size % process_count:
-    raise ValueError(
-        f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} "
-        f"processes; use a multiple of {process_count}.")
-  return cfg.batch_size // process_count
-
-
 def _check_split(split: str) -> None:
   if split not in _SPLITS:
     raise ValueError(f"split={split!r}: use one of {list(_SPLITS)}.")
 
 
 # ----------------------------------------------------------------------------------
-# Local corpora: file lists and their train/val split
+# Local corpora: file lists and their train/val split (data/corpus.py)
 # ----------------------------------------------------------------------------------
-def _stdlib_files() -> tuple[str, list[str]]:
-  """Root and sorted non-empty `*.py` files of this interpreter's standard library."""
-  return _python_files(sysconfig.get_paths()["stdlib"])
-
-
-def _site_packages_files() -> tuple[str, list[str]]:
-  """Root and sorted non-empty `*.py` files of the installed packages (`purelib`):
-  hundreds of MB of real code on any machine that installed this project."""
-  return _python_files(sysconfig.get_paths()["purelib"], skip_site_packages=False)
-
-
-def _local_files(cfg: "TextDataConfig") -> tuple[str, list[str]]:
-  """Root and files of a local source ("stdlib", "site_packages" or "files")."""
-  if cfg.source == "stdlib":
-    return _stdlib_files()
-  if cfg.source == "site_packages":
-    return _site_packages_files()
-  return _glob_files(cfg.files_glob)
-
-
-def _python_files(root: str, skip_site_packages: bool = True) -> tuple[str, list[str]]:
-  skip = _STDLIB_SKIP_DIRS if skip_site_packages else (
-      _STDLIB_SKIP_DIRS - {"site-packages", "dist-packages"})
-  found = []
-  for directory, subdirs, names in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs if d not in skip)
-    found += [os.path.join(directory, n) for n in names if n.endswith(".py")]
-  return root, sorted(f for f in found if os.path.getsize(f) > 0)
-
-
-def _glob_root(pattern: str) -> str:
-  """The directory before the first wildcard: split hashes are relative to it."""
-  head = os.path.dirname(pattern)
-  while glob.has_magic(head):
-    head = os.path.dirname(head)
-  return head or "."
-
-
-def _glob_files(pattern: str) -> tuple[str, list[str]]:
-  """Root and sorted non-empty files matching a glob; no match is an error."""
-  pattern = os.path.expanduser(pattern)
-  files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-  if not files:
-    raise ValueError(f"data.files_glob={pattern!r} matches no files; check the path "
-                     f"(use '**' to recurse into directories).")
-  nonempty = [f for f in files if os.path.getsize(f) > 0]
-  if not nonempty:
-    raise ValueError(f"data.files_glob={pattern!r} matches only empty files "
-                     f"({len(files)}); point it at files with text.")
-  return _glob_root(pattern), nonempty
-
-
-def _unit_hash(key: str) -> float:
-  """A stable hash in [0, 1): the same on every machine and Python run."""
-  digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-  return int.from_bytes(digest, "big") / 2.0**64
-
-
-def split_files(files: Sequence[str], root: str,
-                val_fraction: float) -> tuple[list[str], list[str]]:
-  """Train and val files, by a stable hash of each path relative to `root`.
-
-  A file's split never depends on which other files exist, so adding files does not
-  move old ones. Train is never empty (a lone file trains), and with val_fraction > 0
-  and at least two files neither is val: the file with the smallest hash goes there
-  if none landed, the one with the largest stays in train if all did.
-  """
-  keys = {f: _unit_hash(os.path.relpath(f, root).replace(os.sep, "/")) for f in files}
-  val = [f for f in files if keys[f] < val_fraction]
-  if val_fraction > 0 and not val and len(files) >= 2:
-    val = [min(files, key=keys.__getitem__)]
-  if files and len(val) == len(files):
-    val.remove(max(files, key=keys.__getitem__))
-  val_set = set(val)
-  return [f for f in files if f not in val_set], val
-
-
-def _spread(files: list[str], max_files: int) -> list[str]:
-  """At most `max_files` files spread evenly over the sorted list (not just its head)."""
-  if max_files <= 0 or len(files) <= max_files:
-    return files
-  picks = np.linspace(0, len(files) - 1, max_files).round().astype(int)
-  return [files[i] for i in picks]
-
-
 def corpus_files(cfg: TextDataConfig, split: str) -> list[str]:
   """Sorted files of one split ("train" | "val") of a local source."""
   validate(cfg)
@@ -208,20 +107,8 @@ def corpus_files(cfg: TextDataConfig, split: str) -> list[str]:
   return _local_corpus(cfg).used(split, cfg.max_files)
 
 
-class LocalCorpus(NamedTuple):
-  """A local source's files: every match, its train/val split, and what is used."""
-  root: str
-  files: list[str]
-  train_all: list[str]
-  val_all: list[str]
-
-  def used(self, split: str, max_files: int) -> list[str]:
-    return _spread(self.train_all if split == "train" else self.val_all, max_files)
-
-
-def _local_corpus(cfg: TextDataConfig) -> LocalCorpus:
-  root, files = _local_files(cfg)
-  return LocalCorpus(root, files, *split_files(files, root, cfg.val_fraction))
+def _local_corpus(cfg: TextDataConfig) -> corpus_lib.LocalCorpus:
+  return corpus_lib.local_corpus(cfg.source, cfg.files_glob, cfg.val_fraction)
 
 
 def fingerprint(cfg: TextDataConfig) -> dict:
@@ -290,25 +177,6 @@ def build_tokenizer(cfg: TextDataConfig, workdir: str) -> tokenizers.Tokenizer:
         workdir, lambda: _tfds_sample_files(cfg, tmp), cfg.vocab_size, path)
 
 
-def _plain_encoder(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-  """The tokenizer without truncation or padding, which would silently cut documents."""
-  if tok.truncation is None and tok.padding is None:
-    return tok
-  plain = tokenizers.Tokenizer.from_str(tok.to_str())
-  plain.no_truncation()
-  plain.no_padding()
-  return plain
-
-
-def _encode_texts(tok: tokenizers.Tokenizer, texts: Sequence[str],
-                  eos: int) -> np.ndarray:
-  """Token ids of documents, each followed by EOS, as one flat int32 array."""
-  pieces = []
-  for encoding in tok.encode_batch(list(texts), add_special_tokens=False):
-    pieces += [np.asarray(encoding.ids, np.int32), np.array([eos], np.int32)]
-  return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-
-
 def _check_compressed_vocab(compressed_vocab, tok: tokenizers.Tokenizer):
   if compressed_vocab is None:
     return None
@@ -322,30 +190,8 @@ def _check_compressed_vocab(compressed_vocab, tok: tokenizers.Tokenizer):
 
 
 # ----------------------------------------------------------------------------------
-# Local corpora: cached token stream and rows
+# Local corpora: cached token stream (data/token_cache.py)
 # ----------------------------------------------------------------------------------
-def default_cache_dir() -> str:
-  return os.path.join(os.path.expanduser("~"), ".cache", "engram_jax", "tokens")
-
-
-def _cache_key(tok: tokenizers.Tokenizer, files: Sequence[str]) -> str:
-  """Changes when the tokenizer, the file list or any file's size/mtime changes."""
-  digest = hashlib.sha256(f"v{_CACHE_VERSION}\n{tok.to_str()}".encode("utf-8"))
-  for path in files:
-    stat = os.stat(path)
-    digest.update(f"\n{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}"
-                  .encode("utf-8"))
-  return digest.hexdigest()[:24]
-
-
-def _tokenize_files(tok: tokenizers.Tokenizer, files: Sequence[str]) -> np.ndarray:
-  encoder, eos = _plain_encoder(tok), tokenizer_lib.eos_id(tok)
-  chunks = [_encode_texts(encoder, [tokenizer_lib.read_text(f) for f in
-                                    files[i:i + _ENCODE_CHUNK]], eos)
-            for i in range(0, len(files), _ENCODE_CHUNK)]
-  return np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-
-
 def _token_stream_path(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: str,
                        cache_dir: str | None) -> str:
   """Tokenizes a split once; later calls (and other processes) reuse the `.npy`."""
@@ -354,56 +200,13 @@ def _token_stream_path(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: st
     raise ValueError(
         f"data.val_fraction={cfg.val_fraction}: the {split} split of the "
         f"{cfg.source!r} corpus has no files; raise data.val_fraction or add files.")
-  name = f"{cfg.source}-{split}-{_cache_key(tok, files)}.npy"
-  path = os.path.join(cache_dir or default_cache_dir(), name)
-  if os.path.exists(path):
-    return path
-  tokens = _tokenize_files(tok, files)
-  if not (tokens != tokenizer_lib.eos_id(tok)).any():
-    raise ValueError(
-        f"data.files_glob: the {split} split ({len(files)} files) tokenizes to no "
-        f"tokens; point data.source/data.files_glob at files with text.")
-
-  def write(tmp: str) -> None:
-    with open(tmp, "wb") as f:
-      np.save(f, tokens)
-
-  tokenizer_lib.atomic_write(path, write)
-  return path
+  return token_cache.stream_path(tok, files, cfg.source, split, cache_dir)
 
 
 def token_stream(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: str,
                  cache_dir: str | None = None) -> np.ndarray:
   """A local split as one flat int32 token stream (documents + EOS), memory-mapped."""
   return np.load(_token_stream_path(cfg, tok, split, cache_dir), mmap_mode="r")
-
-
-class _Rows:
-  """Row i of a cached token stream: tokens [i*(T+1), (i+1)*(T+1)).
-
-  A grain random-access source. It pickles as just the path, so worker processes map
-  the file themselves. The map is opened at construction (and unpickling), never
-  lazily in `__getitem__`: grain calls that from several threads, and `np.load`
-  parses the header with `ast`, which is not thread-safe in CPython 3.11 ("SystemError:
-  AST constructor recursion depth mismatch").
-  """
-
-  def __init__(self, path: str, row_len: int):
-    self._path, self._row_len = path, row_len
-    self._tokens = np.load(path, mmap_mode="r")
-
-  def __len__(self) -> int:
-    return len(self._tokens) // self._row_len
-
-  def __getitem__(self, index: int) -> np.ndarray:
-    start = int(index) * self._row_len
-    return np.array(self._tokens[start:start + self._row_len], np.int32)
-
-  def __getstate__(self) -> dict[str, Any]:
-    return {"path": self._path, "row_len": self._row_len}
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(state["path"], state["row_len"])
 
 
 # ----------------------------------------------------------------------------------
@@ -446,7 +249,7 @@ class _EncodeRecord:
   """tfds record -> {'tokens': its token ids + EOS}."""
 
   def __init__(self, tok: tokenizers.Tokenizer, field: str):
-    self._tok, self._field = _plain_encoder(tok), field
+    self._tok, self._field = token_cache.plain_encoder(tok), field
     self._eos = tokenizer_lib.eos_id(tok)
 
   def __call__(self, record: Any) -> dict[str, np.ndarray]:
@@ -463,12 +266,12 @@ def _tfds_prefix(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: str,
                  num_tokens: int) -> np.ndarray:
   """The first `num_tokens` of a split's token stream, reading records in order."""
   source = _tfds_source(cfg, split)
-  encoder, eos = _plain_encoder(tok), tokenizer_lib.eos_id(tok)
+  encoder, eos = token_cache.plain_encoder(tok), tokenizer_lib.eos_id(tok)
   pieces, total, start = [], 0, 0
   while total < num_tokens and start < len(source):
-    stop = min(start + _ENCODE_CHUNK, len(source))
+    stop = min(start + token_cache.ENCODE_CHUNK, len(source))
     texts = [_record_text(source[i], cfg.text_field) for i in range(start, stop)]
-    pieces.append(_encode_texts(encoder, texts, eos))
+    pieces.append(token_cache.encode_texts(encoder, texts, eos))
     total += len(pieces[-1])
     start = stop
   return np.concatenate(pieces)[:num_tokens] if pieces else np.zeros(0, np.int32)
@@ -497,92 +300,6 @@ class _Features:
     return batch
 
 
-def _ensure_absl_flags_parsed() -> None:
-  """grain's worker processes read absl flags, unparsed outside absl.app (tests, REPL)."""
-  from absl import flags
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-class TrainIterator:
-  """Infinite iterator of batches whose position can be saved and restored.
-
-  `get_state()` returns a small JSON-serialisable dict; `set_state(state)` on an
-  iterator built from the same config and tokenizer continues with exactly the batches
-  that followed. Over a local corpus the state is just the batch count (batches are
-  random access), so it survives a change of `worker_count`; over tfds it is grain's
-  iterator state, which is tied to `worker_count`.
-  """
-
-  def __init__(self, dataset_at: Callable[[int], grain.IterDataset], worker_count: int,
-               by_index: bool):
-    self._dataset_at = dataset_at  # first batch -> dataset of the batches from there
-    self._worker_count = worker_count
-    self._by_index = by_index
-    self._batches = 0
-    self._it = None
-    self._pending = None  # tfds: grain state to restore when (re)opening
-
-  def _open(self, start: int) -> Iterator[dict[str, np.ndarray]]:
-    dataset = self._dataset_at(start)
-    if self._worker_count:
-      _ensure_absl_flags_parsed()
-      dataset = dataset.mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=self._worker_count))
-    return iter(dataset)
-
-  def _current(self):
-    if self._it is None:
-      self._it = self._open(self._batches if self._by_index else 0)
-      if self._pending is not None:
-        self._it.set_state(self._pending)
-        self._pending = None
-    return self._it
-
-  def __iter__(self) -> "TrainIterator":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._current())
-    self._batches += 1
-    if self._worker_count:  # own the memory: grain's shared-memory arrays that
-      batch = {k: np.array(v) for k, v in batch.items()}  # outlive it warn at exit
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    if self._by_index:
-      return {"batches": self._batches}
-    return {"batches": self._batches, "worker_count": self._worker_count,
-            "grain": self._current().get_state()}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self.close()
-    self._batches = int(state["batches"])
-    if self._by_index:
-      return
-    if state.get("worker_count") != self._worker_count:
-      raise ValueError(
-          f"data.worker_count={self._worker_count}, but this tfds data state was saved "
-          f"with worker_count={state.get('worker_count')}; resume with that value.")
-    self._pending = state["grain"]
-
-  def close(self) -> None:
-    """Stops grain's worker processes, if any; iterating again resumes in place."""
-    if self._it is None:
-      return
-    if not self._by_index:
-      self._pending = self._it.get_state()
-    if hasattr(self._it, "close"):
-      self._it.close()
-    self._it = None
-
-  def __enter__(self) -> "TrainIterator":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
 def _rows_of_process(rows: grain.MapDataset, process_index: int,
                      process_count: int) -> grain.MapDataset:
   """Every process_count-th row: disjoint, equal-sized shards that mix the corpus."""
@@ -601,10 +318,10 @@ def _too_small(cfg: TextDataConfig, split: str, rows: int, needed: int,
 
 def _local_train(cfg: TextDataConfig, tok: tokenizers.Tokenizer, process_index: int,
                  process_count: int, features: _Features,
-                 cache_dir: str | None) -> TrainIterator:
-  per_process = per_process_batch(cfg, process_index, process_count)
+                 cache_dir: str | None) -> iterators.TrainIterator:
+  per_process = iterators.per_process_batch(cfg, process_index, process_count)
   path = _token_stream_path(cfg, tok, "train", cache_dir)
-  rows = _rows_of_process(grain.MapDataset.source(_Rows(path, cfg.seq_len + 1)),
+  rows = _rows_of_process(grain.MapDataset.source(token_cache.Rows(path, cfg.seq_len + 1)),
                           process_index, process_count)
   if len(rows) < per_process:
     raise _too_small(cfg, "train", len(rows), per_process, "per process")
@@ -614,12 +331,12 @@ def _local_train(cfg: TextDataConfig, tok: tokenizers.Tokenizer, process_index: 
   def dataset_at(start: int) -> grain.IterDataset:
     return batches[start:].to_iter_dataset(_READ_OPTIONS)
 
-  return TrainIterator(dataset_at, cfg.worker_count, by_index=True)
+  return iterators.TrainIterator(dataset_at, cfg.worker_count, by_index=True)
 
 
 def _tfds_train(cfg: TextDataConfig, tok: tokenizers.Tokenizer, process_index: int,
-                process_count: int, features: _Features) -> TrainIterator:
-  per_process = per_process_batch(cfg, process_index, process_count)
+                process_count: int, features: _Features) -> iterators.TrainIterator:
+  per_process = iterators.per_process_batch(cfg, process_index, process_count)
   source = _tfds_source(cfg, cfg.tfds_train_split)
   if len(source) < process_count:
     raise ValueError(
@@ -633,7 +350,7 @@ def _tfds_train(cfg: TextDataConfig, tok: tokenizers.Tokenizer, process_index: i
   batches = (rows.map(_packed_tokens)
              .batch(per_process, drop_remainder=True).map(features))
   # A stream: positions are restored from grain's state, not from a start index.
-  return TrainIterator(lambda _: batches, cfg.worker_count, by_index=False)
+  return iterators.TrainIterator(lambda _: batches, cfg.worker_count, by_index=False)
 
 
 def _features(tok: tokenizers.Tokenizer, compressed_vocab,
@@ -645,7 +362,7 @@ def train_iterator(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
                    process_index: int = 0, process_count: int = 1,
                    compressed_vocab: np.ndarray | None = None,
                    hash_spec: hashing.HashSpec | None = None,
-                   cache_dir: str | None = None) -> TrainIterator:
+                   cache_dir: str | None = None) -> iterators.TrainIterator:
   """Infinite, reshuffled-per-epoch batches of this process's share of the train split.
 
   Each process reads only its own rows (local corpora) or records (tfds) and yields
@@ -661,35 +378,11 @@ def train_iterator(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
                       cache_dir)
 
 
-class EvalBatches:
-  """A fixed, finite sequence of batches: the same ones on every pass.
-
-  Global batch j is rows [j*B, (j+1)*B) of a split (packed token rows, or images in
-  stored order); each process yields its contiguous `B // process_count` of them, so
-  every process yields the same number of batches. `read(j, first_row, rows)` builds
-  one process's batch j from `rows` rows starting at `first_row`.
-  """
-
-  def __init__(self, read: Callable[[int, int, int], dict[str, np.ndarray]],
-               global_batch: int, per_process: int, process_index: int, num_batches: int):
-    self._read = read
-    self._global_batch, self._per_process = global_batch, per_process
-    self._process_index, self._num_batches = process_index, num_batches
-
-  def __len__(self) -> int:
-    return self._num_batches
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    for j in range(self._num_batches):
-      first_row = j * self._global_batch + self._process_index * self._per_process
-      yield self._read(j, first_row, self._per_process)
-
-
 def eval_batches(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
                  max_batches: int, process_index: int = 0, process_count: int = 1,
                  compressed_vocab: np.ndarray | None = None,
                  hash_spec: hashing.HashSpec | None = None,
-                 cache_dir: str | None = None) -> EvalBatches:
+                 cache_dir: str | None = None) -> iterators.EvalBatches:
   """The first `max_batches` global batches of the val split (fewer if it is short).
 
   Deterministic: no shuffling, the same batches on every call and every pass. Over
@@ -698,7 +391,7 @@ def eval_batches(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
   validate(cfg)
   if max_batches < 1:
     raise ValueError(f"max_batches={max_batches}: use a positive number of batches.")
-  per_process = per_process_batch(cfg, process_index, process_count)
+  per_process = iterators.per_process_batch(cfg, process_index, process_count)
   features = _features(tokenizer, compressed_vocab, hash_spec)
   row_len = cfg.seq_len + 1
   if cfg.source == "tfds":
@@ -716,4 +409,4 @@ def eval_batches(cfg: TextDataConfig, tokenizer: tokenizers.Tokenizer, *,
     chunk = tokens[first_row * row_len:(first_row + rows) * row_len]
     return features(np.array(chunk, np.int32).reshape(rows, row_len))
 
-  return EvalBatches(read, cfg.batch_size, per_process, process_index, num_batches)
+  return iterators.EvalBatches(read, cfg.batch_size, per_process, process_index, num_batches)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import config as config_lib
-from engram_jax import hashing
+from engram_jax import hashing, param_groups
 from engram_jax.layers.attention import Mode, write_at
 from engram_jax.layers.norms import RMSNorm
 from engram_jax.models.lm import apply_blocks
@@ -93,12 +93,19 @@ def make_image_config(model: Any, data: Any) -> ImageModelConfig:
     model["vocab_size"] = grid["codebook_size"] + grid["num_classes"] + 1
   if not model.get("max_len"):
     model["max_len"] = grid["height"] * grid["width"]
-  return validate(ImageModelConfig(config_lib.from_dict(model), **grid))
+  return _check_grid(ImageModelConfig(config_lib.from_dict(model), **grid))
 
 
 def validate(cfg: ImageModelConfig) -> ImageModelConfig:
-  """Raises ValueError naming the first field that does not fit the grid."""
-  m = config_lib.validate(cfg.model)
+  """Raises ValueError naming the first invalid field of the decoder, or the first
+  that does not fit the grid."""
+  config_lib.validate(cfg.model)
+  return _check_grid(cfg)
+
+
+def _check_grid(cfg: ImageModelConfig) -> ImageModelConfig:
+  """The checks of `validate` that tie a (validated) decoder config to the grid."""
+  m = cfg.model
   if m.vocab_size != cfg.vocab_size:
     raise ValueError(
         f"model.vocab_size={m.vocab_size} is invalid: the image vocabulary has "
@@ -244,17 +251,9 @@ def param_counts(cfg: ImageModelConfig) -> dict[str, int]:
 
 def tree_param_counts(params) -> dict[str, int]:
   """The same groups counted on a (possibly abstract) parameter tree."""
-  counts = {"backbone": 0, "engram_tables": 0, "engram_dense": 0}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [getattr(k, "key", str(k)) for k in path]
-    if "engram" not in names:
-      counts["backbone"] += leaf.size
-    elif names[-1] == "table":
-      counts["engram_tables"] += leaf.size
-    else:
-      counts["engram_dense"] += leaf.size
-  counts["total"] = sum(counts.values())
-  return counts
+  counts = param_groups.counts(params, param_groups.engram_view,
+                               ("backbone", "engram_tables", "engram_dense"))
+  return {**counts, "total": sum(counts.values())}
 
 
 def budget_ratio(cfg: ImageModelConfig, budget: int) -> float:

@@ -119,13 +119,13 @@ def _load(workdir: str):
 
 def _eval_tokens(workdir: str, batches: int):
   """`[N, T+1]` token rows of the workdir's validation split (its own data config)."""
-  from engram_jax import tasks
+  from engram_jax import run_config
   from engram_jax import workdir as workdir_lib
   from engram_jax.data import text
   config, kind = workdir_lib.read_config(workdir)
   if kind != "lm":
     raise ValueError(f"--workdir={workdir!r} is an image run: analyses read LM workdirs")
-  data_cfg = tasks._text_data_config(config)  # noqa: SLF001  the run's data section
+  data_cfg = run_config.text_data_config(config.data)  # the run's data section
   tok = text.build_tokenizer(data_cfg, workdir)
   rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
           for b in text.eval_batches(data_cfg, tok, max_batches=batches)]
