@@ -11,7 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import functools
 from typing import Any, Mapping, Optional
+
+
+def _quiet(job):
+  """Library log records (orbax's restore notes, absl warnings) stay out of the cell, as
+  the commands keep them off the console."""
+  @functools.wraps(job)
+  def run(*args, **kwargs):
+    from engram_jax import quiet
+    with quiet.quiet_library_logs():
+      return job(*args, **kwargs)
+  return run
 
 
 def config(spec: str, overrides: Optional[Mapping[str, Any]] = None):
@@ -23,21 +35,23 @@ def config(spec: str, overrides: Optional[Mapping[str, Any]] = None):
 
 
 def with_overrides(c, overrides: Optional[Mapping[str, Any]] = None):
-  """`c` with each dotted field of `overrides` set (values as Python objects)."""
+  """`c` with each dotted field of `overrides` set (values as Python objects; lists, as
+  from json, become the tuples the configs hold)."""
   from engram_jax import config_files
-  items = [f"{key}={value!r}" for key, value in (overrides or {}).items()]
+  items = [f"{key}={tuple(value) if isinstance(value, list) else value!r}"
+           for key, value in (overrides or {}).items()]
   return config_files.overrides(items, flag="overrides")(c)
 
 
+@_quiet
 def train(spec_or_config, workdir: str, overrides: Optional[Mapping[str, Any]] = None,
           accept_data_change: bool = False) -> dict[str, float]:
   """Trains (or resumes) a run in `workdir`, printing progress; returns the final eval
   metrics. The same call as `python -m engram_jax.main --config=... --workdir=...`."""
-  from engram_jax import quiet, train as train_lib
+  from engram_jax import train as train_lib
   c = (config(spec_or_config, overrides) if isinstance(spec_or_config, str)
        else with_overrides(spec_or_config, overrides))
-  with quiet.quiet_library_logs():
-    return train_lib.train_and_evaluate(c, workdir, accept_data_change=accept_data_change)
+  return train_lib.train_and_evaluate(c, workdir, accept_data_change=accept_data_change)
 
 
 def metrics(workdir: str) -> list[dict]:
@@ -54,6 +68,7 @@ def curves(workdir: str, key: str) -> tuple[list[int], list[float]]:
 
 
 
+@_quiet
 def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None):
   """The trained run in `workdir` (`workdir.Run`: config, kind, model, variables,
   tokenizer, step), its newest readable checkpoint restored."""
@@ -61,6 +76,7 @@ def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None):
   return workdir_lib.load(workdir, tables, table_dir)
 
 
+@_quiet
 def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   """Samples from a trained run, as `python -m engram_jax.generate` does. A language
   model returns its continuations of `prompt` (a list of strings; settings:
@@ -82,6 +98,7 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
 
 
+@_quiet
 def evaluate(workdir: str, split: str = "val", **options) -> dict:
   """NLL and (with samples_per_class) FID / IS of an image run: the metrics that
   `python -m engram_jax.studies.evaluate` prints (also written as json in the workdir)."""
@@ -90,6 +107,7 @@ def evaluate(workdir: str, split: str = "val", **options) -> dict:
   return metrics
 
 
+@_quiet
 def probes(workdir: str, probe: str = "all", **flags) -> dict[str, str]:
   """Runs the vision paper's probes on an image run (`probe`: gate_clamp, donor, table or
   all; `flags`: the command's, e.g. samples_per_class=10, max_batches=2) and returns each

@@ -264,11 +264,12 @@ def describe_table_placement(tables) -> str:
   devices = len(set().union(*(t.sharding.device_set for t in tables)))
   total = sum(int(t.nbytes) for t in tables)
   mib = lambda n: f"{n / 2**20:.2f} MiB"
+  layers = f"{len(tables)} layer{'s' if len(tables) != 1 else ''}"
   if devices == 1:
-    return f"engram tables: {len(tables)} layers, {mib(total)}, on one device"
+    return f"engram tables: {layers}, {mib(total)}, on one device"
   if max(held.values()) >= total:
-    return f"engram tables: {len(tables)} layers, {mib(total)}, replicated on {devices} devices"
-  return (f"engram tables: {len(tables)} layers, {mib(total)}, row-sharded over {devices} "
+    return f"engram tables: {layers}, {mib(total)}, replicated on {devices} devices"
+  return (f"engram tables: {layers}, {mib(total)}, row-sharded over {devices} "
           f"devices: {mib(max(held.values()))} per device")
 
 

@@ -446,6 +446,10 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   logging.info("parameters: %s", overview)
   say = (lambda text: print(text, flush=True)) if pidx == 0 else (lambda text: None)
   say("parameters: " + ", ".join(f"{k} {v:,}" for k, v in overview.items()))
+  table_arrays = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+                  if param_groups.group(path) == "engram_tables"]
+  if table_arrays:  # on the devices; host tables are in the overview
+    say(sharding.describe_table_placement(table_arrays))
   if start >= t.steps:
     say(f"run complete: the checkpoint is at step {start} and train.steps={t.steps}; "
         f"to train further, raise it (e.g. --config.train.steps={2 * t.steps})")

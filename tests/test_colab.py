@@ -12,7 +12,7 @@ nbformat = pytest.importorskip("nbformat")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOY = {"model.width": 32, "model.depth": 3, "model.num_heads": 2,
-             "model.num_kv_heads": 2, "model.engram.table_size": 61, "mesh.num_devices": 1}
+             "model.num_kv_heads": 2, "model.engram.table_size": [61], "mesh.num_devices": 1}
 
 
 def _execute(name, tmp_path, **env):
