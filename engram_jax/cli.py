@@ -22,11 +22,12 @@ def parse_ints(text: str, flag: str) -> list[int]:
   return parse_list(text, flag, int)
 
 
-def run(body: Callable[[], int | None]) -> int:
+def run(body: Callable[[], int | None], also: tuple[type[BaseException], ...] = ()) -> int:
   """`body()`'s exit status (0 for None); a ValueError, OSError or RuntimeError (the
-  trainer's TrainingError) is one `error:` line and status 2."""
+  trainer's TrainingError), or an exception of `also` (e.g. the ImportError of an
+  optional dependency), is one `error:` line and status 2."""
   try:
     return body() or 0
-  except (ValueError, OSError, RuntimeError) as err:
+  except (ValueError, OSError, RuntimeError, *also) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -117,31 +117,28 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-  import sys
 
   from engram_jax.sampling import image
   if _is_image_run(argv):  # an image workdir: --classes, --cfg_scale, a PNG grid
     return image.main(argv)
   args = build_parser().parse_args(argv)
-  try:
+  def body():
     image_flags = [f"--{name}" for name in IMAGE_FLAGS if hasattr(args, name)]
     if image_flags:
       raise ValueError(f"{', '.join(image_flags)}: only for image workdirs; "
                        f"--workdir={args.workdir!r} is not an image run")
     check_request(args.max_new_tokens, args.num_samples, args.temperature, args.top_k,
-                       args.top_p)
+                  args.top_p)
     from engram_jax import workdir
     run = workdir.load(args.workdir, args.tables, args.table_dir or None, kind="lm")
     texts = continue_prompt(run, args.prompt, max_new_tokens=args.max_new_tokens,
-                                 num_samples=args.num_samples, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(f"# {args.workdir} step {run.step}", flush=True)
-  for i, sample in enumerate(texts):
-    print(f"--- sample {i} ---\n{args.prompt}{sample}", flush=True)
-  return 0
+                            num_samples=args.num_samples, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(f"# {args.workdir} step {run.step}", flush=True)
+    for i, sample in enumerate(texts):
+      print(f"--- sample {i} ---\n{args.prompt}{sample}", flush=True)
+  from engram_jax import cli
+  return cli.run(body)
 
 
 if __name__ == "__main__":

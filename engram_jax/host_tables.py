@@ -24,7 +24,6 @@ import numpy as np
 from engram_jax import config as config_lib
 from engram_jax import checkpoints, fp8, hashing, tables
 from engram_jax.errors import TrainingError
-from engram_jax.layers.engram import ROWS_COLLECTION
 
 TABLE = "table"
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")

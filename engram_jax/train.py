@@ -349,7 +349,7 @@ def _restore_or_explain(manager, abstract, workdir, model_cfg):
   differ from the workdir's saved config (the usual cause)."""
   try:
     return checkpoints.restore_latest(manager, abstract)
-  except ValueError as err:
+  except ValueError:
     differing = model_config_differences(workdir, model_cfg)
     if not differing:
       raise

@@ -328,7 +328,6 @@ def export_tables(workdir: str, out_dir: str) -> str:
 
 def main(argv=None) -> int:
   import argparse
-  import sys
 
   from engram_jax import disk_tables
   parser = argparse.ArgumentParser(
@@ -340,12 +339,10 @@ def main(argv=None) -> int:
   export.add_argument("--workdir", required=True)
   export.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  try:
+  def body():
     print(f"wrote {export_tables(args.workdir, args.out)}/{disk_tables.TABLES_MANIFEST}")
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return 0
+  from engram_jax import cli
+  return cli.run(body)
 
 
 if __name__ == "__main__":

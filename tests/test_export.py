@@ -17,7 +17,6 @@ from engram_jax import sharding, train
 from engram_jax.sampling import text as generate
 from engram_jax.sampling import image as generate_image
 from engram_jax import host_tables as host_tables_lib
-from engram_jax.sampling import offload as offload
 from engram_jax.models import image
 from engram_jax.models.lm import EngramLM
 from tests.conftest import tiny_model_config

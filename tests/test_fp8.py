@@ -59,7 +59,6 @@ def test_bad_shapes_are_one_line_errors():
 
 def test_host_tables_gather_fp8_rows():
   from engram_jax import host_tables
-  from engram_jax.sampling import offload as offload
   from tests.conftest import tiny_model_config
   cfg = tiny_model_config(embed_per_ngram=64)  # head_dim 32: one scale per row
   spec = cfg.engram.hash_spec()

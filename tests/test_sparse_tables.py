@@ -2,8 +2,6 @@
 import contextlib
 import dataclasses
 import functools
-import json
-import os
 
 import flax.linen as nn
 import jax

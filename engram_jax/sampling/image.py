@@ -204,7 +204,6 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
 
 def main(argv=None) -> int:
   import argparse
-  import sys
 
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.generate",
@@ -229,7 +228,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=argparse.SUPPRESS,
                       help="PNG path (default: WORKDIR/samples_stepS_seedN.png)")
   args = parser.parse_args(argv)
-  try:
+  def body():
     if args.samples_per_class < 1:  # before a checkpoint is read
       raise ValueError(f"--samples_per_class={args.samples_per_class}: use a positive integer")
     from engram_jax import workdir
@@ -237,13 +236,11 @@ def main(argv=None) -> int:
     grid = sample_grid(trained, args.classes if hasattr(args, "classes") else "",
                        args.samples_per_class, seed=args.seed,
                        out=getattr(args, "out", ""), overrides=args)
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(f"# {args.workdir} step {trained.step}: {len(grid.labels_B)} samples, " +
-        ", ".join(f"{k}={v}" for k, v in grid.sampling.items()), flush=True)
-  print(grid.png, flush=True)
-  return 0
+    print(f"# {args.workdir} step {trained.step}: {len(grid.labels_B)} samples, " +
+          ", ".join(f"{k}={v}" for k, v in grid.sampling.items()), flush=True)
+    print(grid.png, flush=True)
+  from engram_jax import cli
+  return cli.run(body)
 
 
 if __name__ == "__main__":

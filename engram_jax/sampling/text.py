@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from engram_jax import hashing
 from engram_jax.layers.engram import ROWS_COLLECTION, history_before

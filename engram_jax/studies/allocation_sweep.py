@@ -202,7 +202,6 @@ def _floats(text: str, flag: str) -> list[float]:
 def main(argv=None) -> int:
   import argparse
   import os
-  import sys
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.studies.allocation_sweep",
       description="Sparsity allocation between MoE experts and Engram tables.")
@@ -222,7 +221,8 @@ def main(argv=None) -> int:
                           "--set=data.source=site_packages --set=data.max_files=1500")
   args = parser.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  try:
+
+  def body():
     c = load_config(args.config)
     if "allocation" not in c:
       raise ValueError(f"--config={args.config!r} has no `allocation` section; use a "
@@ -237,12 +237,10 @@ def main(argv=None) -> int:
     from engram_jax import config_files
     config_files.overrides(args.set)(c)
     sweep(c, rhos, args.workdir, args.steps, seeds)
-  except ValueError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(f"wrote {os.path.join(args.workdir, 'allocation.md')}, allocation.csv, "
-        "allocation.png", flush=True)
-  return 0
+    print(f"wrote {os.path.join(args.workdir, 'allocation.md')}, allocation.csv, "
+          "allocation.png", flush=True)
+  from engram_jax import cli
+  return cli.run(body)
 
 
 if __name__ == "__main__":

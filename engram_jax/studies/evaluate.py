@@ -482,7 +482,6 @@ def evaluate_run(workdir: str, split: str = "val", *, max_batches: int = 0,
 def main(argv=None) -> int:
   import argparse
   import json
-  import sys
 
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.studies.evaluate",
@@ -497,7 +496,7 @@ def main(argv=None) -> int:
   parser.add_argument("--classifier_dir", default="",
                       help="where the digits classifier is cached (default: the workdir)")
   args = parser.parse_args(argv)
-  try:
+  def body():
     for name in ("max_batches", "samples_per_class"):
       if getattr(args, name) < 0:
         raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
@@ -505,12 +504,10 @@ def main(argv=None) -> int:
     metrics, path = evaluate_run(args.workdir, args.split, max_batches=args.max_batches,
                                  samples_per_class=args.samples_per_class, seed=args.seed,
                                  classifier_dir=args.classifier_dir, **options)
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(json.dumps(metrics), flush=True)
-  print(path, flush=True)
-  return 0
+    print(json.dumps(metrics), flush=True)
+    print(path, flush=True)
+  from engram_jax import cli
+  return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -377,7 +377,6 @@ class InceptionFeatureNet:
 # ----------------------------------------------------------------------------------
 def main(argv=None) -> int:
   import argparse
-  import sys
 
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.studies.inception",
@@ -389,7 +388,7 @@ def main(argv=None) -> int:
                        help=f"{TORCH_WEIGHTS} (needs torch) or an .npz of its state dict")
   convert.add_argument("--out", required=True, help="the npz to write, e.g. inception_fid.npz")
   args = parser.parse_args(argv)
-  try:
+  def body():
     if not os.path.isfile(args.torch_weights):
       raise ValueError(f"--torch_weights={args.torch_weights!r}: no such file; download "
                        f"{TORCH_WEIGHTS} from the pytorch-fid GitHub releases yourself "
@@ -397,11 +396,9 @@ def main(argv=None) -> int:
     flat = convert_torch_state(read_torch_state(args.torch_weights))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     npz.save_npz(args.out, flat)
-  except (ImportError, ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(args.out, flush=True)
-  return 0
+    print(args.out, flush=True)
+  from engram_jax import cli
+  return cli.run(body, also=(ImportError,))
 
 
 if __name__ == "__main__":

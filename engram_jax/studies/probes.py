@@ -493,19 +493,16 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-  import sys
-  try:
+  def body():
     paths = run(parse_args(argv))
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  for path in paths:
-    print(path, flush=True)
-  for path in paths:
-    if path.endswith(".md"):
-      with open(path, encoding="utf-8") as f:
-        print(f.read(), flush=True)
-  return 0
+    for path in paths:
+      print(path, flush=True)
+    for path in paths:
+      if path.endswith(".md"):
+        with open(path, encoding="utf-8") as f:
+          print(f.read(), flush=True)
+  from engram_jax import cli
+  return cli.run(body)
 
 
 if __name__ == "__main__":

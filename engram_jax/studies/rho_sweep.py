@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Callable, Sequence
 
 from engram_jax import config_files, run_config
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
   from engram_jax.studies import evaluate as evaluate
   evaluate.add_feature_net_flags(parser)
   args = parser.parse_args(argv)
-  try:
+  def body():
     try:
       rhos = [float(r) for r in args.rhos.split(",") if r.strip()]
     except ValueError:
@@ -154,12 +153,10 @@ def main(argv=None) -> int:
     paths = run(args.family, rhos, args.workdir, steps=args.steps, split=args.split,
                 samples_per_class=args.samples_per_class, seed=args.seed,
                 overrides=config_overrides(args.set), feature_net_options=options)
-  except (ValueError, OSError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  for path in paths:
-    print(path, flush=True)
-  return 0
+    for path in paths:
+      print(path, flush=True)
+  from engram_jax import cli
+  return cli.run(body)
 
 
 if __name__ == "__main__":
