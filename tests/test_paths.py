@@ -75,7 +75,10 @@ def test_files_and_directories_on_the_fake_store(fake_gcs):
   assert (fake_gcs / "bucket/run/config.json").read_text() == '{"a": 1}'
   assert paths.exists("gs://bucket/run/config.json") and not paths.exists("gs://bucket/x")
   assert paths.read_text("gs://bucket/run/config.json") == '{"a": 1}'
-  paths.atomic_write("gs://bucket/run/t.npy", lambda tmp: np.save(open(tmp, "wb"), np.arange(3)))
+  def write_npy(tmp):
+    with open(tmp, "wb") as f:
+      np.save(f, np.arange(3))
+  paths.atomic_write("gs://bucket/run/t.npy", write_npy)
   assert np.load(fake_gcs / "bucket/run/t.npy").tolist() == [0, 1, 2]
   paths.makedirs("gs://bucket/run/checkpoints/2")
   assert paths.listdir("gs://bucket/run/checkpoints") == ["2"]
