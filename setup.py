@@ -2,8 +2,10 @@
 from setuptools import find_packages, setup
 
 CORE = ["jax>=0.4.35", "flax>=0.10", "numpy>=1.26", "optax>=0.2.4"]
+# etils.epath: workdirs and tokenizers on gs:// (engram_jax/paths.py)
 DATA = ["grain>=0.2.10", "tokenizers>=0.20", "tensorflow-datasets>=4.9.7",
-        "array_record>=0.7", "importlib_resources", "absl-py", "scikit-learn>=1.3"]
+        "array_record>=0.7", "importlib_resources", "absl-py", "scikit-learn>=1.3",
+        "etils[epath]>=1.5"]
 # clu's metric writers import TensorFlow + tensorboard (real event files).
 TRAIN = DATA + ["orbax-checkpoint>=0.11", "clu>=0.0.12", "ml_collections>=1.0",
                  "tensorflow-cpu>=2.16", "tensorboard", "matplotlib>=3.7"]

@@ -5,17 +5,25 @@ A workdir's `checkpoints/STEP/` holds two items: `state` (the TrainState) and `d
 `host_tables` (their rows and optimizer state, saved in the same step). Resuming restores the newest readable step; a torn
 or corrupt one is moved to `checkpoints_unreadable/` (never deleted) and the one
 before it is used. Inference restores only `state.params`.
+
+The workdir may be a URL (gs://): orbax writes it itself, and the listing and the
+quarantine go through `engram_jax.paths`; the log of library details stays local while
+a run lasts (`run_log`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-from typing import Any, Optional
+import re
+import tempfile
+from typing import Any, Iterator, Optional
 
 import jax
 
-from engram_jax import quiet
+from engram_jax import paths, quiet
 from engram_jax.errors import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -25,11 +33,55 @@ ITEMS = ("state", "data", HOST_TABLES)
 LOG_FILE = "engram_jax.log"  # library tracebacks of handled failures land here
 
 
-def log_path(workdir: str) -> str:
-  """The workdir's log of library details (one file per process)."""
+def _log_name() -> str:
   index = jax.process_index()
-  name = LOG_FILE if index == 0 else LOG_FILE.replace(".log", f".p{index}.log")
-  return os.path.join(os.path.abspath(workdir), name)
+  return LOG_FILE if index == 0 else LOG_FILE.replace(".log", f".p{index}.log")
+
+
+def log_path(workdir: str) -> str:
+  """The workdir's log of library details (one file per process): a local file, which
+  is appended to while it is open (and fd 2 is pointed at it, `quiet`). For a remote
+  workdir (gs://), where nothing can be appended to, a file of the same name in a local
+  temp directory named after the workdir; `run_log` copies a run's lines up at its end.
+  """
+  if paths.is_local(workdir):
+    return os.path.join(os.path.abspath(workdir), _log_name())
+  url = paths.absolute(workdir)
+  key = hashlib.blake2b(url.encode("utf-8"), digest_size=4).hexdigest()
+  directory = os.path.join(tempfile.gettempdir(), "engram_jax_logs",
+                           re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-80:] + "-" + key)
+  os.makedirs(directory, exist_ok=True)
+  return os.path.join(directory, _log_name())
+
+
+@contextlib.contextmanager
+def run_log(workdir: str) -> Iterator[str]:
+  """`log_path(workdir)` for the duration of a run. On a remote workdir this says in
+  one line where the log is, and at exit appends the lines this run wrote to
+  `WORKDIR/engram_jax.log` (a whole-object rewrite: the remote log grows run by run)."""
+  path = log_path(workdir)
+  if paths.is_local(workdir):
+    yield path
+    return
+  remote = paths.join(paths.absolute(workdir), _log_name())
+  start = os.path.getsize(path) if os.path.exists(path) else 0
+  if jax.process_index() == 0:
+    print(f"note: --workdir={workdir} is not a local directory: library logs go to "
+          f"{path} while the run lasts (an object store cannot be appended to), then are "
+          f"added to {remote}", flush=True)
+  try:
+    yield path
+  finally:
+    try:
+      with open(path, "rb") as f:
+        f.seek(start)
+        lines = f.read()
+      if lines:
+        before = paths.read_bytes(remote) if paths.exists(remote) else b""
+        paths.atomic_write_bytes(remote, before + lines)
+    except OSError as err:  # the run's own outcome matters more: say it, go on
+      print(f"warning: could not copy the library log {path} to {remote} ({err})",
+            flush=True)
 
 
 def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
@@ -37,7 +89,7 @@ def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool 
   import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                          enable_async_checkpointing=async_saves)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+  return ocp.CheckpointManager(paths.join(paths.absolute(workdir), CHECKPOINT_DIR),
                                options=options, item_names=ITEMS)
 
 
@@ -65,7 +117,7 @@ def save_failed(err: Exception, workdir: str, manager=None) -> TrainingError:
       pass
   kept = saved_steps(workdir)
   return TrainingError(
-      f"saving a checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} "
+      f"saving a checkpoint in {paths.join(workdir, CHECKPOINT_DIR)} "
       f"failed ({getattr(err, 'strerror', None) or first_line(err)}); the "
       f"checkpoints before it are kept ({kept or 'none'}): free space or fix the "
       "filesystem, then run the same command to resume")
@@ -128,11 +180,16 @@ def restore_host_tables(mngr, step: int, abstract: dict, partial: bool = False) 
   import orbax.checkpoint as ocp
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                         abstract)
-  with quiet.quiet_library_logs(log_path(os.path.dirname(str(mngr.directory)))):
+  with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         HOST_TABLES: ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
                                             partial_restore=partial)}))
   return restored[HOST_TABLES]
+
+
+def _workdir_of(mngr) -> str:
+  """The workdir of a manager (`mngr.directory` is WORKDIR/checkpoints, an epath)."""
+  return str(mngr.directory.parent)
 
 
 def newest_has_host_tables(workdir: str) -> bool:
@@ -164,7 +221,7 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
   unreadable, errors = [], []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      with quiet.quiet_library_logs(log_path(os.path.dirname(str(mngr.directory)))):
+      with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
         state, data = _restore(mngr, step, abstract_state)
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
       unreadable.append(step)
@@ -180,7 +237,7 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
     raise ValueError(
         f"--workdir: none of the checkpoints {sorted(unreadable)} in {mngr.directory} "
         f"restores ({errors[0]}); resume with the code and config that wrote them, "
-        f"or use a new --workdir (details: {log_path(os.path.dirname(str(mngr.directory)))})")
+        f"or use a new --workdir (details: {log_path(_workdir_of(mngr))})")
   return None, None, unreadable
 
 
@@ -217,14 +274,15 @@ def quarantine_steps(workdir: str, steps) -> None:
   if not steps:
     return
   if jax.process_index() == 0:
-    root = os.path.join(os.path.abspath(workdir), UNREADABLE_DIR)
-    os.makedirs(root, exist_ok=True)
+    workdir = paths.absolute(workdir)
+    root = paths.join(workdir, UNREADABLE_DIR)
+    paths.makedirs(root)
     for step in steps:
-      target, n = os.path.join(root, str(step)), 0
-      while os.path.exists(target):
+      target, n = paths.join(root, str(step)), 0
+      while paths.exists(target):
         n += 1
-        target = os.path.join(root, f"{step}.{n}")
-      os.replace(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step)), target)
+        target = paths.join(root, f"{step}.{n}")
+      paths.rename(paths.join(workdir, CHECKPOINT_DIR, str(step)), target)
       print(f"moved unreadable checkpoint {step} to {target}", flush=True)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -233,10 +291,7 @@ def quarantine_steps(workdir: str, steps) -> None:
 
 def saved_steps(workdir: str) -> list[int]:
   """The step numbers of `workdir/checkpoints/STEP` (orbax's temporary dirs excluded)."""
-  import os
-
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  names = os.listdir(directory) if os.path.isdir(directory) else []
+  names = paths.listdir(paths.join(paths.absolute(workdir), CHECKPOINT_DIR))
   return sorted(int(name) for name in names if name.isdigit())
 
 
@@ -252,11 +307,9 @@ def config_mismatch(workdir: str, step: int, abstract_items: dict,
   """The first array whose shape the workdir's config and checkpoint `step` disagree on
   (an edited width, depth or table size), as a one-line error; None when they agree
   or the checkpoint's metadata is unreadable."""
-  import os
-
   import orbax.checkpoint as ocp
 
-  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
+  path = paths.join(paths.absolute(workdir), CHECKPOINT_DIR, str(step), "state")
   try:
     meta = ocp.PyTreeCheckpointer().metadata(path)
   except Exception:  # a torn checkpoint: the restore's own error says more

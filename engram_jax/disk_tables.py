@@ -12,9 +12,18 @@ import json
 import numpy as np
 
 from engram_jax import config as config_lib
+from engram_jax import paths
 from engram_jax.host_tables import HostTables
 
 TABLES_MANIFEST = "tables.json"
+
+
+def require_local(directory: str, flag: str) -> None:
+  """Disk tables are memory-mapped: a remote (gs://) directory is a one-line error."""
+  if not paths.is_local(directory):
+    raise ValueError(f"{flag}={directory!r}: disk tables are memory-mapped .npy files and "
+                     "need a local directory (copy them to a bucket afterwards if you "
+                     "want them kept there)")
 
 
 def write_tables(tables: HostTables, out_dir: str, **source) -> str:
@@ -24,17 +33,17 @@ def write_tables(tables: HostTables, out_dir: str, **source) -> str:
   a reader never sees half a table. Returns `out_dir`."""
   import os
 
-  from engram_jax import tokenizer as tokenizer_lib
+  require_local(out_dir, "--out")
   os.makedirs(out_dir, exist_ok=True)
   names = []
   for path, table in zip(tables.paths, tables.tables_L):
     name = f"{path[0]}.npy"
-    tokenizer_lib.atomic_write(os.path.join(out_dir, name),
-                               lambda tmp, t=table: _save_npy(tmp, t))
+    paths.atomic_write(os.path.join(out_dir, name),
+                       lambda tmp, t=table: _save_npy(tmp, t))
     names.append({"file": name, "shape": list(table.shape), "dtype": str(table.dtype)})
   manifest = {**source, "tables": names}
-  tokenizer_lib.atomic_write(os.path.join(out_dir, TABLES_MANIFEST),
-                             lambda tmp: _save_json(tmp, manifest))
+  paths.atomic_write(os.path.join(out_dir, TABLES_MANIFEST),
+                     lambda tmp: _save_json(tmp, manifest))
   return out_dir
 
 
@@ -53,6 +62,7 @@ def disk_tables(cfg: config_lib.ModelConfig, table_dir: str) -> HostTables:
   asks for are read from disk. A missing, truncated or misshapen file is a one-line
   ValueError naming it (never a silent garbage read)."""
   import os
+  require_local(table_dir, "--table_dir")
   manifest_path = os.path.join(table_dir, TABLES_MANIFEST)
   try:
     with open(manifest_path, encoding="utf-8") as f:

@@ -56,8 +56,9 @@ def train(spec_or_config, workdir: str, overrides: Optional[Mapping[str, Any]] =
 
 def metrics(workdir: str) -> list[dict]:
   """Every row of the run's `metrics.jsonl` (train and eval lines), in order."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  from engram_jax import paths
+  text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def curves(workdir: str, key: str) -> tuple[list[int], list[float]]:

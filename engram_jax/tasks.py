@@ -15,7 +15,7 @@ import flax.linen as nn
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import run_config
+from engram_jax import paths, run_config
 
 
 @dataclasses.dataclass
@@ -79,8 +79,11 @@ def build(run: run_config.RunConfig, workdir: str) -> Task:
   compressed = (tokenizer_lib.workdir_compressed_vocab(
       workdir, tok, engram.hash, engram.compressed_vocab_size) if engram.layers else None)
   spec = engram.hash_spec() if engram.layers and host_hashing else None
+  # The token cache is memory-mapped: in a local workdir, else (gs://) in the local
+  # default cache (token_cache.default_cache_dir).
+  cache_dir = f"{workdir}/token_cache" if paths.is_local(workdir) else None
   kwargs = dict(process_index=pidx, process_count=pcount, compressed_vocab=compressed,
-                hash_spec=spec, cache_dir=f"{workdir}/token_cache")
+                hash_spec=spec, cache_dir=cache_dir)
   train_iter = text.train_iterator(data_cfg, tok, **kwargs)
   if pidx == 0:
     tokens = ("" if data_cfg.source == "tfds" else

@@ -2,19 +2,21 @@
 
 A run's tokenizer lives in `workdir/tokenizer.json` so that a workdir is self-contained:
 resuming, evaluating or generating from it never depends on where the tokenizer first
-came from. Only the data side imports this module; the core never does.
+came from. Only the data side imports this module; the core never does. The workdir
+and `data.tokenizer_path` may be local or remote (gs://, engram_jax.paths).
 """
 from __future__ import annotations
 
 import functools
+import io
 import json
-import os
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from engram_jax import paths
 
 EOS_TOKEN = "<|eos|>"
 # End-of-document tokens of common tokenizers, tried in order when loading one we did
@@ -22,25 +24,6 @@ EOS_TOKEN = "<|eos|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "<|endoftext|>", "</s>", "<eos>")
 _BYTE_ALPHABET = 256
 WORKDIR_TOKENIZER = "tokenizer.json"
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Runs `write(tmp_path)` then renames tmp over `path`.
-
-  Readers (other processes sharing a cache or workdir) see either no file or a whole
-  one, never a partial write.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def read_text(path: str) -> str:
@@ -74,14 +57,17 @@ def train_bpe(files: Sequence[str], vocab_size: int,
   tok.train_from_iterator((read_text(path) for path in files), trainer,
                           length=len(files))
   assert tok.token_to_id(EOS_TOKEN) == 0, "special tokens come first in BpeTrainer"
-  atomic_write(save_path, tok.save)
+  paths.atomic_write(save_path, tok.save)
   return tok
 
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
-  """Loads a `tokenizers` JSON file; anything unreadable is a one-line ValueError."""
+  """Loads a `tokenizers` JSON file (local or remote); anything unreadable is a
+  one-line ValueError."""
   try:
-    return tokenizers.Tokenizer.from_file(path)
+    if paths.is_local(path):
+      return tokenizers.Tokenizer.from_file(path)
+    return tokenizers.Tokenizer.from_str(paths.read_text(path))
   except Exception as err:  # tokenizers raises its own untyped Exception
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     raise ValueError(
@@ -103,19 +89,19 @@ def load_or_train(workdir: str, files: Sequence[str] | Callable[[], Sequence[str
   Otherwise reuse the workdir's tokenizer, or train one on `files` (a list, or a
   callable returning one so that a costly corpus is only built when needed).
   """
-  local = os.path.join(workdir, WORKDIR_TOKENIZER)
+  local = paths.join(workdir, WORKDIR_TOKENIZER)
   if tokenizer_path:
     tok = load_tokenizer(tokenizer_path)
-    if os.path.exists(local):
+    if paths.exists(local):
       if not _same_tokenizer(tok, load_tokenizer(local)):
         raise ValueError(
             f"data.tokenizer_path: {tokenizer_path!r} differs from the tokenizer this "
             f"workdir was trained with ({local}); resume with that tokenizer (leave "
             f"data.tokenizer_path empty) or use a new workdir.")
     else:
-      atomic_write(local, tok.save)
+      paths.atomic_write(local, tok.save)
     return tok
-  if os.path.exists(local):
+  if paths.exists(local):
     return load_tokenizer(local)
   return train_bpe(files() if callable(files) else files, vocab_size, local)
 
@@ -191,9 +177,10 @@ def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
 
   from engram_jax import hashing
   key = hashlib.blake2b(tok.to_str().encode("utf-8"), digest_size=8).hexdigest()
-  path = os.path.join(workdir, f"compressed_vocab-{mode}-{key}.npy")
-  if os.path.exists(path):
-    vocab = np.load(path)
+  path = paths.join(workdir, f"compressed_vocab-{mode}-{key}.npy")
+  if paths.exists(path):
+    vocab = (np.load(path) if paths.is_local(path) else
+             np.load(io.BytesIO(paths.read_bytes(path))))
     size = int(vocab.max()) + 1 if vocab.size else 0
     if expected_size and size != int(expected_size):
       raise ValueError(f"compressed vocabulary has {size} entries but {int(expected_size)} "
@@ -205,7 +192,7 @@ def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
     with open(tmp, "wb") as f:
       np.save(f, vocab)
   try:
-    atomic_write(path, write)
+    paths.atomic_write(path, write)
   except OSError:  # a read-only workdir (inference): computed, just not cached
     pass
   return vocab

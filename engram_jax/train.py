@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import socket
 from typing import Any
 
 import flax
@@ -22,7 +23,8 @@ import optax
 from flax import traverse_util
 
 from engram_jax import config as config_lib
-from engram_jax import checkpoints, optim, param_groups, quiet, run_config, tables, tasks
+from engram_jax import (checkpoints, optim, param_groups, paths, quiet, run_config, tables,
+                        tasks)
 from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
@@ -242,22 +244,23 @@ def evaluate(eval_step, params, batches, byte_lengths_V=None) -> dict[str, float
 
 
 def ensure_writable_workdir(workdir: str) -> None:
-  """Creates `workdir` and proves it writable before any work that would be lost."""
+  """Creates `workdir` and proves it writable before any work that would be lost (a
+  remote one, gs://, with one small object: no credentials or no network fail here)."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
+    paths.makedirs(workdir)
+    # host and pid: every process of a multi-host run probes a shared workdir
+    probe = paths.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+    paths.atomic_write_text(probe, "ok")
+    paths.remove(probe)
+    for name in (checkpoints.CHECKPOINT_DIR, checkpoints.UNREADABLE_DIR):
+      path = paths.join(workdir, name)
+      if paths.exists(path) and not paths.is_dir(path):
+        raise ValueError(f"--workdir={workdir!r}: {path} is a file, where the run keeps "
+                         "its checkpoints; move it away or choose another --workdir")
   except OSError as err:
     raise ValueError(f"--workdir={workdir!r} is not a writable directory "
-                     f"({err.strerror or type(err).__name__}); choose another "
+                     f"({err.strerror or str(err) or type(err).__name__}); choose another "
                      "--workdir") from None
-  for name in (checkpoints.CHECKPOINT_DIR, checkpoints.UNREADABLE_DIR):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise ValueError(f"--workdir={workdir!r}: {path} is a file, where the run keeps its "
-                       "checkpoints; move it away or choose another --workdir")
 
 
 def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
@@ -273,7 +276,7 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
   from engram_jax import sharding, workdir_lock
   run = run_config.from_config(config)  # validate every field before any work
   fingerprint = tasks.data_fingerprint(run)  # a source matching nothing fails here
-  created = not os.path.exists(workdir)
+  created = paths.is_local(workdir) and not os.path.exists(workdir)
   ensure_writable_workdir(workdir)
   lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
   try:
@@ -285,7 +288,8 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
     task = _process_zero_first(lambda: tasks.build(run, workdir), "tokenizer and data")
     schedule, tx = optim.from_train_config(run.train, task.model_cfg.engram)
     mesh = sharding.mesh_from_config(run.mesh)
-    with sharding.use_mesh(mesh), quiet.library_logs_to(checkpoints.log_path(workdir)):
+    with (sharding.use_mesh(mesh), checkpoints.run_log(workdir) as log,
+          quiet.library_logs_to(log)):
       return _train_loop(config, run, workdir, task, tx, schedule, mesh, fingerprint,
                          accept_data_change)
   except BaseException:
@@ -313,13 +317,11 @@ def _remove_if_only_lock(workdir: str) -> None:
 def check_resumable(t: run_config.TrainConfig, workdir: str) -> None:
   """A workdir with checkpoints resumes only with the table optimizer that wrote them
   (their state layouts differ); read from its config.json before it is rewritten."""
-  saved, ckpts = (os.path.join(workdir, name) for name in ("config.json",
+  saved, ckpts = (paths.join(workdir, name) for name in ("config.json",
                                                           checkpoints.CHECKPOINT_DIR))
-  if not (os.path.exists(saved) and os.path.isdir(ckpts)
-          and any(name.isdigit() for name in os.listdir(ckpts))):
+  if not (paths.exists(saved) and any(name.isdigit() for name in paths.listdir(ckpts))):
     return
-  with open(saved, encoding="utf-8") as f:
-    before = json.load(f).get("train", {}).get("table_optimizer", "adam")
+  before = json.loads(paths.read_text(saved)).get("train", {}).get("table_optimizer", "adam")
   now = t.table_optimizer
   if before != now:
     raise ValueError(f"train.table_optimizer={now!r} but the checkpoints in --workdir="
@@ -429,7 +431,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   # may describe this config, and the metrics log drops what the last run logged
   # after its last checkpoint (and a line torn by a kill).
   write_run_metadata(workdir, config, task.model_cfg)
-  metrics_path = os.path.join(workdir, writers.METRICS_FILE)
+  metrics_path = paths.join(workdir, writers.METRICS_FILE)
   if pidx == 0:
     writers.repair_metrics(metrics_path, start)
 
@@ -542,6 +544,11 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
         raise
     manager.close()
     writer.flush()
+    try:
+      jsonl.close()  # a remote metrics.jsonl: its last lines
+    except OSError:
+      if not failed:
+        raise
     if feed is not None:
       try:
         feed.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import config as config_lib
+from engram_jax import paths
 from engram_jax.host_tables import HostTables
 from engram_jax.layers import moe
 
@@ -80,13 +80,12 @@ def kind_of(config) -> str:
 
 
 def _read_saved(workdir: str) -> dict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.exists(path):
     raise ValueError(f"--workdir={workdir!r} has no {CONFIG_FILE}; point it at a "
                      "directory written by `python -m engram_jax.main`")
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
   except ValueError as err:
     raise ValueError(f"--workdir={workdir!r}: {CONFIG_FILE} is not readable JSON ({err}); "
                      "restore it from the run's launch command (`--print_config`)") from None
@@ -110,8 +109,7 @@ def _resolved_model(workdir: str) -> tuple[dict, str]:
   workdir has none or it is torn."""
   for name in (CONFIG_FILE, LEGACY_MODEL_CONFIG):
     try:
-      with open(os.path.join(workdir, name), encoding="utf-8") as f:
-        saved = json.load(f)
+      saved = json.loads(paths.read_text(paths.join(workdir, name)))
       found = saved.get(RESOLVED, {}).get("model") if name == CONFIG_FILE else saved
     except (OSError, ValueError, AttributeError):
       continue
@@ -255,7 +253,7 @@ def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None,
     if tables != "device" and not cfg.engram.layers:
       raise ValueError(f"--workdir={workdir!r} holds a model without Engram "
                        "(model.engram.layers is empty): there are no tables to offload")
-    tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
+    tok = tokenizer_lib.load_tokenizer(paths.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
     model = EngramLM(model_cfg)
   variables, host, step = _restore(workdir, model, cfg, tables, table_dir, source)
   if tok is not None and cfg.engram.layers:
@@ -280,18 +278,10 @@ def write_run_metadata(workdir: str, config, model_cfg: config_lib.ModelConfig) 
   never rewrites it. An older run's `model_config.json` goes: this file says it all."""
   if jax.process_index() != 0:
     return
-  from engram_jax import tokenizer
   saved = json.loads(config_json(config))
   saved[RESOLVED] = {"kind": kind_of(config), "model": config_lib.to_dict(model_cfg)}
-
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(saved, f, indent=1)
-  tokenizer.atomic_write(os.path.join(workdir, CONFIG_FILE), write)
-  try:
-    os.remove(os.path.join(workdir, LEGACY_MODEL_CONFIG))
-  except FileNotFoundError:
-    pass
+  paths.atomic_write_text(paths.join(workdir, CONFIG_FILE), json.dumps(saved, indent=1))
+  paths.remove(paths.join(workdir, LEGACY_MODEL_CONFIG), missing_ok=True)
 
 
 def saved_model_config(workdir: str) -> dict:
@@ -321,8 +311,9 @@ def export_tables(workdir: str, out_dir: str) -> str:
   """Writes the newest checkpoint's Engram tables as `disk_tables` files into
   `out_dir` (runs trained with device or host tables alike); returns `out_dir`."""
   from engram_jax import disk_tables
+  disk_tables.require_local(out_dir, "--out")  # before the checkpoint is read
   run = load(workdir, tables="host", kind="lm")
-  return disk_tables.write_tables(run.tables, out_dir, workdir=os.path.abspath(workdir),
+  return disk_tables.write_tables(run.tables, out_dir, workdir=paths.absolute(workdir),
                                   step=run.step)
 
 

@@ -6,6 +6,10 @@ releases it when its process dies (kill -9 included): a lock file left behind by
 dead trainer is stale and is taken over, with a note naming the old holder. The file
 holds the holder's host and pid for the error message of a second trainer. On a
 filesystem shared by several hosts only process 0 takes it (`train.py`).
+
+An object store (a `gs://` workdir) has no `flock`: there the lock is not taken, and
+`acquire` says so in one line rather than pretending (`enforced` is False). Starting a
+single trainer per such workdir is then up to the user.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import json
 import os
 import socket
 import time
+
+from engram_jax import paths
 
 LOCK_FILE = ".lock"
 
@@ -50,11 +56,17 @@ class WorkdirLock:
   """`with WorkdirLock(workdir):` raises `WorkdirLocked` (one line) when held elsewhere."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.workdir, self.path = workdir, paths.join(workdir, LOCK_FILE)
+    self.enforced = paths.is_local(workdir)  # flock exists only on a local filesystem
     self._fd = None
     self.stale = None  # the holder a dead process left in the file, if any
 
   def acquire(self) -> "WorkdirLock":
+    if not self.enforced:
+      print(f"note: --workdir={self.workdir} is not a local directory: the "
+            "one-trainer lock is not enforced there (object stores have no flock); make "
+            "sure no other trainer uses this workdir", flush=True)
+      return self
     import fcntl
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -4,16 +4,23 @@
 mid-write leaves a torn last line, and a run resumed from step S logs again the steps
 after S that its predecessor logged after its last checkpoint: `repair_metrics` cuts
 both before the resumed run appends, so every step appears once.
+
+In a remote workdir (gs://), where an object cannot be appended to, the writer keeps
+the file's lines in memory and rewrites the whole object at most every
+`REMOTE_FLUSH_SECONDS` (object stores throttle rewrites of one object) and on `close`:
+a crash loses at most that many seconds of lines, and never leaves a torn one.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 
+from engram_jax import paths
+
 METRICS_FILE = "metrics.jsonl"
+REMOTE_FLUSH_SECONDS = 10.0
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -43,27 +50,52 @@ def format_eval(step: int, metrics: dict[str, float]) -> str:
 
 
 class JsonlWriter:
-  """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`."""
+  """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`.
 
-  def __init__(self, path: str):
+  Locally each line is appended as it comes. On a remote path the whole file is
+  rewritten, at most every `flush_seconds` and on `close` (see the module docstring).
+  """
+
+  def __init__(self, path: str, flush_seconds: float = REMOTE_FLUSH_SECONDS):
     self._path = path
+    self._remote = not paths.is_local(path)
+    self._flush_seconds = flush_seconds
+    self._content: bytes | None = None  # remote: the file as it should be
+    self._dirty, self._flushed_at = False, 0.0
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if jax.process_index() != 0:
       return
     line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-    with open(self._path, "a", encoding="utf-8") as f:
-      f.write(line + "\n")
+    if not self._remote:
+      with open(self._path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+      return
+    if self._content is None:  # what earlier runs wrote (repaired: whole lines)
+      self._content = paths.read_bytes(self._path) if paths.exists(self._path) else b""
+    self._content += (line + "\n").encode("utf-8")
+    self._dirty = True
+    if time.monotonic() - self._flushed_at >= self._flush_seconds:
+      self.flush()
+
+  def flush(self) -> None:
+    """Remote: writes the lines held so far (the whole object). Locally a no-op."""
+    if self._remote and self._dirty:
+      paths.atomic_write_bytes(self._path, self._content)
+      self._dirty, self._flushed_at = False, time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
 
 
 def repair_metrics(path: str, resume_step: int) -> int:
   """Drops a torn last line and every line logged after `resume_step`; returns how many
-  lines were dropped. Rewrites atomically (temp file + rename), only when needed; the
-  dropped lines are appended to `metrics.dropped.jsonl` beside it, never lost."""
-  if not os.path.exists(path):
+  lines were dropped. Rewrites atomically (temp file + rename, or one object write),
+  only when needed; the dropped lines are appended to `metrics.dropped.jsonl` beside
+  it, never lost."""
+  if not paths.exists(path):
     return 0
-  with open(path, "rb") as f:
-    raw = f.read()
+  raw = paths.read_bytes(path)
   lines = raw.split(b"\n")
   kept, dropped = [], []
   for line in lines:
@@ -79,12 +111,14 @@ def repair_metrics(path: str, resume_step: int) -> int:
       continue
     kept.append(line)
   if dropped:
-    with open(path.replace(".jsonl", "") + ".dropped.jsonl", "ab") as f:
-      f.write(b"".join(line + b"\n" for line in dropped))
+    dropped_path = path.replace(".jsonl", "") + ".dropped.jsonl"
+    lines = b"".join(line + b"\n" for line in dropped)
+    if paths.is_local(dropped_path):
+      with open(dropped_path, "ab") as f:
+        f.write(lines)
+    else:  # no appends on an object store: the whole file again
+      before = paths.read_bytes(dropped_path) if paths.exists(dropped_path) else b""
+      paths.atomic_write_bytes(dropped_path, before + lines)
   if dropped or not raw.endswith(b"\n") and raw:
-    from engram_jax import tokenizer
-    def write(tmp):
-      with open(tmp, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in kept))
-    tokenizer.atomic_write(path, write)
+    paths.atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
   return len(dropped)

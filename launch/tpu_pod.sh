@@ -13,9 +13,11 @@
 # Arguments:
 #   CONFIG     a config file and variant, as for engram_jax.main (configs/lm.py:VARIANT)
 #   WORKDIR    a gs:// directory: every worker writes its checkpoint shards there and
-#              resumes from it, so it must be storage all workers share. The bucket is
-#              mounted with Cloud Storage FUSE at /mnt/gcs/BUCKET on every worker (the
-#              trainer uses file paths), and the job gets --workdir=/mnt/gcs/BUCKET/PATH
+#              resumes from it, so it must be storage all workers share. By default the
+#              bucket is mounted with Cloud Storage FUSE at /mnt/gcs/BUCKET on every
+#              worker and the job gets --workdir=/mnt/gcs/BUCKET/PATH; with GCSFUSE=0
+#              the job gets --workdir=gs://BUCKET/PATH itself (docs/scale_out.md,
+#              "Workdirs on GCS")
 #   overrides  passed on to engram_jax.main, e.g. --config.train.steps=1000
 # Environment:
 #   TPU_NAME          TPU VM name (required)
@@ -28,6 +30,8 @@
 #   SPOT=1            create a Spot slice (preemptible; the run resumes from WORKDIR)
 #   REMOTE_DIR        checkout on each worker (default: engram_jax, in the home dir)
 #   EXTRAS            pip extras to install (default: tpu,train)
+#   GCSFUSE=0         no FUSE mount: pass the gs:// WORKDIR to the trainer, which writes
+#                     it through etils.epath, orbax and TensorBoard (no one-trainer lock)
 #   DETACH=1          start the job under nohup (log: ~/engram_run.log on each worker)
 #                     and return; otherwise stream every worker's output
 #   DRY_RUN=1         print the gcloud commands instead of running them
@@ -140,7 +144,11 @@ mount+=" && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi"
 mount+=" && sudo mkdir -p $mount_point && sudo chown \$(id -u):\$(id -g) $mount_point"
 mount+=" && gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0"
 mount+=" $bucket $mount_point; fi && mkdir -p $local_workdir"
-run "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$mount"
+if [[ "${GCSFUSE:-1}" == 0 ]]; then
+  local_workdir="${workdir%/}"  # the trainer writes gs:// itself
+else
+  run "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$mount"
+fi
 
 # 4. The job: the same command on every worker at once.
 job="cd $remote_dir && . ~/engram_venv/bin/activate && "

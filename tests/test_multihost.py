@@ -249,6 +249,11 @@ def test_launch_scripts_parse_and_dry_run():
           "--workdir=/mnt/gcs/bkt/runs/a --distributed=on --config.train.steps=10 "
           "'\\''--config.data.files_glob=/data/my corpus/*.txt'\\''") in lines[5]
 
+  native = _dry_run("tpu_pod.sh", "configs/lm.py:tiny", "gs://bkt/runs/a/", TPU_NAME="t",
+                    ZONE="z", GCSFUSE="0")
+  assert native.returncode == 0 and "gcsfuse" not in native.stdout, native.stderr
+  assert "--workdir=gs://bkt/runs/a --distributed=on" in native.stdout
+
   local = _dry_run("tpu_pod.sh", "configs/lm.py:tiny", "/tmp/run", TPU_NAME="t", ZONE="z")
   assert local.returncode == 2 and "WORKDIR=/tmp/run" in local.stderr
   unnamed = _dry_run("tpu_pod.sh", "configs/lm.py:tiny", "gs://b/r", ZONE="z")

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import tokenizers
 
+from engram_jax import paths
 from engram_jax import tokenizer as tokenizer_lib
 
 _CACHE_VERSION = 1
@@ -64,9 +65,14 @@ def _tokenize_files(tok: tokenizers.Tokenizer, files: Sequence[str]) -> np.ndarr
 
 def stream_path(tok: tokenizers.Tokenizer, files: Sequence[str], source: str, split: str,
                 cache_dir: str | None) -> str:
-  """The `.npy` token stream of a split's `files`, tokenized on the first call only."""
+  """The `.npy` token stream of a split's `files`, tokenized on the first call only.
+  `cache_dir` must be local: the stream is memory-mapped."""
+  cache_dir = cache_dir or default_cache_dir()
+  if not paths.is_local(cache_dir):
+    raise ValueError(f"token cache {cache_dir!r}: the cached token stream is "
+                     "memory-mapped and needs a local directory")
   name = f"{source}-{split}-{_cache_key(tok, files)}.npy"
-  path = os.path.join(cache_dir or default_cache_dir(), name)
+  path = os.path.join(cache_dir, name)
   if os.path.exists(path):
     return path
   tokens = _tokenize_files(tok, files)
@@ -79,7 +85,7 @@ def stream_path(tok: tokenizers.Tokenizer, files: Sequence[str], source: str, sp
     with open(tmp, "wb") as f:
       np.save(f, tokens)
 
-  tokenizer_lib.atomic_write(path, write)
+  paths.atomic_write(path, write)
   return path
 
 

@@ -460,6 +460,7 @@ def evaluate_run(workdir: str, split: str = "val", *, max_batches: int = 0,
   samples against the split (`feature_net`: `feature_net_options`' keywords). What
   `python -m engram_jax.studies.evaluate` runs."""
   import json
+  from engram_jax import paths
   from engram_jax import workdir as workdir_lib
   from engram_jax.data import images
   trained = workdir_lib.load(workdir, kind="image")
@@ -473,9 +474,8 @@ def evaluate_run(workdir: str, split: str = "val", *, max_batches: int = 0,
                                   seed=seed, cache_dir=classifier_dir or workdir,
                                   **feature_net)
     metrics.update(quality(model, params), feature_net=quality.describe)
-  path = os.path.join(workdir, f"eval_{split}_step{step}.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(metrics, f, indent=1)
+  path = paths.join(workdir, f"eval_{split}_step{step}.json")  # gs:// too
+  paths.atomic_write_text(path, json.dumps(metrics, indent=1))
   return metrics, path
 
 
