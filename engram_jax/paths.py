@@ -49,6 +49,17 @@ def absolute(path: PathLike) -> str:
   return os.path.abspath(path) if is_local(path) else path.rstrip("/")
 
 
+def local_output(path: PathLike, flag: str) -> str:
+  """`path` when it is local; a ValueError naming `flag` when it is a URL. For outputs
+  written by libraries that want a local file (matplotlib PNGs, npz, CSV reports, the
+  study sweeps' directories): a gs:// workdir needs them pointed at a local directory."""
+  path = os.fspath(path)
+  if not is_local(path):
+    raise ValueError(f"{flag}={path!r}: this output is written to a local directory; "
+                     f"pass {flag}=LOCAL_PATH (the run itself may stay on {path.split('://')[0]}://)")
+  return path
+
+
 def first_line(err: BaseException) -> str:
   return (str(err).splitlines() or [type(err).__name__])[0].strip()[:300]
 

@@ -269,3 +269,17 @@ def test_a_gs_workdir_without_a_network_is_one_line(tmp_path, capfd):
   lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
   assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
   assert "gs://engram-jax-no-such-bucket-7f3a/run" in lines[0]
+
+
+def test_outputs_that_need_a_local_directory_name_their_flag(capsys):
+  """Reports, PNG grids and study roots under a gs:// workdir are one line, not a
+  local directory literally named `gs:` in the working directory."""
+  from engram_jax import paths
+  from engram_jax.studies import seeds
+  assert paths.local_output("/tmp/x", "--out") == "/tmp/x"
+  with pytest.raises(ValueError, match=r"--out='gs://b/run/probes': .*LOCAL_PATH"):
+    paths.local_output("gs://b/run/probes", "--out")
+  assert seeds.main(["--config=configs/lm.py:tiny", "--workdir=gs://b/sweep",
+                     "--variant=learned"]) == 2
+  assert "--workdir='gs://b/sweep'" in capsys.readouterr().err
+  assert not os.path.exists("gs:")

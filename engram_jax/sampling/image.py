@@ -194,7 +194,9 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
   labels_B = np.repeat(np.asarray(classes, np.int32), samples_per_class)
   sample = jax.jit(generate_images, static_argnums=0, static_argnames=tuple(sampling))
   codes = np.asarray(sample(run.model, run.params, labels_B, jax.random.key(seed), **sampling))
-  out = out or os.path.join(run.workdir, f"samples_step{run.step}_seed{seed}.png")
+  from engram_jax import paths
+  out = paths.local_output(out or os.path.join(run.workdir, f"samples_step{run.step}_seed{seed}.png"),
+                           "--out")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   save_grid_png(out, codes.reshape(len(classes), samples_per_class, g.height, g.width),
                 classes, g.codebook_size - 1)

@@ -201,7 +201,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/analysis)")
   parser.add_argument("--batches", type=int, default=4, help="validation batches to read")
   args = parser.parse_args(argv)
-  out = args.out or os.path.join(args.workdir, "analysis")
+  from engram_jax import paths
+  out = paths.local_output(args.out or os.path.join(args.workdir, "analysis"), "--out")
 
   def body():
     if args.batches < 1:

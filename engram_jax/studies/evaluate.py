@@ -210,6 +210,9 @@ def digits_feature_net(cache_dir: str, levels: int, split_seed: int = 0, seed: i
   Training is seeded, so every workdir that trains one gets the same network.
   """
   from flax import traverse_util
+
+  from engram_jax import paths
+  paths.local_output(cache_dir, "--classifier_dir")
   path = os.path.join(cache_dir, f"digits_classifier_levels{levels}_split{split_seed}_"
                                  f"seed{seed}_steps{steps}.npz")
   if os.path.exists(path):

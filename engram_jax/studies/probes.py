@@ -429,7 +429,9 @@ def run(args) -> list[str]:
     data_cfg = dataclasses.replace(data_cfg, batch_size=args.batch_size)
   batches = list(images.eval_batches(data_cfg, args.split,
                                      max_batches=args.max_batches or None))
-  out_dir = args.out or os.path.join(args.workdir, "probes")
+  from engram_jax import paths
+  out_dir = (paths.local_output(args.out, "--out") if args.out else
+             paths.local_output(os.path.join(args.workdir, "probes"), "--out"))
   header = (f"workdir `{args.workdir}`, step {step}, split `{args.split}`, "
             f"{sum(len(b['labels']) for b in batches)} images, seed {args.seed}")
   paths = []

@@ -98,6 +98,8 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
   `overrides(config)` edits every point's config (data paths, batch size, mesh);
   `feature_net_options`: `evaluate.quality_from_config`'s network keywords.
   """
+  from engram_jax import paths
+  paths.local_output(root, "--workdir")  # the sweep's root: local reports and caches
   from engram_jax.studies import evaluate as evaluate
   from engram_jax.studies import probes as probes
   points = variants(family, rhos)

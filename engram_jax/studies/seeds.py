@@ -106,6 +106,8 @@ def summarize(rows: list[dict], metric: str = "eval_loss") -> str:
 def run(config_spec: str, variants: Sequence[tuple[str, list[str]]], seeds: Sequence[int],
         workdir: str, metric: str = "eval_loss") -> list[dict]:
   """Trains every (variant, seed) not finished yet; writes summary.md/csv; the rows."""
+  from engram_jax import paths
+  paths.local_output(workdir, "--workdir")  # the sweep's root: local summaries
   for name, sets in variants:  # every override valid before anything trains
     config_files.overrides(sets, flag=f"--variant={name}")(config_files.load(config_spec))
   rows = []
