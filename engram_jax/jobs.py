@@ -9,9 +9,9 @@ as `--config.FIELD=VALUE` does on the command line.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-import functools
 from typing import Any, Mapping, Optional
 
 
