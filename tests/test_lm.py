@@ -129,6 +129,26 @@ def test_segmented_params_of_older_checkpoints_convert(params):
   jax.tree_util.tree_map(np.testing.assert_array_equal, relayout_like(old, params), params)
 
 
+def test_inference_restores_a_segmented_checkpoint_and_training_says_why_not(
+    params, tmp_path):
+  from engram_jax import checkpoints, train
+  workdir = str(tmp_path)
+  mngr = checkpoints.manager(workdir, async_saves=False)
+  checkpoints.save(mngr, 3, {"params": _segmented(params, CFG)}, {"batches": 3})
+  mngr.close()
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  items, step = checkpoints.restore_checkpoint(workdir, {"params": abstract})
+  assert step == 3
+  jax.tree_util.tree_map(np.testing.assert_array_equal, items["params"], params)
+  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
+  try:
+    with pytest.raises(ValueError, match=r"checkpoint 3 has the segmented layer layout "
+                       r"\(engram_jax before the one scanned stack"):
+      train._restore_or_explain(mngr, {"params": abstract}, workdir, CFG)
+  finally:
+    mngr.close()
+
+
 def _train(cfg, params, steps=3):
   model = EngramLM(cfg)
   tx = optim.make_optimizer(1e-2, weight_decay=0.1, table_trainable=cfg.engram.table_trainable)
