@@ -8,7 +8,7 @@ so that drift on a shared machine hits both, and prints the median wall and CPU 
 than wall time), the size of the optimized HLO (instructions) and the Engram / baseline
 ratios. `--engram_layers`
 overrides the Engram layers, e.g. `--engram_layers=0,1,2,3` to see whether compile
-time grows with their number.
+time grows with their number; `--depth` the number of blocks.
 """
 import argparse
 import os
@@ -26,10 +26,12 @@ from engram_jax import tasks, train  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 
 
-def build(config, vocab_size: int, layers):
-  """(train step, abstract state, model, model config) of `config` with Engram `layers`."""
+def build(config, vocab_size: int, layers, depth: int = 0):
+  """(train step, abstract state, model, model config) of `config` with Engram `layers`
+  (and `depth` blocks, 0 = the config's)."""
   config = config.copy_and_resolve_references()
   config.model.engram.layers = tuple(layers)
+  config.model.depth = depth or config.model.depth
   model_cfg = tasks.lm_model_config(config, vocab_size=vocab_size)
   _, tx = train.optimizer_from_config(config, model_cfg)
   model = EngramLM(model_cfg)
@@ -59,6 +61,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--variant", default="tiny", help="configs/lm.py variant")
   parser.add_argument("--engram_layers", default="", help="e.g. 0,1,2,3; default the config's")
+  parser.add_argument("--depth", type=int, default=0, help="blocks; 0 = the config's")
   parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
   args = parser.parse_args()
 
@@ -68,7 +71,8 @@ def main():
   vocab, batch, seq = config.data.vocab_size, config.data.batch_size, config.data.seq_len
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   data = {"inputs": tokens, "targets": tokens}
-  models = {"engram": build(config, vocab, layers), "baseline": build(config, vocab, ())}
+  models = {"engram": build(config, vocab, layers, args.depth),
+            "baseline": build(config, vocab, (), args.depth)}
 
   results = {(name, what): [] for name in models for what in ("train_step", "forward")}
   sizes = {}

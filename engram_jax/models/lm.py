@@ -66,6 +66,9 @@ def engram_row_ids(engram: config_lib.EngramConfig, hash_ids_BxTxLxH, index: int
 class Block(nn.Module):
   """Pre-norm block; with `engram_index` set, Engram first adds to the residual.
 
+  The model scans blocks without `engram_index` (`ScanBlock` adds Engram itself, via
+  `engram_step`); a block with it is one layer as `unstack_blocks` gives it, for
+  analyses that run layers one at a time (same params, same result).
   layer: the (first) block index, static: it picks SwiGLU or MoE (`moe.is_moe_layer`).
   With hyper-connections (`cfg.hyper_connections`) `h` is `[B, T, M, D]`: attention
   and the FFN are sublayers 2l and 2l+1 wrapped in `HyperConnection`s, while Engram
