@@ -1,4 +1,5 @@
 """EngramLM: causality, gate-off equals the baseline, tables under the real optimizer."""
+import collections
 import dataclasses
 
 import flax.linen as nn
@@ -55,6 +56,25 @@ def test_every_block_is_in_one_scan_whatever_the_engram_layers(params):
     assert names.count("scan") == 1 and names.count("cond") == 1
     counts[layers] = {n: names.count(n) for n in ("dot_general", "custom_vjp_call")}
   assert counts[(1, 3)] == counts[(0, 1, 2, 3)]
+
+
+def _scan_residuals(cfg, params):
+  """Shapes the forward's scan stacks per layer for the backward pass."""
+  loss = lambda p: EngramLM(cfg).apply({"params": p}, TOKENS).mean()
+  jaxpr = jax.make_jaxpr(lambda p: jax.vjp(loss, p)[1])(params).jaxpr
+  scan, = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+  return collections.Counter(tuple(v.aval.shape) for v in scan.outvars
+                             if v.aval.shape[:1] == (scan.params["length"],))
+
+
+def test_the_scan_keeps_one_stream_per_layer_for_engram(params):
+  """Memory: next to the baseline's residuals the scan keeps the stream before Engram
+  (the cond is rematerialised), no Engram intermediates, no per-layer copy of the
+  Engram params or rows (they are loop invariants)."""
+  baseline = dataclasses.replace(CFG, engram=dataclasses.replace(CFG.engram, layers=()))
+  base = nn.unbox(jax.eval_shape(EngramLM(baseline).init, jax.random.key(0), TOKENS))
+  extra = _scan_residuals(CFG, params) - _scan_residuals(baseline, base["params"])
+  assert extra == {(CFG.depth, *TOKENS.shape, CFG.width): 1}
 
 
 def test_causal(params):

@@ -138,8 +138,9 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
   """(h + Engram's output, conv histories) for a scanned layer whose Engram is `slot`
   of `memory`; (h, histories) when `slot` < 0. A `lax.cond`: plain layers pay no
   Engram compute, and the scan body holds one Engram program whatever their number.
-  The branch is rematerialised: the scan saves its inputs, not its intermediates,
-  which it would otherwise keep (as zeros) for every plain layer too.
+  The cond is rematerialised: the scan saves its inputs (`memory` once, as the
+  loop invariant it is), not the branch's intermediates, which it would otherwise keep
+  for every layer (zeros for plain ones) and with them a copy of `memory` per layer.
 
   conv_history_SxBxPxC ("prefill"/"decode" with a conv): each Engram layer's conv
   state; the layer reads (decode) and replaces its slot.
@@ -147,7 +148,6 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
   dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
   layer = Engram(cfg.engram, 0, cfg.norm_eps, mode, dtype, pdtype, parent=None)  # unbound
 
-  @jax.checkpoint
   def with_engram(h, history):
     pick = lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=False)
     variables = {"params": jax.tree_util.tree_map(pick, memory.params)}
@@ -161,8 +161,9 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
           history, state["cache"]["conv_history"].astype(history.dtype), slot, 0)
     return (h + y.astype(h.dtype) if cfg.hyper_connections else h + y[:, :, 0, :]), history
 
-  return jax.lax.cond(slot >= 0, with_engram, lambda h, history: (h, history), h,
-                      conv_history_SxBxPxC)
+  return jax.checkpoint(lambda h, history: jax.lax.cond(
+      slot >= 0, with_engram, lambda h, history: (h, history), h, history))(
+          h, conv_history_SxBxPxC)
 
 
 class ScanBlock(Block):
