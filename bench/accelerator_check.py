@@ -9,7 +9,7 @@ Sections:
   train_mfu     `small`-sized train step: time, tokens/s, model FLOPs utilisation
   engram_overhead  the same step with Engram / without (same backbone)
   decode        cached decode tokens/s at batch 1, 8, 64
-  offload       host-memory tables (engram_jax.offload) decode overhead
+  offload       host-memory tables (engram_jax.sampling.offload) decode overhead
   row_sparse    row-sparse vs dense table step, if `train.table_optimizer` exists
 
 MFU counts model FLOPs from the config (not from XLA):
@@ -222,7 +222,7 @@ def check_offload(s: Sizes, params) -> dict:
     from engram_jax import host_tables
     from engram_jax.sampling import offload as offload
   except ImportError as err:  # e.g. a dependency missing from a bare image
-    return {"skipped": f"engram_jax.offload does not import: {err}"}
+    return {"skipped": f"engram_jax.sampling.offload does not import: {err}"}
   model = EngramLM(s.model)
   device_params, tables = host_tables.split_params(params, s.model)
   b = s.decode_batches[min(1, len(s.decode_batches) - 1)]

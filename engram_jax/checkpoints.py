@@ -302,19 +302,54 @@ def _shapes(tree) -> dict[str, tuple]:
           for path, leaf in flat if hasattr(leaf, "shape")}
 
 
-def config_mismatch(workdir: str, step: int, abstract_items: dict,
-                    config_file: str, skip: tuple = ()) -> Optional[str]:
-  """The first array whose shape the workdir's config and checkpoint `step` disagree on
-  (an edited width, depth or table size), as a one-line error; None when they agree
-  or the checkpoint's metadata is unreadable."""
+def _stored_tree(workdir: str, step: int):
+  """The metadata tree of checkpoint `step`'s state (`{"params": ..., ...}`), or None
+  when it is unreadable (a torn checkpoint: the restore's own error says more)."""
   import orbax.checkpoint as ocp
 
   path = paths.join(paths.absolute(workdir), CHECKPOINT_DIR, str(step), "state")
   try:
     meta = ocp.PyTreeCheckpointer().metadata(path)
-  except Exception:  # a torn checkpoint: the restore's own error says more
+  except Exception:  # noqa: BLE001
     return None
-  stored = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  return getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+
+
+def segmented_step(workdir: str, step: int) -> bool:
+  """Whether checkpoint `step` has the segmented layer layout (engram_jax before the
+  one scanned stack, `models.lm.segmented_layout`)."""
+  from engram_jax.models import lm
+  stored = _stored_tree(workdir, step)
+  params = stored.get("params") if hasattr(stored, "get") else None
+  return hasattr(params, "items") and lm.segmented_layout(params)
+
+
+def _as_stored(abstract_items: dict, stored) -> tuple[dict, list[str]]:
+  """(`abstract_items` laid out as the checkpoint holds them, the names relaid): a
+  checkpoint of the segmented layout restores into the same leaves, stacked the old
+  way, and `models.lm.relayout_like` turns it into this one's."""
+  from engram_jax.models import lm
+  out, relaid = dict(abstract_items), []
+  for name, abstract in abstract_items.items():
+    tree = stored.get(name) if hasattr(stored, "get") else None
+    if not (hasattr(tree, "items") and lm.segmented_layout(tree)):
+      continue
+    try:
+      out[name] = lm.relayout_like(abstract, tree)
+    except (KeyError, ValueError):  # another config: `config_mismatch` names the field
+      continue
+    relaid.append(name)
+  return out, relaid
+
+
+def config_mismatch(workdir: str, step: int, abstract_items: dict,
+                    config_file: str, skip: tuple = ()) -> Optional[str]:
+  """The first array whose shape the workdir's config and checkpoint `step` disagree on
+  (an edited width, depth or table size), as a one-line error; None when they agree
+  or the checkpoint's metadata is unreadable."""
+  stored = _stored_tree(workdir, step)
+  if stored is None:
+    return None
   for name, abstract in abstract_items.items():
     want, have = _shapes(abstract), _shapes(stored.get(name, {}) if hasattr(stored, "get") else {})
     for key in sorted(want.keys() | have.keys()):
@@ -363,8 +398,11 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
   A config that does not fit the checkpoint is one ValueError line (checked on the
   metadata, before any array is read); skipping unreadable newer checkpoints is one
   warning line on stderr; the libraries' tracebacks of the failed attempts are kept
-  off stderr (`quiet.quiet_library_logs`).
+  off stderr (`quiet.quiet_library_logs`). A checkpoint of the segmented layer layout
+  (engram_jax before the one scanned stack) is converted as it is read.
   """
+  from engram_jax.models import lm
+
   import sys
 
   steps = sorted(saved_steps(workdir), reverse=True)
@@ -375,11 +413,14 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
   unreadable = []
   with quiet.quiet_library_logs(log_path(workdir)):
     for step in steps:
-      mismatch = config_mismatch(workdir, step, abstract_items, config_file, skip)
+      stored_items, relaid = _as_stored(abstract_items, _stored_tree(workdir, step))
+      mismatch = config_mismatch(workdir, step, stored_items, config_file, skip)
       if mismatch:
         raise ValueError(mismatch)
       try:
-        items = _restore_step(workdir, step, abstract_items)
+        items = _restore_step(workdir, step, stored_items)
+        items = {name: lm.relayout_like(tree, abstract_items[name]) if name in relaid
+                 else tree for name, tree in items.items()}
         break
       except Exception as err:  # orbax/tensorstore raise many types for a torn save
         unreadable.append((step, root_cause_line(err)))

@@ -77,7 +77,7 @@ IMAGE_FLAGS = ("classes", "samples_per_class", "cfg_scale", "out")
 
 def build_parser():
   """The one `python -m engram_jax.generate` command line: language-model flags, and
-  the image flags that apply when `--workdir` is an image run (`generate_image.main`)."""
+  the image flags that apply when `--workdir` is an image run (`sampling.image.main`)."""
   import argparse
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.generate",

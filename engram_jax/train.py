@@ -348,10 +348,18 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
 
 def _restore_or_explain(manager, abstract, workdir, model_cfg):
   """`checkpoints.restore_latest`, with a failed restore naming the model fields that
-  differ from the workdir's saved config (the usual cause)."""
+  differ from the workdir's saved config (the usual cause), or the older layer layout."""
   try:
     return checkpoints.restore_latest(manager, abstract)
   except ValueError:
+    steps = checkpoints.saved_steps(workdir)
+    if steps and checkpoints.segmented_step(workdir, steps[-1]):
+      raise ValueError(
+          f"--workdir={workdir!r}: checkpoint {steps[-1]} has the segmented layer layout "
+          "(engram_jax before the one scanned stack: Engram blocks outside the scan), "
+          "which training does not resume; generation and evaluation convert it when "
+          "loading; resume with the engram_jax that wrote it, or use a new --workdir"
+      ) from None
     differing = model_config_differences(workdir, model_cfg)
     if not differing:
       raise

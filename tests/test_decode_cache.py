@@ -1,5 +1,5 @@
-"""Decoding carries each scanned run's stacked KV cache (models/lm.py): runs of several
-layers (the tiny config elsewhere has runs of one), remat, and the cache layout."""
+"""Decoding carries the scanned stack's KV cache (models/lm.py): Engram layers inside
+the scan (their conv state carried by it too), remat, and the cache layout."""
 import dataclasses
 
 import flax.linen as nn
@@ -13,14 +13,14 @@ from engram_jax.models.lm import EngramLM, segments
 
 from tests.conftest import tiny_model_config, with_random_conv
 
-# Engram at layer 1 only: blocks_0_0, block_1, blocks_2_3 (a run of two layers).
+# Engram at layer 1 only: one stack blocks_0_3, Engram's params and state at block_1.
 CFG = tiny_model_config(layers=(1,))
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_cached_decode_equals_full_forward_over_a_run_of_layers(remat):
   cfg = dataclasses.replace(CFG, remat=remat)
-  assert ("scan", 2, 2) in segments(cfg)
+  assert segments(cfg) == [(0, 4)]
   rng = np.random.default_rng(0)
   seq = rng.integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
   lengths = np.array([3, 6], np.int32)
@@ -38,7 +38,8 @@ def test_cached_decode_equals_full_forward_over_a_run_of_layers(remat):
 
 
 def test_decode_keeps_the_prefill_cache_layout():
-  """[L, B, K, S, H] per scanned run, [B, K, S, H] per Engram block, before and after."""
+  """[L, B, K, S, H] for the scanned stack, the conv state `[B, P, C]` per Engram
+  layer, before and after."""
   model = EngramLM(CFG)
   prompt = jnp.zeros((2, 4), jnp.int32)
   lengths = jnp.array([4, 2], jnp.int32)
@@ -50,8 +51,9 @@ def test_decode_keeps_the_prefill_cache_layout():
   shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
   assert shapes(after) == shapes(cache)
   kv, s, h = CFG.num_kv_heads, CFG.max_len, CFG.resolved_head_dim
-  assert cache["blocks_2_3"]["attention"]["k"].shape == (2, 2, kv, s, h)
-  assert cache["block_1"]["attention"]["v"].shape == (2, kv, s, h)
+  assert cache["blocks_0_3"]["attention"]["k"].shape == (4, 2, kv, s, h)
+  span = (CFG.engram.kernel_size - 1) * CFG.engram.max_ngram
+  assert cache["block_1"]["engram"]["conv_history"].shape == (2, span, CFG.width)
 
 
 @pytest.mark.parametrize("stacked", [False, True])

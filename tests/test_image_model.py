@@ -195,7 +195,7 @@ def test_ar_b_has_the_paper_shape():
 
   _, engram = _model_cfg("ar_b_engram")
   p = image.abstract_params(engram)
-  assert {"block_1", "block_12", "blocks_0_0", "blocks_2_11", "blocks_13_23"} <= set(p)
+  assert sorted(p) == ["block_1", "block_12", "blocks_0_23", "embed", "final_norm", "unembed"]
   assert image.param_counts(engram) == image.tree_param_counts(p)
   counts = image.param_counts(engram)
   assert counts["backbone"] == image.param_counts(cfg)["total"]   # same backbone

@@ -1,4 +1,5 @@
 """EngramLM: causality, gate-off equals the baseline, tables under the real optimizer."""
+import collections
 import dataclasses
 
 import flax.linen as nn
@@ -9,7 +10,8 @@ import optax
 import pytest
 
 from engram_jax import hashing, optim
-from engram_jax.models.lm import EngramLM, relayout_params, segments
+from engram_jax.models.lm import (EngramLM, relayout_like, relayout_params, segmented_layout,
+                                  segments, unstack_blocks)
 
 from tests.conftest import tiny_model_config, with_random_conv
 
@@ -26,12 +28,53 @@ def _with_random_conv(params):
   return with_random_conv(params, CFG)
 
 
-def test_layer_plan_scans_runs_between_engram_layers():
-  assert segments(CFG) == [("scan", 0, 1), ("engram", 1, 1), ("scan", 2, 1),
-                           ("engram", 3, 1)]
-  deep = dataclasses.replace(CFG, depth=12, engram=dataclasses.replace(CFG.engram, layers=(2, 9)))
-  assert segments(deep) == [("scan", 0, 2), ("engram", 2, 1), ("scan", 3, 6),
-                            ("engram", 9, 1), ("scan", 10, 2)]
+def _primitives(jaxpr) -> list[str]:
+  """Names of the primitives of a jaxpr, nested ones (scan bodies, cond branches) too."""
+  names = []
+  for eqn in jaxpr.eqns:
+    names.append(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          names.extend(_primitives(inner))
+  return names
+
+
+def test_every_block_is_in_one_scan_whatever_the_engram_layers(params):
+  """One scanned stack: Engram layers add no copy of the block program (compile time
+  does not grow with their number); their params sit beside it, one tree per layer."""
+  assert segments(CFG) == [(0, 4)]
+  assert sorted(params) == ["block_1", "block_3", "blocks_0_3", "embed", "final_norm",
+                            "unembed"]
+  assert set(params["block_1"]) == {"engram"} and "table" in params["block_3"]["engram"]
+  counts = {}
+  for layers in ((1, 3), (0, 1, 2, 3)):
+    cfg = dataclasses.replace(CFG, engram=dataclasses.replace(CFG.engram, layers=layers))
+    p = nn.unbox(jax.eval_shape(EngramLM(cfg).init, jax.random.key(0), TOKENS))["params"]
+    names = _primitives(jax.make_jaxpr(EngramLM(cfg).apply)({"params": p}, TOKENS).jaxpr)
+    assert names.count("scan") == 1 and names.count("cond") == 1
+    counts[layers] = {n: names.count(n) for n in ("dot_general", "custom_vjp_call")}
+  assert counts[(1, 3)] == counts[(0, 1, 2, 3)]
+
+
+def _scan_residuals(cfg, params):
+  """Shapes the forward's scan stacks per layer for the backward pass."""
+  loss = lambda p: EngramLM(cfg).apply({"params": p}, TOKENS).mean()
+  jaxpr = jax.make_jaxpr(lambda p: jax.vjp(loss, p)[1])(params).jaxpr
+  scan, = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+  return collections.Counter(tuple(v.aval.shape) for v in scan.outvars
+                             if v.aval.shape[:1] == (scan.params["length"],))
+
+
+def test_the_scan_keeps_one_stream_per_layer_for_engram(params):
+  """Memory: next to the baseline's residuals the scan keeps the stream before Engram
+  (the cond is rematerialised), no Engram intermediates, no per-layer copy of the
+  Engram params or rows (they are loop invariants)."""
+  baseline = dataclasses.replace(CFG, engram=dataclasses.replace(CFG.engram, layers=()))
+  base = nn.unbox(jax.eval_shape(EngramLM(baseline).init, jax.random.key(0), TOKENS))
+  extra = _scan_residuals(CFG, params) - _scan_residuals(baseline, base["params"])
+  assert extra == {(CFG.depth, *TOKENS.shape, CFG.width): 1}
 
 
 def test_causal(params):
@@ -70,6 +113,60 @@ def test_gate_off_equals_model_without_engram(params):
   np.testing.assert_allclose(logits_off, logits_base, rtol=1e-5, atol=1e-5)
   # and the learned gate does change them
   assert not np.allclose(EngramLM(CFG).apply({"params": p}, TOKENS), logits_base, atol=1e-3)
+
+
+def _segmented(params, cfg):
+  """The tree engram_jax wrote before the one scanned stack: a scan per run of plain
+  blocks between Engram layers (`blocks_A_B`), each Engram block whole (`block_L`)."""
+  layers, run = unstack_blocks(params, cfg), []
+  out = {k: v for k, v in params.items() if not k.startswith("block")}
+
+  def close_run():
+    if run:
+      out[f"blocks_{run[0]}_{run[-1]}"] = jax.tree_util.tree_map(
+          lambda *xs: jnp.stack(xs), *[layers[l] for l in run])
+      run.clear()
+  for layer in range(cfg.depth):
+    if layer in cfg.engram.layers:
+      close_run()
+      out[f"block_{layer}"] = layers[layer]
+    else:
+      run.append(layer)
+  close_run()
+  return out
+
+
+def test_segmented_params_of_older_checkpoints_convert(params):
+  old = _segmented(params, CFG)
+  assert sorted(old) == ["block_1", "block_3", "blocks_0_0", "blocks_2_2", "embed",
+                         "final_norm", "unembed"]
+  assert segmented_layout(old) and not segmented_layout(params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, relayout_params(old, CFG, CFG),
+                         params)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
+  assert shapes(relayout_like(abstract, old)) == shapes(old)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, relayout_like(old, params), params)
+
+
+def test_inference_restores_a_segmented_checkpoint_and_training_says_why_not(
+    params, tmp_path):
+  from engram_jax import checkpoints, train
+  workdir = str(tmp_path)
+  mngr = checkpoints.manager(workdir, async_saves=False)
+  checkpoints.save(mngr, 3, {"params": _segmented(params, CFG)}, {"batches": 3})
+  mngr.close()
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  items, step = checkpoints.restore_checkpoint(workdir, {"params": abstract})
+  assert step == 3
+  jax.tree_util.tree_map(np.testing.assert_array_equal, items["params"], params)
+  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
+  try:
+    with pytest.raises(ValueError, match=r"checkpoint 3 has the segmented layer layout "
+                       r"\(engram_jax before the one scanned stack"):
+      train._restore_or_explain(mngr, {"params": abstract}, workdir, CFG)
+  finally:
+    mngr.close()
 
 
 def _train(cfg, params, steps=3):

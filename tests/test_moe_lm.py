@@ -15,7 +15,8 @@ from engram_jax import config as config_lib
 from engram_jax import param_groups, train
 from engram_jax.sampling import text as generate
 from engram_jax.layers import moe
-from engram_jax.models.lm import EngramLM, relayout_params, segments
+from engram_jax.models.lm import (EngramLM, relayout_params, segments, stack_blocks,
+                                  unstack_blocks)
 
 from tests.equivalence import assert_cached_equals_full
 from tests.conftest import tiny_model_config, with_random_conv
@@ -102,31 +103,30 @@ def test_from_dict_round_trip_with_moe_and_branches():
 def test_runs_split_at_first_dense_layers_and_blocks_pick_their_ffn():
   cfg = _cfg(depth=6, moe=dataclasses.replace(MOE, first_dense_layers=2),
              engram=dataclasses.replace(BASE.engram, layers=(1, 4)))
-  assert segments(cfg) == [("scan", 0, 1), ("engram", 1, 1), ("scan", 2, 2),
-                           ("engram", 4, 1), ("scan", 5, 1)]
+  assert segments(cfg) == [(0, 2), (2, 4)]  # Engram layers stay inside the runs
   no_engram = _cfg(depth=6, moe=dataclasses.replace(MOE, first_dense_layers=3),
                    engram=dataclasses.replace(BASE.engram, layers=()))
-  assert segments(no_engram) == [("scan", 0, 3), ("scan", 3, 3)]
+  assert segments(no_engram) == [(0, 3), (3, 3)]
   params = jax.eval_shape(EngramLM(cfg).init, jax.random.key(0), TOKENS)["params"]
   ffn = {name: "moe" if "moe" in block else "mlp" for name, block in params.items()
-         if name.startswith("block")}
-  assert ffn == {"blocks_0_0": "mlp", "block_1": "mlp", "blocks_2_3": "moe",
-                 "block_4": "moe", "blocks_5_5": "moe"}
+         if name.startswith("blocks")}
+  assert ffn == {"blocks_0_1": "mlp", "blocks_2_5": "moe"}
+  assert set(params["block_1"]) == set(params["block_4"]) == {"engram"}
 
 
 def test_relayout_variables_with_a_dense_engram_block():
-  """The `routing` collection has no entry for dense blocks (block_1 here): relayout
-  to the baseline plan and back keeps every routing bias where its layer goes."""
+  """The `routing` collection has no entry for dense blocks (layers 0, 1 here):
+  relayout to the baseline plan and back keeps every routing bias where its layer goes."""
   cfg = _cfg(moe=dataclasses.replace(MOE, first_dense_layers=2))  # Engram at 1 (dense), 3
   baseline = _cfg(moe=cfg.moe, engram=dataclasses.replace(BASE.engram, layers=()))
   variables = _randomised(_init(cfg), cfg)
-  assert set(variables[moe.BIAS]) == {"blocks_2_2", "block_3"}
+  assert set(variables[moe.BIAS]) == {"blocks_2_3"}
   base = relayout_params(variables, cfg, baseline)
   want = nn.unbox(jax.eval_shape(EngramLM(baseline).init, jax.random.key(0), TOKENS))
   shapes = lambda tree: jax.tree_util.tree_map(lambda x: x.shape, tree)
   assert shapes(base) == shapes({k: want[k] for k in ("params", moe.BIAS)})
   bias = base[moe.BIAS]["blocks_2_3"]["moe"]["bias"]
-  np.testing.assert_array_equal(bias[1], variables[moe.BIAS]["block_3"]["moe"]["bias"])
+  np.testing.assert_array_equal(bias, variables[moe.BIAS]["blocks_2_3"]["moe"]["bias"])
   back = relayout_params(base, baseline, cfg, engram_params={
       layer: variables["params"][f"block_{layer}"]["engram"] for layer in (1, 3)})
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
@@ -138,12 +138,15 @@ def test_one_expert_top_one_equals_the_dense_model():
                              first_dense_layers=1, balance="none")
   cfg = _cfg(moe=one)
   dense = _init(BASE)["params"]
-  params = dict(dense)
-  for name, block in _init(cfg)["params"].items():
-    if "moe" in block:
-      params[name] = {k: v for k, v in dense[name].items() if k != "mlp"}
-      params[name]["moe"] = {"router": block["moe"]["router"], **{
-          w: dense[name]["mlp"][w]["kernel"][..., None, :, :] for w in ("gate", "up", "down")}}
+  layers = []
+  for block, fresh in zip(unstack_blocks(dense, BASE), unstack_blocks(_init(cfg)["params"], cfg)):
+    if "moe" in fresh:
+      block = {**{k: v for k, v in block.items() if k != "mlp"}, "moe": {
+          "router": fresh["moe"]["router"],
+          **{w: block["mlp"][w]["kernel"][None] for w in ("gate", "up", "down")}}}
+    layers.append(block)
+  params = {**{k: v for k, v in dense.items() if not k.startswith("block")},
+            **stack_blocks(layers, cfg)}
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
       _init(cfg)["params"])
   want = _apply(BASE)({"params": with_random_conv(dense, BASE)}, TOKENS)
@@ -173,7 +176,7 @@ def test_one_branch_equals_the_plain_residual_model(hyper):
   hyper_cfg = _cfg(moe=MOE, hyper=hyper)
   plain = _randomised(_init(plain_cfg), plain_cfg)
   hyper_params = _init(hyper_cfg)["params"]
-  assert any(k.endswith("_hc") for k in hyper_params["block_1"])
+  assert any(k.endswith("_hc") for k in hyper_params["blocks_1_3"])
   variables = {**plain, "params": _plain_into_hyper(plain["params"], hyper_params)}
   want = _apply(plain_cfg)(plain, TOKENS)
   got = _apply(hyper_cfg)(variables, TOKENS)
@@ -201,7 +204,7 @@ def test_branches_at_init_equal_the_plain_model_without_engram():
 
 
 def test_scanned_sublayers_read_branch_l_mod_m_at_init():
-  cfg = _cfg(branches=3, engram=dataclasses.replace(BASE.engram, layers=()))
+  cfg = _cfg(branches=3)  # Engram at 1 and 3, inside the scan
   params = _init(cfg)["params"]["blocks_0_3"]
   for layer in range(4):
     for j, name in enumerate(("attention_hc", "mlp_hc")):
@@ -251,7 +254,7 @@ def test_remat_bf16_moe_branches_trace_and_differentiate():
   grads = jax.eval_shape(jax.grad(loss), nn.unbox(variables["params"]))
   dtypes = {x.dtype for x in jax.tree_util.tree_leaves(grads)}
   assert dtypes == {jnp.dtype("float32")}
-  assert routing["blocks_2_2"]["moe"]["bias"].shape == (1, MOE.num_experts)
+  assert routing["blocks_1_3"]["moe"]["bias"].shape == (3, MOE.num_experts)
 
 
 # ----------------------------------------------------------------------------------
@@ -284,7 +287,7 @@ def test_train_step_adds_aux_loss_and_reports_routing():
     (ce, aux), (d_ce, d_aux) = losses(p), jax.jacrev(losses)(p)
     return ce, aux, jax.tree_util.tree_map(jnp.add, d_ce, d_aux), d_ce
   ce, aux, with_aux, ce_only = reference(state.params)
-  router = lambda tree: np.asarray(tree["block_1"]["moe"]["router"])
+  router = lambda tree: np.asarray(tree["blocks_1_3"]["moe"]["router"])
   start = router(state.params)
   new, metrics = train.make_train_step(model, tx)(_state(cfg, tx), batch)  # donates
   assert float(aux) >= 0.5 * 3 - 1e-6   # coef * (>= 1 per layer) * 3 MoE layers

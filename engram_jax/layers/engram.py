@@ -19,7 +19,7 @@ form: one projection of e_t to M keys and one shared value, no conv,
 and, in both variants, positions marked in `masked_BxT` (non-text spans) get y = 0,
 leaving the residual stream untouched. Row ids depend only on tokens, so the
 lookup can run anywhere (host-side hashing, sharded or offloaded tables): rows given
-in the `engram_rows` collection replace the table (see engram_jax.offload).
+in the `engram_rows` collection replace the table (see engram_jax.sampling.offload).
 """
 from functools import partial
 from typing import Any, Optional
@@ -147,29 +147,42 @@ class Engram(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxTxMxD, row_ids_BxTxH, lengths_B: Optional[jax.Array] = None,
-               masked_BxT: Optional[jax.Array] = None):
-    y_BxTxMxD = self._forward(h_BxTxMxD, row_ids_BxTxH, lengths_B)
+               masked_BxT: Optional[jax.Array] = None, rows_BxTxHxE: Optional[jax.Array] = None):
+    """rows_BxTxHxE: the rows of `row_ids_BxTxH` looked up by the caller (the scanned
+    stack of models/lm.py gathers them before its scan); the layer has no table then."""
+    if rows_BxTxHxE is None:
+      rows_BxTxHxE = self.given_rows(row_ids_BxTxH)
+    if rows_BxTxHxE is None:
+      table = self.param(
+          "table", nn.with_logical_partitioning(
+              nn.initializers.normal(self.engram.table_init_std), ("table_rows", "table_dim")),
+          (self.engram.padded_rows(self.table_rows), self.engram.head_dim), self.param_dtype)
+      rows_BxTxHxE = self.lookup(table, row_ids_BxTxH)
+    y_BxTxMxD = self._forward(h_BxTxMxD, rows_BxTxHxE, lengths_B)
     if masked_BxT is None:
       return y_BxTxMxD
     return jnp.where(masked_BxT[:, :, None, None], jnp.zeros((), y_BxTxMxD.dtype), y_BxTxMxD)
 
-  def _forward(self, h_BxTxMxD, row_ids_BxTxH, lengths_B):
+  def given_rows(self, row_ids_BxTxH) -> Optional[jax.Array]:
+    """The `ROWS_COLLECTION` rows of this call's ids (checked), or None."""
+    if not self.has_variable(ROWS_COLLECTION, "rows"):
+      return None
+    rows_BxTxHxE = self.get_variable(ROWS_COLLECTION, "rows")
+    want = (*row_ids_BxTxH.shape, self.engram.head_dim)
+    if rows_BxTxHxE.shape != want:
+      raise ValueError(f"{ROWS_COLLECTION} rows of {self.name}: shape {rows_BxTxHxE.shape}, "
+                       f"expected {want} ([B, T, heads, head_dim] for this call's tokens)")
+    return rows_BxTxHxE
+
+  def lookup(self, table_RxE, row_ids_BxTxH):
+    """Rows `[B, T, H, E]` of the table (no gradient to a frozen one)."""
+    if not self.engram.table_trainable:
+      table_RxE = jax.lax.stop_gradient(table_RxE)
+    return lookup_rows(table_RxE, row_ids_BxTxH, self.engram.lookup)
+
+  def _forward(self, h_BxTxMxD, rows_BxTxHxE, lengths_B):
     cfg = self.engram
     b, t, branches, width = h_BxTxMxD.shape
-    if self.has_variable(ROWS_COLLECTION, "rows"):
-      rows_BxTxHxE = self.get_variable(ROWS_COLLECTION, "rows")
-      if rows_BxTxHxE.shape != (*row_ids_BxTxH.shape, cfg.head_dim):
-        raise ValueError(f"{ROWS_COLLECTION} rows of {self.name}: shape "
-                         f"{rows_BxTxHxE.shape}, expected {(*row_ids_BxTxH.shape, cfg.head_dim)}"
-                         " ([B, T, heads, head_dim] for this call's tokens)")
-    else:
-      table = self.param(
-          "table", nn.with_logical_partitioning(
-              nn.initializers.normal(cfg.table_init_std), ("table_rows", "table_dim")),
-          (cfg.padded_rows(self.table_rows), cfg.head_dim), self.param_dtype)
-      if not cfg.table_trainable:
-        table = jax.lax.stop_gradient(table)
-      rows_BxTxHxE = lookup_rows(table, row_ids_BxTxH, cfg.lookup)
     e_BxTxHE = rows_BxTxHxE.reshape(b, t, cfg.features).astype(self.dtype)
     if cfg.variant == "v4":
       return self._v4(h_BxTxMxD, e_BxTxHE)

@@ -2,17 +2,26 @@
 
 embed -> blocks -> RMSNorm -> logits. A block is pre-norm attention + SwiGLU (or, from
 `moe.first_dense_layers` on, a DeepSeek-style MoE FFN); an Engram block first adds the
-Engram output to its residual stream. Runs of plain blocks between Engram layers (and
-the dense/MoE boundary) are one `nn.scan` each, so compile time does not grow with
-depth. With `model.branches = M > 1` the residual stream is M branches joined by
-hyper-connections (layers/hyper.py).
+Engram output to its residual stream. All blocks are one `nn.scan` (`blocks_0_{L-1}`;
+two at the dense/MoE boundary), Engram layers included, so compile time grows neither
+with depth nor with the number of Engram layers: each Engram layer's params
+(`block_{layer}/engram`) and the rows its tokens read are gathered before the scan and
+stacked over the Engram layers, and a scanned layer with Engram picks its slot under a
+`lax.cond` (`engram_step`). With `model.branches = M > 1` the residual stream is M
+branches joined by hyper-connections (layers/hyper.py).
+
+Checkpoints written before the one scan have the segmented layout (a scan per run of
+plain blocks between Engram layers, Engram blocks whole as `block_{layer}`):
+`relayout_params(params, cfg, cfg)` converts them, and inference loads do it for
+themselves (engram_jax.checkpoints).
 
 Hash ids of all Engram layers depend only on the tokens, so they are computed once up
 front (or given by the data pipeline as `hash_ids`). Engram hashes the compressed
 vocabulary: pass `ngram_tokens` (compressed ids) unless the map is the identity.
 """
+import re
 from collections.abc import Mapping
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -23,7 +32,7 @@ from engram_jax import config as config_lib
 from engram_jax import hashing
 from engram_jax.layers import moe
 from engram_jax.layers.attention import Attention, Mode
-from engram_jax.layers.engram import Engram, history_before
+from engram_jax.layers.engram import ROWS_COLLECTION, Engram, history_before
 from engram_jax.layers.hyper import HyperConnection, collapse_branches, expand_branches
 from engram_jax.layers.mlp import SwiGLU
 from engram_jax.layers.norms import RMSNorm
@@ -53,6 +62,9 @@ def engram_row_ids(engram: config_lib.EngramConfig, hash_ids_BxTxLxH, index: int
 class Block(nn.Module):
   """Pre-norm block; with `engram_index` set, Engram first adds to the residual.
 
+  The model scans blocks without `engram_index` (`ScanBlock` adds Engram itself, via
+  `engram_step`); a block with it is one layer as `unstack_blocks` gives it, for
+  analyses that run layers one at a time (same params, same result).
   layer: the (first) block index, static: it picks SwiGLU or MoE (`moe.is_moe_layer`).
   With hyper-connections (`cfg.hyper_connections`) `h` is `[B, T, M, D]`: attention
   and the FFN are sublayers 2l and 2l+1 wrapped in `HyperConnection`s, while Engram
@@ -107,34 +119,115 @@ class Block(nn.Module):
     return h
 
 
-class ScanBlock(Block):
-  """Block with the (carry, x) -> (carry, y) signature `nn.scan` wants; x = layer offset."""
+class Memory(NamedTuple):
+  """A scanned run's Engram layers, stacked over them (S = Engram layers in the run):
+  what each layer's `engram_step` reads. params: their Engram params without the
+  tables; rows: the rows their tokens read, gathered before the scan."""
+  params: Any
+  rows_SxBxTxHxE: jax.Array
+  lengths_B: Optional[jax.Array] = None
+  masked_BxT: Optional[jax.Array] = None
 
-  def __call__(self, h, layer_offset, positions_BxT,  # pytype: disable=signature-mismatch
-               rope_positions_BxTxA=None):
-    return super().__call__(h, positions_BxT, rope_positions_BxTxA=rope_positions_BxTxA,
-                            layer_offset=layer_offset), None
 
+def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory,
+                conv_history_SxBxPxC=None):
+  """(h + Engram's output, conv histories) for a scanned layer whose Engram is `slot`
+  of `memory`; (h, histories) when `slot` < 0. A `lax.cond`: plain layers pay no
+  Engram compute, and the scan body holds one Engram program whatever their number.
+  The cond is rematerialised: the scan saves its inputs (`memory` once, as the
+  loop invariant it is), not the branch's intermediates, which it would otherwise keep
+  for every layer (zeros for plain ones) and with them a copy of `memory` per layer.
 
-def segments(cfg: config_lib.ModelConfig) -> list[tuple[str, int, int]]:
-  """The layer plan: ("engram", layer, 1) or ("scan", first_layer, run_length).
-
-  Scanned runs stop at Engram layers and at `moe.first_dense_layers` (a run holds
-  dense or MoE blocks, never both).
+  conv_history_SxBxPxC ("prefill"/"decode" with a conv): each Engram layer's conv
+  state; the layer reads (decode) and replaces its slot.
   """
-  engram_layers = set(cfg.engram.layers)
-  boundaries = {cfg.moe.first_dense_layers} if cfg.moe.enabled else set()
-  plan, run_start = [], 0
-  for layer in range(cfg.depth + 1):
-    if layer == cfg.depth or layer in engram_layers or layer in boundaries:
-      if layer > run_start:
-        plan.append(("scan", run_start, layer - run_start))
-      if layer in engram_layers:
-        plan.append(("engram", layer, 1))
-        run_start = layer + 1
-      else:
-        run_start = layer
-  return plan
+  dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+  layer = Engram(cfg.engram, 0, cfg.norm_eps, mode, dtype, pdtype, parent=None)  # unbound
+
+  def with_engram(h, history):
+    pick = lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=False)
+    variables = {"params": jax.tree_util.tree_map(pick, memory.params)}
+    if mode == "decode" and history is not None:
+      variables["cache"] = {"conv_history": pick(history)}
+    h_BxTxMxD = h if cfg.hyper_connections else h[:, :, None, :]
+    y, state = layer.apply(variables, h_BxTxMxD, None, memory.lengths_B, memory.masked_BxT,
+                           rows_BxTxHxE=pick(memory.rows_SxBxTxHxE), mutable=["cache"])
+    if history is not None:
+      history = jax.lax.dynamic_update_index_in_dim(
+          history, state["cache"]["conv_history"].astype(history.dtype), slot, 0)
+    return (h + y.astype(h.dtype) if cfg.hyper_connections else h + y[:, :, 0, :]), history
+
+  return jax.checkpoint(lambda h, history: jax.lax.cond(
+      slot >= 0, with_engram, lambda h, history: (h, history), h, history))(
+          h, conv_history_SxBxPxC)
+
+
+class ScanBlock(Block):
+  """Block with the (carry, x) -> (carry, y) signature `nn.scan` wants.
+
+  carry: (h, the run's Engram conv histories or None); x: (layer offset, Engram slot
+  of the layer in `memory` or -1); memory (broadcast): the run's Engram layers, None
+  when it has none.
+  """
+
+  def __call__(self, carry, xs, positions_BxT,  # pytype: disable=signature-mismatch
+               memory: Optional[Memory] = None, rope_positions_BxTxA=None):
+    (h, history), (layer_offset, slot) = carry, xs
+    if memory is not None:
+      h, history = engram_step(self.cfg, self.mode, h, slot, memory, history)
+    h = super().__call__(h, positions_BxT, rope_positions_BxTxA=rope_positions_BxTxA,
+                         layer_offset=layer_offset)
+    return (h, history), None
+
+
+class EngramMemory(nn.Module):
+  """Engram layer `index`'s params and the rows its tokens read, outside the scan.
+
+  Named `block_{layer}`, so the params keep their paths (`block_{layer}/engram/table`,
+  what tables, offload and probes address); the scanned blocks run the layer with
+  them (`engram_step`). Its conv's decode state lives at `block_{layer}/engram` too.
+  """
+  cfg: config_lib.ModelConfig
+  index: int
+
+  def setup(self):
+    cfg = self.cfg
+    self.engram = Engram(cfg.engram, cfg.engram.hash_spec().rows(self.index), cfg.norm_eps,
+                         None, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, row_ids_BxTxH):
+    """(params without the table, rows `[B, T, H, E]`: `ROWS_COLLECTION`'s or the table's)."""
+    cfg = self.cfg
+    if self.is_initializing():  # a one-token call creates the params
+      self.engram(jnp.zeros((1, 1, cfg.branches, cfg.width), jnp.dtype(cfg.dtype)),
+                  row_ids_BxTxH[:1, :1])
+    params = dict(nn.unbox(self.engram.variables.get("params", {})))
+    rows_BxTxHxE = self.engram.given_rows(row_ids_BxTxH)
+    if rows_BxTxHxE is None:
+      if "table" not in params:
+        raise ValueError(f"{self.name}/engram has no table param and no {ROWS_COLLECTION} "
+                         "rows were given: pass the table, or the rows it would read")
+      rows_BxTxHxE = self.engram.lookup(params["table"], row_ids_BxTxH)
+    return {k: v for k, v in params.items() if k != "table"}, rows_BxTxHxE
+
+  def conv_history(self, default):
+    return self.engram.get_variable("cache", "conv_history", default)
+
+  def keep_conv_history(self, history_BxPxC):
+    self.engram.put_variable("cache", "conv_history", history_BxPxC)
+
+
+def segments(cfg: config_lib.ModelConfig) -> list[tuple[int, int]]:
+  """The scanned runs, (first_layer, length): every block in one, split only at
+  `moe.first_dense_layers` (a run holds dense or MoE blocks, never both)."""
+  boundary = cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+  if 0 < boundary < cfg.depth:
+    return [(0, boundary), (boundary, cfg.depth - boundary)]
+  return [(0, cfg.depth)]
+
+
+def run_name(first: int, length: int) -> str:
+  return f"blocks_{first}_{first + length - 1}"
 
 
 def _maybe_remat(module_cls, cfg, static_argnums=()):
@@ -144,9 +237,27 @@ def _maybe_remat(module_cls, cfg, static_argnums=()):
                   static_argnums=static_argnums)
 
 
+def _run_memory(cfg, layers, hash_ids_BxTxLxH, lengths_B, masked_BxT, mode):
+  """(the run's `Memory`, its stacked conv histories or None, its `EngramMemory`s) for
+  the Engram `layers` of one run; gathers their rows (before the scan)."""
+  e = cfg.engram
+  memories = [EngramMemory(cfg, e.layers.index(l), name=f"block_{l}") for l in layers]
+  params, rows = zip(*(m(engram_row_ids(e, hash_ids_BxTxLxH, m.index)) for m in memories))
+  stack = lambda *xs: jnp.stack(xs)
+  memory = Memory(jax.tree_util.tree_map(stack, *params), jnp.stack(rows), lengths_B,
+                  masked_BxT)
+  history = None
+  if mode is not None and e.variant != "v4":  # the conv's decode state
+    zeros = jnp.zeros((rows[0].shape[0], (e.kernel_size - 1) * e.max_ngram,
+                       cfg.branches * cfg.width), jnp.dtype(cfg.dtype))
+    history = jnp.stack([m.conv_history(zeros) if mode == "decode" else zeros
+                         for m in memories])
+  return memory, history, memories
+
+
 def apply_blocks(cfg: config_lib.ModelConfig, h_BxTxD, positions_BxT, hash_ids_BxTxLxH,
                  lengths_B, mode: Mode, rope_positions_BxTxA=None, masked_BxT=None):
-  """The layer plan of `segments(cfg)`, run inside the calling module's `nn.compact`.
+  """The runs of `segments(cfg)`, run inside the calling module's `nn.compact`.
 
   Shared by every decoder (EngramLM, the image model) so that they have the same
   parameter layout; `rope_positions_BxTxA` (e.g. 2D (row, column)) defaults to the
@@ -156,26 +267,31 @@ def apply_blocks(cfg: config_lib.ModelConfig, h_BxTxD, positions_BxT, hash_ids_B
   """
   extra = () if rope_positions_BxTxA is None else (rope_positions_BxTxA,)
   h = expand_branches(h_BxTxD, cfg.branches) if cfg.hyper_connections else h_BxTxD
-  for kind, first, length in segments(cfg):
-    if kind == "engram":
-      block = _maybe_remat(Block, cfg)(cfg, engram_index=cfg.engram.layers.index(first),
-                                       mode=mode, layer=first, name=f"block_{first}")
-      h = block(h, positions_BxT, hash_ids_BxTxLxH, lengths_B, *extra,
-                masked_BxT=masked_BxT)
-    else:
-      # Decoding carries the run's stacked cache through the layer loop (each layer
-      # writes its slot in place) instead of scanning over it, which would rebuild the
-      # whole [L, B, max_len, ...] stack at every step; same cache layout either way.
-      carried = mode == "decode"
-      axes = {"params": 0, moe.BIAS: 0, moe.STATS: 0, **({} if carried else {"cache": 0})}
-      scanned = nn.scan(
-          _maybe_remat(ScanBlock, cfg), variable_axes=axes,
-          variable_carry="cache" if carried else False,
-          split_rngs={"params": True}, in_axes=(0, nn.broadcast) + (nn.broadcast,) * len(extra),
-          length=length, metadata_params={nn.PARTITION_NAME: "layers"})
-      h, _ = scanned(cfg, mode=mode, layer=first, carried_cache=carried,
-                     name=f"blocks_{first}_{first + length - 1}")(
-          h, jnp.arange(length, dtype=jnp.int32), positions_BxT, *extra)
+  for first, length in segments(cfg):
+    layers = [l for l in range(first, first + length) if l in cfg.engram.layers]
+    memory, history, memories = None, None, []
+    if layers:
+      memory, history, memories = _run_memory(cfg, layers, hash_ids_BxTxLxH, lengths_B,
+                                              masked_BxT, mode)
+    slots = np.array([layers.index(l) if l in layers else -1
+                      for l in range(first, first + length)], np.int32)
+    # Decoding carries the run's stacked cache through the layer loop (each layer
+    # writes its slot in place) instead of scanning over it, which would rebuild the
+    # whole [L, B, max_len, ...] stack at every step; same cache layout either way.
+    carried = mode == "decode"
+    axes = {"params": 0, moe.BIAS: 0, moe.STATS: 0, **({} if carried else {"cache": 0})}
+    scanned = nn.scan(
+        _maybe_remat(ScanBlock, cfg), variable_axes=axes,
+        variable_carry="cache" if carried else False,
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast) + (nn.broadcast,) * len(extra),
+        length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+    (h, history), _ = scanned(cfg, mode=mode, layer=first, carried_cache=carried,
+                              name=run_name(first, length))(
+        (h, history), (jnp.arange(length, dtype=jnp.int32), jnp.asarray(slots)),
+        positions_BxT, memory, *extra)
+    for s, m in enumerate(memories if history is not None else ()):
+      m.keep_conv_history(history[s])
   return collapse_branches(h) if cfg.hyper_connections else h
 
 
@@ -255,53 +371,96 @@ class EngramLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
-# Moving parameters between layer plans (baseline <-> Engram at other layers)
+# Moving parameters between layer plans (baseline <-> Engram at other layers) and
+# from the segmented layout of older checkpoints
 # ----------------------------------------------------------------------------------
+_RUN_NAME = re.compile(r"blocks_(\d+)_(\d+)$")
+_LAYER_NAME = re.compile(r"block_(\d+)$")
+
+
+def _is_block(name: str) -> bool:
+  return bool(_RUN_NAME.match(name) or _LAYER_NAME.match(name))
+
+
+def _take(x, i: int):
+  """Layer `i` of a stacked leaf (arrays, or abstract ones for restoring)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return x[i]
+
+
+def _stack(*xs):
+  if isinstance(xs[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype)
+  return jnp.stack(xs)
+
+
+def _layer_params(tree) -> dict[int, dict]:
+  """{layer: its block params} of any block layout: `blocks_A_B` stacks are sliced,
+  `block_L` entries (Engram params; whole blocks in the segmented layout) merged in."""
+  layers: dict[int, dict] = {}
+  for name, sub in tree.items():
+    if (run := _RUN_NAME.match(name)):
+      first, last = int(run[1]), int(run[2])
+      for i in range(last - first + 1):
+        layers.setdefault(first + i, {}).update(
+            jax.tree_util.tree_map(lambda x, i=i: _take(x, i), dict(sub)))
+    elif (one := _LAYER_NAME.match(name)):
+      layers.setdefault(int(one[1]), {}).update(sub)
+  return layers
+
+
 def unstack_blocks(params, cfg: config_lib.ModelConfig, missing_ok: bool = False) -> list[dict]:
-  """Per-layer block params (scanned runs split), in layer order.
+  """Per-layer block params in layer order (scanned runs split, each Engram layer's
+  `engram` params merged into its block); reads the segmented layout too.
 
   `missing_ok`: a block the tree has no entry for is `{}` (the `routing` collection
   holds only the MoE blocks; dense ones, e.g. before `moe.first_dense_layers`, have none).
   """
-  layers = []
-  for kind, first, length in segments(cfg):
-    name = f"block_{first}" if kind == "engram" else f"blocks_{first}_{first + length - 1}"
-    if missing_ok and name not in params:
-      layers.extend({} for _ in range(length))
-    elif kind == "engram":
-      layers.append(params[name])
-    else:
-      layers.extend(jax.tree_util.tree_map(lambda x, i=i: x[i], params[name])
-                    for i in range(length))
-  return layers
+  layers = _layer_params(params)
+  missing = [l for l in range(cfg.depth) if not layers.get(l)]
+  if (missing and not missing_ok) or any(l >= cfg.depth for l in layers):
+    raise ValueError(f"unstack_blocks: the tree's blocks ({sorted(layers)}) are not the "
+                     f"model.depth={cfg.depth} layers of this config")
+  return [layers.get(l, {}) for l in range(cfg.depth)]
+
+
+def stack_blocks(layers: list[dict], cfg: config_lib.ModelConfig) -> dict:
+  """The block entries of `cfg`'s layout from per-layer params: one stack per run of
+  `segments(cfg)` (a run none of whose layers has entries is left out: MoE `routing`
+  has no dense blocks) and `block_{layer}: {"engram": ...}` where layers have one."""
+  out = {}
+  for first, length in segments(cfg):
+    chunk = [{k: v for k, v in layers[l].items() if k != "engram"}
+             for l in range(first, first + length)]
+    if not any(chunk):
+      continue
+    if not all(chunk):
+      raise ValueError(f"relayout_params: layers {first}..{first + length - 1} are one "
+                       "scanned run in the target but only some of them have entries in "
+                       "this collection; src and dst must share the MoE layer plan")
+    out[run_name(first, length)] = jax.tree_util.tree_map(_stack, *chunk)
+  for l in cfg.engram.layers:
+    if "engram" in layers[l]:
+      out[f"block_{l}"] = {"engram": layers[l]["engram"]}
+  return out
 
 
 def _relayout_collection(tree, src, dst, engram_params: Optional[dict], is_params: bool):
   """One collection of `relayout_params`: params need every block; other collections
-  (MoE `routing`) keep the blocks they have and drop the ones that come out empty."""
+  (MoE `routing`) keep the blocks they have."""
   layers = unstack_blocks(tree, src, missing_ok=not is_params)
-  out = {k: v for k, v in tree.items() if not k.startswith("block")}
-  for kind, first, length in segments(dst):
-    chunk = [{k: v for k, v in layers[l].items() if k != "engram"}
-             for l in range(first, first + length)]
-    if kind == "engram" and is_params:
-      source = engram_params.get(first, layers[first].get("engram"))
-      if source is None:
-        raise ValueError(f"relayout_params: no Engram params for layer {first}; pass "
-                         "engram_params={layer: params} for layers the source lacks")
-      out[f"block_{first}"] = {**chunk[0], "engram": source}
-    elif not any(chunk):
-      continue  # e.g. no routing biases in dense blocks
-    elif kind == "engram":
-      out[f"block_{first}"] = chunk[0]
-    elif all(chunk):
-      out[f"blocks_{first}_{first + length - 1}"] = jax.tree_util.tree_map(
-          lambda *xs: jnp.stack(xs), *chunk)
-    else:
-      raise ValueError(f"relayout_params: layers {first}..{first + length - 1} are one "
-                       "scanned run in the target but only some of them have entries in "
-                       "this collection; src and dst must share the MoE layer plan")
-  return out
+  if len(layers) != dst.depth:
+    raise ValueError(f"relayout_params: src has {src.depth} layers, dst {dst.depth}")
+  layers = [{k: v for k, v in p.items() if k != "engram" or l in dst.engram.layers}
+            for l, p in enumerate(layers)]
+  for l in dst.engram.layers if is_params else ():
+    source = engram_params.get(l, layers[l].get("engram"))
+    if source is None:
+      raise ValueError(f"relayout_params: no Engram params for layer {l}; pass "
+                       "engram_params={layer: params} for layers the source lacks")
+    layers[l] = {**layers[l], "engram": source}
+  return {**{k: v for k, v in tree.items() if not _is_block(k)}, **stack_blocks(layers, dst)}
 
 
 def relayout_params(params, src: config_lib.ModelConfig, dst: config_lib.ModelConfig,
@@ -311,10 +470,34 @@ def relayout_params(params, src: config_lib.ModelConfig, dst: config_lib.ModelCo
   Engram sub-trees are dropped where `dst` has none; where `dst` has Engram at a layer,
   `engram_params[layer]` (or the source's Engram params at that layer) fill it.
   `params` may be a variables dict (`{"params": ..., "routing": ...}`): every
-  collection is laid out for `dst`.
+  collection is laid out for `dst`. With `src = dst` it converts a tree of the
+  segmented layout (engram_jax before the one scanned stack) to this one.
   """
   engram_params = dict(engram_params or {})
   if isinstance(params, Mapping) and "params" in params:
     return {name: _relayout_collection(tree, src, dst, engram_params, name == "params")
             for name, tree in params.items()}
   return _relayout_collection(params, src, dst, engram_params, is_params=True)
+
+
+def segmented_layout(tree) -> bool:
+  """Whether a (params-like) tree has the segmented layout of engram_jax before the
+  one scanned stack: whole Engram blocks as `block_L` beside shorter `blocks_A_B` runs."""
+  return any(_LAYER_NAME.match(name) and set(sub) - {"engram"}
+             for name, sub in tree.items() if hasattr(sub, "keys"))
+
+
+def relayout_like(tree, like):
+  """`tree`'s blocks (either layout) in the block layout of `like` (a tree of arrays,
+  abstract arrays or checkpoint metadata: only its block names and their keys are
+  read); works on abstract trees, so a checkpoint of the other layout restores."""
+  layers = _layer_params(tree)
+  out = {k: v for k, v in tree.items() if not _is_block(k)}
+  for name, want in like.items():
+    if (run := _RUN_NAME.match(name)):
+      first, last = int(run[1]), int(run[2])
+      out[name] = jax.tree_util.tree_map(
+          _stack, *[{k: layers[l][k] for k in want} for l in range(first, last + 1)])
+    elif (one := _LAYER_NAME.match(name)):
+      out[name] = {k: layers[int(one[1])][k] for k in want}
+  return out

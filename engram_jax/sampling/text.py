@@ -5,7 +5,7 @@ last (kernel-1)*N inputs) live in the model's `cache` collection; each decode st
 hashes, looks up and convolves only the new position. Rows carry their own positions,
 so prompts of different lengths share a batch.
 
-Engram rows can come from outside the model (host-memory tables, engram_jax.offload):
+Engram rows can come from outside the model (host-memory tables, engram_jax.sampling.offload):
 `prefill`/`decode_step` take `hash_ids_BxTxLxH` with their looked-up `engram_rows`
 (the `layers.engram.ROWS_COLLECTION` tree), and `generate(engram_rows_fn=...)` hashes
 each new token itself and asks `engram_rows_fn(hash_ids)` for its rows, so the params
