@@ -63,7 +63,7 @@ def test_lm_quickstart(tmp_path):
   assert re.search(r"tiny_baseline: eval loss \d", plot) and re.search(r"tiny: eval loss \d",
                                                                        plot)
   assert os.path.getsize(tmp_path / "loss_curves.png") > 1000
-  assert [line[:5] for line in sample.splitlines()] == ["'def ", "'def "]
+  assert [line[1:5] for line in sample.splitlines()] == ["def ", "def "]  # two reprs
   _mesh_checks(mesh)
 
 
