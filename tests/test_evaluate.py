@@ -117,7 +117,7 @@ def test_digits_classifier_is_accurate_on_held_out_split(digits_net, test_images
 def test_digits_classifier_loads_from_cache_identically(digits_net, test_images, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("retrained although the cache exists")
-  monkeypatch.setattr(evaluate, "train_digits_classifier", no_training)
+  monkeypatch.setattr(feature_nets, "train_digits_classifier", no_training)
   cached = feature_nets.digits_feature_net(digits_net.path.rsplit("/", 1)[0], levels=8)
   assert cached.path == digits_net.path and cached.accuracy == digits_net.accuracy
   jax.tree_util.tree_map(np.testing.assert_array_equal, cached.params, digits_net.params)
