@@ -220,7 +220,7 @@ def check_decode(s: Sizes, params) -> dict:
 def check_offload(s: Sizes, params) -> dict:
   try:
     from engram_jax import host_tables
-    from engram_jax.sampling import offload as offload
+    from engram_jax.sampling import offload
   except ImportError as err:  # e.g. a dependency missing from a bare image
     return {"skipped": f"engram_jax.sampling.offload does not import: {err}"}
   model = EngramLM(s.model)

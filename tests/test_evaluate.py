@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax.studies import evaluate as evaluate
+from engram_jax.studies import evaluate
+from engram_jax.studies import feature_nets
+from engram_jax.studies import fid
 from engram_jax.data import images
 from engram_jax.models import image
 from engram_jax.train import cross_entropy
@@ -22,12 +24,12 @@ RNG = np.random.default_rng(0)
 
 @pytest.fixture(scope="module")
 def digits_net(tmp_path_factory):
-  return evaluate.digits_feature_net(str(tmp_path_factory.mktemp("classifier")), levels=8)
+  return feature_nets.digits_feature_net(str(tmp_path_factory.mktemp("classifier")), levels=8)
 
 
 @pytest.fixture(scope="module")
 def test_images():
-  return evaluate.split_images(DIGITS, "test")
+  return feature_nets.split_images(DIGITS, "test")
 
 
 # ----------------------------------------------------------------------------------
@@ -42,44 +44,44 @@ def test_frechet_distance_matches_closed_form_for_diagonal_covariances():
   mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, -1.0, 2.5])
   a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
   want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  got = evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+  got = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_frechet_distance_matches_scipy_sqrtm_for_general_covariances():
   linalg = pytest.importorskip("scipy.linalg")
   x, y = _correlated(300, 6, 1), _correlated(200, 6, 2)
-  (m1, s1), (m2, s2) = evaluate.gaussian_fit(x), evaluate.gaussian_fit(y)
+  (m1, s1), (m2, s2) = fid.gaussian_fit(x), fid.gaussian_fit(y)
   want = (np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2)
           - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real)
-  np.testing.assert_allclose(evaluate.fid(x, y), want, rtol=1e-9)
+  np.testing.assert_allclose(fid.fid(x, y), want, rtol=1e-9)
 
 
 def test_fid_is_symmetric_and_translation_invariant():
   x, y = _correlated(300, 8, 3), _correlated(250, 8, 4)
-  d = evaluate.fid(x, y)
+  d = fid.fid(x, y)
   assert d > 1.0
-  np.testing.assert_allclose(evaluate.fid(y, x), d, rtol=1e-9)
+  np.testing.assert_allclose(fid.fid(y, x), d, rtol=1e-9)
   shift = RNG.normal(size=8) * 100
-  np.testing.assert_allclose(evaluate.fid(x + shift, y + shift), d, rtol=1e-8)
-  assert evaluate.fid(x + shift, y) > d + 100  # shifting one side only is seen
+  np.testing.assert_allclose(fid.fid(x + shift, y + shift), d, rtol=1e-8)
+  assert fid.fid(x + shift, y) > d + 100  # shifting one side only is seen
 
 
 def test_fid_of_held_out_split_against_itself_is_zero_and_against_noise_large(
     digits_net, test_images):
-  test, _ = evaluate.features_of(digits_net, test_images[0])
-  val, _ = evaluate.features_of(digits_net, evaluate.split_images(DIGITS, "val")[0])
+  test, _ = fid.features_of(digits_net, test_images[0])
+  val, _ = fid.features_of(digits_net, feature_nets.split_images(DIGITS, "val")[0])
   noise_codes = RNG.integers(0, DIGITS.levels, test_images[0].shape)
-  noise, _ = evaluate.features_of(digits_net, noise_codes)
-  scale = np.trace(evaluate.gaussian_fit(test)[1])
-  assert evaluate.fid(test, test) < 1e-6 * scale
-  real = evaluate.fid(val, test)
-  assert evaluate.fid(test, noise) > 10 * real, (real, evaluate.fid(test, noise))
+  noise, _ = fid.features_of(digits_net, noise_codes)
+  scale = np.trace(fid.gaussian_fit(test)[1])
+  assert fid.fid(test, test) < 1e-6 * scale
+  real = fid.fid(val, test)
+  assert fid.fid(test, noise) > 10 * real, (real, fid.fid(test, noise))
 
 
 def test_fid_rejects_mismatched_features():
   with pytest.raises(ValueError, match="one feature network"):
-    evaluate.fid(np.zeros((4, 3)), np.zeros((4, 2)))
+    fid.fid(np.zeros((4, 3)), np.zeros((4, 2)))
 
 
 # ----------------------------------------------------------------------------------
@@ -88,8 +90,8 @@ def test_fid_rejects_mismatched_features():
 @pytest.mark.parametrize("classes", [2, 10, 1000])
 def test_inception_score_of_uniform_one_hot_predictions_is_the_class_count(classes):
   probs = np.eye(classes)[np.arange(3 * classes) % classes]
-  np.testing.assert_allclose(evaluate.inception_score(probs), classes, rtol=1e-12)
-  np.testing.assert_allclose(evaluate.inception_score(probs, splits=3), classes, rtol=1e-12)
+  np.testing.assert_allclose(fid.inception_score(probs), classes, rtol=1e-12)
+  np.testing.assert_allclose(fid.inception_score(probs, splits=3), classes, rtol=1e-12)
 
 
 def test_inception_score_formula_and_floor():
@@ -97,9 +99,9 @@ def test_inception_score_formula_and_floor():
   marginal = p.mean(0)
   kl = [0.5 * np.log(0.5 / marginal[0]) + 0.5 * np.log(0.5 / marginal[1]),
         np.log(1.0 / marginal[0])]
-  np.testing.assert_allclose(evaluate.inception_score(p), np.exp(np.mean(kl)), rtol=1e-12)
+  np.testing.assert_allclose(fid.inception_score(p), np.exp(np.mean(kl)), rtol=1e-12)
   same = np.tile([[0.2, 0.3, 0.5]], (5, 1))
-  np.testing.assert_allclose(evaluate.inception_score(same), 1.0, rtol=1e-12)
+  np.testing.assert_allclose(fid.inception_score(same), 1.0, rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def test_inception_score_formula_and_floor():
 # ----------------------------------------------------------------------------------
 def test_digits_classifier_is_accurate_on_held_out_split(digits_net, test_images):
   assert digits_net.accuracy > 0.9
-  features, probs = evaluate.features_of(digits_net, test_images[0])
+  features, probs = fid.features_of(digits_net, test_images[0])
   assert features.shape == (len(test_images[1]), 64) and probs.shape[1] == 10
   np.testing.assert_allclose(np.mean(probs.argmax(1) == test_images[1]), digits_net.accuracy)
 
@@ -115,8 +117,8 @@ def test_digits_classifier_is_accurate_on_held_out_split(digits_net, test_images
 def test_digits_classifier_loads_from_cache_identically(digits_net, test_images, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("retrained although the cache exists")
-  monkeypatch.setattr(evaluate, "train_digits_classifier", no_training)
-  cached = evaluate.digits_feature_net(digits_net.path.rsplit("/", 1)[0], levels=8)
+  monkeypatch.setattr(feature_nets, "train_digits_classifier", no_training)
+  cached = feature_nets.digits_feature_net(digits_net.path.rsplit("/", 1)[0], levels=8)
   assert cached.path == digits_net.path and cached.accuracy == digits_net.accuracy
   jax.tree_util.tree_map(np.testing.assert_array_equal, cached.params, digits_net.params)
   for a, b in zip(cached(test_images[0]), digits_net(test_images[0])):
@@ -126,10 +128,10 @@ def test_digits_classifier_loads_from_cache_identically(digits_net, test_images,
 def test_features_of_checks_the_contract():
   logits_net = lambda x: (np.zeros((len(x), 3)), np.ones((len(x), 4)))
   with pytest.raises(ValueError, match="sum to 1"):
-    evaluate.features_of(logits_net, np.zeros((2, 8, 8)))
+    fid.features_of(logits_net, np.zeros((2, 8, 8)))
   short_net = lambda x: (np.zeros((1, 3)), np.full((len(x), 2), 0.5))
   with pytest.raises(ValueError, match=r"return \[N, F\]"):
-    evaluate.features_of(short_net, np.zeros((2, 8, 8)))
+    fid.features_of(short_net, np.zeros((2, 8, 8)))
 
 
 def make_uniform_net():
@@ -138,13 +140,13 @@ def make_uniform_net():
 
 
 def test_load_feature_net_from_a_user_factory():
-  net = evaluate.load_feature_net("tests.test_evaluate:make_uniform_net")
-  features, probs = evaluate.features_of(net, np.ones((3, 8, 8)))
-  assert features.shape == (3, 64) and evaluate.inception_score(probs) == pytest.approx(1.0)
+  net = feature_nets.load_feature_net("tests.test_evaluate:make_uniform_net")
+  features, probs = fid.features_of(net, np.ones((3, 8, 8)))
+  assert features.shape == (3, 64) and fid.inception_score(probs) == pytest.approx(1.0)
   for spec, match in (("no_colon", "pkg.module:factory"),
                       ("tests.test_evaluate:missing", "cannot load")):
     with pytest.raises(ValueError, match=match):
-      evaluate.load_feature_net(spec)
+      feature_nets.load_feature_net(spec)
 
 
 def test_reference_stats_give_the_fid_of_the_features_they_summarise(tmp_path, params):
@@ -154,7 +156,7 @@ def test_reference_stats_give_the_fid_of_the_features_they_summarise(tmp_path, p
   spec = "tests.test_evaluate:make_uniform_net"
   kwargs = dict(samples_per_class=1, seed=0, cache_dir=str(tmp_path), feature_net=spec)
   by_split = evaluate.quality_from_config(config, "test", **kwargs)
-  mu, sigma = evaluate.gaussian_fit(by_split.reference)
+  mu, sigma = fid.gaussian_fit(by_split.reference)
   path = str(tmp_path / "stats.npz")
   np.savez(path, mu=mu, sigma=sigma)
   by_stats = evaluate.quality_from_config(config, "test", reference_stats=path, **kwargs)
@@ -169,15 +171,15 @@ def test_reference_stats_errors_name_the_flag(tmp_path):
   path = str(tmp_path / "bad.npz")
   np.savez(path, mu=np.zeros(3))
   with pytest.raises(ValueError, match=r"--reference_stats=.*needs 'mu' \[F\] and 'sigma'"):
-    evaluate.load_reference_stats(path)
+    feature_nets.load_reference_stats(path)
   np.savez(path, mu=np.zeros(3), sigma=np.zeros((3, 2)))
   with pytest.raises(ValueError, match=r"mu \(3,\) and sigma \(3, 2\)"):
-    evaluate.load_reference_stats(path)
+    feature_nets.load_reference_stats(path)
   (tmp_path / "text.npz").write_text("not a zip")
   with pytest.raises(ValueError, match="cannot read it as an npz"):
-    evaluate.load_reference_stats(str(tmp_path / "text.npz"))
+    feature_nets.load_reference_stats(str(tmp_path / "text.npz"))
   with pytest.raises(ValueError, match="--reference_stats=.*no such file"):
-    evaluate.feature_net_options(argparse.Namespace(
+    feature_nets.feature_net_options(argparse.Namespace(
         feature_net="", inception_weights="", decoder="",
         reference_stats=str(tmp_path / "none.npz")))
 

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from engram_jax.studies import evaluate as evaluate
-from engram_jax.studies import inception as inception
-from engram_jax.studies import probes as probes
+from engram_jax.studies import evaluate
+from engram_jax.studies import feature_nets
+from engram_jax.studies import fid
+from engram_jax.studies import inception
+from engram_jax.studies import probes
 
 RNG = np.random.default_rng(0)
 
@@ -280,17 +282,17 @@ def test_load_inception_errors_name_the_path_and_the_fix(flat, converted, tmp_pa
 # ----------------------------------------------------------------------------------
 def test_feature_net_contract_and_fid_of_a_set_against_itself(converted, codes, want):
   net = inception.InceptionFeatureNet(converted, decode, batch_size=2)
-  features, probs = evaluate.features_of(net, codes)  # checks [N, F], [N, C], sum to 1
+  features, probs = fid.features_of(net, codes)  # checks [N, F], [N, C], sum to 1
   assert features.shape == (4, 2048) and probs.shape == (4, 1008)
   assert features.dtype == probs.dtype == np.float64
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
   np.testing.assert_allclose(features[:2], want[0], rtol=1e-6)
   np.testing.assert_allclose(probs[:2], np.asarray(jax.nn.softmax(want[1].astype(np.float64))),
                              rtol=1e-5, atol=1e-12)
-  trace = np.trace(evaluate.gaussian_fit(features)[1])
-  assert evaluate.fid(features, features) < 1e-6 * trace
+  trace = np.trace(fid.gaussian_fit(features)[1])
+  assert fid.fid(features, features) < 1e-6 * trace
   other, _ = net(255 - codes)
-  assert evaluate.fid(features, other) > 1e-2 * trace
+  assert fid.fid(features, other) > 1e-2 * trace
 
 
 def test_batching_does_not_change_the_features(converted, codes):
@@ -320,12 +322,12 @@ def test_feature_net_rejects_a_decoder_with_the_wrong_output(converted, codes):
 def test_feature_net_for_picks_the_inception_net(converted):
   from configs import image as image_configs
   config = image_configs.get_config("digits")  # without the flags: the digits classifier
-  net = evaluate.feature_net_for(config, "/nonexistent", inception_weights=converted,
+  net = feature_nets.feature_net_for(config, "/nonexistent", inception_weights=converted,
                                  decoder="tests.test_inception:decode")
   assert isinstance(net, inception.InceptionFeatureNet) and net.decode is decode
   assert net.path == converted
   with pytest.raises(ValueError, match=r"--decoder='tests.test_inception:nope': cannot load"):
-    evaluate.feature_net_for(config, "", inception_weights=converted,
+    feature_nets.feature_net_for(config, "", inception_weights=converted,
                              decoder="tests.test_inception:nope")
 
 

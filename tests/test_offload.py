@@ -7,7 +7,7 @@ import pytest
 
 from engram_jax.sampling import text as generate
 from engram_jax import host_tables
-from engram_jax.sampling import offload as offload
+from engram_jax.sampling import offload
 from engram_jax.layers.engram import ROWS_COLLECTION
 from engram_jax.models.lm import EngramLM
 

@@ -15,9 +15,10 @@ import pytest
 
 from configs import image as image_configs
 from engram_jax import checkpoints
-from engram_jax.studies import evaluate as evaluate
+from engram_jax.studies import evaluate
+from engram_jax.studies import feature_nets
 from engram_jax.sampling import image as generate_image
-from engram_jax.studies import probes as probes
+from engram_jax.studies import probes
 from engram_jax.data import images
 from engram_jax.models import image
 from engram_jax.models.lm import relayout_params
@@ -84,7 +85,7 @@ def test_params_for_gate_drops_the_learned_gate_weights_and_needs_them_back(para
 def test_gate_clamp_with_sample_quality(params, batches):
   net = lambda x: (np.asarray(x, float).reshape(len(x), -1),
                    np.eye(10)[np.asarray(x).reshape(len(x), -1).sum(1) % 10])
-  reference = net(evaluate.split_images(DIGITS, "test")[0])[0]
+  reference = net(feature_nets.split_images(DIGITS, "test")[0])[0]
   quality = evaluate.SampleQuality(net, reference, 2, 0, dict(
       cfg_scale=0.0, temperature=1.0, top_k=0, top_p=1.0), "pixels")
   rows = probes.gate_clamp(CFG, params, batches[:1], gates=(0.0, "learned"),

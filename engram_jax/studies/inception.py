@@ -14,7 +14,7 @@ transpose. Once, on any machine with torch and the weights file:
         --torch_weights=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz
 
 then copy the npz and pass it as `--inception_weights` (docs/probes.md).
-`InceptionFeatureNet` wraps it as an `evaluate.FeatureNet` behind your VQ decoder.
+`InceptionFeatureNet` wraps it as an `fid.FeatureNet` behind your VQ decoder.
 """
 from __future__ import annotations
 
@@ -331,7 +331,7 @@ def _forward(module: InceptionV3):
 
 
 class InceptionFeatureNet:
-  """An `evaluate.FeatureNet`: codes `[N, H, W]` -> `decode` -> images `[N, h, w, 3]` in
+  """An `fid.FeatureNet`: codes `[N, H, W]` -> `decode` -> images `[N, h, w, 3]` in
   [0, 1] -> (pool features `[N, 2048]`, softmax over the 1008 logits), float64.
 
   Runs in batches of `batch_size` (the last one padded, so one compile per image size)

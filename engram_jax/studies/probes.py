@@ -31,7 +31,8 @@ import numpy as np
 
 from engram_jax import config as config_lib
 from engram_jax import hashing
-from engram_jax.studies import evaluate as evaluate
+from engram_jax.studies import evaluate
+from engram_jax.studies import feature_nets
 from engram_jax.models.image import ImageARModel, ImageModelConfig
 from engram_jax.progress import progress
 
@@ -444,7 +445,7 @@ def run(args) -> list[str]:
     if args.samples_per_class:
       quality = evaluate.quality_from_config(
           config, args.split, samples_per_class=args.samples_per_class, seed=args.seed,
-          cache_dir=args.classifier_dir or args.workdir, **evaluate.feature_net_options(args))
+          cache_dir=args.classifier_dir or args.workdir, **feature_nets.feature_net_options(args))
       note += f"; FID/IS: {args.samples_per_class} samples per class, {quality.describe}"
     rows = gate_clamp(cfg, params, batches, gates=gates, quality=quality)
     paths += write_report(out_dir, "gate_clamp", [("gates", rows)], plot_gate_clamp(rows),
@@ -478,7 +479,7 @@ def parse_args(argv):
                       "(default 0,0.01,0.05,0.1,0.2,0.5,1,learned)")
   parser.add_argument("--samples_per_class", type=int, default=10,
                       help="gate_clamp: samples per class for FID/IS; 0 = NLL only")
-  evaluate.add_feature_net_flags(parser)
+  feature_nets.add_feature_net_flags(parser)
   parser.add_argument("--classifier_dir", default="",
                       help="where the digits classifier is cached (default: the workdir)")
   parser.add_argument("--bootstrap", type=int, default=1000)
@@ -490,7 +491,7 @@ def parse_args(argv):
   for name in ("bootstrap", "permutations"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name}={getattr(args, name)}: use a positive integer")
-  evaluate.feature_net_options(args)  # a contradictory choice fails before any work
+  feature_nets.feature_net_options(args)  # a contradictory choice fails before any work
   return args
 
 

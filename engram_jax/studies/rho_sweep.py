@@ -55,7 +55,7 @@ def train_point(variant: str, workdir: str, steps: int, overrides: Callable = No
 def evaluate_point(workdir: str, split: str, quality) -> dict[str, float]:
   """NLL (bits/token) on `split` and FID / IS by `quality` of a workdir's newest step."""
   import jax
-  from engram_jax.studies import evaluate as evaluate
+  from engram_jax.studies import evaluate
   from engram_jax import workdir as workdir_lib
   from engram_jax.data import images
   trained = workdir_lib.load(workdir, kind="image")
@@ -100,8 +100,8 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
   """
   from engram_jax import paths
   paths.local_output(root, "--workdir")  # the sweep's root: local reports and caches
-  from engram_jax.studies import evaluate as evaluate
-  from engram_jax.studies import probes as probes
+  from engram_jax.studies import evaluate
+  from engram_jax.studies import probes
   points = variants(family, rhos)
   config = _image_configs().get_config(points[0][0])
   if overrides:
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override for every point, repeatable, e.g. "
                            "--set=data.train_path=/codes/train.npz")
-  from engram_jax.studies import evaluate as evaluate
-  evaluate.add_feature_net_flags(parser)
+  from engram_jax.studies import feature_nets
+  feature_nets.add_feature_net_flags(parser)
   args = parser.parse_args(argv)
   def body():
     try:
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
       raise ValueError(f"--rhos={args.rhos!r}: give numbers in (0, 1), e.g. 0.32,0.51")
     if args.steps < 1 or args.samples_per_class < 0:
       raise ValueError("--steps must be >= 1 and --samples_per_class >= 0")
-    options = evaluate.feature_net_options(args)  # contradictions fail before training
+    options = feature_nets.feature_net_options(args)  # contradictions fail before training
     paths = run(args.family, rhos, args.workdir, steps=args.steps, split=args.split,
                 samples_per_class=args.samples_per_class, seed=args.seed,
                 overrides=config_overrides(args.set), feature_net_options=options)
