@@ -11,6 +11,7 @@ import pytest
 from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM, segments
 
+from tests.equivalence import assert_cached_equals_full
 from tests.conftest import tiny_model_config, with_random_conv
 
 # Engram at layer 1 only: one stack blocks_0_3, Engram's params and state at block_1.
@@ -26,15 +27,8 @@ def test_cached_decode_equals_full_forward_over_a_run_of_layers(remat):
   lengths = np.array([3, 6], np.int32)
   model = EngramLM(cfg)
   params = with_random_conv(nn.unbox(model.init(jax.random.key(0), seq))["params"], cfg)
-  full = np.asarray(model.apply({"params": params}, seq))
-  prompt = np.where(np.arange(6)[None] < lengths[:, None], seq[:, :6], 0)
-  steps = 16 - int(lengths.max())
-  forced = np.stack([seq[b, lengths[b]:lengths[b] + steps] for b in range(2)])
-  cached = jax.jit(generate.teacher_forced_logits, static_argnums=0)(
-      model, params, prompt, lengths, forced)
-  for b in range(2):
-    np.testing.assert_allclose(cached[b], full[b, lengths[b]:lengths[b] + steps],
-                               rtol=2e-4, atol=2e-4)
+  full = model.apply({"params": params}, seq)
+  assert_cached_equals_full(model, params, seq, lengths, full, 6, 16 - int(lengths.max()))
 
 
 def test_decode_keeps_the_prefill_cache_layout():
