@@ -142,12 +142,11 @@ def main(argv=None) -> int:
   from engram_jax.studies import feature_nets
   feature_nets.add_feature_net_flags(parser)
   args = parser.parse_args(argv)
+
   def body():
-    try:
-      rhos = [float(r) for r in args.rhos.split(",") if r.strip()]
-    except ValueError:
-      raise ValueError(f"--rhos={args.rhos!r}: give numbers in (0, 1), e.g. 0.32,0.51") from None
-    if not rhos or not all(0 < r < 1 for r in rhos):
+    from engram_jax import cli
+    rhos = cli.parse_list(args.rhos, "--rhos", float, example="0.32,0.51")
+    if not all(0 < r < 1 for r in rhos):
       raise ValueError(f"--rhos={args.rhos!r}: give numbers in (0, 1), e.g. 0.32,0.51")
     if args.steps < 1 or args.samples_per_class < 0:
       raise ValueError("--steps must be >= 1 and --samples_per_class >= 0")
