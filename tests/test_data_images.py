@@ -38,14 +38,14 @@ def codes(tmp_path_factory):
   rng = np.random.default_rng(0)
   paths = {}
   for split, n in (("train", 42), ("val", 12)):
-    codes_NxHxW = rng.integers(0, CODEBOOK, size=(n, H, W)).astype(np.int16)
-    labels_N = rng.integers(0, CLASSES, size=n)
-    np.savez(root / f"{split}.npz", codes=codes_NxHxW, labels=labels_N)
+    codes_IxHixWi = rng.integers(0, CODEBOOK, size=(n, H, W)).astype(np.int16)
+    labels_I = rng.integers(0, CLASSES, size=n)
+    np.savez(root / f"{split}.npz", codes=codes_IxHixWi, labels=labels_I)
     half = n // 2  # two ArrayRecord shards, read through one glob
     for shard, part in enumerate((slice(0, half), slice(half, n))):
       images.write_array_record(str(root / f"{split}-{shard}.array_record"),
-                                codes_NxHxW[part], labels_N[part])
-    paths[split] = (codes_NxHxW, labels_N)
+                                codes_IxHixWi[part], labels_I[part])
+    paths[split] = (codes_IxHixWi, labels_I)
   assert len({c.tobytes() for c in paths["train"][0]}) == 42
   common = dict(height=H, width=W, codebook_size=CODEBOOK, num_classes=CLASSES,
                 batch_size=4)
@@ -137,9 +137,9 @@ def test_npz_and_array_record_give_the_same_batches(codes):
   assert same_batches(npz, rec)
   assert same_batches(list(images.eval_batches(codes["npz"], **kw)),
                list(images.eval_batches(codes["array_record"], **kw)))
-  codes_NxHxW, labels_N = codes["arrays"]["train"]
+  codes_IxHixWi, labels_I = codes["arrays"]["train"]
   known = {c.reshape(-1).astype(np.int32).tobytes(): int(l)
-           for c, l in zip(codes_NxHxW, labels_N)}
+           for c, l in zip(codes_IxHixWi, labels_I)}
   for batch in npz:
     assert batch["inputs"].shape == (4, H * W)
     np.testing.assert_array_equal(batch["inputs"][:, 0], CODEBOOK + batch["labels"])
@@ -207,41 +207,41 @@ def test_file_errors(codes):
   _raises(dataclasses.replace(rec, train_path=str(root / "nope-*")),
           "data.train_path=.*nope-\\*' matches no files")
   _raises(dataclasses.replace(npz, test_path=""), "data.test_path is empty", "test")
-  codes_NxHxW, labels_N = codes["arrays"]["train"]
+  codes_IxHixWi, labels_I = codes["arrays"]["train"]
 
   def npz_with(name, **arrays):
     np.savez(root / name, **arrays)
     return dataclasses.replace(npz, train_path=str(root / name))
 
-  _raises(npz_with("keys.npz", codes=codes_NxHxW), "lacks \\['labels'\\]")
-  _raises(npz_with("shape.npz", codes=codes_NxHxW[:, :, :4], labels=labels_N),
+  _raises(npz_with("keys.npz", codes=codes_IxHixWi), "lacks \\['labels'\\]")
+  _raises(npz_with("shape.npz", codes=codes_IxHixWi[:, :, :4], labels=labels_I),
           "shape \\(42, 3, 4\\).*data.height x data.width is 3 x 5")
-  _raises(npz_with("flat.npz", codes=codes_NxHxW.reshape(42, -1), labels=labels_N),
+  _raises(npz_with("flat.npz", codes=codes_IxHixWi.reshape(42, -1), labels=labels_I),
           "data.height x data.width")
-  _raises(npz_with("nlabels.npz", codes=codes_NxHxW, labels=labels_N[:5]),
+  _raises(npz_with("nlabels.npz", codes=codes_IxHixWi, labels=labels_I[:5]),
           "labels have shape \\(5,\\)")
-  _raises(npz_with("float.npz", codes=codes_NxHxW * 0.5, labels=labels_N),
+  _raises(npz_with("float.npz", codes=codes_IxHixWi * 0.5, labels=labels_I),
           "codes have dtype float64")
-  big = codes_NxHxW.copy()
+  big = codes_IxHixWi.copy()
   big[3, 1, 2] = CODEBOOK
-  _raises(npz_with("vocab.npz", codes=big, labels=labels_N),
+  _raises(npz_with("vocab.npz", codes=big, labels=labels_I),
           "codes span \\[0, 50\\].*data.codebook_size=50")
-  _raises(npz_with("neg.npz", codes=-1 - codes_NxHxW, labels=labels_N),
+  _raises(npz_with("neg.npz", codes=-1 - codes_IxHixWi, labels=labels_I),
           "outside the vocabulary")
-  _raises(npz_with("class.npz", codes=codes_NxHxW, labels=labels_N + CLASSES),
+  _raises(npz_with("class.npz", codes=codes_IxHixWi, labels=labels_I + CLASSES),
           "labels span.*data.num_classes=4")
   # ArrayRecord: the first record is checked up front, the others as they are read.
-  images.write_array_record(str(root / "bad-first.array_record"), big[3:], labels_N[3:])
+  images.write_array_record(str(root / "bad-first.array_record"), big[3:], labels_I[3:])
   _raises(dataclasses.replace(rec, train_path=str(root / "bad-first.array_record")),
           "data.train_path record 0: codes span .*data.codebook_size=50")
-  images.write_array_record(str(root / "bad-later.array_record"), big, labels_N)
+  images.write_array_record(str(root / "bad-later.array_record"), big, labels_I)
   source = images.image_source(
       dataclasses.replace(rec, train_path=str(root / "bad-later.array_record")),
       "train")
   with pytest.raises(ValueError, match="record 3: codes span.*data.codebook_size"):
     source[3]  # noqa: B018
   images.write_array_record(str(root / "wide.array_record"),
-                            np.zeros((2, 3, 6), np.int32), labels_N[:2])
+                            np.zeros((2, 3, 6), np.int32), labels_I[:2])
   _raises(dataclasses.replace(rec, train_path=str(root / "wide.array_record")),
           "record 0: codes have shape \\(1, 3, 6\\)")
 

@@ -62,7 +62,7 @@ def teacher_forced_logits(model: ImageARModel, params, inputs_BxT, *, prefill_le
   if guided:
     inputs_BxT = with_null_rows(inputs_BxT, model.cfg.null_class)
   b, t = inputs_BxT.shape
-  first_BxPxC, cache = prefill(model, params, inputs_BxT[:, :prefill_len])
+  first_BxTxC, cache = prefill(model, params, inputs_BxT[:, :prefill_len])
 
   def step(cache, inputs):
     cell_B, position = inputs
@@ -72,13 +72,13 @@ def teacher_forced_logits(model: ImageARModel, params, inputs_BxT, *, prefill_le
 
   positions = jnp.arange(prefill_len, t, dtype=jnp.int32)
   _, rest_SxBxC = jax.lax.scan(step, cache, (inputs_BxT[:, prefill_len:].T, positions))
-  logits_BxTxC = jnp.concatenate([first_BxPxC, jnp.swapaxes(rest_SxBxC, 0, 1)], axis=1)
+  logits_BxTxC = jnp.concatenate([first_BxTxC, jnp.swapaxes(rest_SxBxC, 0, 1)], axis=1)
   return guide(logits_BxTxC, cfg_scale) if guided else logits_BxTxC
 
 
 def generate_images(model: ImageARModel, params, labels_B, rng, *, cfg_scale: float = 0.0,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-  """Codes `[B, H, W]` sampled in raster order; label `num_classes` is unconditional.
+  """Codes `[B, Hi, Wi]` sampled in raster order; label `num_classes` is unconditional.
 
   Cell 0 comes from the prefill logits of the class token; cells 1..H*W-1 from one
   `lax.scan` of decode steps. Step t's key is split across rows (`generate.sample`),
@@ -113,8 +113,8 @@ def generate_images(model: ImageARModel, params, labels_B, rng, *, cfg_scale: fl
 
   positions = jnp.arange(1, g.cells, dtype=jnp.int32)
   _, rest_SxB = jax.lax.scan(step, (cache, feed_B), (keys[1:], positions))
-  codes_BxHW = jnp.concatenate([first_B[:, None], rest_SxB.T], axis=1)
-  return codes_BxHW.reshape(-1, g.height, g.width)
+  codes_BxHiWi = jnp.concatenate([first_B[:, None], rest_SxB.T], axis=1)
+  return codes_BxHiWi.reshape(-1, g.height, g.width)
 
 
 # ----------------------------------------------------------------------------------
@@ -131,11 +131,11 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
   return classes
 
 
-def save_grid_png(path: str, codes_RxSxHxW, classes, vmax: int) -> None:
+def save_grid_png(path: str, codes_CxIxHixWi, classes, vmax: int) -> None:
   """One row of samples per class, each cell a grey level (0 light, `vmax` dark)."""
   from matplotlib.figure import Figure
 
-  codes = np.asarray(codes_RxSxHxW, np.float64)
+  codes = np.asarray(codes_CxIxHixWi, np.float64)
   rows, cols, h, w = codes.shape
   grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), vmax / 2)  # grey borders
   for r in range(rows):

@@ -37,8 +37,8 @@ class DigitsMLP(nn.Module):
   features: int = 64
 
   @nn.compact
-  def __call__(self, codes_NxHxW):
-    x = codes_NxHxW.reshape(codes_NxHxW.shape[0], -1).astype(jnp.float32)
+  def __call__(self, codes_IxHixWi):
+    x = codes_IxHixWi.reshape(codes_IxHixWi.shape[0], -1).astype(jnp.float32)
     x = x / (self.levels - 1)
     x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
     f = nn.relu(nn.Dense(self.features, name="features")(x))
@@ -58,9 +58,9 @@ class DigitsFeatureNet:
   accuracy: float      # on the test split, which the classifier never trains on
   path: str            # the npz it was loaded from or saved to
 
-  def __call__(self, images_NxHxW):
+  def __call__(self, images_IxHixWi):
     features, logits = _mlp_apply(self.levels)({"params": self.params},
-                                               jnp.asarray(images_NxHxW, jnp.int32))
+                                               jnp.asarray(images_IxHixWi, jnp.int32))
     return np.asarray(features), np.asarray(jax.nn.softmax(logits, -1))
 
 

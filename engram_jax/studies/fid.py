@@ -17,16 +17,16 @@ import numpy as np
 class FeatureNet(Protocol):
   """Code grids `[N, H, W]` -> (features `[N, F]`, class probabilities `[N, C]`)."""
 
-  def __call__(self, images_NxHxW) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(self, images_IxHixWi) -> tuple[np.ndarray, np.ndarray]:
     ...
 
 
-def features_of(net: FeatureNet, images_NxHxW) -> tuple[np.ndarray, np.ndarray]:
+def features_of(net: FeatureNet, images_IxHixWi) -> tuple[np.ndarray, np.ndarray]:
   """Runs `net` and checks what it returns (float64 NumPy arrays)."""
-  images_NxHxW = np.asarray(images_NxHxW)
-  features, probs = net(images_NxHxW)
+  images_IxHixWi = np.asarray(images_IxHixWi)
+  features, probs = net(images_IxHixWi)
   features, probs = np.asarray(features, np.float64), np.asarray(probs, np.float64)
-  n = len(images_NxHxW)
+  n = len(images_IxHixWi)
   if features.ndim != 2 or len(features) != n:
     raise ValueError(f"feature net: features have shape {features.shape}; return [N, F] "
                      f"for N={n} images")
@@ -42,9 +42,9 @@ def features_of(net: FeatureNet, images_NxHxW) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------
 # FID and Inception Score
 # ----------------------------------------------------------------------------------
-def gaussian_fit(features_NxF) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_fit(features_IxF) -> tuple[np.ndarray, np.ndarray]:
   """(mean `[F]`, covariance `[F, F]`, unbiased) in float64."""
-  x = np.asarray(features_NxF, np.float64)
+  x = np.asarray(features_IxF, np.float64)
   if x.ndim != 2 or len(x) < 2:
     raise ValueError(f"features have shape {x.shape}; FID needs [N, F] with N >= 2")
   return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
@@ -75,17 +75,17 @@ def frechet_distance(mu1_F, sigma1_FxF, mu2_F, sigma2_FxF) -> float:
   return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * cross, 0.0))
 
 
-def fid(features_a_NxF, features_b_MxF) -> float:
+def fid(features_a_IxF, features_b_IxF) -> float:
   """Frechet distance between Gaussian fits of two feature sets."""
-  return frechet_distance(*gaussian_fit(features_a_NxF), *gaussian_fit(features_b_MxF))
+  return frechet_distance(*gaussian_fit(features_a_IxF), *gaussian_fit(features_b_IxF))
 
 
-def inception_score(probs_NxC, splits: int = 1) -> float:
+def inception_score(probs_IxC, splits: int = 1) -> float:
   """exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction; averaged over `splits`.
 
   1 when every image gets the same prediction; C for confident, uniformly spread ones.
   """
-  p = np.asarray(probs_NxC, np.float64)
+  p = np.asarray(probs_IxC, np.float64)
   if p.ndim != 2 or not len(p):
     raise ValueError(f"class probabilities have shape {p.shape}; use [N, C] with N >= 1")
   if not 1 <= splits <= len(p):

@@ -167,17 +167,17 @@ class InceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], -1)
 
 
-def preprocess(images_NxHxWx3):
+def preprocess(images_IxHixWix3):
   """Images in [0, 1] -> the network's input: 299x299, in [-1, 1].
 
   As pytorch-fid: bilinear with half-pixel centres and no antialiasing (torch's
   `interpolate(mode="bilinear", align_corners=False)`), also when shrinking.
   """
-  n, h, w, c = images_NxHxWx3.shape
+  n, h, w, c = images_IxHixWix3.shape
   if c != 3:
-    raise ValueError(f"InceptionV3: images have shape {images_NxHxWx3.shape}; use "
+    raise ValueError(f"InceptionV3: images have shape {images_IxHixWix3.shape}; use "
                      "[N, H, W, 3] RGB")
-  x = images_NxHxWx3.astype(jnp.float32)
+  x = images_IxHixWix3.astype(jnp.float32)
   if (h, w) != (INPUT_SIZE, INPUT_SIZE):
     x = jax.image.resize(x, (n, INPUT_SIZE, INPUT_SIZE, 3), "bilinear", antialias=False)
   return 2.0 * x - 1.0
@@ -188,8 +188,8 @@ class InceptionV3(nn.Module):
   num_classes: int = NUM_CLASSES
 
   @nn.compact
-  def __call__(self, images_NxHxWx3):
-    x = preprocess(images_NxHxWx3)
+  def __call__(self, images_IxHixWix3):
+    x = preprocess(images_IxHixWix3)
     x = _conv(32, 3, stride=2, name="Conv2d_1a_3x3")(x)          # 149x149
     x = _conv(32, 3, name="Conv2d_2a_3x3")(x)                     # 147x147
     x = _conv(64, 3, padding=1, name="Conv2d_2b_3x3")(x)
@@ -207,10 +207,10 @@ class InceptionV3(nn.Module):
     x = InceptionD(name="Mixed_7a")(x)                            # 8x8x1280
     x = InceptionE(name="Mixed_7b")(x)                            # 2048
     x = InceptionE(max_pool=True, name="Mixed_7c")(x)
-    pool_Nx2048 = x.mean((1, 2))
+    pool_Ix2048 = x.mean((1, 2))
     logits = nn.Dense(self.num_classes, precision=jax.lax.Precision.HIGHEST,
-                      name="fc")(pool_Nx2048)
-    return pool_Nx2048, logits
+                      name="fc")(pool_Ix2048)
+    return pool_Ix2048, logits
 
 
 # ----------------------------------------------------------------------------------
@@ -344,10 +344,10 @@ class InceptionFeatureNet:
     self.module, self.variables = load_inception(weights_path)
     self.path, self.decode, self.batch_size = weights_path, decode, batch_size
 
-  def images(self, codes_NxHxW) -> np.ndarray:
+  def images(self, codes_IxHixWi) -> np.ndarray:
     """The decoder's images, checked: `[N, h, w, 3]` float32 in [0, 1]."""
-    images = np.asarray(self.decode(codes_NxHxW), np.float32)
-    n = len(codes_NxHxW)
+    images = np.asarray(self.decode(codes_IxHixWi), np.float32)
+    n = len(codes_IxHixWi)
     if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3:
       raise ValueError(f"decoder: returned shape {images.shape} for {n} code grids; return "
                        "RGB images [N, h, w, 3]")
@@ -356,8 +356,8 @@ class InceptionFeatureNet:
                        "return RGB in [0, 1] (not [-1, 1] or 0..255)")
     return images
 
-  def __call__(self, codes_NxHxW) -> tuple[np.ndarray, np.ndarray]:
-    codes = np.asarray(codes_NxHxW)
+  def __call__(self, codes_IxHixWi) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.asarray(codes_IxHixWi)
     n, batch = len(codes), self.batch_size
     features, logits = [np.zeros((0, FEATURES))], [np.zeros((0, NUM_CLASSES))]
     for start in range(0, n, batch):

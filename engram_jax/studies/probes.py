@@ -141,14 +141,14 @@ def _chunks(n: int, size: int):
 # ----------------------------------------------------------------------------------
 # Donor probe
 # ----------------------------------------------------------------------------------
-def donor_indices(cells_NxT, labels_N, kind: str, rng: np.random.Generator) -> np.ndarray:
+def donor_indices(cells_IxT, labels_I, kind: str, rng: np.random.Generator) -> np.ndarray:
   """The donor of every image: itself ("self") or another image of its class.
 
   Distance is the Hamming distance between code grids (cells that differ).
   "matched": the nearest other same-class image; "adversarial": the farthest; "random":
   a uniform draw among the others. Ties go to the lowest index.
   """
-  cells, labels = np.asarray(cells_NxT), np.asarray(labels_N)
+  cells, labels = np.asarray(cells_IxT), np.asarray(labels_I)
   n = len(labels)
   if kind == "self":
     return np.arange(n)
@@ -254,10 +254,10 @@ def table_probe(model: ImageARModel, params, batches: Sequence[dict], *,
 # ----------------------------------------------------------------------------------
 # Statistics
 # ----------------------------------------------------------------------------------
-def bootstrap_ci(values_N, rng: np.random.Generator, n_boot: int = 1000,
+def bootstrap_ci(values_I, rng: np.random.Generator, n_boot: int = 1000,
                  level: float = 0.95) -> tuple[float, float]:
   """Percentile bootstrap interval of the mean (images resampled with replacement)."""
-  values = np.asarray(values_N, np.float64)
+  values = np.asarray(values_I, np.float64)
   means = np.empty(n_boot)
   for part in _chunks(n_boot, 1000):
     rows = rng.integers(0, len(values), (part.stop - part.start, len(values)))
@@ -267,11 +267,11 @@ def bootstrap_ci(values_N, rng: np.random.Generator, n_boot: int = 1000,
   return float(low), float(high)
 
 
-def paired_permutation_test(a_N, b_N, rng: np.random.Generator,
+def paired_permutation_test(a_I, b_I, rng: np.random.Generator,
                             n_perm: int = 10000) -> float:
   """Two-sided p-value of mean(a - b) = 0 by random sign flips of the paired
   differences: (1 + #{|mean(s * d)| >= |mean(d)|}) / (1 + n_perm)."""
-  d = np.asarray(a_N, np.float64) - np.asarray(b_N, np.float64)
+  d = np.asarray(a_I, np.float64) - np.asarray(b_I, np.float64)
   observed = abs(d.mean())
   hits = 0
   for part in _chunks(n_perm, 1000):
