@@ -16,6 +16,7 @@ import numpy as np
 
 from engram_jax.sampling.text import check_sampling, sample
 from engram_jax.models.image import ImageARModel
+from engram_jax.models.lm import as_variables
 
 
 def guidance_on(cfg_scale: float) -> bool:
@@ -36,8 +37,9 @@ def guide(logits_2BxC, cfg_scale: float):
 
 
 def prefill(model: ImageARModel, params, inputs_BxT):
-  """Runs the class token (and any known first cells); logits `[B, T, C]`, cache."""
-  logits, variables = model.apply({"params": params}, inputs_BxT, mode="prefill",
+  """Runs the class token (and any known first cells); logits `[B, T, C]`, cache.
+  `params`: a parameter tree, or variables with MoE `routing` biases beside it."""
+  logits, variables = model.apply(as_variables(params), inputs_BxT, mode="prefill",
                                   mutable=["cache"])
   return logits, variables["cache"]
 
@@ -45,7 +47,8 @@ def prefill(model: ImageARModel, params, inputs_BxT):
 def decode_step(model: ImageARModel, params, cache, cell_B, position_B):
   """Feeds cell `position - 1` at `position`; logits `[B, C]` for cell `position`."""
   logits, variables = model.apply(
-      {"params": params, "cache": cache}, cell_B[:, None], positions_BxT=position_B[:, None],
+      {**as_variables(params), "cache": cache}, cell_B[:, None],
+      positions_BxT=position_B[:, None],
       mode="decode", mutable=["cache"])
   return logits[:, 0], variables["cache"]
 
@@ -193,7 +196,8 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
   check_sampling(sampling)
   labels_B = np.repeat(np.asarray(classes, np.int32), samples_per_class)
   sample = jax.jit(generate_images, static_argnums=0, static_argnames=tuple(sampling))
-  codes = np.asarray(sample(run.model, run.params, labels_B, jax.random.key(seed), **sampling))
+  codes = np.asarray(sample(run.model, run.variables, labels_B, jax.random.key(seed),
+                            **sampling))
   from engram_jax import paths
   out = paths.local_output(out or os.path.join(run.workdir, f"samples_step{run.step}_seed{seed}.png"),
                            "--out")
