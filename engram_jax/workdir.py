@@ -5,7 +5,8 @@ A training workdir is described by one file, `config.json`: the run's config (wh
 "model": ModelConfig}`, the model as training resolved it (e.g. `vocab_size` from the
 tokenizer). Training writes it (`write_run_metadata`) only once its resume restored.
 Workdirs written before that section existed keep the resolved model in
-`model_config.json`; they load and resume the same, and their next run folds it in.
+`model_config.json`; they load and resume the same; their next run writes the section
+into `config.json`, which is read first from then on, and leaves the old file alone.
 
 Every reader of a trained run (sampling, studies, the table export) goes through
 `load`, which restores the newest readable checkpoint with the Engram tables where
@@ -275,13 +276,13 @@ def config_json(config) -> str:
 def write_run_metadata(workdir: str, config, model_cfg: config_lib.ModelConfig) -> None:
   """`config.json` with its resolved section (kind, `model_cfg`), atomically; called
   only once the run's checkpoint restored (or there was none), so a failed resume
-  never rewrites it. An older run's `model_config.json` goes: this file says it all."""
+  never rewrites it. An older run's `model_config.json` is left as it is (nothing the
+  user did not ask for is deleted); the resolved section here takes precedence."""
   if jax.process_index() != 0:
     return
   saved = json.loads(config_json(config))
   saved[RESOLVED] = {"kind": kind_of(config), "model": config_lib.to_dict(model_cfg)}
   paths.atomic_write_text(paths.join(workdir, CONFIG_FILE), json.dumps(saved, indent=1))
-  paths.remove(paths.join(workdir, LEGACY_MODEL_CONFIG), missing_ok=True)
 
 
 def saved_model_config(workdir: str) -> dict:

@@ -151,7 +151,7 @@ def test_run_metadata_in_a_remote_workdir(fake_gcs):
   (fake_gcs / "bucket/run" / workdir.LEGACY_MODEL_CONFIG).write_text("{}")
   config = lm_test_config.get_config("tiny")
   workdir.write_run_metadata("gs://bucket/run", config, tiny_model_config())
-  assert not (fake_gcs / "bucket/run" / workdir.LEGACY_MODEL_CONFIG).exists()
+  assert (fake_gcs / "bucket/run" / workdir.LEGACY_MODEL_CONFIG).read_text() == "{}"  # kept
   read, kind = workdir.read_config("gs://bucket/run")
   assert kind == "lm" and read.train.steps == config.train.steps
   assert workdir.saved_model_config("gs://bucket/run")["width"] == tiny_model_config().width

@@ -103,17 +103,19 @@ def test_unreadable_configs_are_one_line(tmp_path):
     workdir.load(str(tmp_path), tables="nvme")
 
 
-def test_run_metadata_is_one_file_that_replaces_an_older_pair(tmp_path):
+def test_run_metadata_is_one_file_that_takes_precedence_over_an_older_pair(tmp_path):
   config, model_cfg = lm_test_config.get_config("tiny"), tiny_model_config()
   (tmp_path / "model_config.json").write_text(json.dumps({"width": 1}))
   workdir.write_run_metadata(str(tmp_path), config, model_cfg)
-  assert sorted(os.listdir(tmp_path)) == ["config.json"]
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "model_config.json"]  # kept
+  assert json.loads((tmp_path / "model_config.json").read_text()) == {"width": 1}
   read, kind = workdir.read_config(str(tmp_path))
   assert kind == "lm" and read.to_dict() == json.loads(workdir.config_json(config))
   assert workdir.saved_model_config(str(tmp_path)) == json.loads(
       json.dumps(config_lib.to_dict(model_cfg)))
   wider = dataclasses.replace(model_cfg, width=64)
   assert workdir.model_config_differences(str(tmp_path), wider) == ["model.width: 32 -> 64"]
+  (tmp_path / "model_config.json").unlink()
   (tmp_path / "config.json").write_text('{"torn')
   assert workdir.saved_model_config(str(tmp_path)) == {}
 
@@ -140,10 +142,14 @@ def test_an_old_two_file_workdir_loads_and_resumes(trained_workdir, tmp_path, ca
 
   config = lm_test_config.get_config("tiny")
   config.train.update(steps=4, eval_every=4)
+  legacy = os.path.join(old, "model_config.json")
+  with open(legacy, "rb") as f:
+    legacy_bytes = f.read()
   capsys.readouterr()
   train.train_and_evaluate(config, old)
   assert "resumed from step 3" in capsys.readouterr().out
-  assert not os.path.exists(os.path.join(old, "model_config.json"))
+  with open(legacy, "rb") as f:  # the older run's file is kept, untouched
+    assert f.read() == legacy_bytes
   resumed = workdir.load(old)
   assert resumed.step == 4 and resumed.model_cfg == new_run.model_cfg
 
