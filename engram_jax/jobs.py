@@ -87,15 +87,13 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   from engram_jax import generate as generate_lib
   from engram_jax import workdir as workdir_lib
   from engram_jax.sampling import image
-  _, kind = workdir_lib.read_config(workdir)
-  if kind == "image":
-    run = workdir_lib.load(workdir, kind="image")
+  run = workdir_lib.load(workdir, settings.pop("tables", "device"),
+                         settings.pop("table_dir", None))
+  if run.kind == "image":
     grid_keys = ("classes", "samples_per_class", "out")
     return image.sample_grid(run, seed=seed, overrides={k: v for k, v in settings.items()
                                                          if k not in grid_keys},
                              **{k: v for k, v in settings.items() if k in grid_keys})
-  run = workdir_lib.load(workdir, settings.pop("tables", "device"),
-                         settings.pop("table_dir", None), kind="lm")
   return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
 
 

@@ -90,6 +90,13 @@ def _library_handler(handler: logging.Handler):
       logger.propagate = propagate
 
 
+def _close(log_file) -> None:
+  try:
+    log_file.close()
+  except OSError:  # a full disk fails the final flush: nothing is left to report it to
+    pass
+
+
 def _open(path: Optional[str]):
   if not path:
     return None
@@ -113,10 +120,7 @@ def library_logs_to(path: str) -> Iterator[Optional[str]]:
     with _library_handler(handler):
       yield path
   finally:
-    try:
-      log_file.close()
-    except OSError:  # a full disk fails the final flush: the records are dropped
-      pass
+    _close(log_file)
 
 
 @contextlib.contextmanager
@@ -158,7 +162,4 @@ def quiet_library_logs(path: Optional[str] = None) -> Iterator[LibraryLogs]:
   finally:
     sys.unraisablehook, threading.excepthook = saved_hooks
     if log_file is not None:
-      try:
-        log_file.close()
-      except OSError:  # as in library_logs_to: nothing left to report it to
-        pass
+      _close(log_file)

@@ -81,3 +81,32 @@ def test_image_quickstart(tmp_path):
       assert (tmp_path / "digits" / "probes" / f"{probe}.{ext}").exists()
   assert "learned" in probes and "collapse" in probes  # both tables rendered
   _mesh_checks(mesh)
+
+
+@pytest.mark.parametrize("name", ["lm_quickstart.ipynb", "image_quickstart.ipynb"])
+def test_install_cell_on_a_fresh_runtime(name, tmp_path, monkeypatch):
+  """The first cell with engram_jax missing: pip installs `engram_jax[EXTRA] @ SOURCE`
+  from a wheel path or a git URL, the extra following the runtime; no source is one
+  clear error. (subprocess.run is recorded, not run: nothing is downloaded.)"""
+  import importlib.util
+  import subprocess
+  source = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4).cells[1].source
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: (
+      None if mod == "engram_jax" and not calls else real_find_spec(mod, *a)))
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+  monkeypatch.delenv("ENGRAM_SOURCE", raising=False)
+  monkeypatch.setenv("ENGRAM_COLAB_WORKDIR", str(tmp_path))
+  wheel = tmp_path / "engram_jax-0.1.0-py3-none-any.whl"
+  wheel.write_bytes(b"")
+  exec(source.replace('ENGRAM_SOURCE = ""', f'ENGRAM_SOURCE = "{wheel}"'), {})
+  assert calls[-1][-1] == f"engram_jax[train] @ {wheel.as_uri()}"  # CPU: no jax extra
+  calls.clear()
+  monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+  exec(source.replace('ENGRAM_SOURCE = ""', 'ENGRAM_SOURCE = "git+https://example.org/e.git"'),
+       {})
+  assert calls[-1][-1] == "engram_jax[train,tpu] @ git+https://example.org/e.git"
+  calls.clear()
+  with pytest.raises(RuntimeError, match="set ENGRAM_SOURCE"):
+    exec(source, {})
