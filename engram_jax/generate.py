@@ -122,6 +122,7 @@ def main(argv=None) -> int:
   if _is_image_run(argv):  # an image workdir: --classes, --cfg_scale, a PNG grid
     return image.main(argv)
   args = build_parser().parse_args(argv)
+
   def body():
     image_flags = [f"--{name}" for name in IMAGE_FLAGS if hasattr(args, name)]
     if image_flags:

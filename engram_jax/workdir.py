@@ -331,6 +331,7 @@ def main(argv=None) -> int:
   export.add_argument("--workdir", required=True)
   export.add_argument("--out", required=True)
   args = parser.parse_args(argv)
+
   def body():
     print(f"wrote {export_tables(args.workdir, args.out)}/{disk_tables.TABLES_MANIFEST}")
   from engram_jax import cli

@@ -234,6 +234,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=argparse.SUPPRESS,
                       help="PNG path (default: WORKDIR/samples_stepS_seedN.png)")
   args = parser.parse_args(argv)
+
   def body():
     if args.samples_per_class < 1:  # before a checkpoint is read
       raise ValueError(f"--samples_per_class={args.samples_per_class}: use a positive integer")

@@ -184,6 +184,7 @@ def main(argv=None) -> int:
   parser.add_argument("--classifier_dir", default="",
                       help="where the digits classifier is cached (default: the workdir)")
   args = parser.parse_args(argv)
+
   def body():
     for name in ("max_batches", "samples_per_class"):
       if getattr(args, name) < 0:

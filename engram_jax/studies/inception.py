@@ -388,6 +388,7 @@ def main(argv=None) -> int:
                        help=f"{TORCH_WEIGHTS} (needs torch) or an .npz of its state dict")
   convert.add_argument("--out", required=True, help="the npz to write, e.g. inception_fid.npz")
   args = parser.parse_args(argv)
+
   def body():
     if not os.path.isfile(args.torch_weights):
       raise ValueError(f"--torch_weights={args.torch_weights!r}: no such file; download "

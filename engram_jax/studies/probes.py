@@ -496,6 +496,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+
   def body():
     paths = run(parse_args(argv))
     for path in paths:
