@@ -13,7 +13,12 @@
 Residual streams are computed block by block from the trained params
 (`models.lm.unstack_blocks`): the same blocks the model scans, applied one at a time so
 that every layer's output is visible; the last stream through the LogitLens equals the
-model's own logits (tested). LM workdirs only (dense or hyper-connected backbones).
+model's own logits (tested). Both kinds of run (dense or hyper-connected backbones):
+LM workdirs (1D n-grams, logits over the vocabulary, validation token rows) and
+class-conditional image workdirs (`models.image`: 2D RoPE, 2D stencil n-grams, logits
+over the codebook, validation code sequences that start with the class token). The
+two kinds differ only in `_decoder`, `residual_streams`' hashing and RoPE, `read_out`'s
+columns and `_eval_sequences`; the lens, CKA, tables and plot are shared.
 """
 from __future__ import annotations
 
@@ -32,21 +37,37 @@ from engram_jax import config as config_lib
 from engram_jax import hashing
 from engram_jax.layers.hyper import collapse_branches, expand_branches
 from engram_jax.layers.norms import RMSNorm
-from engram_jax.models import lm
+from engram_jax.models import image, lm
 
 
-def residual_streams(cfg: config_lib.ModelConfig, params, tokens_BxT,
+def _decoder(model_cfg) -> tuple[config_lib.ModelConfig, image.ImageModelConfig | None]:
+  """(the decoder's `ModelConfig`, the image grid or None): an image model is the LM's
+  decoder plus a grid, so everything below takes either config."""
+  if isinstance(model_cfg, image.ImageModelConfig):
+    return model_cfg.model, model_cfg
+  return model_cfg, None
+
+
+def residual_streams(model_cfg, params, tokens_BxT,
                      ngram_tokens_BxT=None) -> list[jax.Array]:
   """`[B, T, D]` streams: the embedding, then the output of every block (L + 1 in all).
 
+  model_cfg: a `ModelConfig` (LM) or an `ImageModelConfig` (tokens: the class token,
+    then the cells; Engram hashes the 2D stencil and RoPE rotates with (row, column),
+    both as `ImageARModel` does). ngram_tokens_BxT: an LM's compressed-vocabulary ids.
   With hyper-connections a stream is the sum of its branches (the model's read-out).
   """
+  cfg, grid = _decoder(model_cfg)
   if cfg.moe.enabled:
     raise ValueError("analyses support dense backbones (model.moe.num_experts=0)")
   b, t = tokens_BxT.shape
   positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  hash_ids = None
-  if cfg.engram.layers:
+  hash_ids, rope_BxTxA = None, None
+  if grid is not None:
+    rope_BxTxA = image.rope_positions_2d(positions_BxT, grid.width)
+    if cfg.engram.layers:  # the model's own hashing: no params needed
+      hash_ids = image.ImageARModel(grid).apply({}, tokens_BxT, method="engram_hash_ids")
+  elif cfg.engram.layers:
     ngram = tokens_BxT if ngram_tokens_BxT is None else ngram_tokens_BxT
     hash_ids = hashing.ngram_hash_ids(jnp.asarray(ngram), cfg.engram.hash_spec())
   h = params["embed"]["embedding"][tokens_BxT].astype(jnp.dtype(cfg.dtype))
@@ -57,31 +78,36 @@ def residual_streams(cfg: config_lib.ModelConfig, params, tokens_BxT,
     engram_index = (cfg.engram.layers.index(layer) if layer in cfg.engram.layers
                     else None)
     block = lm.Block(cfg, engram_index=engram_index, layer=layer)
-    h = block.apply({"params": block_params}, h, positions_BxT, hash_ids)
+    h = block.apply({"params": block_params}, h, positions_BxT, hash_ids, None,
+                    rope_BxTxA)
     streams.append((collapse_branches(h) if cfg.hyper_connections else h)
                    .astype(jnp.float32))
   return streams
 
 
-def read_out(cfg: config_lib.ModelConfig, params, h_BxTxD):
-  """Logits `[B, T, V]` of a stream through the final norm and the unembedding."""
+def read_out(model_cfg, params, h_BxTxD):
+  """Logits of a stream through the final norm and the unembedding: `[B, T, V]` for an
+  LM, `[B, T, C]` (the codebook; classes are never predicted) for an image model."""
+  cfg, grid = _decoder(model_cfg)
   dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
   normed = RMSNorm(("embed",), cfg.norm_eps, dtype, pdtype).apply(
       {"params": params["final_norm"]}, h_BxTxD.astype(dtype))
   if cfg.tie_embeddings:
     kernel = params["embed"]["embedding"].T
+    if grid is not None:
+      kernel = kernel[:, :grid.codebook_size]
   else:
     kernel = params["unembed"]["kernel"]
   return jnp.einsum("btd,dv->btv", normed, kernel.astype(dtype)).astype(jnp.float32)
 
 
-def logit_lens(cfg: config_lib.ModelConfig, params, streams, targets_BxT) -> list[dict]:
+def logit_lens(model_cfg, params, streams, targets_BxT) -> list[dict]:
   """Per stream: `loss` (nats/token of the targets) and `top1_agreement` with the
   final stream's top-1 token."""
-  final_top1 = jnp.argmax(read_out(cfg, params, streams[-1]), axis=-1)
+  final_top1 = jnp.argmax(read_out(model_cfg, params, streams[-1]), axis=-1)
   rows = []
   for layer, h in enumerate(streams):
-    logits = read_out(cfg, params, h)
+    logits = read_out(model_cfg, params, h)
     logp = jax.nn.log_softmax(logits, axis=-1)
     loss = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1).mean()
     agree = (jnp.argmax(logits, axis=-1) == final_top1).mean()
@@ -89,11 +115,12 @@ def logit_lens(cfg: config_lib.ModelConfig, params, streams, targets_BxT) -> lis
   return rows
 
 
-def linear_cka(x_NxD, y_NxE) -> float:
-  """Linear CKA of two representations of the same N examples: 1 for identical ones,
-  invariant to orthogonal transforms and isotropic scaling of either."""
-  x = np.asarray(x_NxD, np.float64)
-  y = np.asarray(y_NxE, np.float64)
+def linear_cka(x_IxD, y_IxD) -> float:
+  """Linear CKA of two representations of the same I examples (their widths may
+  differ): 1 for identical ones, invariant to orthogonal transforms and isotropic
+  scaling of either."""
+  x = np.asarray(x_IxD, np.float64)
+  y = np.asarray(y_IxD, np.float64)
   x = x - x.mean(axis=0)
   y = y - y.mean(axis=0)
   cross = np.linalg.norm(y.T @ x) ** 2
@@ -110,41 +137,51 @@ def cka_matrix(streams_a, streams_b) -> np.ndarray:
 # ----------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------
-def _load(workdir: str):
-  """(cfg, params, tokenizer, vocab_map_V, step) of an LM workdir's newest checkpoint."""
-  from engram_jax import workdir as workdir_lib
-  run = workdir_lib.load(workdir, kind="lm")
-  return run.model_cfg, nn.unbox(run.params), run.tokenizer, run.vocab_map, run.step
+def _eval_sequences(run, batches: int) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs `[I, T]`, targets `[I, T]`) of the first `batches` validation batches of
+  the run's own data config: an LM's token rows (targets shifted by one), an image
+  run's code sequences (the class token, then the cells; targets the cells)."""
+  if run.kind == "image":
+    from engram_jax.data import images
+    data_cfg = images.ImageDataConfig(**run.config.data.to_dict())
+    read = list(images.eval_batches(data_cfg, "val", max_batches=batches))
+  else:
+    from engram_jax import run_config
+    from engram_jax.data import text
+    data_cfg = run_config.text_data_config(run.config.data)  # the run's data section
+    read = list(text.eval_batches(data_cfg, run.tokenizer, max_batches=batches))
+  return (np.concatenate([b["inputs"] for b in read]),
+          np.concatenate([b["targets"] for b in read]))
 
 
-def _eval_tokens(workdir: str, batches: int):
-  """`[N, T+1]` token rows of the workdir's validation split (its own data config)."""
-  from engram_jax import run_config
-  from engram_jax import workdir as workdir_lib
-  from engram_jax.data import text
-  config, kind = workdir_lib.read_config(workdir)
-  if kind != "lm":
-    raise ValueError(f"--workdir={workdir!r} is an image run: analyses read LM workdirs")
-  data_cfg = run_config.text_data_config(config.data)  # the run's data section
-  tok = text.build_tokenizer(data_cfg, workdir)
-  rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
-          for b in text.eval_batches(data_cfg, tok, max_batches=batches)]
-  return np.concatenate(rows)
+def _same_inputs(engram, baseline) -> None:
+  """Raises unless the baseline reads the Engram run's sequences as the same tokens
+  (same kind, vocabulary and, for images, grid)."""
+  shape = lambda run: (run.model_cfg.vocab_size, getattr(run.model_cfg, "cells", None),
+                       getattr(run.model_cfg, "codebook_size", None))
+  if shape(engram) != shape(baseline):
+    raise ValueError(
+        f"--baseline={baseline.workdir!r} does not read --workdir={engram.workdir!r}'s "
+        f"sequences: (vocabulary, cells, codebook) {shape(baseline)} vs {shape(engram)}")
 
 
 def analyze(workdir: str, baseline: str, out: str, batches: int = 4) -> dict:
-  """Writes logit_lens.csv, cka.csv, cka.png and analysis.md into `out`."""
+  """Writes logit_lens.csv, cka.csv, cka.png and analysis.md into `out`; both runs
+  read the Engram run's validation sequences."""
   os.makedirs(out, exist_ok=True)
-  rows_NxT1 = _eval_tokens(workdir, batches)
-  inputs, targets = jnp.asarray(rows_NxT1[:, :-1]), jnp.asarray(rows_NxT1[:, 1:])
-  results, streams = {}, {}
   from engram_jax import progress
-  models = [("engram", workdir), ("baseline", baseline)]
-  for name, path in progress.progress(models, "analyze: models", total=len(models)):
-    cfg, params, _, vocab_map, step = _load(path)
-    ngram = None if vocab_map is None else vocab_map[inputs]
-    streams[name] = residual_streams(cfg, params, inputs, ngram)
-    results[name] = {"step": step, "lens": logit_lens(cfg, params, streams[name], targets)}
+  from engram_jax import workdir as workdir_lib
+  engram_run = workdir_lib.load(workdir)  # the baseline must be of the same kind
+  runs = {"engram": engram_run, "baseline": workdir_lib.load(baseline, kind=engram_run.kind)}
+  _same_inputs(*runs.values())
+  inputs_IxT, targets_IxT = map(jnp.asarray, _eval_sequences(engram_run, batches))
+  results, streams = {}, {}
+  for name, run in progress.progress(runs.items(), "analyze: models", total=len(runs)):
+    params = nn.unbox(run.params)
+    ngram = None if run.vocab_map is None else run.vocab_map[inputs_IxT]
+    streams[name] = residual_streams(run.model_cfg, params, inputs_IxT, ngram)
+    results[name] = {"step": run.step,
+                     "lens": logit_lens(run.model_cfg, params, streams[name], targets_IxT)}
   cka = cka_matrix(streams["engram"], streams["baseline"])
   with open(os.path.join(out, "logit_lens.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
@@ -157,7 +194,7 @@ def analyze(workdir: str, baseline: str, out: str, batches: int = 4) -> dict:
              header="rows: engram layers 0..L (0 = embedding); columns: baseline layers")
   _plot_cka(cka, os.path.join(out, "cka.png"))
   with open(os.path.join(out, "analysis.md"), "w", encoding="utf-8") as f:
-    f.write(_markdown(results, cka, workdir, baseline))
+    f.write(_markdown(results, cka, workdir, baseline, engram_run.kind, inputs_IxT.shape))
   return {"logit_lens": results, "cka": cka}
 
 
@@ -176,9 +213,14 @@ def _plot_cka(cka, path: str) -> None:
   plt.close(fig)
 
 
-def _markdown(results, cka, workdir, baseline) -> str:
+def _markdown(results, cka, workdir, baseline, kind: str, shape_IxT) -> str:
+  what = "code sequences (class token, then cells)" if kind == "image" else "token rows"
   lines = [f"# Analyses: `{workdir}` (Engram) vs `{baseline}` (baseline)", "",
-           "LogitLens (each stream through the final norm and unembedding):", "",
+           f"{kind} runs at steps {results['engram']['step']} and "
+           f"{results['baseline']['step']}, on {shape_IxT[0]} validation {what} of "
+           f"{shape_IxT[1]} positions.", "",
+           "LogitLens (each stream through the final norm and unembedding; loss in "
+           "nats per predicted token):", "",
            "| layer | Engram loss | baseline loss | Engram top-1 agr. | baseline top-1 agr. |",
            "|---|---|---|---|---|"]
   for e, b in zip(results["engram"]["lens"], results["baseline"]["lens"]):
@@ -194,7 +236,8 @@ def _markdown(results, cka, workdir, baseline) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m engram_jax.studies.analyze",
-      description="LogitLens per layer and CKA between an Engram LM and its baseline.",
+      description="LogitLens per layer and CKA between an Engram model and its baseline "
+                  "(LM or class-conditional image runs).",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--workdir", required=True, help="the Engram model's workdir")
   parser.add_argument("--baseline", required=True, help="the baseline model's workdir")
