@@ -411,7 +411,7 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
                      f"({CHECKPOINT_DIR}/ is empty or missing); train first "
                      "with `python -m engram_jax.main`")
   unreadable = []
-  with quiet.quiet_library_logs(log_path(workdir)):
+  with quiet.quiet_library_logs(log_path(workdir)) as logs:
     for step in steps:
       stored_items, relaid = _as_stored(abstract_items, _stored_tree(workdir, step))
       mismatch = config_mismatch(workdir, step, stored_items, config_file, skip)
@@ -424,6 +424,7 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
         break
       except Exception as err:  # orbax/tensorstore raise many types for a torn save
         unreadable.append((step, root_cause_line(err)))
+        logs.keep = True  # why a checkpoint was skipped belongs in the run's log
     else:
       raise ValueError(f"--workdir={workdir!r}: no readable checkpoint (" + "; ".join(
           f"step {s}: {why}" for s, why in unreadable) + ")")

@@ -8,7 +8,10 @@ threads finalise abandoned read coroutines through `sys.unraisablehook`, and its
 side writes to file descriptor 2.
 
 - `quiet_library_logs(path=None)`: for a short call (a restore): collects all of these
-  into the yielded `LibraryLogs` (and appends them to `path`, with fd 2, when given);
+  into the yielded `LibraryLogs`; when `path` is given they are staged in a temporary
+  file (with fd 2) and appended to `path` only if the call failed or the caller marks
+  them worth keeping (`logs.keep = True`, e.g. a checkpoint skipped as unreadable): a
+  restore that went well, as every read-only command does, leaves a run's log as it was;
 - `library_logs_to(path)`: for a whole run, the libraries' Python logging records go to
   `path` (the workdir's `engram_jax.log`) instead of the console.
 A log file that cannot be written (a full disk) drops records rather than printing
@@ -21,6 +24,7 @@ import gc
 import logging
 import os
 import sys
+import tempfile
 import threading
 from typing import Iterator, Optional
 
@@ -35,6 +39,7 @@ class LibraryLogs:
   def __init__(self, log_file=None):
     self.messages: list[str] = []
     self.exceptions: list[BaseException] = []
+    self.keep = False  # append the staged records to the log even without an exception
     self._file = log_file
 
   def add(self, message: str, exc: Optional[BaseException] = None) -> None:
@@ -143,23 +148,54 @@ def _stderr_to(log_file):
       os.close(saved_fd)
 
 
+def _staging_file():
+  try:
+    return tempfile.TemporaryFile("w+", encoding="utf-8")
+  except OSError:  # no temp space: the records stay in `LibraryLogs.messages`
+    return None
+
+
+def _append_staged(staged, path: str) -> None:
+  """Appends what was staged to `path` (nothing when it cannot be written)."""
+  try:
+    staged.flush()
+    staged.seek(0)
+    text = staged.read()
+  except (OSError, ValueError):
+    return
+  log_file = _open(path) if text else None
+  if log_file is not None:
+    try:
+      log_file.write(text)
+    except OSError:  # a full disk: the failure is reported by the caller already
+      pass
+    _close(log_file)
+
+
 @contextlib.contextmanager
 def quiet_library_logs(path: Optional[str] = None) -> Iterator[LibraryLogs]:
   """Collects the libraries' log records, unraisable and thread exceptions into the
-  yielded `LibraryLogs` instead of printing them (and appends them, with fd 2, to
-  `path` when given); everything is restored on exit."""
-  log_file = _open(path)
-  logs = LibraryLogs(log_file)
+  yielded `LibraryLogs` instead of printing them; with `path`, they (and fd 2) are
+  appended there when the call raised or set `logs.keep`. Everything is restored on
+  exit."""
+  staged = _staging_file() if path else None
+  logs = LibraryLogs(staged)
   saved_hooks = sys.unraisablehook, threading.excepthook
   sys.unraisablehook = lambda u: logs.add(f"unraisable: {u.exc_value!r}", u.exc_value)
   threading.excepthook = lambda a: logs.add(f"thread: {a.exc_value!r}", a.exc_value)
+  failed = False
   try:
-    with _library_handler(_Collect(logs)), _stderr_to(log_file):
+    with _library_handler(_Collect(logs)), _stderr_to(staged):
       try:
         yield logs
+      except BaseException:
+        failed = True
+        raise
       finally:
         gc.collect()  # abandoned read coroutines are finalised (and reported) here
   finally:
     sys.unraisablehook, threading.excepthook = saved_hooks
-    if log_file is not None:
-      _close(log_file)
+    if staged is not None:
+      if failed or logs.keep:
+        _append_staged(staged, path)
+      _close(staged)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from engram_jax import checkpoints
 from engram_jax import generate as generate_cli
 from engram_jax import workdir as workdir_lib
 from engram_jax.sampling import text as generate
@@ -181,6 +182,8 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
   for name in os.listdir(data_dir):
     with open(os.path.join(data_dir, name), "wb") as f:
       f.write(b"torn write")
+  log = os.path.join(workdir, checkpoints.LOG_FILE)
+  logged = _read_or_none(log) or b""
   capfd.readouterr()
   step = workdir_lib.load(workdir).step
   err = capfd.readouterr().err
@@ -188,6 +191,25 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
   assert err.startswith("warning: checkpoint 5 is unreadable (") and err.endswith(
       "); using checkpoint 3\n"), err
   assert "Traceback" not in err and len(err.splitlines()) == 1, err
+  # the libraries' account of the failed read is appended to the run's log
+  now = _read_or_none(log)
+  assert now.startswith(logged) and len(now) > len(logged)
+
+
+def _read_or_none(path):
+  return open(path, "rb").read() if os.path.exists(path) else None
+
+
+def test_loading_a_run_leaves_its_files_as_they_were(trained_workdir):
+  """A read-only command (sampling, evaluation, probes, analyses) writes nothing into
+  the run it reads, not even the libraries' chatter of a restore that went well."""
+  def snapshot():
+    return {os.path.join(d, f): _read_or_none(os.path.join(d, f))
+            for d, _, files in os.walk(trained_workdir) for f in files}
+  before = snapshot()
+  workdir_lib.load(trained_workdir)
+  workdir_lib.load(trained_workdir, tables="host")
+  assert snapshot() == before
 
 
 def test_config_that_does_not_fit_the_checkpoint_is_one_error_line(trained_workdir,
