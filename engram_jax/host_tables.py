@@ -153,6 +153,16 @@ def split_params(params, cfg: config_lib.ModelConfig):
   return device, HostTables(cfg, tables)
 
 
+def whole_on_host(x) -> np.ndarray:
+  """A writable NumPy copy of the whole array, also when its rows are sharded over
+  several processes' devices (a multi-host run moving its tables to host memory: every
+  process gathers all rows, since each keeps a full replica)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.array(multihost_utils.process_allgather(x, tiled=True))
+  return np.array(jax.device_get(x))
+
+
 def host_memory_sharding(device=None):
   """A sharding in host memory of `device` (pinned if it has it), else its default
   memory: restores into it never touch accelerator memory."""
@@ -206,12 +216,12 @@ class HostTableStore(HostTables):
     paths = tables.table_paths(cfg.engram)
     dense, tables_L = tables.split_tables(params, paths)
     state = table_opt_state or {}
-    host = lambda tree: jax.tree_util.tree_map(lambda x: np.array(jax.device_get(x)), tree)
+    host = lambda tree: jax.tree_util.tree_map(whole_on_host, tree)
+    tables_L = [whole_on_host(t) for t in tables_L]
     states_L = [host(state.get(p[0], {})) for p in paths]
     if optimizer is not None and not any(states_L):
-      states_L = [host(optimizer.init(np.asarray(jax.device_get(t)))) for t in tables_L]
-    return dense, cls(cfg, [np.array(jax.device_get(t)) for t in tables_L], optimizer,
-                      states_L)
+      states_L = [host(optimizer.init(t)) for t in tables_L]
+    return dense, cls(cfg, tables_L, optimizer, states_L)
 
   @property
   def nbytes(self) -> int:
