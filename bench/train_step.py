@@ -41,9 +41,15 @@ def main():
   parser.add_argument("--batch", type=int, default=0, help="0 = the config's batch")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
   parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+  parser.add_argument("--table_optimizer", default="",
+                      help="train.table_optimizer for the Engram path (adam = dense; "
+                           "lazy_adam / rowwise_adagrad / sgd = row-sparse); default: the "
+                           "config's")
   args = parser.parse_args()
 
   config = lm_configs.get_config(args.variant)
+  if args.table_optimizer:
+    config.train.table_optimizer = args.table_optimizer
   vocab = config.data.vocab_size
   batch = args.batch or config.data.batch_size
   seq = config.data.seq_len
@@ -75,7 +81,8 @@ def main():
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices); "
         f"{args.variant}: width {cfg.width}, depth {cfg.depth}, vocab {vocab}, batch {batch} "
         f"x seq {seq}, Engram at {list(cfg.engram.layers)} ({cfg.engram.heads} heads x "
-        f"{cfg.engram.orders} orders, ~{cfg.engram.table_size[0]} rows/head)")
+        f"{cfg.engram.orders} orders, ~{cfg.engram.table_size[0]} rows/head), tables: "
+        f"{config.train.table_optimizer}")
   print(f"engram  : {t_engram * 1e3:8.2f} ms/step, {tokens_per_step / t_engram:10.0f} tok/s")
   print(f"baseline: {t_base * 1e3:8.2f} ms/step, {tokens_per_step / t_base:10.0f} tok/s")
   print(f"Engram step-time overhead: {t_engram / t_base:.2f}x the baseline")
