@@ -79,14 +79,14 @@ def make_jit_lookup(spec: hashing.HashSpec):
   return lookup
 
 
-def numpy_reference_lookup(tokens_BxT, sizes_LxOxK, mult_LxN, pad_id, offsets_LxH,
+def numpy_reference_lookup(tokens_BxT, sizes_LxOxG, mult_LxN, pad_id, offsets_LxH,
                            tables_L, use_take=False):
   """The reference algorithm in NumPy: int64 hash, then a gather per layer.
 
   Fancy indexing (`table[rows]`) is the headline baseline; `use_take` gathers with
   `np.take(table, rows, axis=0)`, which NumPy runs as a much faster row copy.
   """
-  rows_BxTxLxH = hq.reference_hash_ids(tokens_BxT, sizes_LxOxK, mult_LxN, pad_id)
+  rows_BxTxLxH = hq.reference_hash_ids(tokens_BxT, sizes_LxOxG, mult_LxN, pad_id)
   rows_BxTxLxH += offsets_LxH
   b, t, num_layers, h = rows_BxTxLxH.shape
   out = np.empty((b, t, num_layers, h, tables_L[0].shape[1]), dtype=tables_L[0].dtype)

@@ -23,11 +23,11 @@ def reference_multipliers(seed, layer_ids, max_ngram, compressed_vocab_size):
       0, bound, size=(max_ngram,), dtype=np.int64) * 2 + 1 for layer in layer_ids])
 
 
-def reference_ids(tokens_BxT, primes_LxOxK, multipliers_LxN, pad_id, masked_BxT=None):
+def reference_ids(tokens_BxT, primes_LxOxG, multipliers_LxN, pad_id, masked_BxT=None):
   """Row ids `[B, T, L, O*K]` of the published algorithm, in int64 NumPy."""
   x = np.asarray(tokens_BxT, dtype=np.int64)
   b, t = x.shape
-  num_layers, orders, heads = primes_LxOxK.shape
+  num_layers, orders, heads = primes_LxOxG.shape
   masked = np.zeros((b, t), bool) if masked_BxT is None else np.asarray(masked_BxT)
   shifted, dead = [], np.zeros((b, t), bool)
   for k in range(orders + 1):
@@ -42,7 +42,7 @@ def reference_ids(tokens_BxT, primes_LxOxK, multipliers_LxN, pad_id, masked_BxT=
     for n in range(2, orders + 2):
       mix = np.bitwise_xor(mix, shifted[n - 1] * m[n - 1])
       for k in range(heads):
-        out[:, :, l, (n - 2) * heads + k] = mix % np.int64(primes_LxOxK[l, n - 2, k])
+        out[:, :, l, (n - 2) * heads + k] = mix % np.int64(primes_LxOxG[l, n - 2, k])
   return out
 
 
