@@ -148,9 +148,10 @@ def test_legend_axes(good):
 def test_unknown_axes_fail():
   """Axes that are no legend token fail, in names and in bracketed shapes; a token of
   the legend used in another meaning (K for hash heads) is beyond a spelling check."""
-  old = ("def f(x_NxHxWxC, pool_Ix2048, values_OxWo):\n"
-         "  '\'\'Rows `[B, T, W]`, fine `[B, T, H, E]` and `[0, 1]`.\'\'\'\n"
-         "  first_NxQk = 0\n")
+  old = "\n".join([
+      "def f(x_NxHxWxC, pool_Ix2048, values_OxWo):",
+      "  'Rows `[B, T, W]`; fine: `[B, T, H, E]`, `[0, 1]`, `[I, Hp, Wp, 3]`.'",
+      "  first_NxQk = avg_pool_3x3(values_xE)"])
   assert violations(old, AXIS) == [
       "line 1: name values_OxWo: axis Wo", "line 1: name x_NxHxWxC: axis W",
       "line 2: shape [B, T, W]: axis W", "line 3: name first_NxQk: axis Qk"]
