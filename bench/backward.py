@@ -36,12 +36,12 @@ def autodiff_rms_norm(x, scale, eps=1e-6, out_dtype=jnp.float32):
   return (y * scale.astype(jnp.float32)).astype(out_dtype)
 
 
-def autodiff_conv(x_BxTxC, kernel_KxC, dilation, history_BxPxC):
+def autodiff_conv(x_BxTxMD, kernel_KxMD, dilation, history_BxPxMD):
   """The Engram conv as it was before its custom VJP: slices of the extended input."""
-  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
-  t = x_BxTxC.shape[1]
-  return sum(kernel_KxC[j].astype(x_BxTxC.dtype) * ext[:, j * dilation:j * dilation + t]
-             for j in range(kernel_KxC.shape[0]))
+  ext = jnp.concatenate([history_BxPxMD.astype(x_BxTxMD.dtype), x_BxTxMD], axis=1)
+  t = x_BxTxMD.shape[1]
+  return sum(kernel_KxMD[j].astype(x_BxTxMD.dtype) * ext[:, j * dilation:j * dilation + t]
+             for j in range(kernel_KxMD.shape[0]))
 
 
 @contextlib.contextmanager

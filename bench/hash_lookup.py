@@ -62,7 +62,7 @@ def published_spec(spec: hashing.HashSpec, seed: int, vocab: int) -> hashing.Has
   """The same tables with the published hash, as the NumPy reference here runs it
   (compressed vocabulary vocab + 1, pad id vocab)."""
   return hashing.make_hash_spec(spec.layer_ids, spec.max_ngram, spec.heads,
-                                tuple(int(r) for r in spec.table_sizes_LxOxK[0, :, 0]),
+                                tuple(int(r) for r in spec.table_sizes_LxOxG[0, :, 0]),
                                 seed, "published", vocab + 1, vocab)
 
 
@@ -79,14 +79,14 @@ def make_jit_lookup(spec: hashing.HashSpec):
   return lookup
 
 
-def numpy_reference_lookup(tokens_BxT, sizes_LxOxK, mult_LxN, pad_id, offsets_LxH,
+def numpy_reference_lookup(tokens_BxT, sizes_LxOxG, mult_LxN, pad_id, offsets_LxH,
                            tables_L, use_take=False):
   """The reference algorithm in NumPy: int64 hash, then a gather per layer.
 
   Fancy indexing (`table[rows]`) is the headline baseline; `use_take` gathers with
   `np.take(table, rows, axis=0)`, which NumPy runs as a much faster row copy.
   """
-  rows_BxTxLxH = hq.reference_hash_ids(tokens_BxT, sizes_LxOxK, mult_LxN, pad_id)
+  rows_BxTxLxH = hq.reference_hash_ids(tokens_BxT, sizes_LxOxG, mult_LxN, pad_id)
   rows_BxTxLxH += offsets_LxH
   b, t, num_layers, h = rows_BxTxLxH.shape
   out = np.empty((b, t, num_layers, h, tables_L[0].shape[1]), dtype=tables_L[0].dtype)
@@ -114,11 +114,11 @@ def main():
   tokens_dev = jnp.asarray(tokens_BxT)
   tables_dev = tuple(jnp.asarray(t) for t in tables_np)
   run_jit = lambda: lookup(tokens_dev, tables_dev).block_until_ready()
-  run_np = lambda: numpy_reference_lookup(tokens_BxT, spec.table_sizes_LxOxK, mult_LxN,
+  run_np = lambda: numpy_reference_lookup(tokens_BxT, spec.table_sizes_LxOxG, mult_LxN,
                                           vocab, offsets_LxH, tables_np)
 
   run_np_take = lambda: numpy_reference_lookup(
-      tokens_BxT, spec.table_sizes_LxOxK, mult_LxN, vocab, offsets_LxH, tables_np,
+      tokens_BxT, spec.table_sizes_LxOxG, mult_LxN, vocab, offsets_LxH, tables_np,
       use_take=True)
 
   out_jit, out_np = run_jit(), run_np()  # warm-up: compile, touch tables
@@ -138,15 +138,15 @@ def main():
   t_hash_jit = median_seconds(lambda: hash_jit(tokens_dev).block_until_ready(),
                               args.repeats)
   t_hash_ref = median_seconds(lambda: hq.reference_hash_ids(
-      tokens_BxT, spec.table_sizes_LxOxK, mult_LxN, vocab), args.repeats)
+      tokens_BxT, spec.table_sizes_LxOxG, mult_LxN, vocab), args.repeats)
   t_hash_ours_np = median_seconds(lambda: hashing.ngram_hash_ids(tokens_BxT, spec),
                                   args.repeats)
   # The published hash in-graph: bit-exact vs the NumPy reference, then its cost.
   pub = published_spec(spec, args.seed, vocab)
-  np.testing.assert_array_equal(pub.table_sizes_LxOxK, spec.table_sizes_LxOxK)
+  np.testing.assert_array_equal(pub.table_sizes_LxOxG, spec.table_sizes_LxOxG)
   hash_pub = jax.jit(lambda x: hashing.ngram_hash_ids(x, pub))
   np.testing.assert_array_equal(np.asarray(hash_pub(tokens_dev)), hq.reference_hash_ids(
-      tokens_BxT, spec.table_sizes_LxOxK, mult_LxN, vocab))
+      tokens_BxT, spec.table_sizes_LxOxG, mult_LxN, vocab))
   t_hash_pub = median_seconds(lambda: hash_pub(tokens_dev).block_until_ready(),
                               args.repeats)
   lookup_pub = make_jit_lookup(pub)
@@ -155,7 +155,7 @@ def main():
   t_pub = median_seconds(run_pub, args.repeats)
   ntok = tokens_BxT.size
   tps_jit, tps_np = ntok / t_jit, ntok / t_np
-  rows_per_head = int(spec.table_sizes_LxOxK.mean())
+  rows_per_head = int(spec.table_sizes_LxOxG.mean())
   print(f"jax {jax.__version__} ({jax.default_backend()}, {os.cpu_count()} CPUs), "
         f"numpy {np.__version__}; B={args.batch} T={args.seq} L={len(layer_ids)} "
         f"N={args.max_ngram} K={args.heads} H={spec.num_heads_total} "

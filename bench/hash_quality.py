@@ -64,7 +64,7 @@ def table_rows(name, tokens_T, vocab, distinct, heads, factor, seed):
   ours = hq.collision_report(tokens_T, spec)
   # The reference draws multipliers bounded by the vocab; pad_id = vocab is no token.
   mult = hq.reference_multipliers(seed, (0,), MAX_NGRAM, vocab + 1)
-  ref = hq.reference_collision_report(tokens_T, spec.table_sizes_LxOxK, mult, vocab)
+  ref = hq.reference_collision_report(tokens_T, spec.table_sizes_LxOxG, mult, vocab)
   lines = []
   for o, r in zip(ours, ref):
     lines.append(

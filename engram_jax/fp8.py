@@ -1,7 +1,7 @@
 """FP8 Engram rows as DeepSeek-V4.1 ships them: E4M3 values, one E8M0 scale per 32.
 
-A table `[R, E]` is stored as `values_RxE` (float8_e4m3fn) and `scales_RxS` (uint8,
-S = E / 32): the biased exponent of a power-of-two scale, `2 ** (byte - 127)` (E8M0:
+A table `[R, E]` is stored as `values_RxE` (float8_e4m3fn) and `scales_RxEb` (uint8,
+Eb = E / 32): the biased exponent of a power-of-two scale, `2 ** (byte - 127)` (E8M0:
 no sign, no mantissa; 255 is NaN and never written). Rows are dequantised only after
 the gather, so a 384M-row table costs 1.03 bytes per value in memory and the dense
 f32 table is never built. `dequantize` and `gather_rows` have one body for NumPy
@@ -39,7 +39,8 @@ def _check_width(width: int) -> None:
 
 
 def quantize(table_RxE, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-  """(values `[R, E]` E4M3, scales `[R, E/block]` uint8 E8M0) of an f32 table (host)."""
+  """(values `[R, E]` E4M3, scales `[R, Eb]` uint8 E8M0, Eb = E / block) of an f32 table
+  (host)."""
   x = np.asarray(table_RxE, np.float32)
   r, e = x.shape
   if e % block:
@@ -54,58 +55,59 @@ def quantize(table_RxE, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
   return values, (exponent + _E8M0_BIAS).astype(np.uint8)
 
 
-def scale_of(scales_xS):
+def scale_of(scales_xEb):
   """2 ** (byte - 127) as f32, exactly: the byte is the f32 exponent field (byte 0,
   2**-127, is an f32 subnormal: its own bit pattern)."""
-  xp = _xp(scales_xS)
-  bits = scales_xS.astype(xp.uint32) << xp.uint32(23)
-  bits = xp.where(scales_xS == 0, xp.uint32(0x00400000), bits)
+  xp = _xp(scales_xEb)
+  bits = scales_xEb.astype(xp.uint32) << xp.uint32(23)
+  bits = xp.where(scales_xEb == 0, xp.uint32(0x00400000), bits)
   if xp is np:
     return bits.view(np.float32)
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def dequantize(values_xE, scales_xS):
+def dequantize(values_xE, scales_xEb):
   """f32 rows `[..., E]` of E4M3 values and their per-block E8M0 scales."""
   xp = _xp(values_xE)
   e = values_xE.shape[-1]
-  block = e // scales_xS.shape[-1]
+  block = e // scales_xEb.shape[-1]
   v = values_xE.astype(xp.float32).reshape(*values_xE.shape[:-1], e // block, block)
-  return (v * scale_of(scales_xS)[..., None]).reshape(values_xE.shape)
+  return (v * scale_of(scales_xEb)[..., None]).reshape(values_xE.shape)
 
 
-def dequantize_blocks(values_OxI, scales_PxQ, block: int = BLOCK) -> np.ndarray:
-  """f32 `[O, I]` of an FP8 matrix with one E8M0 scale per `block x block` tile
-  (DeepSeek's `weight_block_size [32, 32]` for linear layers; host only)."""
-  o, i = values_OxI.shape
+def dequantize_blocks(values, scales, block: int = BLOCK) -> np.ndarray:
+  """f32 `[rows, cols]` of an FP8 matrix `values` with one E8M0 scale per `block x block`
+  tile, `scales` `[rows / block, cols / block]` rounded up (DeepSeek's
+  `weight_block_size [32, 32]` for linear layers; host only)."""
+  o, i = values.shape
   want = (-(-o // block), -(-i // block))
-  if tuple(scales_PxQ.shape) != want:
-    raise ValueError(f"FP8 block scales of shape {tuple(scales_PxQ.shape)} do not fit a "
+  if tuple(scales.shape) != want:
+    raise ValueError(f"FP8 block scales of shape {tuple(scales.shape)} do not fit a "
                      f"[{o}, {i}] matrix: need {list(want)} ({block}x{block} tiles).")
-  scale = scale_of(np.asarray(scales_PxQ)).repeat(block, 0).repeat(block, 1)[:o, :i]
-  return np.asarray(values_OxI).astype(np.float32) * scale
+  scale = scale_of(np.asarray(scales)).repeat(block, 0).repeat(block, 1)[:o, :i]
+  return np.asarray(values).astype(np.float32) * scale
 
 
-def gather_rows(values_RxE, scales_RxS, row_ids):
+def gather_rows(values_RxE, scales_RxEb, row_ids):
   """Dequantised rows `[*ids, E]`: gather the FP8 rows and their scales, then scale."""
   xp = _xp(values_RxE)
   if xp is np:
     ids = np.asarray(row_ids, np.int64)
-    return dequantize(np.take(values_RxE, ids, axis=0), np.take(scales_RxS, ids, axis=0))
+    return dequantize(np.take(values_RxE, ids, axis=0), np.take(scales_RxEb, ids, axis=0))
   return dequantize(jnp.take(values_RxE, row_ids, axis=0, mode="clip"),
-                    jnp.take(scales_RxS, row_ids, axis=0, mode="clip"))
+                    jnp.take(scales_RxEb, row_ids, axis=0, mode="clip"))
 
 
 class Fp8Table:
   """A host FP8 table (arrays or memory maps) that `host_tables.HostTables` can gather
   from: `take(ids)` returns f32 rows, reading only the rows asked for."""
 
-  def __init__(self, values_RxE, scales_RxS):
+  def __init__(self, values_RxE, scales_RxEb):
     _check_width(values_RxE.shape[1])
-    if scales_RxS.shape != (values_RxE.shape[0], values_RxE.shape[1] // BLOCK):
-      raise ValueError(f"FP8 scales of shape {scales_RxS.shape} do not fit values of "
+    if scales_RxEb.shape != (values_RxE.shape[0], values_RxE.shape[1] // BLOCK):
+      raise ValueError(f"FP8 scales of shape {scales_RxEb.shape} do not fit values of "
                        f"shape {values_RxE.shape}: need [rows, width / {BLOCK}].")
-    self.values_RxE, self.scales_RxS = values_RxE, scales_RxS
+    self.values_RxE, self.scales_RxEb = values_RxE, scales_RxEb
 
   @classmethod
   def from_float(cls, table_RxE) -> "Fp8Table":
@@ -114,7 +116,7 @@ class Fp8Table:
   shape = property(lambda self: self.values_RxE.shape)
   ndim = 2
   dtype = np.dtype(np.float32)  # of the rows `take` returns
-  nbytes = property(lambda self: self.values_RxE.nbytes + self.scales_RxS.nbytes)
+  nbytes = property(lambda self: self.values_RxE.nbytes + self.scales_RxEb.nbytes)
 
   def take(self, row_ids) -> np.ndarray:
-    return gather_rows(self.values_RxE, self.scales_RxS, row_ids)
+    return gather_rows(self.values_RxE, self.scales_RxEb, row_ids)

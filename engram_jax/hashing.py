@@ -9,8 +9,7 @@ runs on NumPy arrays (host: data pipelines, prefetch, offload) and on jax arrays
 Shapes (docs/architecture.md): B batch, T positions, P positions before position 0,
 L Engram layers, N max n-gram order (a window holds N tokens), O n-gram orders (2..N,
 so O = N-1), G hash heads per order, H = O*G heads of a layer, Hi x Wi an image grid
-(HiWi cells). `HashSpec.table_sizes_LxOxK`, `multipliers_LxOxKxN` and
-`published_layout`'s `primes_OxK` predate that legend: their K is G.
+(HiWi cells).
 """
 from __future__ import annotations
 
@@ -208,15 +207,15 @@ def layer_multipliers(seed: int, layer_id: int, max_ngram: int,
 class HashSpec:
   """Everything the hash of every Engram layer needs, as NumPy constants.
 
-  table_sizes_LxOxK: prime rows of each head's table.
-  multipliers_LxOxKxN: odd uint32 multipliers (0 past an order's length).
+  table_sizes_LxOxG: prime rows of each head's table.
+  multipliers_LxOxGxN: odd uint32 multipliers (0 past an order's length).
   offsets_LxH: first row of each head in its layer's flat table.
   """
   layer_ids: tuple[int, ...]
   max_ngram: int
   heads: int
-  table_sizes_LxOxK: np.ndarray
-  multipliers_LxOxKxN: np.ndarray
+  table_sizes_LxOxG: np.ndarray
+  multipliers_LxOxGxN: np.ndarray
   # "published": the reference's int64 hash (one mix per order, heads differ only in
   # their prime), `published_multipliers_LxN` and pads of compressed id `pad_id`.
   mode: str = "engram_jax"
@@ -229,7 +228,7 @@ class HashSpec:
 
   @property
   def sizes_LxH(self) -> np.ndarray:
-    return self.table_sizes_LxOxK.reshape(len(self.layer_ids), -1)
+    return self.table_sizes_LxOxG.reshape(len(self.layer_ids), -1)
 
   @property
   def offsets_LxH(self) -> np.ndarray:
@@ -310,7 +309,7 @@ def published_layout(layer_ids: Sequence[int], max_ngram: int, heads: int,
   out = {}
   for layer_id, primes in zip(layer_ids, sizes_LxOxG):
     flat = primes.ravel()
-    out[int(layer_id)] = dict(primes_OxK=primes, rows=int(flat.sum()),
+    out[int(layer_id)] = dict(primes_OxG=primes, rows=int(flat.sum()),
                               offsets_H=np.concatenate([[0], np.cumsum(flat)[:-1]]))
   return out
 
@@ -331,7 +330,7 @@ def _fmix32(h, xp):
   return h ^ (h >> xp.uint32(16))
 
 
-def mix_windows(windows_BxTxN, multipliers_LxOxKxN):
+def mix_windows(windows_BxTxN, multipliers_LxOxGxN):
   """Per-(layer, order, head) hash values `[B, T, L, O, G]` of n-gram windows.
 
   `windows_BxTxN[..., k]` is the token k steps back from the predicted position (k = 0
@@ -339,7 +338,7 @@ def mix_windows(windows_BxTxN, multipliers_LxOxKxN):
   """
   xp = _xp(windows_BxTxN)
   w = windows_BxTxN.astype(xp.uint32)
-  m = xp.asarray(multipliers_LxOxKxN, dtype=xp.uint32)
+  m = xp.asarray(multipliers_LxOxGxN, dtype=xp.uint32)
   mix = None
   for k in range(m.shape[-1]):
     term = w[:, :, None, None, None, k] * m[None, None, ..., k]
@@ -443,7 +442,7 @@ def _published_ids(windows_BxTxN, spec: HashSpec):
   """Per-head row ids `[B, T, L, O, G]` (uint32) of the published hash."""
   xp = _xp(windows_BxTxN)
   hi_BxTxLxO, lo_BxTxLxO = published_mixes(windows_BxTxN, spec)
-  sizes = spec.table_sizes_LxOxK.astype(np.int64)
+  sizes = spec.table_sizes_LxOxG.astype(np.int64)
   step = 32 - int(sizes.max() - 1).bit_length()
   two64 = np.vectorize(lambda p: (1 << 64) % int(p), otypes=[np.int64])(sizes)
   p = xp.asarray(sizes.astype(np.uint32))[None, None]
@@ -463,8 +462,8 @@ def hash_windows(windows_BxTxN, spec: HashSpec):
   if spec.mode == "published":
     ids = _published_ids(windows_BxTxN, spec)
     return ids.reshape(b, t, len(spec.layer_ids), -1).astype(xp.int32)
-  mix = mix_windows(windows_BxTxN, spec.multipliers_LxOxKxN)
-  sizes = xp.asarray(spec.table_sizes_LxOxK.astype(np.uint32))
+  mix = mix_windows(windows_BxTxN, spec.multipliers_LxOxGxN)
+  sizes = xp.asarray(spec.table_sizes_LxOxG.astype(np.uint32))
   ids = mix % sizes[None, None]
   return ids.reshape(b, t, len(spec.layer_ids), -1).astype(xp.int32)
 

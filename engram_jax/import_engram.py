@@ -299,7 +299,7 @@ def describe(v: V41Engram, text: dict[str, Any]) -> list[str]:
   declared = text.get("engram_num_embeddings")
   for i, layer in enumerate(e.layers):
     lay = v.layout[layer]
-    primes = lay["primes_OxK"]
+    primes = lay["primes_OxG"]
     want = "" if declared is None else f" (declared {int(list(np.ravel(declared))[i])}: ok)"
     lines.append(f"  layer {layer}: {lay['rows']} rows{want}; primes {int(primes.min())}.."
                  f"{int(primes.max())}")

@@ -319,23 +319,23 @@ def _psum_lookup(table_local_RxE, row_ids_BxTxH, *, rows_per_shard, table_axes,
   return rows_BxTxHxE
 
 
-def _exchange(table_local_RxE, ids_N, rows_per_shard, table_axes, shards):
+def _exchange(table_local_RxE, ids_J, rows_per_shard, table_axes, shards):
   """all_to_all lookup of flat ids: bucket by owner, exchange, gather, return."""
-  n = ids_N.shape[0]
-  owner_N = jnp.clip(ids_N // rows_per_shard, 0, shards - 1)
-  order_N = jnp.argsort(owner_N, stable=True)
-  counts_S = jnp.zeros((shards,), jnp.int32).at[owner_N].add(1)
-  starts_S = jnp.cumsum(counts_S) - counts_S
-  slot_sorted_N = jnp.arange(n, dtype=jnp.int32) - starts_S[owner_N[order_N]]
-  slot_N = jnp.zeros((n,), jnp.int32).at[order_N].set(slot_sorted_N)
+  n = ids_J.shape[0]
+  owner_J = jnp.clip(ids_J // rows_per_shard, 0, shards - 1)
+  order_J = jnp.argsort(owner_J, stable=True)
+  counts_Sh = jnp.zeros((shards,), jnp.int32).at[owner_J].add(1)
+  starts_Sh = jnp.cumsum(counts_Sh) - counts_Sh
+  slot_sorted_J = jnp.arange(n, dtype=jnp.int32) - starts_Sh[owner_J[order_J]]
+  slot_J = jnp.zeros((n,), jnp.int32).at[order_J].set(slot_sorted_J)
   # Bucket s holds the local row ids this device wants from shard s; unused slots
   # read row 0 and are never returned (their rows get zero gradient).
-  send_SxN = jnp.zeros((shards, n), jnp.int32).at[owner_N, slot_N].set(
-      ids_N - owner_N * rows_per_shard)
-  recv_SxN = jax.lax.all_to_all(send_SxN, table_axes, 0, 0, tiled=True)
-  rows_SxNxE = jnp.take(table_local_RxE, recv_SxN, axis=0)
-  back_SxNxE = jax.lax.all_to_all(rows_SxNxE, table_axes, 0, 0, tiled=True)
-  return back_SxNxE[owner_N, slot_N]
+  send_ShxJ = jnp.zeros((shards, n), jnp.int32).at[owner_J, slot_J].set(
+      ids_J - owner_J * rows_per_shard)
+  recv_ShxJ = jax.lax.all_to_all(send_ShxJ, table_axes, 0, 0, tiled=True)
+  rows_ShxJxE = jnp.take(table_local_RxE, recv_ShxJ, axis=0)
+  back_ShxJxE = jax.lax.all_to_all(rows_ShxJxE, table_axes, 0, 0, tiled=True)
+  return back_ShxJxE[owner_J, slot_J]
 
 
 def _all_to_all_lookup(table_local_RxE, row_ids_BxTxH, *, rows_per_shard, table_axes,
@@ -344,18 +344,18 @@ def _all_to_all_lookup(table_local_RxE, row_ids_BxTxH, *, rows_per_shard, table_
   replicated there) split the ids between them and all-gather the rows after."""
   shards = _axis_size(mesh, table_axes)
   split_axes = tuple(axis for axis in table_axes if axis not in batch_axes)
-  ids_N = row_ids_BxTxH.reshape(-1)
-  n = ids_N.shape[0]
+  ids_J = row_ids_BxTxH.reshape(-1)
+  n = ids_J.shape[0]
   if split_axes:
     parts = _axis_size(mesh, split_axes)
     chunk = -(-n // parts)
-    ids_N = jax.lax.dynamic_slice_in_dim(jnp.pad(ids_N, (0, chunk * parts - n)),
+    ids_J = jax.lax.dynamic_slice_in_dim(jnp.pad(ids_J, (0, chunk * parts - n)),
                                          jax.lax.axis_index(split_axes) * chunk, chunk)
-  rows_NxE = _exchange(table_local_RxE, ids_N, rows_per_shard, table_axes, shards)
+  rows_JxE = _exchange(table_local_RxE, ids_J, rows_per_shard, table_axes, shards)
   if split_axes:
-    rows_NxE = jax.lax.all_gather(rows_NxE, split_axes, axis=0, tiled=True,
+    rows_JxE = jax.lax.all_gather(rows_JxE, split_axes, axis=0, tiled=True,
                                   to="invarying")[:n]
-  return rows_NxE.reshape(*row_ids_BxTxH.shape, table_local_RxE.shape[-1])
+  return rows_JxE.reshape(*row_ids_BxTxH.shape, table_local_RxE.shape[-1])
 
 
 def table_shard_axes(mesh, rows: int, rules=None) -> tuple[str, ...]:

@@ -120,20 +120,20 @@ def make_optimizer(name: str, b1: float = 0.9, b2: float = 0.95,
 # ----------------------------------------------------------------------------------
 # Gradients as rows
 # ----------------------------------------------------------------------------------
-def dedup(ids_N, grads_NxE, sentinel: int):
-  """(ids_U, grads_UxE) with U = N: each distinct id once, ascending, with the sum of
+def dedup(ids_J, grads_JxE, sentinel: int):
+  """(ids_U, grads_UxE) with U = J: each distinct id once, ascending, with the sum of
   its gradients; the slots past the distinct ids hold `sentinel` and zeros.
 
-  Static shapes (U = N is the bound when no id repeats) keep it jittable; a sentinel
+  Static shapes (U = J is the bound when no id repeats) keep it jittable; a sentinel
   of at least the table's row count makes `apply_rows` skip the padding.
   """
-  n = ids_N.shape[0]
-  order_N = jnp.argsort(ids_N)
-  sorted_N = ids_N[order_N]
-  first_N = jnp.concatenate([jnp.ones((1,), bool), sorted_N[1:] != sorted_N[:-1]])
-  segment_N = jnp.cumsum(first_N.astype(jnp.int32)) - 1
-  ids_U = jnp.full((n,), sentinel, ids_N.dtype).at[segment_N].set(sorted_N)
-  grads_UxE = jax.ops.segment_sum(grads_NxE[order_N], segment_N, num_segments=n,
+  n = ids_J.shape[0]
+  order_J = jnp.argsort(ids_J)
+  sorted_J = ids_J[order_J]
+  first_J = jnp.concatenate([jnp.ones((1,), bool), sorted_J[1:] != sorted_J[:-1]])
+  segment_J = jnp.cumsum(first_J.astype(jnp.int32)) - 1
+  ids_U = jnp.full((n,), sentinel, ids_J.dtype).at[segment_J].set(sorted_J)
+  grads_UxE = jax.ops.segment_sum(grads_JxE[order_J], segment_J, num_segments=n,
                                   indices_are_sorted=True)
   return ids_U, grads_UxE
 

@@ -130,7 +130,7 @@ def test_features_of_checks_the_contract():
   with pytest.raises(ValueError, match="sum to 1"):
     fid.features_of(logits_net, np.zeros((2, 8, 8)))
   short_net = lambda x: (np.zeros((1, 3)), np.full((len(x), 2), 0.5))
-  with pytest.raises(ValueError, match=r"return \[N, F\]"):
+  with pytest.raises(ValueError, match=r"return \[I, F\]"):
     fid.features_of(short_net, np.zeros((2, 8, 8)))
 
 

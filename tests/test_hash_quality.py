@@ -47,8 +47,8 @@ def test_distinct_ngram_positions_matches_set():
 
 def test_collision_fractions_by_hand():
   # n-gram 0 and 1 share head 0; 1 and 2 share head 1: only 1 collides in both heads.
-  ids_DxK = np.array([[0, 5], [0, 7], [3, 7], [4, 9]])
-  all_heads, per_head = hq.collision_fractions(ids_DxK)
+  ids_IxG = np.array([[0, 5], [0, 7], [3, 7], [4, 9]])
+  all_heads, per_head = hq.collision_fractions(ids_IxG)
   assert all_heads == pytest.approx(1 / 4)
   np.testing.assert_allclose(per_head, [2 / 4, 2 / 4])
 
@@ -57,10 +57,10 @@ def test_ideal_matches_uniform_random_ids():
   """The formula is right: truly random ids collide at the ideal rate."""
   rng = np.random.default_rng(0)
   d, sizes = 20000, [20011, 20021, 20023]
-  ids_DxK = np.stack([rng.integers(0, p, size=d) for p in sizes], axis=1)
-  measured_all, measured_K = hq.collision_fractions(ids_DxK)
-  ideal_all, ideal_K = hq.ideal_collision(d, sizes)
-  np.testing.assert_allclose(measured_K, ideal_K, atol=0.015)
+  ids_IxG = np.stack([rng.integers(0, p, size=d) for p in sizes], axis=1)
+  measured_all, measured_G = hq.collision_fractions(ids_IxG)
+  ideal_all, ideal_G = hq.ideal_collision(d, sizes)
+  np.testing.assert_allclose(measured_G, ideal_G, atol=0.015)
   assert measured_all == pytest.approx(ideal_all, abs=0.01)
 
 
@@ -84,7 +84,7 @@ def test_report_of_other_layer_uses_its_own_tables(real_token_stream):
   tokens = real_token_stream[:100_000]
   spec = hashing.make_hash_spec((1, 4), 3, 2, (2003, 8009), 1)
   report = hq.collision_report(tokens, spec, layer_index=1)
-  assert report[1]["table_sizes"] == spec.table_sizes_LxOxK[1, 1].tolist()
+  assert report[1]["table_sizes"] == spec.table_sizes_LxOxG[1, 1].tolist()
 
 
 # ----------------------------------------------------------------------------------
@@ -93,18 +93,18 @@ def test_report_of_other_layer_uses_its_own_tables(real_token_stream):
 def test_detects_unmixed_hash(real_token_stream):
   """All multipliers 1: x_t ^ x_{t-1} ^ ..., symmetric and tiny for bytes."""
   spec = _spec_sized_to(real_token_stream)
-  mult = spec.multipliers_LxOxKxN
-  bad = dataclasses.replace(spec, multipliers_LxOxKxN=(mult > 0).astype(np.uint32))
+  mult = spec.multipliers_LxOxGxN
+  bad = dataclasses.replace(spec, multipliers_LxOxGxN=(mult > 0).astype(np.uint32))
   _assert_much_worse(hq.collision_report(real_token_stream, bad))
 
 
 def test_detects_correlated_heads(real_token_stream):
   """Heads sharing mix and table size look ideal one by one but fail all-heads."""
   spec = _spec_sized_to(real_token_stream)
-  mult, sizes = spec.multipliers_LxOxKxN, spec.table_sizes_LxOxK
+  mult, sizes = spec.multipliers_LxOxGxN, spec.table_sizes_LxOxG
   bad = dataclasses.replace(
-      spec, multipliers_LxOxKxN=np.broadcast_to(mult[:, :, :1], mult.shape).copy(),
-      table_sizes_LxOxK=np.broadcast_to(sizes[:, :, :1], sizes.shape).copy())
+      spec, multipliers_LxOxGxN=np.broadcast_to(mult[:, :, :1], mult.shape).copy(),
+      table_sizes_LxOxG=np.broadcast_to(sizes[:, :, :1], sizes.shape).copy())
   report = hq.collision_report(real_token_stream, bad)
   for row in report:
     assert abs(row["measured_per_head_mean"] - row["ideal_per_head"]) < 0.03
@@ -119,15 +119,15 @@ def _wrap64(v: int) -> int:
   return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _reference_loop(tokens, b, t, sizes_OxK, mult_N, pad_id):
+def _reference_loop(tokens, b, t, sizes_OxG, mult_N, pad_id):
   """One position of the reference hash, in plain Python ints with int64 wrapping."""
   out = []
-  for o in range(sizes_OxK.shape[0]):
+  for o in range(sizes_OxG.shape[0]):
     mix = 0
     for k in range(o + 2):
       x = int(tokens[b, t - k]) if t - k >= 0 else pad_id
       mix ^= _wrap64(x * int(mult_N[k]))
-    out += [mix % int(p) for p in sizes_OxK[o]]
+    out += [mix % int(p) for p in sizes_OxG[o]]
   return out
 
 
@@ -161,4 +161,4 @@ def test_reference_hash_near_ideal(real_token_stream):
   spec = _spec_sized_to(real_token_stream)
   mult = hq.reference_multipliers(0, (0,), 3, 257)
   _assert_near_ideal(hq.reference_collision_report(
-      real_token_stream, spec.table_sizes_LxOxK, mult, pad_id=256))
+      real_token_stream, spec.table_sizes_LxOxG, mult, pad_id=256))

@@ -66,7 +66,7 @@ def test_pad_before_start():
 
 
 def test_table_sizes_distinct_primes_above_minimum():
-  sizes = SPEC.table_sizes_LxOxK
+  sizes = SPEC.table_sizes_LxOxG
   flat = sizes.ravel().tolist()
   assert len(set(flat)) == len(flat)
   assert all(hashing.is_prime(p) for p in flat)
@@ -83,7 +83,7 @@ def test_offsets_lay_heads_out_back_to_back():
 
 
 def test_multipliers_odd_per_layer_and_masked_past_order():
-  m = SPEC.multipliers_LxOxKxN
+  m = SPEC.multipliers_LxOxGxN
   for order_index in range(3):
     n = order_index + 2
     assert (m[:, order_index, :, :n] % 2 == 1).all()

@@ -195,7 +195,7 @@ def _report(cells, windows, spec):
     measured_all, measured_k = hq.collision_fractions(
         ids[first, _order_heads(spec, order_index)])
     ideal_all, ideal_k = hq.ideal_collision(len(first),
-                                            spec.table_sizes_LxOxK[0, order_index])
+                                            spec.table_sizes_LxOxG[0, order_index])
     rows.append(dict(order=n, distinct=len(first), measured_all=measured_all,
                      ideal_all=ideal_all,
                      gap_per_head=np.abs(measured_k - ideal_k).max()))
@@ -222,6 +222,6 @@ def test_quality_check_detects_an_unmixed_hash(digit_windows):
   cells, windows = digit_windows
   spec = _sized_spec(windows)
   bad = dataclasses.replace(
-      spec, multipliers_LxOxKxN=(spec.multipliers_LxOxKxN > 0).astype(np.uint32))
+      spec, multipliers_LxOxGxN=(spec.multipliers_LxOxGxN > 0).astype(np.uint32))
   for row in _report(cells, windows, bad)[1:]:
     assert row["measured_all"] > 3 * row["ideal_all"] + 0.05, row

@@ -61,7 +61,7 @@ def to_torch_state(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def decode(codes_NxHxW):
-  """A stand-in VQ decoder: codes in [0, 255] -> RGB `[N, H, W, 3]` in [0, 1]."""
+  """A stand-in VQ decoder: codes in [0, 255] -> RGB `[I, Hp, Wp, 3]` in [0, 1]."""
   x = np.asarray(codes_NxHxW, np.float32) / 255.0
   return np.stack([x, x * x, 1.0 - x], -1)
 
@@ -174,15 +174,15 @@ def test_pool_branch_is_last_and_pools_as_the_fid_network(flat, block, name, poo
                              rtol=1e-4, atol=1e-4)
 
 
-def _bilinear_reference(x_NxHxWxC, size):
+def _bilinear_reference(x_IxHpxWpx_, size):
   """torch `interpolate(mode="bilinear", align_corners=False)`: half-pixel centres,
   source index clamped to the image, no antialiasing."""
   def axis(n_in):
     src = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, None)
     lo = np.minimum(np.floor(src).astype(int), n_in - 1)
     return lo, np.minimum(lo + 1, n_in - 1), src - lo
-  (r0, r1, wr), (c0, c1, wc) = axis(x_NxHxWxC.shape[1]), axis(x_NxHxWxC.shape[2])
-  rows = x_NxHxWxC[:, r0] * (1 - wr)[:, None, None] + x_NxHxWxC[:, r1] * wr[:, None, None]
+  (r0, r1, wr), (c0, c1, wc) = axis(x_IxHpxWpx_.shape[1]), axis(x_IxHpxWpx_.shape[2])
+  rows = x_IxHpxWpx_[:, r0] * (1 - wr)[:, None, None] + x_IxHpxWpx_[:, r1] * wr[:, None, None]
   return rows[:, :, c0] * (1 - wc)[:, None] + rows[:, :, c1] * wc[:, None]
 
 
@@ -282,7 +282,7 @@ def test_load_inception_errors_name_the_path_and_the_fix(flat, converted, tmp_pa
 # ----------------------------------------------------------------------------------
 def test_feature_net_contract_and_fid_of_a_set_against_itself(converted, codes, want):
   net = inception.InceptionFeatureNet(converted, decode, batch_size=2)
-  features, probs = fid.features_of(net, codes)  # checks [N, F], [N, C], sum to 1
+  features, probs = fid.features_of(net, codes)  # checks [I, F], [I, C], sum to 1
   assert features.shape == (4, 2048) and probs.shape == (4, 1008)
   assert features.dtype == probs.dtype == np.float64
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
@@ -309,7 +309,7 @@ def test_batching_does_not_change_the_features(converted, codes):
 
 def test_feature_net_rejects_a_decoder_with_the_wrong_output(converted, codes):
   net = inception.InceptionFeatureNet(converted, lambda c: decode(c)[..., 0], batch_size=2)
-  with pytest.raises(ValueError, match=r"decoder: returned shape \(2, 32, 32\).*\[N, h, w, 3\]"):
+  with pytest.raises(ValueError, match=r"decoder: returned shape \(2, 32, 32\).*\[I, Hp, Wp, 3\]"):
     net(codes[:2])
   net = inception.InceptionFeatureNet(converted, lambda c: 255 * decode(c), batch_size=2)
   with pytest.raises(ValueError, match=r"return RGB in \[0, 1\]"):

@@ -67,10 +67,10 @@ def test_module_grads_match_reference_under_jit():
 # ----------------------------------------------------------------------------------
 # The Engram conv's custom VJP (layers/engram.py) against autodiff of the plain taps
 # ----------------------------------------------------------------------------------
-def reference_conv(x_BxTxC, kernel_KxC, dilation, history_BxPxC):
-  ext = jnp.concatenate([history_BxPxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
-  taps, t = kernel_KxC.shape[0], x_BxTxC.shape[1]
-  return sum(kernel_KxC[j].astype(x_BxTxC.dtype) * ext[:, j * dilation:j * dilation + t]
+def reference_conv(x_BxTxMD, kernel_KxMD, dilation, history_BxPxMD):
+  ext = jnp.concatenate([history_BxPxMD.astype(x_BxTxMD.dtype), x_BxTxMD], axis=1)
+  taps, t = kernel_KxMD.shape[0], x_BxTxMD.shape[1]
+  return sum(kernel_KxMD[j].astype(x_BxTxMD.dtype) * ext[:, j * dilation:j * dilation + t]
              for j in range(taps))
 
 

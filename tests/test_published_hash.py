@@ -23,11 +23,11 @@ def reference_multipliers(seed, layer_ids, max_ngram, compressed_vocab_size):
       0, bound, size=(max_ngram,), dtype=np.int64) * 2 + 1 for layer in layer_ids])
 
 
-def reference_ids(tokens_BxT, primes_LxOxK, multipliers_LxN, pad_id, masked_BxT=None):
+def reference_ids(tokens_BxT, primes_LxOxG, multipliers_LxN, pad_id, masked_BxT=None):
   """Row ids `[B, T, L, O*K]` of the published algorithm, in int64 NumPy."""
   x = np.asarray(tokens_BxT, dtype=np.int64)
   b, t = x.shape
-  num_layers, orders, heads = primes_LxOxK.shape
+  num_layers, orders, heads = primes_LxOxG.shape
   masked = np.zeros((b, t), bool) if masked_BxT is None else np.asarray(masked_BxT)
   shifted, dead = [], np.zeros((b, t), bool)
   for k in range(orders + 1):
@@ -42,7 +42,7 @@ def reference_ids(tokens_BxT, primes_LxOxK, multipliers_LxN, pad_id, masked_BxT=
     for n in range(2, orders + 2):
       mix = np.bitwise_xor(mix, shifted[n - 1] * m[n - 1])
       for k in range(heads):
-        out[:, :, l, (n - 2) * heads + k] = mix % np.int64(primes_LxOxK[l, n - 2, k])
+        out[:, :, l, (n - 2) * heads + k] = mix % np.int64(primes_LxOxG[l, n - 2, k])
   return out
 
 
@@ -60,7 +60,7 @@ def _host_and_jit(tokens, spec, history=None):
 
 
 def _check(tokens, spec, masked=None):
-  want = reference_ids(tokens, spec.table_sizes_LxOxK, spec.published_multipliers_LxN,
+  want = reference_ids(tokens, spec.table_sizes_LxOxG, spec.published_multipliers_LxN,
                        spec.pad_id, masked)
   if masked is not None:
     tokens = hashing.mark_dead(tokens, masked)
@@ -100,10 +100,10 @@ def test_wrapping_negative_mixes_and_primes_near_2_31():
   spec = dataclasses.replace(spec, published_multipliers_LxN=wild)
   tokens = rng.integers(0, 2**31 - 1, size=(2, 2000), dtype=np.int64).astype(np.uint32)
   tokens[0, :50] = 2**31 - 2  # large ids next to each other
-  want = reference_ids(tokens, spec.table_sizes_LxOxK, wild, spec.pad_id)
+  want = reference_ids(tokens, spec.table_sizes_LxOxG, wild, spec.pad_id)
   mixes = (tokens.astype(np.int64) * wild[0, 0]) ^ np.roll(tokens.astype(np.int64) * wild[0, 1], 1)
   assert (mixes < 0).mean() > 0.3  # the signed branch is exercised
-  assert spec.table_sizes_LxOxK.max() > 2**31 - 20_000
+  assert spec.table_sizes_LxOxG.max() > 2**31 - 20_000
   host, dev = _host_and_jit(tokens, spec)
   np.testing.assert_array_equal(host, want)
   np.testing.assert_array_equal(dev, want)
@@ -151,7 +151,7 @@ def test_config_selects_the_published_hash():
 def test_v41_layout_rows():
   layout = hashing.published_layout((1, 14), 4, 8, 16_000_000)
   assert [layout[l]["rows"] for l in (1, 14)] == [384_006_168, 384_016_682]
-  primes = np.concatenate([layout[l]["primes_OxK"].ravel() for l in (1, 14)])
+  primes = np.concatenate([layout[l]["primes_OxG"].ravel() for l in (1, 14)])
   assert len(set(primes.tolist())) == 48 and primes.min() >= 16_000_000
   offsets = layout[14]["offsets_H"]
   assert offsets[0] == 0 and offsets[-1] + primes[-1] == 384_016_682
@@ -164,7 +164,7 @@ def test_2d_stencil_is_lookbacks_in_stencil_order():
   cells = np.random.default_rng(4).integers(0, 5000, size=(2, 50)).astype(np.int32)
   stencil = ((0, -1), (0, -2), (0, -3), (0, -4))
   shifted = np.concatenate([np.full((2, 1), spec.pad_id, np.int32), cells[:, :-1]], axis=1)
-  want = reference_ids(shifted, spec.table_sizes_LxOxK, spec.published_multipliers_LxN,
+  want = reference_ids(shifted, spec.table_sizes_LxOxG, spec.published_multipliers_LxN,
                        spec.pad_id)
   host = hashing.spatial_hash_ids(cells, spec, 1, 50, stencil)
   dev = jax.jit(lambda c: hashing.spatial_hash_ids(c, spec, 1, 50, stencil))(cells)
@@ -186,7 +186,7 @@ def test_lm_with_published_hash_decodes_like_the_full_forward():
   full = np.asarray(apply(params, seq, None))
   host_ids = hashing.ngram_hash_ids(seq, cfg.engram.hash_spec())
   np.testing.assert_array_equal(host_ids, reference_ids(
-      seq, cfg.engram.hash_spec().table_sizes_LxOxK,
+      seq, cfg.engram.hash_spec().table_sizes_LxOxG,
       cfg.engram.hash_spec().published_multipliers_LxN, 2))
   np.testing.assert_allclose(np.asarray(apply(params, seq, host_ids)), full,
                              rtol=1e-6, atol=1e-6)

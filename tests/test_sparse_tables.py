@@ -26,9 +26,9 @@ def _ids(seed, shape=(6, 5, 3), distinct=40):
   return jnp.asarray(np.random.default_rng(seed).integers(0, distinct, shape), jnp.int32)
 
 
-def _loss(rows_NxE, seed):
-  w = jax.random.normal(jax.random.key(seed), rows_NxE.shape)
-  return jnp.sum(jnp.sin(rows_NxE) * w)
+def _loss(rows_JxE, seed):
+  w = jax.random.normal(jax.random.key(seed), rows_JxE.shape)
+  return jnp.sum(jnp.sin(rows_JxE) * w)
 
 
 def _dense_grad(table, ids, seed):

@@ -217,7 +217,7 @@ def _check_codes(cfg: ImageDataConfig, where: str, codes, labels) -> None:
   if codes.ndim != 3 or codes.shape[1:] != (cfg.height, cfg.width):
     raise ValueError(
         f"{where}: codes have shape {codes.shape} but data.height x data.width is "
-        f"{cfg.height} x {cfg.width}; store codes as [N, {cfg.height}, {cfg.width}] or "
+        f"{cfg.height} x {cfg.width}; store codes as [I, {cfg.height}, {cfg.width}] or "
         f"set data.height/data.width to the tokenizer's grid.")
   if labels.shape != codes.shape[:1]:
     raise ValueError(f"{where}: labels have shape {labels.shape}; need one label per "

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _inv_rms(x32_Bx_D, eps: float):
+def _inv_rms(x32, eps: float):
   """`1/rms` over the last axis, f32, keepdims: the only statistic the backward needs."""
-  return jax.lax.rsqrt(jnp.mean(x32_Bx_D * x32_Bx_D, axis=-1, keepdims=True) + eps)
+  return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -55,23 +55,25 @@ def _backward(eps, out_dtype, res, g):
   return dx.astype(x.dtype), _scale_grad(g32 * x32, r, scale.shape).astype(scale.dtype)
 
 
-def _scale_grad(gx_Nx_, r_Nx1, scale_shape):
-  """sum over rows of g * x * r, as a contraction with r.
+def _scale_grad(gx, r_x1, scale_shape):
+  """sum over rows of g * x * r, as a contraction with r: `gx` has the shape of x (its
+  trailing axes are the scale's), `r_x1` the shape of x with a last axis of 1.
 
   A dot, not a column reduction: XLA:CPU ran `sum(g * xhat, rows)` fused with `dx`
   ~2x slower than the whole backward with a dot. With one scale row (the usual norm)
-  it is `r^T @ gx`, `[1, N] x [N, D]`, which needs no transposed copy of `gx`.
+  it is `r^T @ gx`, `[1, n] x [n, width]` (n: x's axes before the scale's, flattened),
+  which needs no transposed copy of `gx`.
   """
   rows = int(np.prod(scale_shape[:-1], dtype=np.int64))
   width = scale_shape[-1]
   # HIGHEST: a TPU would otherwise run these f32 dots in one bf16 pass.
   highest = jax.lax.Precision.HIGHEST
   if rows == 1:
-    return jnp.matmul(r_Nx1.reshape(1, -1), gx_Nx_.reshape(-1, width),
+    return jnp.matmul(r_x1.reshape(1, -1), gx.reshape(-1, width),
                       precision=highest).reshape(scale_shape)
-  gx_NxPxD = gx_Nx_.reshape(-1, rows, width)
-  r_NxP = r_Nx1.reshape(-1, rows)
-  return jnp.einsum("npd,np->pd", gx_NxPxD, r_NxP, precision=highest).reshape(scale_shape)
+  # p: the scale's axes before its last (e.g. the branches of a per-branch norm).
+  return jnp.einsum("npd,np->pd", gx.reshape(-1, rows, width), r_x1.reshape(-1, rows),
+                    precision=highest).reshape(scale_shape)
 
 
 rms_norm.defvjp(_forward, _backward)

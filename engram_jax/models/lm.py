@@ -120,17 +120,17 @@ class Block(nn.Module):
 
 
 class Memory(NamedTuple):
-  """A scanned run's Engram layers, stacked over them (S = Engram layers in the run):
+  """A scanned run's Engram layers, stacked over them (L = the run's Engram layers):
   what each layer's `engram_step` reads. params: their Engram params without the
   tables; rows: the rows their tokens read, gathered before the scan."""
   params: Any
-  rows_SxBxTxHxE: jax.Array
+  rows_LxBxTxHxE: jax.Array
   lengths_B: Optional[jax.Array] = None
   masked_BxT: Optional[jax.Array] = None
 
 
 def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory,
-                conv_history_SxBxPxC=None):
+                conv_history_LxBxPxMD=None):
   """(h + Engram's output, conv histories) for a scanned layer whose Engram is `slot`
   of `memory`; (h, histories) when `slot` < 0. A `lax.cond`: plain layers pay no
   Engram compute, and the scan body holds one Engram program whatever their number.
@@ -138,7 +138,7 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
   loop invariant it is), not the branch's intermediates, which it would otherwise keep
   for every layer (zeros for plain ones) and with them a copy of `memory` per layer.
 
-  conv_history_SxBxPxC ("prefill"/"decode" with a conv): each Engram layer's conv
+  conv_history_LxBxPxMD ("prefill"/"decode" with a conv): each Engram layer's conv
   state; the layer reads (decode) and replaces its slot.
   """
   dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -151,7 +151,7 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
       variables["cache"] = {"conv_history": pick(history)}
     h_BxTxMxD = h if cfg.hyper_connections else h[:, :, None, :]
     y, state = layer.apply(variables, h_BxTxMxD, None, memory.lengths_B, memory.masked_BxT,
-                           rows_BxTxHxE=pick(memory.rows_SxBxTxHxE), mutable=["cache"])
+                           rows_BxTxHxE=pick(memory.rows_LxBxTxHxE), mutable=["cache"])
     if history is not None:
       history = jax.lax.dynamic_update_index_in_dim(
           history, state["cache"]["conv_history"].astype(history.dtype), slot, 0)
@@ -159,7 +159,7 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
 
   return jax.checkpoint(lambda h, history: jax.lax.cond(
       slot >= 0, with_engram, lambda h, history: (h, history), h, history))(
-          h, conv_history_SxBxPxC)
+          h, conv_history_LxBxPxMD)
 
 
 class ScanBlock(Block):
@@ -213,8 +213,8 @@ class EngramMemory(nn.Module):
   def conv_history(self, default):
     return self.engram.get_variable("cache", "conv_history", default)
 
-  def keep_conv_history(self, history_BxPxC):
-    self.engram.put_variable("cache", "conv_history", history_BxPxC)
+  def keep_conv_history(self, history_BxPxMD):
+    self.engram.put_variable("cache", "conv_history", history_BxPxMD)
 
 
 def segments(cfg: config_lib.ModelConfig) -> list[tuple[int, int]]:

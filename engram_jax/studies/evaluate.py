@@ -57,7 +57,7 @@ def sample_quality(model: ImageARModel, params, net: FeatureNet, reference, *,
                    **sampling) -> dict[str, float]:
   """FID against `reference` and IS of class-balanced samples.
 
-  `reference`: features `[N, F]`, or a Gaussian fit `(mu [F], sigma [F, F])`.
+  `reference`: features `[I, F]`, or a Gaussian fit `(mu [F], sigma [F, F])`.
   """
   codes, _ = generate_per_class(model, params, samples_per_class, rng,
                                 batch_size=batch_size, **sampling)
@@ -70,7 +70,7 @@ def sample_quality(model: ImageARModel, params, net: FeatureNet, reference, *,
 @dataclasses.dataclass
 class SampleQuality:
   """`quality(model, params)` -> FID / IS of class-balanced samples against a fixed
-  reference (features `[N, F]` or `(mu, sigma)`); every call samples with the same key
+  reference (features `[I, F]` or `(mu, sigma)`); every call samples with the same key
   (common random numbers)."""
   net: FeatureNet
   reference: Any

@@ -30,7 +30,7 @@ from engram_jax.studies.fid import FeatureNet
 # The digits feature network
 # ----------------------------------------------------------------------------------
 class DigitsMLP(nn.Module):
-  """Codes `[N, H, W]` (scaled to [0, 1]) -> (penultimate ReLU features, logits)."""
+  """Codes `[I, Hi, Wi]` (scaled to [0, 1]) -> (penultimate ReLU features, logits)."""
   levels: int
   num_classes: int = 10
   hidden: int = 128
@@ -65,7 +65,7 @@ class DigitsFeatureNet:
 
 
 def split_images(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """All codes `[N, H, W]` and labels `[N]` of a split, in stored order."""
+  """All codes `[I, Hi, Wi]` and labels `[I]` of a split, in stored order."""
   from engram_jax.data import images
   source = images.image_source(data_cfg, split)
   items = [source[i] for i in range(len(source))]
@@ -151,7 +151,7 @@ def load_feature_net(spec: str) -> FeatureNet:
   on local disk); it must return a callable with the FeatureNet contract.
   """
   factory = _import_attr("feature_net", spec, "factory", "a function that returns a "
-                         "FeatureNet (images [N, H, W] -> (features [N, F], probs [N, C]))")
+                         "FeatureNet (images [I, Hi, Wi] -> (features [I, F], probs [I, C]))")
   net = factory()
   if not callable(net):
     raise ValueError(f"--feature_net={spec!r}: {spec.partition(':')[2]}() returned "
@@ -160,9 +160,10 @@ def load_feature_net(spec: str) -> FeatureNet:
 
 
 def load_decoder(spec: str):
-  """`"pkg.module:fn"`: your VQ decoder, codes `[N, H, W]` -> RGB `[N, h, w, 3]` in [0, 1]."""
-  decode = _import_attr("decoder", spec, "fn", "a function mapping codes [N, H, W] to "
-                        "RGB images [N, h, w, 3] in [0, 1]")
+  """`"pkg.module:fn"`: your VQ decoder, codes `[I, Hi, Wi]` -> RGB `[I, Hp, Wp, 3]` in
+  [0, 1]."""
+  decode = _import_attr("decoder", spec, "fn", "a function mapping codes [I, Hi, Wi] to "
+                        "RGB images [I, Hp, Wp, 3] in [0, 1]")
   if not callable(decode):
     raise ValueError(f"--decoder={spec!r} is a {type(decode).__name__}, not a function")
   return decode
@@ -176,8 +177,8 @@ def check_feature_net_choice(spec: str = "", inception_weights: str = "",
                      "feature network; pass one of them")
   if inception_weights and not decoder:
     raise ValueError(f"--inception_weights={inception_weights!r} needs "
-                     "--decoder=pkg.module:fn, a function mapping codes [N, H, W] to RGB "
-                     "images [N, h, w, 3] in [0, 1] (your VQ decoder)")
+                     "--decoder=pkg.module:fn, a function mapping codes [I, Hi, Wi] to RGB "
+                     "images [I, Hp, Wp, 3] in [0, 1] (your VQ decoder)")
   if decoder and not inception_weights:
     raise ValueError(f"--decoder={decoder!r} needs --inception_weights=PATH, the npz "
                      "that `python -m engram_jax.studies.inception convert` writes (docs/probes.md)")
@@ -224,7 +225,7 @@ def add_feature_net_flags(parser) -> None:
                       help="npz of the FID InceptionV3 (python -m engram_jax.studies.inception "
                            "convert); needs --decoder")
   parser.add_argument("--decoder", default="",
-                      help="pkg.module:fn mapping codes [N, H, W] to RGB [N, h, w, 3] in "
+                      help="pkg.module:fn mapping codes [I, Hi, Wi] to RGB [I, Hp, Wp, 3] in "
                            "[0, 1], run before --inception_weights' network")
   parser.add_argument("--reference_stats", default="",
                       help="npz with mu [F], sigma [F, F]: FID against these instead of "

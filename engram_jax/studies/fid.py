@@ -15,7 +15,7 @@ import numpy as np
 
 
 class FeatureNet(Protocol):
-  """Code grids `[N, H, W]` -> (features `[N, F]`, class probabilities `[N, C]`)."""
+  """Code grids `[I, Hi, Wi]` -> (features `[I, F]`, class probabilities `[I, C]`)."""
 
   def __call__(self, images_IxHixWi) -> tuple[np.ndarray, np.ndarray]:
     ...
@@ -28,11 +28,11 @@ def features_of(net: FeatureNet, images_IxHixWi) -> tuple[np.ndarray, np.ndarray
   features, probs = np.asarray(features, np.float64), np.asarray(probs, np.float64)
   n = len(images_IxHixWi)
   if features.ndim != 2 or len(features) != n:
-    raise ValueError(f"feature net: features have shape {features.shape}; return [N, F] "
-                     f"for N={n} images")
+    raise ValueError(f"feature net: features have shape {features.shape}; return [I, F] "
+                     f"for I={n} images")
   if probs.ndim != 2 or len(probs) != n:
     raise ValueError(f"feature net: class probabilities have shape {probs.shape}; return "
-                     f"[N, C] for N={n} images")
+                     f"[I, C] for I={n} images")
   if n and (np.any(probs < -1e-6) or not np.allclose(probs.sum(-1), 1.0, atol=1e-4)):
     raise ValueError("feature net: class probabilities must be >= 0 and sum to 1 per "
                      "image (return softmax probabilities, not logits)")
@@ -46,7 +46,7 @@ def gaussian_fit(features_IxF) -> tuple[np.ndarray, np.ndarray]:
   """(mean `[F]`, covariance `[F, F]`, unbiased) in float64."""
   x = np.asarray(features_IxF, np.float64)
   if x.ndim != 2 or len(x) < 2:
-    raise ValueError(f"features have shape {x.shape}; FID needs [N, F] with N >= 2")
+    raise ValueError(f"features have shape {x.shape}; FID needs [I, F] with I >= 2")
   return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
@@ -87,9 +87,9 @@ def inception_score(probs_IxC, splits: int = 1) -> float:
   """
   p = np.asarray(probs_IxC, np.float64)
   if p.ndim != 2 or not len(p):
-    raise ValueError(f"class probabilities have shape {p.shape}; use [N, C] with N >= 1")
+    raise ValueError(f"class probabilities have shape {p.shape}; use [I, C] with I >= 1")
   if not 1 <= splits <= len(p):
-    raise ValueError(f"splits={splits}: use 1..N (N={len(p)} images)")
+    raise ValueError(f"splits={splits}: use 1..I (I={len(p)} images)")
   scores = []
   for part in np.array_split(p, splits):
     marginal = part.mean(0, keepdims=True)

@@ -1,6 +1,6 @@
 """Hash quality: how often the n-grams of a real token stream collide, against ideal.
 
-Engram looks every n-gram up in K hashed tables per order. A collision in one head only
+Engram looks every n-gram up in G hashed tables per order. A collision in one head only
 blurs that head's row; an n-gram is truly lost (its memory fully shared) when it
 collides in *every* head. We measure, for the distinct n-grams of a stream, the
 fraction that collide in every head and the per-head fraction, and compare them with
@@ -46,57 +46,57 @@ def distinct_ngram_positions(tokens_T: np.ndarray, n: int) -> np.ndarray:
     key_T = (rank_T << np.uint64(32)) | windows_TxN[:, k].astype(np.uint64)
     _, rank_T = np.unique(key_T, return_inverse=True)
     rank_T = rank_T.astype(np.uint64).reshape(-1)
-  _, first_D = np.unique(rank_T, return_index=True)
-  return np.sort(first_D)
+  _, first_I = np.unique(rank_T, return_index=True)
+  return np.sort(first_I)
 
 
-def collision_fractions(ids_DxK: np.ndarray) -> tuple[float, np.ndarray]:
-  """(all-heads, per-head `[K]`) fractions of D distinct n-grams sharing a row.
+def collision_fractions(ids_IxG: np.ndarray) -> tuple[float, np.ndarray]:
+  """(all-heads, per-head `[G]`) fractions of I distinct n-grams sharing a row.
 
   An n-gram collides in head k when some other distinct n-gram has its row id in k;
   it collides in all heads when that holds for every k (the partners may differ).
   """
-  ids_DxK = np.asarray(ids_DxK, dtype=np.int64)
-  collide_DxK = np.stack(
-      [np.bincount(ids_DxK[:, k])[ids_DxK[:, k]] > 1 for k in range(ids_DxK.shape[1])],
+  ids_IxG = np.asarray(ids_IxG, dtype=np.int64)
+  collide_IxG = np.stack(
+      [np.bincount(ids_IxG[:, k])[ids_IxG[:, k]] > 1 for k in range(ids_IxG.shape[1])],
       axis=1)
-  return float(collide_DxK.all(axis=1).mean()), collide_DxK.mean(axis=0)
+  return float(collide_IxG.all(axis=1).mean()), collide_IxG.mean(axis=0)
 
 
 def ideal_collision(num_distinct: int,
-                    sizes_K: Sequence[int]) -> tuple[float, np.ndarray]:
-  """(all-heads, per-head `[K]`) collision probability of an ideal uniform hash.
+                    sizes_G: Sequence[int]) -> tuple[float, np.ndarray]:
+  """(all-heads, per-head `[G]`) collision probability of an ideal uniform hash.
 
-  A given n-gram collides in head k with probability 1 - (1 - 1/p_k)^(D-1); with
+  A given n-gram collides in head k with probability 1 - (1 - 1/p_k)^(I-1); with
   independent heads the all-heads probability is the product.
   """
-  p_K = np.asarray(sizes_K, dtype=np.float64)
-  per_head_K = -np.expm1((num_distinct - 1) * np.log1p(-1.0 / p_K))
-  return float(np.prod(per_head_K)), per_head_K
+  p_G = np.asarray(sizes_G, dtype=np.float64)
+  per_head_G = -np.expm1((num_distinct - 1) * np.log1p(-1.0 / p_G))
+  return float(np.prod(per_head_G)), per_head_G
 
 
 def report_from_ids(tokens_T: np.ndarray, ids_TxH: np.ndarray,
-                    sizes_OxK: np.ndarray) -> list[dict]:
-  """Collision report of one layer's row ids `[T, H]` (H = O*K, order-major)."""
-  sizes_OxK = np.asarray(sizes_OxK)
-  num_orders, heads = sizes_OxK.shape
+                    sizes_OxG: np.ndarray) -> list[dict]:
+  """Collision report of one layer's row ids `[T, H]` (H = O*G, order-major)."""
+  sizes_OxG = np.asarray(sizes_OxG)
+  num_orders, heads = sizes_OxG.shape
   rows = []
   for o in range(num_orders):
-    first_D = distinct_ngram_positions(tokens_T, o + 2)
-    ids_DxK = ids_TxH[first_D, o * heads:(o + 1) * heads]
-    measured_all, measured_K = collision_fractions(ids_DxK)
-    ideal_all, ideal_K = ideal_collision(len(first_D), sizes_OxK[o])
+    first_I = distinct_ngram_positions(tokens_T, o + 2)
+    ids_IxG = ids_TxH[first_I, o * heads:(o + 1) * heads]
+    measured_all, measured_G = collision_fractions(ids_IxG)
+    ideal_all, ideal_G = ideal_collision(len(first_I), sizes_OxG[o])
     rows.append(dict(
-        order=o + 2, distinct_ngrams=len(first_D), heads=heads,
-        table_sizes=[int(p) for p in sizes_OxK[o]],
+        order=o + 2, distinct_ngrams=len(first_I), heads=heads,
+        table_sizes=[int(p) for p in sizes_OxG[o]],
         measured_all_heads=measured_all, ideal_all_heads=ideal_all,
         # Counts, so a reader can judge sampling noise (about sqrt(count)).
-        measured_all_heads_count=int(round(measured_all * len(first_D))),
-        ideal_all_heads_count=ideal_all * len(first_D),
-        measured_per_head_mean=float(measured_K.mean()),
-        ideal_per_head=float(ideal_K.mean()),
-        measured_per_head_list=[float(v) for v in measured_K],
-        ideal_per_head_list=[float(v) for v in ideal_K]))
+        measured_all_heads_count=int(round(measured_all * len(first_I))),
+        ideal_all_heads_count=ideal_all * len(first_I),
+        measured_per_head_mean=float(measured_G.mean()),
+        ideal_per_head=float(ideal_G.mean()),
+        measured_per_head_list=[float(v) for v in measured_G],
+        ideal_per_head_list=[float(v) for v in ideal_G]))
   return rows
 
 
@@ -105,8 +105,8 @@ def single_layer_spec(spec: hashing.HashSpec, layer_index: int) -> hashing.HashS
   sl = slice(layer_index, layer_index + 1)
   return dataclasses.replace(
       spec, layer_ids=(spec.layer_ids[layer_index],),
-      table_sizes_LxOxK=spec.table_sizes_LxOxK[sl],
-      multipliers_LxOxKxN=spec.multipliers_LxOxKxN[sl])
+      table_sizes_LxOxG=spec.table_sizes_LxOxG[sl],
+      multipliers_LxOxGxN=spec.multipliers_LxOxGxN[sl])
 
 
 def collision_report(tokens_T: np.ndarray, spec: hashing.HashSpec,
@@ -115,7 +115,7 @@ def collision_report(tokens_T: np.ndarray, spec: hashing.HashSpec,
   one = single_layer_spec(spec, layer_index)
   tokens_1xT = np.asarray(tokens_T, dtype=np.int32)[None]
   ids_TxH = hashing.ngram_hash_ids(tokens_1xT, one)[0, :, 0]
-  return report_from_ids(tokens_T, ids_TxH, one.table_sizes_LxOxK[0])
+  return report_from_ids(tokens_T, ids_TxH, one.table_sizes_LxOxG[0])
 
 
 # ----------------------------------------------------------------------------------
@@ -154,13 +154,13 @@ def reference_mix(shifts_N: Sequence[np.ndarray], multipliers_N: np.ndarray,
   return mix
 
 
-def reference_hash_ids(tokens_BxT: np.ndarray, table_sizes_LxOxK: np.ndarray,
+def reference_hash_ids(tokens_BxT: np.ndarray, table_sizes_LxOxG: np.ndarray,
                        multipliers_LxN: np.ndarray, pad_id: int) -> np.ndarray:
   """Row ids `[B, T, L, H]` (int64) of the reference hash: heads share the mix.
 
   Same layout as `hashing.ngram_hash_ids` (H order-major), so both compare directly.
   """
-  sizes = np.asarray(table_sizes_LxOxK, dtype=np.int64)
+  sizes = np.asarray(table_sizes_LxOxG, dtype=np.int64)
   num_layers, num_orders, heads = sizes.shape
   shifts_N = reference_shifts(tokens_BxT, num_orders + 1, pad_id)
   b, t = shifts_N[0].shape
@@ -173,7 +173,7 @@ def reference_hash_ids(tokens_BxT: np.ndarray, table_sizes_LxOxK: np.ndarray,
   return out
 
 
-def reference_collision_report(tokens_T: np.ndarray, table_sizes_LxOxK: np.ndarray,
+def reference_collision_report(tokens_T: np.ndarray, table_sizes_LxOxG: np.ndarray,
                                multipliers_LxN: np.ndarray, pad_id: int,
                                layer_index: int = 0) -> list[dict]:
   """Collision report of the reference hash on a stream, vs ideal.
@@ -182,7 +182,7 @@ def reference_collision_report(tokens_T: np.ndarray, table_sizes_LxOxK: np.ndarr
   token id so the reference does not merge pre-start n-grams with real ones.
   """
   sl = slice(layer_index, layer_index + 1)
-  sizes = np.asarray(table_sizes_LxOxK)[sl]
+  sizes = np.asarray(table_sizes_LxOxG)[sl]
   ids_TxH = reference_hash_ids(np.asarray(tokens_T)[None], sizes,
                                np.asarray(multipliers_LxN)[sl], pad_id)[0, :, 0]
   return report_from_ids(tokens_T, ids_TxH, sizes[0])

@@ -41,15 +41,15 @@ CONVERT_COMMAND = ("python -m engram_jax.studies.inception convert "
 # ----------------------------------------------------------------------------------
 # The network
 # ----------------------------------------------------------------------------------
-def avg_pool_3x3_exclude_pad(x_NxHxWxC):
+def avg_pool_3x3_exclude_pad(x_IxHpxWpx_):
   """3x3, stride 1, padding 1 average over the cells inside the image only.
 
   TF's `avg_pool(padding="SAME")`, which the FID weights were trained with; torch's
   default (`count_include_pad=True`) would shrink every border cell.
   """
   window, strides, pad = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-  sums = jax.lax.reduce_window(x_NxHxWxC, 0.0, jax.lax.add, window, strides, pad)
-  ones = jnp.ones((1, *x_NxHxWxC.shape[1:3], 1), x_NxHxWxC.dtype)
+  sums = jax.lax.reduce_window(x_IxHpxWpx_, 0.0, jax.lax.add, window, strides, pad)
+  ones = jnp.ones((1, *x_IxHpxWpx_.shape[1:3], 1), x_IxHpxWpx_.dtype)
   counts = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, pad)
   return sums / counts
 
@@ -68,10 +68,10 @@ class ConvBN(nn.Module):
   precision: Any = jax.lax.Precision.HIGHEST  # FID features must not depend on TF32/bf16
 
   @nn.compact
-  def __call__(self, x_NxHxWxC):
+  def __call__(self, x_IxHpxWpx_):
     (ph, pw), s = self.padding, self.stride
     x = nn.Conv(self.features, self.kernel, strides=(s, s), padding=((ph, ph), (pw, pw)),
-                use_bias=False, precision=self.precision, name="conv")(x_NxHxWxC)
+                use_bias=False, precision=self.precision, name="conv")(x_IxHpxWpx_)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
@@ -167,29 +167,30 @@ class InceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], -1)
 
 
-def preprocess(images_IxHixWix3):
+def preprocess(images_IxHpxWpx3):
   """Images in [0, 1] -> the network's input: 299x299, in [-1, 1].
 
   As pytorch-fid: bilinear with half-pixel centres and no antialiasing (torch's
   `interpolate(mode="bilinear", align_corners=False)`), also when shrinking.
   """
-  n, h, w, c = images_IxHixWix3.shape
+  n, h, w, c = images_IxHpxWpx3.shape
   if c != 3:
-    raise ValueError(f"InceptionV3: images have shape {images_IxHixWix3.shape}; use "
-                     "[N, H, W, 3] RGB")
-  x = images_IxHixWix3.astype(jnp.float32)
+    raise ValueError(f"InceptionV3: images have shape {images_IxHpxWpx3.shape}; use "
+                     "[I, Hp, Wp, 3] RGB")
+  x = images_IxHpxWpx3.astype(jnp.float32)
   if (h, w) != (INPUT_SIZE, INPUT_SIZE):
     x = jax.image.resize(x, (n, INPUT_SIZE, INPUT_SIZE, 3), "bilinear", antialias=False)
   return 2.0 * x - 1.0
 
 
 class InceptionV3(nn.Module):
-  """Images `[N, H, W, 3]` in [0, 1] -> (pool features `[N, 2048]`, logits `[N, 1008]`)."""
+  """Images `[I, Hp, Wp, 3]` in [0, 1] -> (pool features `[I, F]`, logits `[I, C]`);
+  F = 2048, C = 1008."""
   num_classes: int = NUM_CLASSES
 
   @nn.compact
-  def __call__(self, images_IxHixWix3):
-    x = preprocess(images_IxHixWix3)
+  def __call__(self, images_IxHpxWpx3):
+    x = preprocess(images_IxHpxWpx3)
     x = _conv(32, 3, stride=2, name="Conv2d_1a_3x3")(x)          # 149x149
     x = _conv(32, 3, name="Conv2d_2a_3x3")(x)                     # 147x147
     x = _conv(64, 3, padding=1, name="Conv2d_2b_3x3")(x)
@@ -207,10 +208,10 @@ class InceptionV3(nn.Module):
     x = InceptionD(name="Mixed_7a")(x)                            # 8x8x1280
     x = InceptionE(name="Mixed_7b")(x)                            # 2048
     x = InceptionE(max_pool=True, name="Mixed_7c")(x)
-    pool_Ix2048 = x.mean((1, 2))
+    pool_IxF = x.mean((1, 2))
     logits = nn.Dense(self.num_classes, precision=jax.lax.Precision.HIGHEST,
-                      name="fc")(pool_Ix2048)
-    return pool_Ix2048, logits
+                      name="fc")(pool_IxF)
+    return pool_IxF, logits
 
 
 # ----------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ _TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
 def torch_name(key: str) -> tuple[str, tuple[int, ...] | None]:
   """Our flat key -> (pytorch-fid state-dict name, axes that turn its array into ours).
 
-  Torch stores conv weights `[O, I, kh, kw]` (ours HWIO) and linear weights `[out, in]`.
+  Torch stores conv weights `[out, in, kh, kw]` (ours HWIO) and linear weights `[out, in]`.
   """
   collection, *path, leaf = key.split("/")
   name = ".".join(path + [_TORCH_LEAF[collection, leaf]])
@@ -331,11 +332,11 @@ def _forward(module: InceptionV3):
 
 
 class InceptionFeatureNet:
-  """An `fid.FeatureNet`: codes `[N, H, W]` -> `decode` -> images `[N, h, w, 3]` in
-  [0, 1] -> (pool features `[N, 2048]`, softmax over the 1008 logits), float64.
+  """An `fid.FeatureNet`: codes `[I, Hi, Wi]` -> `decode` -> images `[I, Hp, Wp, 3]` in
+  [0, 1] -> (pool features `[I, F]`, F = 2048, softmax over the 1008 logits), float64.
 
   Runs in batches of `batch_size` (the last one padded, so one compile per image size)
-  and decodes batch by batch, so memory does not grow with N.
+  and decodes batch by batch, so memory does not grow with I.
   """
 
   def __init__(self, weights_path: str, decode: Callable, batch_size: int = 50):
@@ -345,12 +346,12 @@ class InceptionFeatureNet:
     self.path, self.decode, self.batch_size = weights_path, decode, batch_size
 
   def images(self, codes_IxHixWi) -> np.ndarray:
-    """The decoder's images, checked: `[N, h, w, 3]` float32 in [0, 1]."""
+    """The decoder's images, checked: `[I, Hp, Wp, 3]` float32 in [0, 1]."""
     images = np.asarray(self.decode(codes_IxHixWi), np.float32)
     n = len(codes_IxHixWi)
     if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3:
       raise ValueError(f"decoder: returned shape {images.shape} for {n} code grids; return "
-                       "RGB images [N, h, w, 3]")
+                       "RGB images [I, Hp, Wp, 3]")
     if images.size and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
       raise ValueError(f"decoder: images span [{images.min():.3g}, {images.max():.3g}]; "
                        "return RGB in [0, 1] (not [-1, 1] or 0..255)")

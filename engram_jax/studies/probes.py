@@ -175,7 +175,7 @@ def donor_indices(cells_IxT, labels_I, kind: str, rng: np.random.Generator) -> n
 
 def donor_probe(model: ImageARModel, params, batches: Sequence[dict], *,
                 kinds=DONOR_KINDS, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-  """{kind: {"kl": [N], "js": [N], "donor": [N]}}: each image against itself read
+  """{kind: {"kl": [I], "js": [I], "donor": [I]}}: each image against itself read
   through a donor's Engram hash inputs (the backbone keeps the image's tokens)."""
   cfg = model.cfg
   if not cfg.model.engram.layers:
@@ -226,7 +226,7 @@ def edit_tables(cfg: ImageModelConfig, params, kind: str, rng_key):
 
 def table_probe(model: ImageARModel, params, batches: Sequence[dict], *,
                 kinds=TABLE_KINDS, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-  """{kind: {"kl": [N], "js": [N]}}: the model with edited tables (or with the pathway
+  """{kind: {"kl": [I], "js": [I]}}: the model with edited tables (or with the pathway
   off, "gate_off") against the model as trained, on the images' own hash inputs."""
   cfg = model.cfg
   if not cfg.model.engram.layers:

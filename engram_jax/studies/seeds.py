@@ -5,11 +5,11 @@
         --variant=gate_0.1:model.engram.gate=0.1 --variant=baseline:model.engram.layers=()
 
 A variant is `NAME` or `NAME:FIELD=VALUE[;FIELD=VALUE...]` over the base config. Each
-(variant, seed) trains in `WORKDIR/NAME/seed_S` with `seed` and `data.seed` = S (init
-and data order), resuming or skipping finished runs; `summary.md` and `summary.csv`
-give every seed's final eval metrics, mean +- std per variant, and each variant's
-difference to the first one with a Welch t statistic: |t| > ~2.8 (3 seeds a side) is
-a difference beyond the seed spread at about the 5% level.
+(variant, seed) trains in `WORKDIR/NAME/seed_{seed}` with `seed` and `data.seed` set to
+that seed (init and data order), resuming or skipping finished runs; `summary.md` and
+`summary.csv` give every seed's final eval metrics, mean +- std per variant, and each
+variant's difference to the first one with a Welch t statistic: |t| > ~2.8 (3 seeds a
+side) is a difference beyond the seed spread at about the 5% level.
 """
 from __future__ import annotations
 
