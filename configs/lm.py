@@ -66,7 +66,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant.startswith("paper_dense"):
     _paper_dense(c, variant)
   if variant.startswith("niah"):
-    # Rows of 128 tokens hold a whole document (~55 tokens) and more; documents with
+    # Rows of 128 tokens hold a whole document (~57 tokens) and more; documents with
     # one-token keys and values (docs/analyses.md). A higher learning rate stalls.
     c.model.max_len = 128
     c.data.update(source="files", files_glob="workdirs/niah_data/train/*.txt",

@@ -7,8 +7,8 @@ document, so it measures what Engram frees attention to do (the paper: Multi-Que
 84.2 -> 97.0).
 
     python -m engram_jax.studies.niah make --out=DIR [--docs=4000 --needles=3 --seed=0]
-    python -m engram_jax.main --config=configs/lm.py:tiny --workdir=W \
-        --config.data.files_glob='DIR/train/*.txt' ...   (recipe: docs/analyses.md)
+    python -m engram_jax.main --config=configs/lm.py:niah --workdir=W \
+        --config.data.files_glob='DIR/train/*.txt'   (the recipe: docs/analyses.md)
     python -m engram_jax.studies.niah eval --workdir=W --data=DIR
 
 `make` writes `train/*.txt` (documents, answers included: the LM loss teaches the task)
