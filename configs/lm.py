@@ -1,8 +1,9 @@
 """Language-model configs: `--config=configs/lm.py:VARIANT`, every field overridable.
 
 Variants: tiny (2-core CPU, minutes), tiny_baseline (same backbone, no Engram),
-small (one GPU). Example: `--config=configs/lm.py:tiny --config.train.steps=50
---config.model.engram.layers=1,3`.
+small (one GPU), niah and niah_baseline (tiny on a needle-in-a-haystack corpus that
+`python -m engram_jax.studies.niah make` writes: docs/analyses.md). Example:
+`--config=configs/lm.py:tiny --config.train.steps=50 --config.model.engram.layers=1,3`.
 
 Paper scale (docs/scale_out.md has their `--dry_run` sizes): paper_dense is the Engram
 paper's layout on a ~3.5B dense backbone (30 blocks of width 2560, Engram at layers 1
@@ -17,7 +18,7 @@ import ml_collections
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   variants = ("tiny", "tiny_baseline", "small", "small_baseline", "paper_dense",
               "paper_dense_v5p", "paper_dense_8gpu", "paper_dense_100b",
-              "paper_dense_100b_v5p", "paper_dense_100b_8gpu")
+              "paper_dense_100b_v5p", "paper_dense_100b_8gpu", "niah", "niah_baseline")
   if variant not in variants:
     raise ValueError(f"configs/lm.py: unknown variant {variant!r}; choose one of {variants}")
   c = ml_collections.ConfigDict()
@@ -64,6 +65,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                    checkpoint_every=500)
   if variant.startswith("paper_dense"):
     _paper_dense(c, variant)
+  if variant.startswith("niah"):
+    # Rows of 128 tokens hold a whole document (~57 tokens) and more; documents with
+    # one-token keys and values (docs/analyses.md). A higher learning rate stalls.
+    c.model.max_len = 128
+    c.data.update(source="files", files_glob="workdirs/niah_data/train/*.txt",
+                  max_files=0, val_fraction=0.05, seq_len=128, batch_size=16)
+    c.train.update(steps=2000, eval_every=2000, log_every=100, checkpoint_every=2000)
   if variant.endswith("baseline"):
     c.model.engram.layers = ()
   return c

@@ -3,6 +3,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from engram_jax.studies import niah
 
@@ -24,6 +25,24 @@ def test_documents_are_deterministic_and_every_needle_recoverable():
       key = re.search(r"code of (\w+)\?$", prompt).group(1)
       assert needles[key] == value and doc["text"].startswith(prompt)
       assert f"{prompt} {value}\n" in doc["text"]  # the answer follows its query
+
+
+def test_short_keys_and_values():
+  filler = niah.filler_lines(500)
+  doc = niah.make_document(np.random.default_rng(3), filler, needles=8, queries=8,
+                           filler_lines_per_doc=0, key_letters=1, value_digits=2)
+  lines = doc["text"].splitlines()
+  needles = dict(re.findall(r"the code of (\w) is (\d\d)\.", doc["text"]))
+  assert len(needles) == 8 and len(lines) == 16  # no filler: needles, then queries
+  for prompt, value in doc["queries"]:
+    assert needles[re.search(r"code of (\w)\?$", prompt).group(1)] == value
+  with pytest.raises(ValueError, match="distinct keys"):
+    niah.make_document(np.random.default_rng(3), filler, needles=21, key_letters=1)
+
+
+def test_recalled_compares_whole_values():
+  assert niah.recalled(" 42\ncode", "42") and niah.recalled("042.", "042")
+  assert not niah.recalled(" 423", "42") and not niah.recalled(" 4", "42")
 
 
 def test_corpus_and_recall_scoring(trained_workdir, tmp_path):

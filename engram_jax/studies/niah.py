@@ -7,8 +7,8 @@ document, so it measures what Engram frees attention to do (the paper: Multi-Que
 84.2 -> 97.0).
 
     python -m engram_jax.studies.niah make --out=DIR [--docs=4000 --needles=3 --seed=0]
-    python -m engram_jax.main --config=configs/lm.py:tiny --workdir=W \
-        --config.data.files_glob='DIR/train/*.txt' ...   (recipe: docs/analyses.md)
+    python -m engram_jax.main --config=configs/lm.py:niah --workdir=W \
+        --config.data.files_glob='DIR/train/*.txt'   (the recipe: docs/analyses.md)
     python -m engram_jax.studies.niah eval --workdir=W --data=DIR
 
 `make` writes `train/*.txt` (documents, answers included: the LM loss teaches the task)
@@ -48,18 +48,25 @@ def filler_lines(max_lines: int = 20000) -> list[str]:
 
 
 def make_document(rng: np.random.Generator, filler: list[str], needles: int = 3,
-                  queries: int = 2, filler_lines_per_doc: int = 6) -> dict:
+                  queries: int = 2, filler_lines_per_doc: int = 6, key_letters: int = 3,
+                  value_digits: int = 3) -> dict:
   """One document: {"text": full text, "queries": [(prompt, value), ...]}.
 
-  Keys are 3 consonants (distinct within a document), values 3 digits; the queried keys
-  are a random subset of the needles, in random order.
+  Keys are `key_letters` consonants (distinct within a document), values
+  `value_digits` digits; the queried keys are a random subset of the needles, in
+  random order. Short keys and values (1 letter, 2 digits) become one BPE token each,
+  which turns the task into single-token associative recall: a toy model learns it.
   """
+  if needles > len(_KEY_LETTERS) ** key_letters:
+    raise ValueError(f"needles={needles}: at most {len(_KEY_LETTERS) ** key_letters} "
+                     f"distinct keys of {key_letters} letters")
   keys = set()
   while len(keys) < needles:
-    keys.add("".join(rng.choice(list(_KEY_LETTERS), 3)))
+    keys.add("".join(rng.choice(list(_KEY_LETTERS), key_letters)))
   keys = sorted(keys)
   rng.shuffle(keys)
-  values = [f"{int(v):03d}" for v in rng.integers(0, 1000, needles)]
+  values = [f"{int(v):0{value_digits}d}"
+            for v in rng.integers(0, 10 ** value_digits, needles)]
   lines = [filler[int(i)] for i in rng.integers(0, len(filler), filler_lines_per_doc)]
   for key, value in zip(keys, values):
     lines.insert(int(rng.integers(0, len(lines) + 1)), f"the code of {key} is {value}.")
@@ -75,23 +82,24 @@ def make_document(rng: np.random.Generator, filler: list[str], needles: int = 3,
 
 def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 3,
                 queries: int = 2, seed: int = 0, docs_per_file: int = 200,
-                filler_lines_per_doc: int = 6) -> None:
+                filler_lines_per_doc: int = 6, key_letters: int = 3,
+                value_digits: int = 3) -> None:
   """Writes `out/train/part-0000.txt`, `part-0001.txt`, ... (`docs_per_file` documents
   each) and `out/val.jsonl`; the same files for the same seed."""
   rng = np.random.default_rng(seed)
   filler = filler_lines()
+  shape = dict(needles=needles, queries=queries, filler_lines_per_doc=filler_lines_per_doc,
+               key_letters=key_letters, value_digits=value_digits)
   os.makedirs(os.path.join(out, "train"), exist_ok=True)
   for part in range(-(-docs // docs_per_file)):
     count = min(docs_per_file, docs - part * docs_per_file)
-    texts = [make_document(rng, filler, needles, queries, filler_lines_per_doc)["text"]
-             for _ in range(count)]
+    texts = [make_document(rng, filler, **shape)["text"] for _ in range(count)]
     with open(os.path.join(out, "train", f"part-{part:04d}.txt"), "w",
               encoding="utf-8") as f:
       f.write("\n".join(texts))
   with open(os.path.join(out, "val.jsonl"), "w", encoding="utf-8") as f:
     for _ in range(val_docs):
-      for prompt, value in make_document(rng, filler, needles, queries,
-                                         filler_lines_per_doc)["queries"]:
+      for prompt, value in make_document(rng, filler, **shape)["queries"]:
         f.write(json.dumps({"prompt": prompt, "value": value}) + "\n")
 
 
@@ -102,6 +110,12 @@ def read_queries(data: str) -> list[dict]:
                      "`python -m engram_jax.studies.niah make --out=DIR`")
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def recalled(answer: str, value: str) -> bool:
+  """The decoded answer starts with the whole value: "42" does not score on "423"."""
+  answer = answer.strip()
+  return answer.startswith(value) and not answer[len(value):][:1].isdigit()
 
 
 def recall(workdir: str, data: str, max_queries: int = 0, batch_size: int = 16) -> dict:
@@ -136,8 +150,7 @@ def recall(workdir: str, data: str, max_queries: int = 0, batch_size: int = 16) 
       lengths[row] = len(ids)
     out = run(params, jnp.asarray(prompts), jnp.asarray(lengths))
     for row, q in enumerate(queries[start:start + batch_size]):
-      text = tok.decode(np.asarray(out[row]).tolist())
-      correct += text.strip().startswith(q["value"])
+      correct += recalled(tok.decode(np.asarray(out[row]).tolist()), q["value"])
     print(f"niah: {min(start + batch_size, len(queries))}/{len(queries)} queries, "
           f"recall so far {correct / min(start + batch_size, len(queries)):.3f}",
           flush=True)
@@ -159,6 +172,8 @@ def main(argv=None) -> int:
   make.add_argument("--queries", type=int, default=2)
   make.add_argument("--seed", type=int, default=0)
   make.add_argument("--filler_lines", type=int, default=6, help="filler lines per document")
+  make.add_argument("--key_letters", type=int, default=3, help="letters per key")
+  make.add_argument("--value_digits", type=int, default=3, help="digits per value")
   ev = sub.add_parser("eval", help="exact recall of a trained workdir")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--data", required=True, help="a directory written by `make`")
@@ -167,14 +182,18 @@ def main(argv=None) -> int:
 
   def body():
     if args.command == "make":
-      for name in ("docs", "val_docs", "needles", "queries", "filler_lines"):
+      for name in ("docs", "val_docs", "needles", "queries", "key_letters",
+                   "value_digits"):
         if getattr(args, name) < 1:
           raise ValueError(f"--{name}={getattr(args, name)}: use 1 or more")
+      if args.filler_lines < 0:
+        raise ValueError(f"--filler_lines={args.filler_lines}: use 0 or more")
       if args.queries > args.needles:
         raise ValueError(f"--queries={args.queries} exceeds --needles={args.needles}: "
                          "each query asks a different needle")
       make_corpus(args.out, args.docs, args.val_docs, args.needles, args.queries,
-                  args.seed, filler_lines_per_doc=args.filler_lines)
+                  args.seed, filler_lines_per_doc=args.filler_lines,
+                  key_letters=args.key_letters, value_digits=args.value_digits)
       print(f"wrote {args.out}/train/*.txt and {args.out}/val.jsonl")
     else:
       print(json.dumps(recall(args.workdir, args.data, args.max_queries)))
