@@ -128,7 +128,8 @@ def linear_cka(x_IxD, y_IxD) -> float:
 
 
 def cka_matrix(streams_a, streams_b) -> np.ndarray:
-  """`[La, Lb]` linear CKA between every pair of layers (tokens flattened)."""
+  """Linear CKA between every pair of layers (tokens flattened): entry (i, j) pairs
+  stream i of `streams_a` with stream j of `streams_b`."""
   flat = lambda h: np.asarray(h).reshape(-1, h.shape[-1])
   a, b = [flat(h) for h in streams_a], [flat(h) for h in streams_b]
   return np.array([[linear_cka(x, y) for y in b] for x in a])
