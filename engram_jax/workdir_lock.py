@@ -101,7 +101,7 @@ class WorkdirLock:
     import fcntl
     try:  # an empty record marks a clean exit; failing that, it reads as stale later
       os.ftruncate(self._fd, 0)
-    except OSError:
+    except OSError:  # deliberate: the lock is still dropped; the record reads as stale
       pass
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
