@@ -9,10 +9,19 @@ per-token latency of the cached path. Greedy, so both paths emit the same tokens
 that holds the sequence, and batch 8 should cost well under 8x batch 1. Per-step time
 is (time for `--new` tokens - time for 2 tokens) / (`--new` - 2), so the prefill and
 call overhead cancel.
+
+Each batch is also set against its weight-streaming floor, measured in the same run: a
+`lax.scan` of as many steps whose body only multiplies `[batch, in]` rows by every
+weight matrix of the model once (tables, which a step gathers a few rows of, and the
+input embedding, a gather unless tied, left out), with the same matmul FLOPs and weight
+bytes as the step's dense layers. At batch 1 that is the in-cache weight-streaming
+bound; at larger batches the CPU's small-GEMM compute floor. A step's ratio to it is
+what the decode loop adds (attention, Engram, sampling, cache writes, loop overhead).
 """
 import argparse
 import os
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -23,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engram_jax import config as config_lib  # noqa: E402
 from engram_jax.sampling import text as generate  # noqa: E402
+from engram_jax import param_groups  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py (scripts run from bench/)
 
@@ -89,13 +99,33 @@ def model_config(args, max_len: int):
       max_len=max_len, engram=config_lib.EngramConfig(layers=layers, table_size=(10007,))))
 
 
+def streaming_floor(params, tied: bool, batch: int, steps: int):
+  """A jitted scan of `steps` steps that streams every dense weight through a matmul of
+  `batch` rows (see the module docstring); returns `() -> result`."""
+  weights = [leaf.reshape(-1, leaf.shape[-1])
+             for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if leaf.ndim >= 2 and param_groups.group(path) != "engram_tables"
+             and (tied or param_groups.names(path)[:1] != ["embed"])]
+  weights = [w.T if tied and w.shape[0] > w.shape[1] else w for w in weights]  # E^T
+
+  @jax.jit
+  def run(weights, s):
+    def step(s, _):
+      for w in weights:  # rows that depend on the step, so no matmul is hoisted
+        s = s + 1e-9 * jnp.sum(jnp.full((batch, w.shape[0]), s, w.dtype) @ w)
+      return s, None
+    return jax.lax.scan(step, s, None, length=steps)[0]
+
+  return lambda: run(weights, jnp.float32(1.0))
+
+
 def sweep(args):
   """Per-step cached decode time for each (batch, max_len), in alternating rounds."""
   batches = [int(b) for b in args.batches.split(",")]
   max_lens = [int(m) for m in args.max_lens.split(",")]
   params = nn.unbox(EngramLM(model_config(args, max(max_lens))).init(
       jax.random.key(0), jnp.zeros((1, args.prompt), jnp.int32)))["params"]
-  calls = {}
+  calls, compile_s = {}, []
   for max_len in max_lens:
     model = EngramLM(model_config(args, max_len))  # same params: the cache size differs
     for batch in batches:
@@ -105,24 +135,40 @@ def sweep(args):
       for new in (2, args.new):
         fn = jax.jit(lambda p, x, n, model=model, new=new: generate.generate(
             model, p, x, n, jax.random.key(0), max_new_tokens=new, temperature=0.0))
+        start = time.perf_counter()
         jax.block_until_ready(fn(params, prompt, lengths))
+        compile_s.append(time.perf_counter() - start)
         calls[(max_len, batch, new)] = lambda fn=fn, x=prompt, n=lengths: fn(params, x, n)
+  tied = model_config(args, max_lens[0]).tie_embeddings
+  for batch in batches:
+    for new in (2, args.new):
+      floor = streaming_floor(params, tied, batch, new - 1)
+      jax.block_until_ready(floor())
+      calls[("floor", batch, new)] = floor
   times = {key: [] for key in calls}
   for _ in range(args.repeats):
     for key, call in calls.items():
       times[key].append(median_seconds(call, 3))
   step_ms = {(m, b): 1e3 * (np.median(times[(m, b, args.new)]) - np.median(times[(m, b, 2)]))
-             / (args.new - 2) for m in max_lens for b in batches}
+             / (args.new - 2) for m in [*max_lens, "floor"] for b in batches}
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices); "
         f"width {args.width}, depth {args.depth}, Engram at {args.engram_layers}; prompt "
         f"{args.prompt}, {args.new} new tokens; {args.repeats} alternating rounds")
+  print(f"compile + first call of generate: median {np.median(compile_s):.2f} s")
   print("ms per decode step (rows: max_len, columns: batch)")
   print("max_len " + "".join(f"{b:>10d}" for b in batches))
   for m in max_lens:
     print(f"{m:7d} " + "".join(f"{step_ms[(m, b)]:10.3f}" for b in batches))
+  print("  floor " + "".join(f"{step_ms[('floor', b)]:10.3f}" for b in batches)
+        + "   (weight streaming: every dense weight once through a matmul)")
   b0, m0 = batches[0], max_lens[0]
   for b in batches[1:]:
     print(f"batch {b} / batch {b0} at max_len {m0}: {step_ms[(m0, b)] / step_ms[(m0, b0)]:.2f}x")
+  for b in batches:
+    print(f"batch {b}: step / weight-streaming floor at max_len {m0}: "
+          f"{step_ms[(m0, b)] / step_ms[('floor', b)]:.2f}x")
+  fb = step_ms[("floor", batches[-1])] / step_ms[("floor", b0)]
+  print(f"the floor itself: batch {batches[-1]} / batch {b0}: {fb:.2f}x")
   for m in max_lens[1:]:
     print(f"max_len {m} / {m0} at batch {b0}: {step_ms[(m, b0)] / step_ms[(m0, b0)]:.2f}x")
 
