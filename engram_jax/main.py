@@ -25,7 +25,7 @@ def _interrupted_early(signum, frame):
 if __name__ == "__main__":  # until the trainer installs its own save-and-stop handler
   signal.signal(signal.SIGINT, _interrupted_early)
 
-# clu's TensorBoard writer loads TensorFlow: keep its start-up chatter off the console
+# tensorflow-datasets sources load TensorFlow: keep its start-up chatter off the console
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -130,7 +130,7 @@ def describe_config(config, config_arg: str) -> str:
 
 def main(argv):
   del argv
-  if not FLAGS["verbosity"].present:  # orbax/clu INFO logs drown the progress lines
+  if not FLAGS["verbosity"].present:  # orbax INFO logs drown the progress lines
     logging.set_verbosity(logging.WARNING)
   from engram_jax import train  # importing touches no device: initialize can follow
   try:

@@ -1,4 +1,4 @@
-"""Training loop: jit train step, periodic eval, orbax checkpoints, clu metrics.
+"""Training loop: jit train step, periodic eval, orbax checkpoints, metrics (TensorBoard, jsonl).
 
 `train_and_evaluate(config, workdir)` trains the config's task (`engram_jax.tasks`: the
 LM on text, or the class-conditional image model on codes) on the config's mesh and
@@ -379,7 +379,8 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
                 mesh, fingerprint, accept_data_change):
   """The run of `train_and_evaluate`; `config` (the ConfigDict) is only written to the
   workdir's config.json, `run` says everything else."""
-  from clu import metric_writers, periodic_actions
+  from clu import parameter_overview
+
   from engram_jax import host_tables, sharding, writers
   t = run.train
   model, seq_len, train_iter = task.model, task.seq_len, task.train_iter
@@ -443,10 +444,11 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   if pidx == 0:
     writers.repair_metrics(metrics_path, start)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=pidx > 0)
+  writer = writers.TensorBoardWriter(workdir)
   jsonl = writers.JsonlWriter(metrics_path)
-  def write(step, scalars):
-    writer.write_scalars(step, scalars)
+  def write(step, scalars, tensorboard_only=None):
+    logging.info("step %d: %s", step, scalars)
+    writer.write(step, {**scalars, **(tensorboard_only or {})})
     jsonl.write(step, scalars)
 
   overview = param_groups.parameter_overview(state.params)
@@ -454,6 +456,8 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     overview["engram_tables"] = sum(t.size for t in store.tables_L)
     overview["total"] += overview["engram_tables"]
   logging.info("parameters: %s", overview)
+  logging.info("parameter shapes:\n%s",  # clu's table; its writers would load TensorFlow
+               parameter_overview.get_parameter_overview(state.params, include_stats=False))
   say = (lambda text: print(text, flush=True)) if pidx == 0 else (lambda text: None)
   say("parameters: " + ", ".join(f"{k} {v:,}" for k, v in overview.items()))
   table_arrays = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
@@ -492,7 +496,6 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
       feed.wait()
       batches = [_global_batch(feed.with_rows(b), batch_sh) for b in task.eval_batches]
     return evaluate(eval_step, state_variables(state), batches, byte_lengths)
-  progress = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
   console = writers.ConsoleProgress(start, t.steps)
 
   def save(step):
@@ -520,12 +523,12 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
         raise TrainingError(f"non-finite {what} at step {step}; this state is not saved and "
                             "the last good checkpoint is kept (lower train.learning_rate?)")
       state = new_state
-      progress(step)
       if step % t.log_every == 0 or step == t.steps:
         write(step, {"train_loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
                      "learning_rate": float(schedule(step)),
                      **{k: float(v) for k, v in step_metrics.items()
-                        if k.startswith("moe_")}})
+                        if k.startswith("moe_")}},
+              tensorboard_only={"steps_per_sec": console.steps_per_second(step)})
         console.report(step, loss)
       if step % t.eval_every == 0 or step == t.steps:
         metrics, eval_step_number = eval_now(), step
@@ -551,9 +554,9 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
       if not failed:  # else the error already on its way is the one to report
         raise
     manager.close()
-    writer.flush()
     try:
-      jsonl.close()  # a remote metrics.jsonl: its last lines
+      writer.close()  # a remote workdir: the events and metrics.jsonl's last lines
+      jsonl.close()
     except OSError:
       if not failed:
         raise

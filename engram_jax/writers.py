@@ -9,10 +9,16 @@ In a remote workdir (gs://), where an object cannot be appended to, the writer k
 the file's lines in memory and rewrites the whole object at most every
 `REMOTE_FLUSH_SECONDS` (object stores throttle rewrites of one object) and on `close`:
 a crash loses at most that many seconds of lines, and never leaves a torn one.
+
+TensorBoard event files are written here too, without TensorFlow: clu's writers import
+it (3 to 5 s at every start of a run, and its log lines on stderr); the records are
+TFRecord frames of `Event` protos from the `tensorboard` package, which TensorBoard reads.
 """
 from __future__ import annotations
 
 import json
+import os
+import struct
 import time
 
 import jax
@@ -35,10 +41,13 @@ class ConsoleProgress:
     self._start, self._total = start_step, total_steps
     self._began = time.perf_counter()
 
+  def steps_per_second(self, step: int) -> float:
+    return (step - self._start) / max(time.perf_counter() - self._began, 1e-9)
+
   def report(self, step: int, loss: float) -> None:
     if jax.process_index() != 0:
       return
-    rate = (step - self._start) / max(time.perf_counter() - self._began, 1e-9)
+    rate = self.steps_per_second(step)
     eta = (self._total - step) / max(rate, 1e-9)
     print(f"step {step}/{self._total} train_loss {loss:.4f} ({rate:.2f} steps/s, "
           f"ETA {_fmt_eta(eta)})", flush=True)
@@ -49,6 +58,36 @@ def format_eval(step: int, metrics: dict[str, float]) -> str:
   return f"eval at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+class _AppendOnlyFile:
+  """Appends bytes to a file: locally as they come; on an object store, where nothing
+  can be appended, the whole object at most every `flush_seconds` and on `flush`."""
+
+  def __init__(self, path: str, flush_seconds: float):
+    self._path = path
+    self._remote = not paths.is_local(path)
+    self._flush_seconds = flush_seconds
+    self._content: bytes | None = None  # remote: the file as it should be
+    self._dirty, self._flushed_at = False, None  # the first append goes out at once
+
+  def append(self, data: bytes) -> None:
+    if not self._remote:
+      with open(self._path, "ab") as f:
+        f.write(data)
+      return
+    if self._content is None:  # what earlier runs wrote
+      self._content = paths.read_bytes(self._path) if paths.exists(self._path) else b""
+    self._content += data
+    self._dirty = True
+    if self._flushed_at is None or time.monotonic() - self._flushed_at >= self._flush_seconds:
+      self.flush()
+
+  def flush(self) -> None:
+    """Remote: writes the bytes held so far (the whole object). Locally a no-op."""
+    if self._remote and self._dirty:
+      paths.atomic_write_bytes(self._path, self._content)
+      self._dirty, self._flushed_at = False, time.monotonic()
+
+
 class JsonlWriter:
   """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`.
 
@@ -57,32 +96,86 @@ class JsonlWriter:
   """
 
   def __init__(self, path: str, flush_seconds: float = REMOTE_FLUSH_SECONDS):
-    self._path = path
-    self._remote = not paths.is_local(path)
-    self._flush_seconds = flush_seconds
-    self._content: bytes | None = None  # remote: the file as it should be
-    self._dirty, self._flushed_at = False, 0.0
+    self._file = _AppendOnlyFile(path, flush_seconds)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if jax.process_index() != 0:
       return
     line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-    if not self._remote:
-      with open(self._path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-      return
-    if self._content is None:  # what earlier runs wrote (repaired: whole lines)
-      self._content = paths.read_bytes(self._path) if paths.exists(self._path) else b""
-    self._content += (line + "\n").encode("utf-8")
-    self._dirty = True
-    if time.monotonic() - self._flushed_at >= self._flush_seconds:
-      self.flush()
+    self._file.append((line + "\n").encode("utf-8"))
 
   def flush(self) -> None:
-    """Remote: writes the lines held so far (the whole object). Locally a no-op."""
-    if self._remote and self._dirty:
-      paths.atomic_write_bytes(self._path, self._content)
-      self._dirty, self._flushed_at = False, time.monotonic()
+    self._file.flush()
+
+  def close(self) -> None:
+    self.flush()
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
+    table.append(crc)
+  return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C of `data` (the checksum of TFRecord frames); pure Python: event records
+  are a few dozen bytes, written every `train.log_every` steps."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+  crc = crc32c(data)
+  return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def tfrecord(data: bytes) -> bytes:
+  """One TFRecord frame: length, its masked CRC, the data, its masked CRC."""
+  length = struct.pack("<Q", len(data))
+  return length + _masked_crc(length) + data + _masked_crc(data)
+
+
+class TensorBoardWriter:
+  """Scalars as a TensorBoard event file in `logdir` (process 0; others write none).
+
+  Same interface as `JsonlWriter`. Each run (and each resume) opens its own
+  `events.out.tfevents.<seconds>.engram_jax.<pid>.v2`; TensorBoard merges a directory's
+  files by step. Values are float32 `simple_value`s, as TensorBoard stores scalars.
+  """
+
+  def __init__(self, logdir: str, flush_seconds: float = REMOTE_FLUSH_SECONDS):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._file = None
+    if jax.process_index() != 0:
+      return
+    name = f"events.out.tfevents.{int(time.time()):010d}.engram_jax.{os.getpid()}.v2"
+    self._file = _AppendOnlyFile(paths.join(logdir, name), flush_seconds)
+    self._append(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _append(self, event) -> None:
+    self._file.append(tfrecord(event.SerializeToString()))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if self._file is None:
+      return
+    values = [self._summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+              for k, v in scalars.items()]
+    self._append(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                       summary=self._summary_pb2.Summary(value=values)))
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
 
   def close(self) -> None:
     self.flush()

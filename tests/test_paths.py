@@ -6,6 +6,7 @@ helpers write and read real gs:// URLs; and a whole training run in a local dire
 that `paths.is_local` calls remote, so every remote branch (no flock, whole-file metric
 rewrites, the log copied up at exit, the token cache kept local) runs for real.
 """
+import glob
 import json
 import os
 import tempfile
@@ -245,6 +246,7 @@ def test_a_run_in_a_remote_workdir_trains_resumes_and_loads(tmp_path, monkeypatc
   assert not os.path.exists(os.path.join(run, "token_cache"))  # kept on the local disk
   assert os.listdir(tmp_path / "cache")
   assert [r["step"] for r in runs.metric_rows(run)] == [1, 2]  # flushed at close
+  assert len(glob.glob(os.path.join(run, "events.out.tfevents.*"))) == 1  # TensorBoard's too
 
   with open(os.path.join(run, writers.METRICS_FILE), "a") as f:  # as if killed mid-line
     f.write(json.dumps({"step": 3, "train_loss": 123.0}) + "\n" + '{"step": 4, "trai')
