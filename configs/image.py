@@ -25,7 +25,7 @@ import math
 
 import ml_collections
 
-from engram_jax import allocation, hashing
+from engram_jax import allocation, spatial_hashing
 from engram_jax.models import image
 
 PAPER_RHOS = (0.17, 0.32, 0.41, 0.51, 0.63, 0.76, 0.90)
@@ -71,7 +71,7 @@ def _base(variant: str) -> ml_collections.ConfigDict:
                  engram=dict(layers=(1, 2), max_ngram=3, heads=4, embed_per_ngram=32,
                              table_size=(509,), gate="learned", table_trainable=True,
                              table_init_std=1.0, seed=0, table_row_multiple=8,
-                             stencil=hashing.DEFAULT_STENCIL))
+                             stencil=spatial_hashing.DEFAULT_STENCIL))
   c.data = dict(source="digits", levels=8, split_seed=0, train_path="", val_path="",
                 test_path="", height=8, width=8, codebook_size=0, num_classes=10,
                 batch_size=32, seed=0, label_dropout=0.1, worker_count=0)

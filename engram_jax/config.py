@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Union
 
-from engram_jax import hashing
+from engram_jax import hashing, spatial_hashing
 
 GateMode = Union[str, float]
 _GATE_NAMES = ("learned", "off")
@@ -43,7 +43,7 @@ class EngramConfig:
   table_row_multiple: int = 512        # pad each layer's table rows to a multiple (sharding)
   placement: str = "device"            # "device" | "host" (host RAM, training too) | "disk"
   # Images only: causal (dy, dx) neighbours; order n hashes the first n (docs/vision.md).
-  stencil: tuple[tuple[int, int], ...] = hashing.DEFAULT_STENCIL
+  stencil: tuple[tuple[int, int], ...] = spatial_hashing.DEFAULT_STENCIL
   # "engram_jax" (uint32, per-head multipliers) | "published" (the reference's int64
   # hash, bit for bit; needs the two fields below). docs/hashing.md, docs/v4.md.
   hash: str = "engram_jax"

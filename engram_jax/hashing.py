@@ -1,4 +1,4 @@
-"""Compressed vocabulary and multi-head n-gram hashing for Engram.
+"""Multi-head n-gram hashing for Engram: table sizes, multipliers, hash ids.
 
 Everything here is pure and deterministic. `ngram_hash_ids` has a single body that
 runs on NumPy arrays (host: data pipelines, prefetch, offload) and on jax arrays under
@@ -8,16 +8,15 @@ runs on NumPy arrays (host: data pipelines, prefetch, offload) and on jax arrays
 
 Shapes (docs/architecture.md): B batch, T positions, P positions before position 0,
 L Engram layers, N max n-gram order (a window holds N tokens), O n-gram orders (2..N,
-so O = N-1), G hash heads per order, H = O*G heads of a layer, Hi x Wi an image grid
-(HiWi cells).
+so O = N-1), G hash heads per order, H = O*G heads of a layer. What is hashed: ids of
+`engram_jax.compressed_vocab` (text) or the stencil windows of `engram_jax.spatial_hashing`
+(images).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-import unicodedata
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -37,97 +36,6 @@ HASH_MODES = ("engram_jax", "published")
 # Seed stride between layers, as in the reference implementation.
 _LAYER_SEED_STRIDE = 10007
 _MAX_HEAD_ROWS = 2**31 - 1  # row ids are int32 on device (no x64)
-
-
-# ----------------------------------------------------------------------------------
-# Compressed vocabulary
-# ----------------------------------------------------------------------------------
-_WHITESPACE_RUN = re.compile(r"[ \t\r\n]+")
-
-
-def normalize_token_text(text: str) -> str:
-  """The canonical form two tokens must share to be merged.
-
-  NFKC, then NFD with combining marks removed (strip accents), lower-case, runs of
-  whitespace folded to one space, outer spaces stripped; a token that is only
-  whitespace keeps a single space so it does not merge with the empty string.
-  """
-  text = unicodedata.normalize("NFKC", text)
-  text = unicodedata.normalize("NFD", text)
-  text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
-  text = _WHITESPACE_RUN.sub(" ", text.lower())
-  if text == " ":
-    return text
-  return text.strip()
-
-
-def compressed_vocab_from_texts(texts: Sequence[str | None],
-                                raw_keys: Sequence[str] | None = None) -> np.ndarray:
-  """Maps token id -> compressed id, merging tokens whose normalised texts are equal.
-
-  `texts[i]` is the decoded text of token i, or None when it does not decode to valid
-  text (a partial UTF-8 byte): such tokens keep an id of their own, or, with
-  `raw_keys` (the published rule), are keyed by their raw token string `raw_keys[i]`
-  in the same key space as normalised texts. Compressed ids are dense, assigned in
-  order of first appearance.
-  """
-  key_to_new: dict[Any, int] = {}
-  out = np.empty(len(texts), dtype=np.int32)
-  for token_id, text in enumerate(texts):
-    if text is None:
-      raw = None if raw_keys is None else raw_keys[token_id]
-      key: Any = ("raw", token_id) if raw is None else raw
-    else:
-      norm = normalize_token_text(text)
-      key = norm if norm else text
-    out[token_id] = key_to_new.setdefault(key, len(key_to_new))
-  return out
-
-
-def _decoded_texts(tokenizer) -> list[str | None]:
-  texts = []
-  for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
-    text = tokenizer.decode([token_id], skip_special_tokens=False)
-    texts.append(None if "\ufffd" in text else text)
-  return texts
-
-
-def compressed_vocab_from_tokenizer(tokenizer) -> np.ndarray:
-  """Compressed vocabulary of a Hugging Face `tokenizers.Tokenizer`."""
-  return compressed_vocab_from_texts(_decoded_texts(tokenizer))
-
-
-def published_compressed_vocab(tokenizer, expected_size: int | None = None) -> np.ndarray:
-  """The published compressed vocabulary of a `tokenizers.Tokenizer`, `[V]` int32.
-
-  As `compressed_vocab_from_tokenizer`, but a token whose decoded text holds U+FFFD is
-  keyed by its raw token string (so it may merge with a text key, as in the
-  reference). `expected_size` (e.g. V4.1's `engram_compressed_vocab_size`) is checked:
-  the multipliers depend on it, so a mismatch is an error.
-  """
-  texts = _decoded_texts(tokenizer)
-  raw = [tokenizer.id_to_token(i) for i in range(len(texts))]
-  vocab = compressed_vocab_from_texts(texts, raw)
-  size = int(vocab.max()) + 1 if vocab.size else 0
-  if expected_size is not None and size != int(expected_size):
-    raise ValueError(f"compressed vocabulary has {size} entries but "
-                     f"{int(expected_size)} were declared: wrong tokenizer for this "
-                     f"checkpoint?")
-  return vocab
-
-
-def compressed_vocab_for(tokenizer, mode: str = "engram_jax",
-                         expected_size: int | None = None) -> np.ndarray:
-  """The compressed vocabulary a hash mode expects (`engram.hash`): the published
-  rule, size-checked, for "published"; ours otherwise."""
-  if mode == "published":
-    return published_compressed_vocab(tokenizer, expected_size or None)
-  return compressed_vocab_from_tokenizer(tokenizer)
-
-
-def identity_vocab(vocab_size: int) -> np.ndarray:
-  """The map used when there is no tokenizer (images, toy data)."""
-  return np.arange(vocab_size, dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------------
@@ -317,7 +225,8 @@ def published_layout(layer_ids: Sequence[int], max_ngram: int, heads: int,
 # ----------------------------------------------------------------------------------
 # Hashing: one body for NumPy and jax
 # ----------------------------------------------------------------------------------
-def _xp(x):
+def array_module(x):
+  """numpy for host arrays, jax.numpy for jax arrays and tracers: one body, two paths."""
   return np if isinstance(x, (np.ndarray, np.generic)) else jnp
 
 
@@ -336,7 +245,7 @@ def mix_windows(windows_BxTxN, multipliers_LxOxGxN):
   `windows_BxTxN[..., k]` is the token k steps back from the predicted position (k = 0
   is the current token); the 1D and 2D hashes differ only in how they build windows.
   """
-  xp = _xp(windows_BxTxN)
+  xp = array_module(windows_BxTxN)
   w = windows_BxTxN.astype(xp.uint32)
   m = xp.asarray(multipliers_LxOxGxN, dtype=xp.uint32)
   mix = None
@@ -353,7 +262,7 @@ def mark_dead(tokens_BxT, masked_BxT):
   lookback on (`kill_dead`). Keep the marked tokens as decode history, so decoding
   sees the same windows.
   """
-  xp = _xp(tokens_BxT)
+  xp = array_module(tokens_BxT)
   return xp.where(xp.asarray(masked_BxT, dtype=bool), xp.uint32(DEAD_ID),
                   tokens_BxT.astype(xp.uint32))
 
@@ -364,7 +273,7 @@ def kill_dead(windows_BxTxN):
   For 2D stencils, "beyond" follows the stencil's order: entry k is dead when any of
   entries 0..k is a dead cell.
   """
-  xp = _xp(windows_BxTxN)
+  xp = array_module(windows_BxTxN)
   w = windows_BxTxN.astype(xp.uint32)
   dead = xp.zeros(w.shape[:-1], dtype=bool)
   cols = []
@@ -422,7 +331,7 @@ def published_mixes(windows_BxTxN, spec: HashSpec):
   """The reference's per-order mixes as (hi, lo) uint32 limbs, each `[B, T, L, O]`:
   mix_n = c_t*m_0 ^ c_{t-1}*m_1 ^ .. ^ c_{t-n+1}*m_{n-1} (int64, wrapping), pads
   (PAD_ID) replaced by `spec.pad_id`."""
-  xp = _xp(windows_BxTxN)
+  xp = array_module(windows_BxTxN)
   w = windows_BxTxN.astype(xp.uint32)
   w = xp.where(w == xp.uint32(PAD_ID), xp.uint32(spec.pad_id), w)
   m_hi_LxN, m_lo_LxN = (xp.asarray(a) for a in _split_int64(spec.published_multipliers_LxN))
@@ -440,7 +349,7 @@ def published_mixes(windows_BxTxN, spec: HashSpec):
 
 def _published_ids(windows_BxTxN, spec: HashSpec):
   """Per-head row ids `[B, T, L, O, G]` (uint32) of the published hash."""
-  xp = _xp(windows_BxTxN)
+  xp = array_module(windows_BxTxN)
   hi_BxTxLxO, lo_BxTxLxO = published_mixes(windows_BxTxN, spec)
   sizes = spec.table_sizes_LxOxG.astype(np.int64)
   step = 32 - int(sizes.max() - 1).bit_length()
@@ -456,7 +365,7 @@ def hash_windows(windows_BxTxN, spec: HashSpec):
   `spec.mode` picks the hash: ours (uint32, per-head multipliers, fmix32) or the
   published one (int64 mix per order, emulated bit for bit with uint32 limbs).
   """
-  xp = _xp(windows_BxTxN)
+  xp = array_module(windows_BxTxN)
   windows_BxTxN = kill_dead(windows_BxTxN)
   b, t = windows_BxTxN.shape[:2]
   if spec.mode == "published":
@@ -474,7 +383,7 @@ def ngram_windows(tokens_BxT, max_ngram: int, history_BxP=None):
   history_BxP: the P >= N-1 tokens that precede position 0 (decoding); PAD_ID when
   None (start of sequence).
   """
-  xp = _xp(tokens_BxT)
+  xp = array_module(tokens_BxT)
   tokens = tokens_BxT.astype(xp.uint32)
   b, t = tokens.shape
   if history_BxP is None:
@@ -489,146 +398,3 @@ def ngram_windows(tokens_BxT, max_ngram: int, history_BxP=None):
 def ngram_hash_ids(tokens_BxT, spec: HashSpec, history_BxP=None):
   """Row ids `[B, T, L, H]` of the 1D n-grams ending at every position."""
   return hash_windows(ngram_windows(tokens_BxT, spec.max_ngram, history_BxP), spec)
-
-
-# ----------------------------------------------------------------------------------
-# 2D spatial hashing (images): one body for NumPy and jax
-# ----------------------------------------------------------------------------------
-# Causal neighbours (dy, dx) of the cell being predicted; order n hashes the first n.
-# Left and up first: the two cells that say most about a pixel's surroundings.
-DEFAULT_STENCIL = ((0, -1), (-1, 0), (-1, -1), (-1, 1), (0, -2), (-2, 0))
-
-
-def validate_stencil(stencil, max_ngram: int | None = None, height: int | None = None,
-                     width: int | None = None) -> tuple[tuple[int, int], ...]:
-  """The stencil as int pairs; a ValueError naming `engram.stencil` if unusable.
-
-  Every offset must point strictly before the predicted cell in raster order (dy < 0, or
-  dy == 0 and dx < 0), so the hash reads only generated cells (KV-cache compatible).
-  With `max_ngram`, there must be an entry per n-gram token; with `height`/`width`,
-  every offset must land on the grid for some cell (else it is a constant pad).
-  """
-  try:
-    offsets = tuple((int(dy), int(dx)) for dy, dx in stencil)
-  except (TypeError, ValueError) as err:
-    raise ValueError(f"engram.stencil={stencil!r} is invalid: give (dy, dx) integer "
-                     f"pairs, e.g. {DEFAULT_STENCIL[:3]}.") from err
-  if not offsets:
-    raise ValueError("engram.stencil is empty: give at least max_ngram (dy, dx) pairs, "
-                     f"e.g. {DEFAULT_STENCIL[:3]}.")
-  for dy, dx in offsets:
-    if not (dy < 0 or (dy == 0 and dx < 0)):
-      raise ValueError(
-          f"engram.stencil offset {(dy, dx)} reads the predicted cell or a later one: "
-          f"use dy < 0, or dy == 0 and dx < 0 (cells already generated in raster "
-          f"order).")
-  if len(set(offsets)) != len(offsets):
-    raise ValueError(f"engram.stencil={offsets} repeats an offset: every n-gram token "
-                     f"must be a different neighbour.")
-  if max_ngram is not None and len(offsets) < max_ngram:
-    raise ValueError(
-        f"engram.stencil has {len(offsets)} offsets but engram.max_ngram={max_ngram} "
-        f"needs {max_ngram} (order n hashes the first n); add offsets, e.g. "
-        f"{DEFAULT_STENCIL[:max_ngram]}, or lower engram.max_ngram.")
-  if height is not None and width is not None:
-    for dy, dx in offsets:
-      if -dy >= height or abs(dx) >= width:
-        raise ValueError(
-            f"engram.stencil offset {(dy, dx)} never lands on a {height}x{width} grid: "
-            f"use |dy| < {height} and |dx| < {width}.")
-  return offsets
-
-
-def _neighbour_index(cells_T, height: int, width: int, stencil, pad_index: int, xp):
-  """Raster index `[T, N]` of each stencil neighbour of cells `cells_T`; off-grid: pad.
-
-  Offsets point up or left, so a neighbour is on the grid iff its row is >= 0 and its
-  column is in [0, width).
-  """
-  row_T, col_T = cells_T // width, cells_T % width
-  cols = []
-  for dy, dx in stencil:
-    row, col = row_T + dy, col_T + dx
-    on_grid = (row >= 0) & (col >= 0) & (col < width)
-    cols.append(xp.where(on_grid, row * width + col, pad_index))
-  return xp.stack(cols, axis=-1).astype(xp.int32)
-
-
-def _gather_neighbours(canvas_BxHiWi, index_TxN):
-  """`canvas[b, index]` as uint32, PAD_ID where the index is one past the end."""
-  xp = _xp(canvas_BxHiWi)
-  pad = xp.full((canvas_BxHiWi.shape[0], 1), PAD_ID, dtype=xp.uint32)
-  ext = xp.concatenate([canvas_BxHiWi.astype(xp.uint32), pad], axis=1)
-  return ext[:, index_TxN]
-
-
-def _check_grid(height: int, width: int) -> None:
-  if height < 1 or width < 1:
-    raise ValueError(f"data.height={height}, data.width={width}: use positive sizes.")
-
-
-def spatial_windows(cells_BxT, height: int, width: int,
-                    stencil=DEFAULT_STENCIL):
-  """Windows `[B, T, N]`: entry k is cell t's k-th stencil neighbour (N = len(stencil)).
-
-  cells_BxT: the first T <= height*width cells of each image, in raster order. Row t is
-  the context of cell t, which the model predicts at position t (position 0 holds the
-  class token). Neighbours off the grid are PAD_ID. Feed to `hash_windows` with a
-  stencil cut to `max_ngram` entries (as `spatial_hash_ids` does).
-  """
-  _check_grid(height, width)
-  offsets = validate_stencil(stencil, height=height, width=width)
-  t = cells_BxT.shape[1]
-  if t > height * width:
-    raise ValueError(f"cells_BxT has {t} cells per image, more than the "
-                     f"{height}x{width} grid (data.height x data.width) holds.")
-  index_TxN = _neighbour_index(np.arange(t), height, width, offsets, t, np)
-  return _gather_neighbours(cells_BxT, index_TxN)
-
-
-def spatial_windows_at(canvas_BxHiWi, start, length: int, height: int, width: int,
-                       stencil=DEFAULT_STENCIL):
-  """Windows `[B, length, N]` of cells [start, start+length) read from a canvas.
-
-  The decode form of `spatial_windows`: canvas_BxHiWi holds the cells generated so far,
-  and `start` may be a traced scalar (a `lax.scan` step). Cell t reads only cells < t,
-  so canvas entries from start + length - 1 on (from `start` on when length == 1) may
-  hold anything. Requires start + length <= height * width.
-  """
-  _check_grid(height, width)
-  offsets = validate_stencil(stencil, height=height, width=width)
-  if canvas_BxHiWi.shape[1] != height * width:
-    raise ValueError(f"canvas_BxHiWi has {canvas_BxHiWi.shape[1]} cells per image; a "
-                     f"{height}x{width} grid (data.height x data.width) needs "
-                     f"{height * width}.")
-  xp = np if isinstance(start, (int, np.integer, np.ndarray)) else jnp
-  cells_T = xp.asarray(start, dtype=xp.int32) + xp.arange(length, dtype=xp.int32)
-  index_TxN = _neighbour_index(cells_T, height, width, offsets, height * width, xp)
-  return _gather_neighbours(canvas_BxHiWi, index_TxN)
-
-
-def _spec_stencil(spec: HashSpec, stencil, height: int, width: int):
-  return validate_stencil(stencil, spec.max_ngram, height, width)[:spec.max_ngram]
-
-
-def spatial_hash_ids(cells_BxT, spec: HashSpec, height: int, width: int,
-                     stencil=DEFAULT_STENCIL):
-  """Row ids `[B, T, L, H]` of the 2D n-grams: row t hashes the context of cell t.
-
-  Order n hashes the first n stencil neighbours. Same mix, primes and uint32 arithmetic
-  as the 1D hash, so NumPy and jit agree bit for bit.
-  """
-  offsets = _spec_stencil(spec, stencil, height, width)
-  return hash_windows(spatial_windows(cells_BxT, height, width, offsets), spec)
-
-
-def spatial_hash_ids_at(canvas_BxHiWi, start, spec: HashSpec, height: int, width: int,
-                        stencil=DEFAULT_STENCIL, length: int = 1):
-  """Row ids `[B, length, L, H]` of cells [start, start+length), read from a canvas.
-
-  What generation calls each step (length 1, `start` = the cell being predicted); equal
-  to `spatial_hash_ids(cells)[:, start:start+length]` (see `spatial_windows_at`).
-  """
-  offsets = _spec_stencil(spec, stencil, height, width)
-  return hash_windows(
-      spatial_windows_at(canvas_BxHiWi, start, length, height, width, offsets), spec)

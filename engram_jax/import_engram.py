@@ -33,7 +33,7 @@ import numpy as np
 
 from engram_jax import config as config_lib
 from engram_jax import fp8
-from engram_jax import hashing
+from engram_jax import compressed_vocab, hashing
 
 _SAFETENSORS_DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E8M0": np.dtype(np.uint8),
@@ -277,7 +277,7 @@ def load(config_path: str, tokenizer_path: Optional[str] = None,
   layout = check_layout(text)
   vocab_map, pad = None, 0
   if tokenizer_path is not None:
-    vocab_map = hashing.published_compressed_vocab(
+    vocab_map = compressed_vocab.published_compressed_vocab(
         _load_tokenizer(tokenizer_path), int(text["engram_compressed_vocab_size"]))
     pad_token = int(text.get("engram_pad_token_id", text.get("pad_token_id", 0)))
     if not 0 <= pad_token < len(vocab_map):

@@ -166,7 +166,7 @@ def token_byte_lengths(tok: tokenizers.Tokenizer) -> np.ndarray:
 
 def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
                              expected_size: int = 0) -> np.ndarray:
-  """`hashing.compressed_vocab_for` of the run's tokenizer, cached in the workdir.
+  """`compressed_vocab.compressed_vocab_for` of the run's tokenizer, cached in the workdir.
 
   Normalising every token of a 129k vocabulary takes seconds; training, generation and
   offloaded generation all read the same map, so it is computed once per (tokenizer,
@@ -175,7 +175,7 @@ def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
   """
   import hashlib
 
-  from engram_jax import hashing
+  from engram_jax import compressed_vocab
   key = hashlib.blake2b(tok.to_str().encode("utf-8"), digest_size=8).hexdigest()
   path = paths.join(workdir, f"compressed_vocab-{mode}-{key}.npy")
   if paths.exists(path):
@@ -186,7 +186,7 @@ def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
       raise ValueError(f"compressed vocabulary has {size} entries but {int(expected_size)} "
                        "were declared (engram.compressed_vocab_size): wrong tokenizer?")
     return vocab
-  vocab = hashing.compressed_vocab_for(tok, mode, expected_size or None)
+  vocab = compressed_vocab.compressed_vocab_for(tok, mode, expected_size or None)
 
   def write(tmp: str) -> None:
     with open(tmp, "wb") as f:

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from engram_jax import hashing
+from engram_jax import hashing, spatial_hashing
 from engram_jax.data import images
 
 from tests.conftest import same_batches, take
@@ -148,7 +148,7 @@ def test_npz_and_array_record_give_the_same_batches(codes):
     ids = batch["hash_ids"]
     assert ids.dtype == np.int32 and ids.shape == (4, H * W, 2, 4)
     np.testing.assert_array_equal(
-        ids, hashing.spatial_hash_ids(batch["targets"], SPEC, H, W, STENCIL))
+        ids, spatial_hashing.spatial_hash_ids(batch["targets"], SPEC, H, W, STENCIL))
 
 
 def test_records_round_trip():

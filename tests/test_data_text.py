@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from engram_jax import hashing
+from engram_jax import compressed_vocab, hashing
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.data import text
 
@@ -182,7 +182,7 @@ def test_worker_processes_give_the_same_batches(files_cfg, files_tok, cache_dir)
 # Host-side n-gram features
 # ----------------------------------------------------------------------------------
 def test_host_hashing_matches_hashing_module(stdlib_cfg, stdlib_tok, cache_dir):
-  vocab = hashing.compressed_vocab_from_tokenizer(stdlib_tok)
+  vocab = compressed_vocab.compressed_vocab_from_tokenizer(stdlib_tok)
   kw = dict(compressed_vocab=vocab, hash_spec=SPEC, cache_dir=cache_dir)
   train = take(text.train_iterator(stdlib_cfg, stdlib_tok, **kw), 2)
   evals = list(text.eval_batches(stdlib_cfg, stdlib_tok, max_batches=2, **kw))
@@ -295,7 +295,7 @@ def test_tfds_source_trains_resumes_and_evaluates(tfds_dir, tmp_path, monkeypatc
                             batch_size=4, vocab_size=300)
   tok = text.build_tokenizer(cfg, str(tmp_path))
   assert tok.get_vocab_size() > 257
-  it = text.train_iterator(cfg, tok, compressed_vocab=hashing.identity_vocab(300),
+  it = text.train_iterator(cfg, tok, compressed_vocab=compressed_vocab.identity_vocab(300),
                            hash_spec=SPEC)
   batch = next(it)
   assert batch["inputs"].shape == (4, 12) and batch["hash_ids"].shape == (4, 12, 2, 4)
@@ -303,7 +303,7 @@ def test_tfds_source_trains_resumes_and_evaluates(tfds_dir, tmp_path, monkeypatc
   take(it, 2)
   state = json.loads(json.dumps(it.get_state()))
   following = take(it, 4)
-  fresh = text.train_iterator(cfg, tok, compressed_vocab=hashing.identity_vocab(300),
+  fresh = text.train_iterator(cfg, tok, compressed_vocab=compressed_vocab.identity_vocab(300),
                               hash_spec=SPEC)
   fresh.set_state(state)
   resumed = take(fresh, 2)
@@ -341,13 +341,12 @@ def test_site_packages_source_is_real_installed_code():
 
 def test_compressed_vocab_is_cached_in_the_workdir(tmp_path):
   import tokenizers
-  from engram_jax import hashing
   from engram_jax import tokenizer as tokenizer_lib
   tok = tokenizer_lib.train_bpe(text.corpus_files(
       text.TextDataConfig(max_files=3), "train"), 300, str(tmp_path / "tok.json"))
   assert isinstance(tok, tokenizers.Tokenizer)
   for mode in ("engram_jax", "published"):
-    want = hashing.compressed_vocab_for(tok, mode)
+    want = compressed_vocab.compressed_vocab_for(tok, mode)
     first = tokenizer_lib.workdir_compressed_vocab(str(tmp_path), tok, mode)
     cached = list(tmp_path.glob(f"compressed_vocab-{mode}-*.npy"))
     assert len(cached) == 1 and np.array_equal(first, want)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import hashing
+from engram_jax import compressed_vocab, hashing
 
 SPEC = hashing.make_hash_spec((1, 5, 9), 4, 3, (1009, 2003, 4001), 7)
 
@@ -113,12 +113,12 @@ def test_normalisation_matches_reference_normalizer():
   samples = ["Hello", " hello", "HÉLLO", "ﬁne", "Ａ", "\t", "  ", "\n\n", " x ", "Straße",
              "ÅNGSTRÖM", "  tab\tbed ", "naïve", "Ω", "①", "é", "", "déjà vu"]
   for text in samples:
-    assert hashing.normalize_token_text(text) == reference.normalize_str(text), text
+    assert compressed_vocab.normalize_token_text(text) == reference.normalize_str(text), text
 
 
 def test_compressed_vocab_merges_equal_texts_and_keeps_undecodable():
   texts = ["Hello", " hello", "HÉLLO", "world", "\t", " ", None, None, "World"]
-  vocab = hashing.compressed_vocab_from_texts(texts)
+  vocab = compressed_vocab.compressed_vocab_from_texts(texts)
   assert vocab[0] == vocab[1] == vocab[2]
   assert vocab[3] == vocab[8] != vocab[0]
   assert vocab[4] == vocab[5]
@@ -130,7 +130,7 @@ def test_compressed_vocab_from_real_tokenizer():
   tokenizers = pytest.importorskip("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
       {"Apple": 0, "apple": 1, "APPLÉ": 2, "pear": 3, "[UNK]": 4}, unk_token="[UNK]"))
-  vocab = hashing.compressed_vocab_from_tokenizer(tok)
+  vocab = compressed_vocab.compressed_vocab_from_tokenizer(tok)
   assert vocab.shape == (5,)
   assert vocab[0] == vocab[1] == vocab[2] != vocab[3]
-  np.testing.assert_array_equal(hashing.identity_vocab(4), np.arange(4))
+  np.testing.assert_array_equal(compressed_vocab.identity_vocab(4), np.arange(4))

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from engram_jax.studies import hash_quality as hq
-from engram_jax import hashing
+from engram_jax import hashing, spatial_hashing
 
 PAD = hashing.PAD_ID
 SPEC = hashing.make_hash_spec((0, 2), 4, 3, (101, 211, 401), 11)
-STENCIL = hashing.DEFAULT_STENCIL
+STENCIL = spatial_hashing.DEFAULT_STENCIL
 
 
 def _cells(b, height, width, seed=0, vocab=5000):
@@ -29,7 +29,7 @@ def _order_heads(spec, order_index):
 # ----------------------------------------------------------------------------------
 def test_windows_by_hand_on_a_3x4_grid():
   cells = np.arange(100, 112, dtype=np.int32)[None]  # cell i holds 100 + i
-  w = hashing.spatial_windows(cells, 3, 4, ((0, -1), (-1, 0), (-1, -1), (-1, 1)))
+  w = spatial_hashing.spatial_windows(cells, 3, 4, ((0, -1), (-1, 0), (-1, -1), (-1, 1)))
   assert w.shape == (1, 12, 4) and w.dtype == np.uint32
   p = PAD
   expected = [  # left, up, up-left, up-right of cells 0..11
@@ -41,7 +41,7 @@ def test_windows_by_hand_on_a_3x4_grid():
 
 def test_off_grid_neighbours_are_pad_on_first_row_and_column():
   height, width = 5, 6
-  w = hashing.spatial_windows(_cells(2, height, width), height, width, STENCIL)
+  w = spatial_hashing.spatial_windows(_cells(2, height, width), height, width, STENCIL)
   grid = w.reshape(2, height, width, len(STENCIL))
   for k, (dy, dx) in enumerate(STENCIL):
     if dy < 0:
@@ -54,7 +54,7 @@ def test_off_grid_neighbours_are_pad_on_first_row_and_column():
   on_grid = grid[:, 2:, 2:-1]  # far from every edge: no pad anywhere
   assert (on_grid != PAD).all()
   # The ids of a pad context are those of an explicit all-pad window.
-  ids = hashing.spatial_hash_ids(_cells(2, height, width), SPEC, height, width)
+  ids = spatial_hashing.spatial_hash_ids(_cells(2, height, width), SPEC, height, width)
   pad_ids = hashing.hash_windows(np.full((1, 1, SPEC.max_ngram), PAD, np.uint32), SPEC)
   np.testing.assert_array_equal(ids[:, 0],
                                 np.broadcast_to(pad_ids[:, 0], ids[:, 0].shape))
@@ -71,7 +71,7 @@ def test_order_n_hashes_the_first_n_neighbours():
     for k, (dy, dx) in enumerate(STENCIL[:SPEC.max_ngram]):
       if r + dy >= 0 and 0 <= c + dx < width:
         windows[0, t, k] = grid[r + dy, c + dx]
-  np.testing.assert_array_equal(hashing.spatial_hash_ids(cells, SPEC, height, width),
+  np.testing.assert_array_equal(spatial_hashing.spatial_hash_ids(cells, SPEC, height, width),
                                 hashing.hash_windows(windows, SPEC))
 
 
@@ -82,10 +82,10 @@ def test_order_n_hashes_the_first_n_neighbours():
 def test_changing_a_cell_moves_no_id_at_or_before_it(changed):
   height, width = 4, 5
   cells = _cells(1, height, width, seed=4)
-  base = hashing.spatial_hash_ids(cells, SPEC, height, width)
+  base = spatial_hashing.spatial_hash_ids(cells, SPEC, height, width)
   other = cells.copy()
   other[0, changed] += 1
-  diff = hashing.spatial_hash_ids(other, SPEC, height, width) != base  # [1, T, L, H]
+  diff = spatial_hashing.spatial_hash_ids(other, SPEC, height, width) != base  # [1, T, L, H]
   assert not diff[0, :changed + 1].any()
   r, c = divmod(changed, width)
   for order_index in range(SPEC.max_ngram - 1):
@@ -100,20 +100,20 @@ def test_changing_a_cell_moves_no_id_at_or_before_it(changed):
 def test_stencil_validation_names_the_field():
   for bad in [((0, 0),), ((0, 1),), ((1, -1),), ((-1, 0), (0, 2))]:
     with pytest.raises(ValueError, match=r"engram.stencil offset .* reads the pred"):
-      hashing.validate_stencil(bad)
+      spatial_hashing.validate_stencil(bad)
   with pytest.raises(ValueError, match="engram.stencil.*repeats"):
-    hashing.validate_stencil(((0, -1), (0, -1)))
+    spatial_hashing.validate_stencil(((0, -1), (0, -1)))
   with pytest.raises(ValueError, match="engram.stencil has 2 offsets.*max_ngram=4"):
-    hashing.spatial_hash_ids(_cells(1, 3, 3), SPEC, 3, 3, ((0, -1), (-1, 0)))
+    spatial_hashing.spatial_hash_ids(_cells(1, 3, 3), SPEC, 3, 3, ((0, -1), (-1, 0)))
   with pytest.raises(ValueError, match="engram.stencil offset \\(0, -4\\) never lands"):
-    hashing.validate_stencil(((0, -4),), height=4, width=4)
+    spatial_hashing.validate_stencil(((0, -4),), height=4, width=4)
   with pytest.raises(ValueError, match="engram.stencil.*pairs"):
-    hashing.validate_stencil((0, -1))
+    spatial_hashing.validate_stencil((0, -1))
   with pytest.raises(ValueError, match="engram.stencil is empty"):
-    hashing.validate_stencil(())
+    spatial_hashing.validate_stencil(())
   with pytest.raises(ValueError, match="more than the 3x3 grid"):
-    hashing.spatial_windows(_cells(1, 3, 4), 3, 3)
-  assert hashing.validate_stencil([[-1, 2], (0, -1)]) == ((-1, 2), (0, -1))
+    spatial_hashing.spatial_windows(_cells(1, 3, 4), 3, 3)
+  assert spatial_hashing.validate_stencil([[-1, 2], (0, -1)]) == ((-1, 2), (0, -1))
 
 
 # ----------------------------------------------------------------------------------
@@ -125,8 +125,8 @@ def test_stencil_validation_names_the_field():
 def test_numpy_and_jit_identical_on_random_grids(height, width, stencil):
   cells = np.random.default_rng(height * 31 + width).integers(
       0, 2**31 - 1, size=(3, height * width), dtype=np.int64).astype(np.int32)
-  host = hashing.spatial_hash_ids(cells, SPEC, height, width, stencil)
-  device = jax.jit(lambda x: hashing.spatial_hash_ids(x, SPEC, height, width, stencil))(
+  host = spatial_hashing.spatial_hash_ids(cells, SPEC, height, width, stencil)
+  device = jax.jit(lambda x: spatial_hashing.spatial_hash_ids(x, SPEC, height, width, stencil))(
       jnp.asarray(cells))
   assert host.dtype == np.int32 and host.shape == (3, height * width, 2, 9)
   np.testing.assert_array_equal(host, np.asarray(device))
@@ -137,15 +137,15 @@ def test_decode_step_equals_full_sequence_ids_and_ignores_later_cells():
   """Under jit with a traced start, as a generation loop calls it, per cell."""
   height, width = 4, 6
   cells = _cells(2, height, width, seed=5)
-  full = hashing.spatial_hash_ids(cells, SPEC, height, width)
-  step = jax.jit(lambda canvas, t: hashing.spatial_hash_ids_at(
+  full = spatial_hashing.spatial_hash_ids(cells, SPEC, height, width)
+  step = jax.jit(lambda canvas, t: spatial_hashing.spatial_hash_ids_at(
       canvas, t, SPEC, height, width))
   garbage = _cells(2, height, width, seed=6)
   for t in range(height * width):
     # Cells from t on are not generated yet: the canvas holds garbage there.
     canvas = np.where(np.arange(height * width) < t, cells, garbage)
     device = np.asarray(step(jnp.asarray(canvas), jnp.int32(t)))
-    host = hashing.spatial_hash_ids_at(canvas, t, SPEC, height, width)
+    host = spatial_hashing.spatial_hash_ids_at(canvas, t, SPEC, height, width)
     assert device.shape == (2, 1, 2, 9)
     np.testing.assert_array_equal(device, full[:, t:t + 1])
     np.testing.assert_array_equal(host, full[:, t:t + 1])
@@ -156,13 +156,13 @@ def test_decode_chunk_equals_full_sequence_ids(start, length):
   """A chunk reads only cells before its last one: later canvas entries are ignored."""
   height, width = 4, 6
   cells = _cells(1, height, width, seed=7)
-  full = hashing.spatial_hash_ids(cells, SPEC, height, width)
+  full = spatial_hashing.spatial_hash_ids(cells, SPEC, height, width)
   known = np.arange(height * width) < start + length - 1
   canvas = np.where(known, cells, _cells(1, height, width, seed=8))
   np.testing.assert_array_equal(
-      hashing.spatial_hash_ids_at(canvas, start, SPEC, height, width, length=length),
+      spatial_hashing.spatial_hash_ids_at(canvas, start, SPEC, height, width, length=length),
       full[:, start:start + length])
-  chunk = jax.jit(lambda c, s: hashing.spatial_hash_ids_at(
+  chunk = jax.jit(lambda c, s: spatial_hashing.spatial_hash_ids_at(
       c, s, SPEC, height, width, length=length))(jnp.asarray(canvas), jnp.int32(start))
   np.testing.assert_array_equal(np.asarray(chunk), full[:, start:start + length])
 
@@ -170,9 +170,9 @@ def test_decode_chunk_equals_full_sequence_ids(start, length):
 def test_prefix_of_an_image_hashes_like_the_whole_image():
   height, width = 5, 5
   cells = _cells(2, height, width, seed=9)
-  full = hashing.spatial_hash_ids(cells, SPEC, height, width)
+  full = spatial_hashing.spatial_hash_ids(cells, SPEC, height, width)
   np.testing.assert_array_equal(
-      hashing.spatial_hash_ids(cells[:, :13], SPEC, height, width), full[:, :13])
+      spatial_hashing.spatial_hash_ids(cells[:, :13], SPEC, height, width), full[:, :13])
 
 
 # ----------------------------------------------------------------------------------
@@ -182,11 +182,11 @@ def test_prefix_of_an_image_hashes_like_the_whole_image():
 def digit_windows():
   datasets = pytest.importorskip("sklearn.datasets")
   cells = datasets.load_digits().images.astype(np.int32).reshape(-1, 64)
-  return cells, hashing.spatial_windows(cells, 8, 8, STENCIL[:5])
+  return cells, spatial_hashing.spatial_windows(cells, 8, 8, STENCIL[:5])
 
 
 def _report(cells, windows, spec):
-  ids = hashing.spatial_hash_ids(cells, spec, 8, 8, STENCIL).reshape(-1, spec.heads * 4)
+  ids = spatial_hashing.spatial_hash_ids(cells, spec, 8, 8, STENCIL).reshape(-1, spec.heads * 4)
   flat = windows.reshape(-1, windows.shape[-1])
   rows = []
   for order_index in range(4):

@@ -10,7 +10,7 @@ import pytest
 
 from configs import image as image_configs
 from engram_jax import config as config_lib
-from engram_jax import hashing
+from engram_jax import spatial_hashing
 from engram_jax.sampling import image as generate_image
 from engram_jax.data import images
 from engram_jax.layers.attention import rope
@@ -98,7 +98,7 @@ def test_causal_2d(forward):
 
 def test_host_hash_ids_equal_in_graph_and_reach_the_logits(params, forward):
   spec = CFG.model.engram.hash_spec()
-  ids = hashing.spatial_hash_ids(CELLS, spec, CFG.height, CFG.width, CFG.model.engram.stencil)
+  ids = spatial_hashing.spatial_hash_ids(CELLS, spec, CFG.height, CFG.width, CFG.model.engram.stencil)
   apply = jax.jit(lambda i: MODEL.apply({"params": params}, INPUTS, hash_ids_BxTxLxH=i))
   # two programs (ids as input vs hashed in the graph): equal up to f32 rounding
   np.testing.assert_allclose(apply(ids), forward(INPUTS), rtol=1e-5, atol=1e-5)
@@ -243,7 +243,7 @@ def test_digits_vocab_matches_the_data_pipeline():
   vocab = images.image_vocab(images.ImageDataConfig(**c.data))
   assert (cfg.vocab_size, cfg.null_class, cfg.codebook_size) == (
       vocab.size, vocab.null_class, vocab.codebook_size)
-  assert cfg.model.max_len == 64 and cfg.model.engram.stencil == hashing.DEFAULT_STENCIL
+  assert cfg.model.max_len == 64 and cfg.model.engram.stencil == spatial_hashing.DEFAULT_STENCIL
 
 
 @pytest.mark.parametrize("model, data, match", [

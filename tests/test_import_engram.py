@@ -5,7 +5,7 @@ import struct
 import numpy as np
 
 from engram_jax import fp8
-from engram_jax import hashing
+from engram_jax import compressed_vocab, hashing
 from engram_jax import import_engram
 
 LAYERS, N, HEADS, HEAD_DIM, VOCAB = (1, 3), 3, 2, 64, 53
@@ -119,7 +119,7 @@ def test_compressed_vocab_size_is_checked(tmp_path, capsys):
   err = _error(capsys, [f"--config={cfg_path}", f"--tokenizer={tmp_path}"])
   assert "but 300 were declared" in err
   tok = tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
-  size = int(hashing.published_compressed_vocab(tok).max()) + 1
+  size = int(compressed_vocab.published_compressed_vocab(tok).max()) + 1
   text, _ = _text_config(engram_compressed_vocab_size=size)
   cfg_path.write_text(json.dumps(text))
   assert import_engram.main([f"--config={cfg_path}", f"--tokenizer={tmp_path}"]) == 0

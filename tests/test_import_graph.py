@@ -8,8 +8,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "engram_jax"
 # Lowest first. A module may import its own layer or a lower one. A name ending in "."
 # covers a subpackage.
 LAYERS = (
-    ("base", ("hashing", "config", "fp8", "errors", "quiet", "progress", "cli", "paths",
-              "config_files", "workdir_lock", "sharding", "param_groups",
+    ("base", ("compressed_vocab", "hashing", "spatial_hashing", "config", "fp8", "errors",
+              "quiet", "progress", "cli", "paths", "config_files", "workdir_lock",
+              "sharding", "param_groups",
               "data.fingerprint", "studies.npz")),
     ("layers", ("layers.", "tokenizer")),
     ("models", ("models.",)),

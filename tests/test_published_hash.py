@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engram_jax import config as config_lib
-from engram_jax import hashing
+from engram_jax import compressed_vocab, hashing, spatial_hashing
 
 from tests.equivalence import assert_cached_equals_full
 
@@ -166,8 +166,8 @@ def test_2d_stencil_is_lookbacks_in_stencil_order():
   shifted = np.concatenate([np.full((2, 1), spec.pad_id, np.int32), cells[:, :-1]], axis=1)
   want = reference_ids(shifted, spec.table_sizes_LxOxG, spec.published_multipliers_LxN,
                        spec.pad_id)
-  host = hashing.spatial_hash_ids(cells, spec, 1, 50, stencil)
-  dev = jax.jit(lambda c: hashing.spatial_hash_ids(c, spec, 1, 50, stencil))(cells)
+  host = spatial_hashing.spatial_hash_ids(cells, spec, 1, 50, stencil)
+  dev = jax.jit(lambda c: spatial_hashing.spatial_hash_ids(c, spec, 1, 50, stencil))(cells)
   np.testing.assert_array_equal(host, want)
   np.testing.assert_array_equal(np.asarray(dev), want)
 
@@ -224,11 +224,11 @@ def test_published_vocab_equals_a_plain_transcription(small_tokenizer_dir):
     else:
       key = norm.normalize_str(text) or text
     want.append(keys.setdefault(key, len(keys)))
-  got = hashing.published_compressed_vocab(tok, expected_size=len(keys))
+  got = compressed_vocab.published_compressed_vocab(tok, expected_size=len(keys))
   np.testing.assert_array_equal(got, want)
   assert len(keys) < tok.get_vocab_size()  # something merged
   with pytest.raises(ValueError, match=f"has {len(keys)} entries but 99092 were declared"):
-    hashing.published_compressed_vocab(tok, expected_size=99092)
+    compressed_vocab.published_compressed_vocab(tok, expected_size=99092)
 
 
 def test_masked_prompt_decodes_like_the_masked_full_forward():

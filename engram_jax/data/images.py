@@ -19,7 +19,7 @@ NumPy arrays:
   targets [b, HiWi] cells 0..HiWi-1: position t predicts cell t;
   labels  [b]       the true class (also when the class token was dropped);
   hash_ids [b, HiWi, L, H] (optional) the 2D Engram row ids of every cell's context
-                    (`hashing.spatial_hash_ids` of `targets`), computed on the host.
+                    (`spatial_hashing.spatial_hash_ids` of `targets`), computed on the host.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from engram_jax import hashing
+from engram_jax import hashing, spatial_hashing
 from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.data import iterators
 
@@ -399,7 +399,7 @@ class _Features:
     self._spec = hash_spec
     self._stencil = None
     if hash_spec is not None:
-      self._stencil = hashing.validate_stencil(stencil, hash_spec.max_ngram,
+      self._stencil = spatial_hashing.validate_stencil(stencil, hash_spec.max_ngram,
                                                cfg.height, cfg.width)
 
   def __call__(self, step: int,
@@ -417,14 +417,14 @@ class _Features:
         "labels": labels_B,
     }
     if self._spec is not None:
-      batch["hash_ids"] = hashing.spatial_hash_ids(
+      batch["hash_ids"] = spatial_hashing.spatial_hash_ids(
           cells_BxHiWi, self._spec, self._height, self._width, self._stencil)
     return batch
 
 
 def train_iterator(cfg: ImageDataConfig, *, process_index: int = 0,
                    process_count: int = 1, hash_spec: hashing.HashSpec | None = None,
-                   stencil: Sequence = hashing.DEFAULT_STENCIL) -> iterators.TrainIterator:
+                   stencil: Sequence = spatial_hashing.DEFAULT_STENCIL) -> iterators.TrainIterator:
   """Infinite, reshuffled-per-epoch batches of this process's share of the train split.
 
   Process p reads images p, p + P, p + 2P, ... (disjoint, equal shards) and yields
@@ -455,7 +455,7 @@ def train_iterator(cfg: ImageDataConfig, *, process_index: int = 0,
 def eval_batches(cfg: ImageDataConfig, split: str = "val", *,
                  max_batches: int | None = None, process_index: int = 0,
                  process_count: int = 1, hash_spec: hashing.HashSpec | None = None,
-                 stencil: Sequence = hashing.DEFAULT_STENCIL) -> iterators.EvalBatches:
+                 stencil: Sequence = spatial_hashing.DEFAULT_STENCIL) -> iterators.EvalBatches:
   """The first `max_batches` global batches of a split (all full batches when None)."""
   validate(cfg)
   _check_split(split)

@@ -185,7 +185,7 @@ def _check_compressed_vocab(compressed_vocab, tok: tokenizers.Tokenizer):
   if vocab.ndim != 1 or len(vocab) < size:
     raise ValueError(
         f"compressed_vocab has shape {vocab.shape} but the tokenizer has {size} tokens; "
-        f"build it with hashing.compressed_vocab_from_tokenizer(tokenizer).")
+        f"build it with engram_jax.compressed_vocab.compressed_vocab_from_tokenizer(tokenizer).")
   return vocab.astype(np.int32)
 
 

@@ -8,7 +8,7 @@ of plain blocks scanned, Engram at `engram.layers`) with three changes:
 * RoPE is 2D (`rope_positions_2d`): position `t >= 1` rotates with the (row, column) of
   the cell it holds, the class token with (0, 0); the causal mask and KV-cache slots
   still use the sequence position.
-* Engram hashes 2D spatial n-grams (`hashing.spatial_hash_ids`): position `t` looks up
+* Engram hashes 2D spatial n-grams (`spatial_hashing.spatial_hash_ids`): position `t` looks up
   the stencil of cells `< t` around cell `t`, all of which are inputs at positions
   `<= t`. When caching, the decode state is the canvas of cells generated so far.
 * Logits cover the codebook only (`[B, T, codebook_size]`): class tokens are never
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import config as config_lib
-from engram_jax import hashing, param_groups
+from engram_jax import param_groups, spatial_hashing
 from engram_jax.layers.attention import Mode, write_at
 from engram_jax.layers.norms import RMSNorm
 from engram_jax.models.lm import apply_blocks
@@ -120,7 +120,7 @@ def _check_grid(cfg: ImageModelConfig) -> ImageModelConfig:
         f"model.head_dim={m.resolved_head_dim} is invalid: 2D RoPE rotates head_dim/4 "
         f"pairs with the row and as many with the column; use a multiple of 4")
   if m.engram.layers:
-    hashing.validate_stencil(m.engram.stencil, m.engram.max_ngram, cfg.height, cfg.width)
+    spatial_hashing.validate_stencil(m.engram.stencil, m.engram.max_ngram, cfg.height, cfg.width)
   return cfg
 
 
@@ -197,7 +197,7 @@ class ImageARModel(nn.Module):
     g = self.cfg
     spec, stencil = g.model.engram.hash_spec(), g.model.engram.stencil
     full_ids = lambda cells_BxT: (
-        hashing.spatial_hash_ids(cells_BxT, spec, g.height, g.width, stencil)
+        spatial_hashing.spatial_hash_ids(cells_BxT, spec, g.height, g.width, stencil)
         if hash_ids_BxTxLxH is None else hash_ids_BxTxLxH)
     if mode is None:
       return full_ids(_cells_of(inputs_BxT))
@@ -211,7 +211,7 @@ class ImageARModel(nn.Module):
     start_B = positions_BxT[:, 0]
     canvas.value = write_at(canvas.value, inputs_BxT, start_B - 1)
     length = inputs_BxT.shape[1]
-    row_ids = lambda canvas_HiWi, start: hashing.spatial_hash_ids_at(
+    row_ids = lambda canvas_HiWi, start: spatial_hashing.spatial_hash_ids_at(
         canvas_HiWi[None], start, spec, g.height, g.width, stencil, length)[0]
     return jax.vmap(row_ids)(canvas.value, start_B)
 

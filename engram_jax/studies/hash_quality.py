@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engram_jax import hashing
+from engram_jax import compressed_vocab, hashing
 
 # Layer seed stride of the reference implementation (same as ours).
 _REF_LAYER_SEED_STRIDE = 10007
@@ -235,5 +235,5 @@ def bpe_stream(source: bytes, vocab_size: int = 4096,
       [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(lines)])
   if not compress:
     return ids, tok.get_vocab_size()
-  table = hashing.compressed_vocab_from_tokenizer(tok)
+  table = compressed_vocab.compressed_vocab_from_tokenizer(tok)
   return table[ids], int(table.max()) + 1

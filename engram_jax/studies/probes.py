@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import hashing
+from engram_jax import spatial_hashing
 from engram_jax.studies import evaluate
 from engram_jax.studies import feature_nets
 from engram_jax.models.image import ImageARModel, ImageModelConfig
@@ -123,7 +123,7 @@ def kl_js(logp_BxTxC, logq_BxTxC):
 
 def _hash_ids(cfg: ImageModelConfig, cells_BxT) -> np.ndarray:
   e = cfg.model.engram
-  return hashing.spatial_hash_ids(np.asarray(cells_BxT, np.int32), e.hash_spec(),
+  return spatial_hashing.spatial_hash_ids(np.asarray(cells_BxT, np.int32), e.hash_spec(),
                                   cfg.height, cfg.width, e.stencil)
 
 
