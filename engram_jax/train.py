@@ -7,12 +7,10 @@ the data iterator's state), so N steps, a stop and N more equal 2N steps in one 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import signal
-import socket
 from typing import Any
 
 import flax
@@ -30,7 +28,7 @@ from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
 from engram_jax.tables import ROWS_KEY
-from engram_jax.workdir import model_config_differences, saved_model_config, write_run_metadata
+from engram_jax import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -243,26 +241,6 @@ def evaluate(eval_step, params, batches, byte_lengths_V=None) -> dict[str, float
   return metrics
 
 
-def ensure_writable_workdir(workdir: str) -> None:
-  """Creates `workdir` and proves it writable before any work that would be lost (a
-  remote one, gs://, with one small object: no credentials or no network fail here)."""
-  try:
-    paths.makedirs(workdir)
-    # host and pid: every process of a multi-host run probes a shared workdir
-    probe = paths.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
-    paths.atomic_write_text(probe, "ok")
-    paths.remove(probe)
-    for name in (checkpoints.CHECKPOINT_DIR, checkpoints.UNREADABLE_DIR):
-      path = paths.join(workdir, name)
-      if paths.exists(path) and not paths.is_dir(path):
-        raise ValueError(f"--workdir={workdir!r}: {path} is a file, where the run keeps "
-                         "its checkpoints; move it away or choose another --workdir")
-  except OSError as err:
-    raise ValueError(f"--workdir={workdir!r} is not a writable directory "
-                     f"({err.strerror or str(err) or type(err).__name__}); choose another "
-                     "--workdir") from None
-
-
 def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
                        ) -> dict[str, float]:
   """Trains, evaluates and checkpoints; returns the final eval metrics.
@@ -277,14 +255,14 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
   run = run_config.from_config(config)  # validate every field before any work
   fingerprint = tasks.data_fingerprint(run)  # a source matching nothing fails here
   created = paths.is_local(workdir) and not os.path.exists(workdir)
-  ensure_writable_workdir(workdir)
+  workdir_lib.ensure_writable(workdir)
   lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
   try:
     if lock is not None:
       lock.acquire()
       if lock.stale_note():
         print(lock.stale_note(), flush=True)
-    check_resumable(run.train, workdir)
+    workdir_lib.check_resumable(run.train, workdir)
     task = _process_zero_first(lambda: tasks.build(run, workdir), "tokenizer and data")
     schedule, tx = optim.from_train_config(run.train, task.model_cfg.engram)
     mesh = sharding.mesh_from_config(run.mesh)
@@ -295,38 +273,11 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
   except BaseException:
     if created and lock is not None:
       lock.release()
-      _remove_if_only_lock(workdir)
+      workdir_lib.remove_if_only_lock(workdir)
     raise
   finally:
     if lock is not None:
       lock.release()
-
-
-def _remove_if_only_lock(workdir: str) -> None:
-  """A workdir this run created (the caller checks) and left holding nothing but its
-  own lock file goes; anything else in it stays (`rmdir` refuses a non-empty one)."""
-  from engram_jax import workdir_lock
-  try:
-    if os.listdir(workdir) == [workdir_lock.LOCK_FILE]:
-      os.remove(os.path.join(workdir, workdir_lock.LOCK_FILE))
-    os.rmdir(workdir)
-  except OSError:  # not empty, or already gone: leave it as it is
-    pass
-
-
-def check_resumable(t: run_config.TrainConfig, workdir: str) -> None:
-  """A workdir with checkpoints resumes only with the table optimizer that wrote them
-  (their state layouts differ); read from its config.json before it is rewritten."""
-  saved, ckpts = (paths.join(workdir, name) for name in ("config.json",
-                                                          checkpoints.CHECKPOINT_DIR))
-  if not (paths.exists(saved) and any(name.isdigit() for name in paths.listdir(ckpts))):
-    return
-  before = json.loads(paths.read_text(saved)).get("train", {}).get("table_optimizer", "adam")
-  now = t.table_optimizer
-  if before != now:
-    raise ValueError(f"train.table_optimizer={now!r} but the checkpoints in --workdir="
-                     f"{workdir!r} were trained with {before!r}; resume with "
-                     f"--config.train.table_optimizer={before} or use a new --workdir")
 
 
 def _process_zero_first(fn, what: str):
@@ -344,35 +295,6 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
   """This process's rows as one global array per key, laid out over the mesh."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, v)
           for k, v in batch.items()}
-
-
-def _restore_or_explain(manager, abstract, workdir, model_cfg):
-  """`checkpoints.restore_latest`, with a failed restore naming the model fields that
-  differ from the workdir's saved config (the usual cause), or the older layer layout."""
-  try:
-    return checkpoints.restore_latest(manager, abstract)
-  except ValueError:
-    steps = checkpoints.saved_steps(workdir)
-    if steps and checkpoints.segmented_step(workdir, steps[-1]):
-      raise ValueError(
-          f"--workdir={workdir!r}: checkpoint {steps[-1]} has the segmented layer layout "
-          "(engram_jax before the one scanned stack: Engram blocks outside the scan), "
-          "which training does not resume; generation and evaluation convert it when "
-          "loading; resume with the engram_jax that wrote it, or use a new --workdir"
-      ) from None
-    differing = model_config_differences(workdir, model_cfg)
-    if not differing:
-      raise
-    raise ValueError(
-        f"--workdir={workdir!r} was trained with another model config "
-        f"({'; '.join(differing)}): its checkpoints do not restore; resume with the "
-        "workdir's config (see its config.json) or use a new --workdir") from None
-
-
-def _saved_placement(workdir: str) -> str:
-  """`engram.placement` of the run that wrote the workdir's checkpoints ("device" for
-  runs that predate it or have no saved model config)."""
-  return saved_model_config(workdir).get("engram", {}).get("placement", "device")
 
 
 def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx, schedule,
@@ -403,11 +325,11 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
       jax.eval_shape(init_state, rng), full_sh)
   # The checkpoint's tables may live elsewhere than this run's (a switch of
   # engram.placement between device and host): restore its layout, then move them.
-  saved_host = bool(engram.layers) and _saved_placement(workdir) == "host"
+  saved_host = bool(engram.layers) and workdir_lib.saved_placement(workdir) == "host"
   restore_abstract = (host_tables.drop_tables(full_abstract, tx) if saved_host
                       else full_abstract)
   try:
-    state, data_state, unreadable = _restore_or_explain(manager, restore_abstract, workdir,
+    state, data_state, unreadable = workdir_lib.restore_or_explain(manager, restore_abstract, workdir,
                                                         task.model_cfg)
     store = None
     if state is not None and (host or saved_host):
@@ -439,7 +361,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   # The restore succeeded (or there was nothing to restore): now the run's metadata
   # may describe this config, and the metrics log drops what the last run logged
   # after its last checkpoint (and a line torn by a kill).
-  write_run_metadata(workdir, config, task.model_cfg)
+  workdir_lib.write_run_metadata(workdir, config, task.model_cfg)
   metrics_path = paths.join(workdir, writers.METRICS_FILE)
   if pidx == 0:
     writers.repair_metrics(metrics_path, start)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -303,6 +305,88 @@ def model_config_differences(workdir: str, model_cfg: config_lib.ModelConfig) ->
   flat = lambda tree: {f"model.{k}": v for k, v in
                        traverse_util.flatten_dict(tree, sep=".").items()}
   return fingerprint.differences(flat(saved), flat(now))
+
+# ----------------------------------------------------------------------------------
+# Before a run writes: a writable workdir that it may resume
+# ----------------------------------------------------------------------------------
+def ensure_writable(workdir: str) -> None:
+  """Creates `workdir` and proves it writable before any work that would be lost (a
+  remote one, gs://, with one small object: no credentials or no network fail here)."""
+  try:
+    paths.makedirs(workdir)
+    # host and pid: every process of a multi-host run probes a shared workdir
+    probe = paths.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+    paths.atomic_write_text(probe, "ok")
+    paths.remove(probe)
+    from engram_jax import checkpoints
+    for name in (checkpoints.CHECKPOINT_DIR, checkpoints.UNREADABLE_DIR):
+      path = paths.join(workdir, name)
+      if paths.exists(path) and not paths.is_dir(path):
+        raise ValueError(f"--workdir={workdir!r}: {path} is a file, where the run keeps "
+                         "its checkpoints; move it away or choose another --workdir")
+  except OSError as err:
+    raise ValueError(f"--workdir={workdir!r} is not a writable directory "
+                     f"({err.strerror or str(err) or type(err).__name__}); choose another "
+                     "--workdir") from None
+
+
+def remove_if_only_lock(workdir: str) -> None:
+  """A workdir this run created (the caller checks) and left holding nothing but its
+  own lock file goes; anything else in it stays (`rmdir` refuses a non-empty one)."""
+  from engram_jax import workdir_lock
+  try:
+    if os.listdir(workdir) == [workdir_lock.LOCK_FILE]:
+      os.remove(os.path.join(workdir, workdir_lock.LOCK_FILE))
+    os.rmdir(workdir)
+  except OSError:  # not empty, or already gone: leave it as it is
+    pass
+
+
+def check_resumable(t, workdir: str) -> None:
+  """A workdir with checkpoints resumes only with the table optimizer that wrote them
+  (their state layouts differ; `t` is the run's `TrainConfig`); read from its
+  config.json before it is rewritten."""
+  from engram_jax import checkpoints
+  saved, ckpts = (paths.join(workdir, name) for name in ("config.json",
+                                                          checkpoints.CHECKPOINT_DIR))
+  if not (paths.exists(saved) and any(name.isdigit() for name in paths.listdir(ckpts))):
+    return
+  before = json.loads(paths.read_text(saved)).get("train", {}).get("table_optimizer", "adam")
+  now = t.table_optimizer
+  if before != now:
+    raise ValueError(f"train.table_optimizer={now!r} but the checkpoints in --workdir="
+                     f"{workdir!r} were trained with {before!r}; resume with "
+                     f"--config.train.table_optimizer={before} or use a new --workdir")
+
+
+def restore_or_explain(manager, abstract, workdir, model_cfg):
+  """`checkpoints.restore_latest`, with a failed restore naming the model fields that
+  differ from the workdir's saved config (the usual cause), or the older layer layout."""
+  from engram_jax import checkpoints
+  try:
+    return checkpoints.restore_latest(manager, abstract)
+  except ValueError:
+    steps = checkpoints.saved_steps(workdir)
+    if steps and checkpoints.segmented_step(workdir, steps[-1]):
+      raise ValueError(
+          f"--workdir={workdir!r}: checkpoint {steps[-1]} has the segmented layer layout "
+          "(engram_jax before the one scanned stack: Engram blocks outside the scan), "
+          "which training does not resume; generation and evaluation convert it when "
+          "loading; resume with the engram_jax that wrote it, or use a new --workdir"
+      ) from None
+    differing = model_config_differences(workdir, model_cfg)
+    if not differing:
+      raise
+    raise ValueError(
+        f"--workdir={workdir!r} was trained with another model config "
+        f"({'; '.join(differing)}): its checkpoints do not restore; resume with the "
+        "workdir's config (see its config.json) or use a new --workdir") from None
+
+
+def saved_placement(workdir: str) -> str:
+  """`engram.placement` of the run that wrote the workdir's checkpoints ("device" for
+  runs that predate it or have no saved model config)."""
+  return saved_model_config(workdir).get("engram", {}).get("placement", "device")
 
 
 # ----------------------------------------------------------------------------------

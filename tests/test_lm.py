@@ -151,7 +151,8 @@ def test_segmented_params_of_older_checkpoints_convert(params):
 
 def test_inference_restores_a_segmented_checkpoint_and_training_says_why_not(
     params, tmp_path):
-  from engram_jax import checkpoints, train
+  from engram_jax import checkpoints
+  from engram_jax import workdir as workdir_lib
   workdir = str(tmp_path)
   mngr = checkpoints.manager(workdir, async_saves=False)
   checkpoints.save(mngr, 3, {"params": _segmented(params, CFG)}, {"batches": 3})
@@ -164,7 +165,7 @@ def test_inference_restores_a_segmented_checkpoint_and_training_says_why_not(
   try:
     with pytest.raises(ValueError, match=r"checkpoint 3 has the segmented layer layout "
                        r"\(engram_jax before the one scanned stack"):
-      train._restore_or_explain(mngr, {"params": abstract}, workdir, CFG)
+      workdir_lib.restore_or_explain(mngr, {"params": abstract}, workdir, CFG)
   finally:
     mngr.close()
 

@@ -202,9 +202,9 @@ def test_library_logs_of_a_remote_workdir_stay_local_then_are_added(fake_gcs, mo
 
 def test_a_workdir_that_cannot_be_reached_is_one_line(failing_gcs):
   pytest.importorskip("orbax.checkpoint")
-  from engram_jax import train
+  from engram_jax import workdir as workdir_lib
   with pytest.raises(ValueError) as err:
-    train.ensure_writable_workdir("gs://bucket/run")
+    workdir_lib.ensure_writable("gs://bucket/run")
   message = str(err.value)
   assert "\n" not in message and message.startswith("--workdir='gs://bucket/run'")
   assert "Could not resolve hostname" in message

@@ -87,9 +87,10 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
 def sweep(c, rhos, workdir: str, steps: Optional[int] = None, seeds=(0,)) -> list[dict]:
   """Trains every (rho, seed) point of family `c` not finished yet, then reports every
   finished point in `workdir` (`write_report`)."""
-  from engram_jax import paths, train
+  from engram_jax import paths
+  from engram_jax import workdir as workdir_lib
   paths.local_output(workdir, "--workdir")  # the sweep's root: local reports
-  train.ensure_writable_workdir(workdir)
+  workdir_lib.ensure_writable(workdir)
   for rho in rhos:
     config_at(c, rho)  # every rho solvable before anything trains
   c = config_at(c, c.allocation.rho)
