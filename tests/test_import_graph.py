@@ -121,3 +121,30 @@ def test_wings_stay_apart():
     for module in (m for m in GRAPH if _matches(m, wing)):
       bad = sorted(d for d in GRAPH[module] for f in forbidden if _matches(d, f))
       assert not bad, f"engram_jax.{module} imports {bad}"
+
+
+# TensorFlow costs 3 to 5 s at import: only tensorflow-datasets sources may load it
+# (clu's metric writers and periodic actions import it; parameter_overview does not).
+TENSORFLOW_IMPORTERS = ("tensorflow", "clu.metric_writers", "clu.periodic_actions")
+MAY_LOAD_TENSORFLOW = {"data.text": "tensorflow_datasets"}
+
+
+def _imported_names(node) -> list[str]:
+  if isinstance(node, ast.Import):
+    return [a.name for a in node.names]
+  if isinstance(node, ast.ImportFrom) and node.module:
+    return [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+  return []
+
+
+def test_only_tfds_sources_load_tensorflow():
+  loads_tf = lambda name: any(name == t or name.startswith(t + ".") for t in TENSORFLOW_IMPORTERS)
+  assert loads_tf("clu.metric_writers") and not loads_tf("clu.parameter_overview")
+  found = []
+  for path in PACKAGE.rglob("*.py"):
+    module = _name(path)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+      found += [f"engram_jax.{module} imports {name}" for name in _imported_names(node)
+                if (loads_tf(name) or name.startswith("tensorflow"))
+                and MAY_LOAD_TENSORFLOW.get(module) != name]
+  assert not found, found
