@@ -21,6 +21,7 @@ import optax
 from flax import traverse_util
 
 from engram_jax import config as config_lib
+from engram_jax import workdir as workdir_lib
 from engram_jax import (checkpoints, optim, param_groups, paths, quiet, run_config, tables,
                         tasks)
 from engram_jax.data import fingerprint as fingerprint_lib
@@ -28,7 +29,6 @@ from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
 from engram_jax.layers.engram import ROWS_COLLECTION
 from engram_jax.tables import ROWS_KEY
-from engram_jax import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -329,8 +329,8 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   restore_abstract = (host_tables.drop_tables(full_abstract, tx) if saved_host
                       else full_abstract)
   try:
-    state, data_state, unreadable = workdir_lib.restore_or_explain(manager, restore_abstract, workdir,
-                                                        task.model_cfg)
+    state, data_state, unreadable = workdir_lib.restore_or_explain(
+        manager, restore_abstract, workdir, task.model_cfg)
     store = None
     if state is not None and (host or saved_host):
       state, store = host_tables.place_restored(
