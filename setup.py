@@ -6,8 +6,8 @@ CORE = ["jax>=0.4.35", "flax>=0.10", "numpy>=1.26", "optax>=0.2.4"]
 DATA = ["grain>=0.2.10", "tokenizers>=0.20", "tensorflow-datasets>=4.9.7",
         "array_record>=0.7", "importlib_resources", "absl-py", "scikit-learn>=1.3",
         "etils[epath]>=1.5"]
-# clu: the per-parameter table in a run's log (not its metric writers, which import
-# TensorFlow); tensorboard: the Event protos engram_jax/writers.py writes.
+# clu: the per-parameter table a run logs at INFO (`--verbosity=0`); not its metric
+# writers, which import TensorFlow. tensorboard: the Event protos engram_jax/writers.py writes.
 TRAIN = DATA + ["orbax-checkpoint>=0.11", "clu>=0.0.12", "ml_collections>=1.0",
                  "tensorflow-cpu>=2.16", "tensorboard", "matplotlib>=3.7"]
 
