@@ -69,7 +69,8 @@ def test_lm_quickstart(tmp_path):
 
 def test_image_quickstart(tmp_path):
   nb = _execute("image_quickstart.ipynb", tmp_path, ENGRAM_COLAB_STEPS="3",
-                ENGRAM_COLAB_OVERRIDES=json.dumps(IMAGE_TOY), ENGRAM_COLAB_SAMPLES="2")
+                ENGRAM_COLAB_OVERRIDES=json.dumps(IMAGE_TOY), ENGRAM_COLAB_SAMPLES="2",
+                ENGRAM_COLAB_GATES="0,learned")  # one constant gate: the same code path
   install, train, samples, scores, probes, mesh = _outputs(nb)
   assert "final: step 3" in train
   for variant in ("digits", "digits_baseline"):
