@@ -82,6 +82,22 @@ def test_params_for_gate_drops_the_learned_gate_weights_and_needs_them_back(para
     probes.params_for_gate(clamped, "learned")
 
 
+def test_a_traced_gate_value_equals_the_static_constant(params, batches):
+  """What gate_clamp runs: a model built for gate 1.0 with the constant as a param."""
+  static = evaluate.nll_bits_per_token(image.ImageARModel(probes.with_gate(CFG, 0.3)),
+                                       probes.params_for_gate(params, 0.3), batches[:1])
+  traced = evaluate.nll_bits_per_token(
+      image.ImageARModel(probes.with_gate(CFG, 1.0)),
+      probes.with_traced_gate(probes.params_for_gate(params, 1.0), 0.3), batches[:1])
+  one = evaluate.nll_bits_per_token(image.ImageARModel(probes.with_gate(CFG, 1.0)),
+                                    probes.params_for_gate(params, 1.0), batches[:1])
+  np.testing.assert_allclose(traced, static, rtol=1e-6)
+  assert abs(traced - one) > 1e-4  # the param, not the model's 1.0, set the gate
+  compiled = evaluate._nll_sum._cache_size()
+  probes.gate_clamp(CFG, params, batches[:1], gates=(0.0, 0.7))
+  assert evaluate._nll_sum._cache_size() == compiled  # constants reuse one program
+
+
 def test_gate_clamp_with_sample_quality(params, batches):
   net = lambda x: (np.asarray(x, float).reshape(len(x), -1),
                    np.eye(10)[np.asarray(x).reshape(len(x), -1).sum(1) % 10])

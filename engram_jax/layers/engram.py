@@ -39,6 +39,10 @@ _GATE_EPS = 1e-6
 # Variable collection of rows looked up outside the model, `[B, T, H, E]` under each
 # Engram layer's path as "rows": `apply({"params": p, ROWS_COLLECTION: rows}, ...)`.
 ROWS_COLLECTION = "engram_rows"
+# A constant gate's value as a param, when present (a traced scalar, not the config's
+# static constant): the gate-clamp probe runs every constant through one compiled
+# program (studies/probes.py). Absent from trained params.
+GATE_VALUE = "gate_value"
 
 
 def lookup_rows(table_RxE, row_ids_BxTxH, strategy: str = "gather"):
@@ -202,7 +206,7 @@ class Engram(nn.Module):
       alpha_BxTxMx1 = context_gate(self._branch_norm("hidden_norm")(h_BxTxMxD),
                                    self._branch_norm("key_norm")(key_BxTxMxD))
     else:
-      alpha_BxTxMx1 = jnp.full((b, t, branches, 1), constant, jnp.float32)
+      alpha_BxTxMx1 = self._constant_gate((b, t, branches, 1), constant)
     v_BxTxMxD = (alpha_BxTxMx1 * value_BxTxD[:, :, None, :]).astype(self.dtype)
 
     conv_in = self._branch_norm("conv_norm")(v_BxTxMxD).reshape(b, t, branches * width)
@@ -213,10 +217,17 @@ class Engram(nn.Module):
     conv_out = self._conv(conv_in, kernel.reshape(cfg.kernel_size, -1), lengths_B)
     return v_BxTxMxD + nn.silu(conv_out).reshape(b, t, branches, width)
 
+  def _constant_gate(self, shape, constant):
+    """`constant` as a gate of `shape`, or the `GATE_VALUE` param when it is given."""
+    if self.has_variable("params", GATE_VALUE):
+      value = self.get_variable("params", GATE_VALUE)
+      return jnp.broadcast_to(jnp.asarray(value, jnp.float32), shape)
+    return jnp.full(shape, constant, jnp.float32)
+
   def _gate(self, h_BxTxMxD, key_BxTxMxD):
     constant = config_lib.gate_constant(self.engram.gate)
     if constant is not None:
-      return jnp.full(key_BxTxMxD.shape[:3] + (1,), constant, jnp.float32)
+      return self._constant_gate(key_BxTxMxD.shape[:3] + (1,), constant)
     return context_gate(self._branch_norm("hidden_norm")(h_BxTxMxD),
                         self._branch_norm("key_norm")(key_BxTxMxD))
 

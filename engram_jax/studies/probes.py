@@ -34,6 +34,7 @@ from engram_jax import spatial_hashing
 from engram_jax.studies import evaluate
 from engram_jax.studies import feature_nets
 from engram_jax.models.image import ImageARModel, ImageModelConfig
+from engram_jax.layers.engram import GATE_VALUE
 from engram_jax.progress import progress
 
 GATES = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, "learned")
@@ -75,6 +76,17 @@ def params_for_gate(params, gate):
   return out
 
 
+def with_traced_gate(params, constant: float):
+  """Constant-gate params (`params_for_gate`) with the constant as the `GATE_VALUE`
+  param of every Engram layer: a model built for any constant gate then computes this
+  one, so all constants share one compiled program."""
+  out = dict(params)
+  for name in _engram_blocks(params):
+    out[name] = {**params[name], "engram": {**params[name]["engram"],
+                                            GATE_VALUE: np.float32(constant)}}
+  return out
+
+
 def gate_label(gate) -> str:
   return gate if isinstance(gate, str) else f"{float(gate):g}"
 
@@ -87,8 +99,13 @@ def gate_clamp(cfg: ImageModelConfig, params, batches: Sequence[dict], *,
     raise ValueError("gate_clamp: model.engram.layers is empty; the probe needs Engram")
   rows = []
   for gate in progress(gates, "gate clamp: gates"):
-    model = ImageARModel(with_gate(cfg, gate))
+    constant = config_lib.gate_constant(gate)
+    # every constant runs the model built for gate 1.0, its value a traced param:
+    # one compiled NLL and sampler for all of them (the learned gate needs its own)
+    model = ImageARModel(with_gate(cfg, gate if constant is None else 1.0))
     gate_params = params_for_gate(params, gate)
+    if constant is not None:
+      gate_params = with_traced_gate(gate_params, constant)
     row = {"gate": gate_label(gate),
            "nll_bits": evaluate.nll_bits_per_token(model, gate_params, batches)}
     if quality is not None:
