@@ -101,12 +101,12 @@ def model_config(args, max_len: int):
 
 def streaming_floor(params, tied: bool, batch: int, steps: int):
   """A jitted scan of `steps` steps that streams every dense weight through a matmul of
-  `batch` rows (see the module docstring); returns `() -> result`."""
+  `batch` rows (see the module docstring; a `[V, D]` tied embedding as `[B, V] @ [V, D]`,
+  the unembedding's FLOPs and bytes); returns `() -> result`."""
   weights = [leaf.reshape(-1, leaf.shape[-1])
              for path, leaf in jax.tree_util.tree_leaves_with_path(params)
              if leaf.ndim >= 2 and param_groups.group(path) != "engram_tables"
              and (tied or param_groups.names(path)[:1] != ["embed"])]
-  weights = [w.T if tied and w.shape[0] > w.shape[1] else w for w in weights]  # E^T
 
   @jax.jit
   def run(weights, s):

@@ -88,7 +88,25 @@ class _AppendOnlyFile:
       self._dirty, self._flushed_at = False, time.monotonic()
 
 
-class JsonlWriter:
+class _MetricsFile:
+  """A writer of one append-only file on process 0 (the others write nothing)."""
+
+  def __init__(self, path: str, flush_seconds: float):
+    self._file = _AppendOnlyFile(path, flush_seconds) if jax.process_index() == 0 else None
+
+  def _append(self, data: bytes) -> None:
+    if self._file is not None:
+      self._file.append(data)
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class JsonlWriter(_MetricsFile):
   """Appends every scalar to DIR/metrics.jsonl, one object per line with `step`.
 
   Locally each line is appended as it comes. On a remote path the whole file is
@@ -96,19 +114,11 @@ class JsonlWriter:
   """
 
   def __init__(self, path: str, flush_seconds: float = REMOTE_FLUSH_SECONDS):
-    self._file = _AppendOnlyFile(path, flush_seconds)
+    super().__init__(path, flush_seconds)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    if jax.process_index() != 0:
-      return
     line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-    self._file.append((line + "\n").encode("utf-8"))
-
-  def flush(self) -> None:
-    self._file.flush()
-
-  def close(self) -> None:
-    self.flush()
+    self._append((line + "\n").encode("utf-8"))
 
 
 def _crc32c_table() -> list[int]:
@@ -144,7 +154,7 @@ def tfrecord(data: bytes) -> bytes:
   return length + _masked_crc(length) + data + _masked_crc(data)
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(_MetricsFile):
   """Scalars as a TensorBoard event file in `logdir` (process 0; others write none).
 
   Same interface as `JsonlWriter`. Each run (and each resume) opens its own
@@ -155,30 +165,18 @@ class TensorBoardWriter:
   def __init__(self, logdir: str, flush_seconds: float = REMOTE_FLUSH_SECONDS):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    self._file = None
-    if jax.process_index() != 0:
-      return
     name = f"events.out.tfevents.{int(time.time()):010d}.engram_jax.{os.getpid()}.v2"
-    self._file = _AppendOnlyFile(paths.join(logdir, name), flush_seconds)
-    self._append(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    super().__init__(paths.join(logdir, name), flush_seconds)
+    self._event(file_version="brain.Event:2")
 
-  def _append(self, event) -> None:
-    self._file.append(tfrecord(event.SerializeToString()))
+  def _event(self, **fields) -> None:
+    event = self._event_pb2.Event(wall_time=time.time(), **fields)
+    self._append(tfrecord(event.SerializeToString()))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    if self._file is None:
-      return
     values = [self._summary_pb2.Summary.Value(tag=k, simple_value=float(v))
               for k, v in scalars.items()]
-    self._append(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                       summary=self._summary_pb2.Summary(value=values)))
-
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-
-  def close(self) -> None:
-    self.flush()
+    self._event(step=int(step), summary=self._summary_pb2.Summary(value=values))
 
 
 def repair_metrics(path: str, resume_step: int) -> int:
