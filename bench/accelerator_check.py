@@ -38,7 +38,10 @@ import numpy as np
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_BENCH), _BENCH]
 from engram_jax import config as config_lib  # noqa: E402
-from engram_jax import train  # noqa: E402
+try:  # the train state and steps; in `train` itself in older checkouts
+  from engram_jax import train_steps  # noqa: E402
+except ImportError:
+  from engram_jax import train as train_steps  # noqa: E402
 from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
@@ -148,10 +151,10 @@ def _train_setup(cfg: config_lib.ModelConfig, seq: int, tx):
   model = EngramLM(cfg)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, seq), jnp.int32)))
   params = params["params"]
-  if hasattr(train, "init_train_state"):
-    state = train.init_train_state(tx, params)
+  if hasattr(train_steps, "init_train_state"):
+    state = train_steps.init_train_state(tx, params)
   else:
-    state = train.TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+    state = train_steps.TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
   return model, state
 
 
@@ -165,7 +168,7 @@ def _dense_tx(cfg: config_lib.ModelConfig):
 def time_train(cfg, s: Sizes, tx) -> float:
   """Median seconds per step of the real jitted, donated train step."""
   model, state = _train_setup(cfg, s.seq, tx)
-  step = train.make_train_step(model, tx)
+  step = train_steps.make_train_step(model, tx)
   data = _batch(s, cfg.vocab_size)
   state, metrics = step(state, data)
   jax.block_until_ready(metrics["loss"])
@@ -243,7 +246,7 @@ def check_offload(s: Sizes, params) -> dict:
 
 def check_row_sparse(s: Sizes) -> dict:
   from engram_jax import optim, run_config
-  if not (hasattr(optim, "from_train_config") and hasattr(train, "init_train_state")):
+  if not (hasattr(optim, "from_train_config") and hasattr(train_steps, "init_train_state")):
     return {"skipped": "optim.from_train_config is not in this checkout (row-sparse "
                        "tables not merged yet)"}
   out = {}

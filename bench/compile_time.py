@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import optim, run_config, train  # noqa: E402
+from engram_jax import optim, run_config, train_steps  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 
 
@@ -40,9 +40,9 @@ def build(config, vocab_size: int, layers, depth: int = 0):
 
   def init_state(rng):
     params = nn.unbox(model.init(rng, jnp.zeros((1, seq), jnp.int32)))["params"]
-    return train.init_train_state(tx, params)
+    return train_steps.init_train_state(tx, params)
   state = jax.eval_shape(init_state, jax.random.key(0))
-  return train.make_train_step(model, tx), state, model, model_cfg
+  return train_steps.make_train_step(model, tx), state, model, model_cfg
 
 
 def instructions(compiled) -> int:

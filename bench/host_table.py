@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import hashing, host_tables, optim, run_config, train  # noqa: E402
+from engram_jax import hashing, host_tables, optim, run_config, train_steps  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 
 
@@ -76,14 +76,14 @@ def main(argv=None):
 
   def init():
     variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-    return train.init_train_state(tx, variables["params"])
+    return train_steps.init_train_state(tx, variables["params"])
   full = jax.jit(init)()
   table_mib = sum(e["table"].nbytes for e in host_tables.store_layout(full, tx).values())
   print(f"{args.variant}: {args.rows:,} rows per head, tables {table_mib / 2**20:,.1f} MiB, "
         f"batch {batch_size} x {seq_len}, {args.optimizer}, {jax.devices()[0].platform}")
 
-  device_step = train.make_train_step(model, tx)
-  host_step = train.make_train_step(model, tx, host_tables=True)
+  device_step = train_steps.make_train_step(model, tx)
+  host_step = train_steps.make_train_step(model, tx, host_tables=True)
 
   def run_device(n):
     state = jax.tree_util.tree_map(jnp.copy, full)

@@ -52,7 +52,7 @@ def child(copy_mib: int, steps: int) -> dict:
   import jax.numpy as jnp
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from engram_jax import config as config_lib
-  from engram_jax import optim, train
+  from engram_jax import optim, train_steps
   from engram_jax.models.lm import EngramLM
 
   x = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
@@ -73,9 +73,9 @@ def child(copy_mib: int, steps: int) -> dict:
   model = EngramLM(cfg)
   tx = optim.make_optimizer(optim.warmup_cosine(3e-3, 30, 300), table_lr_multiplier=5.0)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
-  state = train.TrainState(jnp.array(0, jnp.int32), params["params"],
+  state = train_steps.TrainState(jnp.array(0, jnp.int32), params["params"],
                            tx.init(params["params"]))
-  step = train.make_train_step(model, tx)
+  step = train_steps.make_train_step(model, tx)
   tokens = np.random.default_rng(0).integers(0, 1024, (8, 65)).astype(np.int32)
   batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
   state, m = step(state, batch)

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import optim, run_config, sizing, tables, train  # noqa: E402
+from engram_jax import optim, run_config, sizing, tables, train_steps  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
 
@@ -39,7 +39,7 @@ def build(config, rows: int, optimizer: str, batch):
   _, tx = optim.from_train_config(run.train, model_cfg.engram)
   model = EngramLM(model_cfg)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"]))["params"]
-  state = train.init_train_state(tx, params)
+  state = train_steps.init_train_state(tx, params)
   del params
   table_bytes = _bytes(tables.split_tables(state.params,
                                            tables.table_paths(model_cfg.engram))[1])
@@ -47,7 +47,7 @@ def build(config, rows: int, optimizer: str, batch):
     state_bytes = _bytes(state.table_opt_state)
   else:
     state_bytes = _bytes(sizing.table_leaves(state.opt_state))
-  step = train.make_train_step(model, tx)
+  step = train_steps.make_train_step(model, tx)
   state, metrics = step(state, batch)  # compile + first step
   jax.block_until_ready(metrics["loss"])
   return step, state, table_bytes, state_bytes

@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lm as lm_configs  # noqa: E402
-from engram_jax import optim, run_config, train  # noqa: E402
+from engram_jax import optim, run_config, train_steps  # noqa: E402
 from engram_jax.models.lm import EngramLM  # noqa: E402
 from timing import median_seconds  # noqa: E402  bench/timing.py
 
@@ -31,8 +31,8 @@ def build(config, vocab_size: int, engram: bool):
   model = EngramLM(model_cfg)
   seq = config.data.seq_len
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, seq), jnp.int32)))
-  state = train.init_train_state(tx, params["params"])
-  return model_cfg, train.make_train_step(model, tx), state
+  state = train_steps.init_train_state(tx, params["params"])
+  return model_cfg, train_steps.make_train_step(model, tx), state
 
 
 def main():

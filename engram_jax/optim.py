@@ -7,6 +7,7 @@ matrices get AdamW. Gradients are clipped by global norm first. With a row-spars
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Union
 
 import jax
@@ -55,16 +56,25 @@ def from_train_config(t: run_config.TrainConfig, engram: config_lib.EngramConfig
   """(schedule, tx) of a run: AdamW + warmup-cosine with the table group.
 
   tx is optax's (tables in Adam's table group) for `train.table_optimizer="adam"` or
-  a model without Engram, else a `tables.SparseTx` (row-sparse tables).
+  a model without Engram, else a `tables.SparseTx` (row-sparse tables). Equal settings
+  give the same objects, so a process training several runs (seeds, sweeps, a resume)
+  reuses the programs jitted for them (`train_steps.run_programs`) instead of tracing anew.
   """
-  schedule = warmup_cosine(t.learning_rate, t.warmup_steps, t.steps)
-  sparse = t.table_optimizer != "adam" and bool(engram.layers)
-  tx = make_optimizer(schedule, weight_decay=t.weight_decay,
-                      table_lr_multiplier=t.table_lr_multiplier,
+  return _schedule_and_tx(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay,
+                          t.table_lr_multiplier, t.grad_clip, t.table_optimizer, engram)
+
+
+@functools.lru_cache(maxsize=16)
+def _schedule_and_tx(learning_rate, warmup_steps, steps, weight_decay, table_lr_multiplier,
+                     grad_clip, table_optimizer, engram):
+  schedule = warmup_cosine(learning_rate, warmup_steps, steps)
+  sparse = table_optimizer != "adam" and bool(engram.layers)
+  tx = make_optimizer(schedule, weight_decay=weight_decay,
+                      table_lr_multiplier=table_lr_multiplier,
                       table_trainable=engram.table_trainable and not sparse,
-                      grad_clip=0.0 if sparse else t.grad_clip)
+                      grad_clip=0.0 if sparse else grad_clip)
   if sparse:
-    table_opt = tables.make_optimizer(t.table_optimizer) if engram.table_trainable else None
-    tx = tables.SparseTx(t.table_optimizer, engram, tx, table_opt,
-                         lambda step: schedule(step) * t.table_lr_multiplier, t.grad_clip)
+    table_opt = tables.make_optimizer(table_optimizer) if engram.table_trainable else None
+    tx = tables.SparseTx(table_optimizer, engram, tx, table_opt,
+                         lambda step: schedule(step) * table_lr_multiplier, grad_clip)
   return schedule, tx

@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from engram_jax import optim, param_groups, run_config, sharding, tasks, train
+from engram_jax import optim, param_groups, run_config, sharding, tasks, train_steps
 
 
 def tree_bytes(tree) -> int:
@@ -37,8 +37,8 @@ def dry_run_report(config) -> str:
   _, tx = optim.from_train_config(run.train, model_cfg.engram)
   mesh = sharding.mesh_from_config(run.mesh, abstract=True)
   with jax.sharding.use_abstract_mesh(mesh):  # psum/all_to_all lookups trace on a mesh
-    state = train.abstract_train_state(model, tx, seq_len)
-    shardings = train.train_state_shardings(model, tx, seq_len, mesh)
+    state = train_steps.abstract_train_state(model, tx, seq_len)
+    shardings = train_steps.train_state_shardings(model, tx, seq_len, mesh)
   params = nn.unbox(state.params)
   counts = param_groups.parameter_overview(params)
   by_group = {}

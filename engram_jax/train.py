@@ -1,4 +1,5 @@
-"""Training loop: jit train step, periodic eval, orbax checkpoints, metrics (TensorBoard, jsonl).
+"""Training loop: the jitted steps (`train_steps.py`) over a workdir, periodic eval, orbax
+checkpoints, metrics (TensorBoard, jsonl).
 
 `train_and_evaluate(config, workdir)` trains the config's task (`engram_jax.tasks`: the
 LM on text, or the class-conditional image model on codes) on the config's mesh and
@@ -11,234 +12,15 @@ import logging
 import math
 import os
 import signal
-from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
-from flax import traverse_util
 
-from engram_jax import config as config_lib
 from engram_jax import workdir as workdir_lib
-from engram_jax import (checkpoints, optim, param_groups, paths, quiet, run_config, tables,
-                        tasks)
+from engram_jax import checkpoints, optim, param_groups, paths, quiet, run_config, tasks
 from engram_jax.data import fingerprint as fingerprint_lib
-from engram_jax.layers import moe
 from engram_jax.errors import TrainingError
-from engram_jax.layers.engram import ROWS_COLLECTION
-from engram_jax.tables import ROWS_KEY
-
-
-@flax.struct.dataclass
-class TrainState:
-  """step, params, optimizer state and the MoE `routing` collection (loss-free
-  balancing biases, updated by the step, not by the optimizer; `{}` without them).
-  With row-sparse tables (`train.table_optimizer`, engram_jax.tables) `opt_state`
-  covers the other params and `table_opt_state` the tables ({"block_L": state})."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  routing: Any = flax.struct.field(default_factory=dict)
-  table_opt_state: Any = flax.struct.field(default_factory=dict)
-
-
-def init_train_state(tx, params, routing=None) -> TrainState:
-  """The step-0 state of `params` for `tx` (optax, or `tables.SparseTx`)."""
-  if isinstance(tx, tables.SparseTx):
-    opt_state, table_opt_state = tx.init(params)
-  else:
-    opt_state, table_opt_state = tx.init(params), {}
-  return TrainState(jnp.array(0, jnp.int32), params, opt_state, routing or {},
-                    table_opt_state)
-
-
-def state_variables(state: TrainState) -> dict:
-  """The model variables of a train state: params, and routing biases if any."""
-  return {"params": state.params, **({moe.BIAS: state.routing} if state.routing else {})}
-
-
-def train_state_shardings(model: nn.Module, tx, seq_len: int, mesh):
-  """`TrainState` of NamedShardings: params and optimizer moments by logical axes
-  (row-sparse tables' state split by rows like its table)."""
-  from engram_jax import sharding
-  abstract = abstract_train_state(model, tx, seq_len)
-  boxed = abstract.params
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = sharding.state_shardings(boxed, mesh)
-  if isinstance(tx, tables.SparseTx):
-    opt_state = sharding.opt_state_shardings(tx.dense, tables.split_tables(boxed, tx.paths)[0],
-                                             mesh)
-    table_opt_state = tables.table_state_shardings(tx, abstract.table_opt_state, params)
-  else:
-    opt_state, table_opt_state = sharding.opt_state_shardings(tx, boxed, mesh), {}
-  return TrainState(replicated, params, opt_state,
-                    jax.tree_util.tree_map(lambda _: replicated, abstract.routing),
-                    table_opt_state)
-
-
-def abstract_train_state(model: nn.Module, tx, seq_len: int):
-  """`TrainState` of ShapeDtypeStructs, params still in their logical-axis boxes."""
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
-    state = init_train_state(tx, nn.unbox(variables["params"]),
-                             nn.unbox(variables.get(moe.BIAS, {})))
-    return state.replace(params=variables["params"])
-  return jax.eval_shape(init, jax.random.key(0))
-
-
-def _model_config(model: nn.Module):
-  """The `ModelConfig` of an LM (or of an image model's backbone); None for others."""
-  cfg = getattr(model, "cfg", None)
-  return getattr(cfg, "model", cfg)
-
-
-def _moe_config(model: nn.Module) -> config_lib.MoEConfig:
-  """The MoE section of an LM's (or image model's) config; disabled for other models."""
-  return getattr(_model_config(model), "moe", config_lib.MoEConfig())
-
-
-
-
-def batch_rows(model: nn.Module, batch: dict):
-  """The `engram_rows` collection of a batch whose rows the host gathered, else None."""
-  if ROWS_KEY.format(0) not in batch:
-    return None
-  paths = tables.table_paths(_model_config(model).engram)
-  return tables.rows_collection(paths, [batch[ROWS_KEY.format(i)] for i in range(len(paths))])
-
-
-def routing_metrics(stats) -> dict[str, jax.Array]:
-  """Routing statistics over every MoE layer of a sown `moe.STATS` collection.
-
-  moe_max_violation: the worst layer's max(load) / mean(load) - 1; moe_mean_violation:
-  its mean over layers; moe_dropped_fraction: mean over layers; moe_aux_loss: the sum
-  (already times aux_loss_coef, 0 unless balance="aux_loss").
-  """
-  by_name = {}
-  for path, value in traverse_util.flatten_dict(nn.unbox(stats)).items():
-    values = value if isinstance(value, tuple) else (value,)
-    by_name.setdefault(path[-1], []).extend(jnp.ravel(v) for v in values)
-  if "max_violation" not in by_name:
-    return {}
-  violation = jnp.concatenate(by_name["max_violation"])
-  return {"moe_max_violation": jnp.max(violation),
-          "moe_mean_violation": jnp.mean(violation),
-          "moe_dropped_fraction": jnp.mean(jnp.concatenate(by_name["dropped_fraction"])),
-          "moe_aux_loss": moe.total_aux_loss(stats)}
-
-
-def cross_entropy(logits_BxTxV, targets_BxT):
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-
-
-def model_inputs(batch: dict) -> dict:
-  """Model keyword arguments from a data-pipeline batch (LM and image models alike)."""
-  kwargs = {}
-  if "ngram_tokens" in batch:
-    kwargs["ngram_tokens_BxT"] = batch["ngram_tokens"]
-  if "hash_ids" in batch:
-    kwargs["hash_ids_BxTxLxH"] = batch["hash_ids"]
-  return kwargs
-
-
-def make_train_step(model: nn.Module, tx, state_shardings=None, host_tables: bool = False,
-                    mesh=None):
-  """The jitted, state-donating step; with `state_shardings` the state keeps its layout.
-
-  The gradient is of cross-entropy plus the MoE aux losses sown by the model; `loss`
-  in the metrics is the cross-entropy alone (comparable with dense models). With
-  `moe.balance="bias"` the routing biases are updated from this step's expert loads.
-  With `tx` a `tables.SparseTx` the tables' gradient is the rows the batch read
-  (`tables.update`), else every param is differentiated and `tx` (optax) updates all.
-  With `host_tables` the params hold no tables: the batch brings their rows
-  (`ROWS_KEY`), and the metrics return the deduplicated row gradients as
-  `table_rows` (replicated, for the host's update: engram_jax.host_tables).
-  """
-  moe_cfg = _moe_config(model)
-
-  def train_step(state: TrainState, batch: dict):
-    def loss_fn(params, engram_rows=None, **inputs):
-      variables = {**state_variables(state), "params": params}
-      if engram_rows is not None:
-        variables[ROWS_COLLECTION] = engram_rows
-      logits, sown = model.apply(variables, batch["inputs"], mutable=[moe.STATS], **inputs)
-      stats = sown.get(moe.STATS, {})
-      ce = cross_entropy(logits, batch["targets"]).mean()
-      return ce + moe.total_aux_loss(stats), (ce, stats)
-    extra = {}
-    if host_tables:
-      hash_ids = batch["hash_ids"]
-      ids_L = tables.layer_row_ids(tx, hash_ids)
-      rows_L = [batch[ROWS_KEY.format(i)] for i in range(len(ids_L))]
-      ((total, (loss, stats)), params, opt_state, sparse_L, grad_norm,
-       finite) = tables.row_gradients(
-           tx, lambda p, rows: loss_fn(p, rows, hash_ids_BxTxLxH=hash_ids), state.params,
-           state.opt_state, rows_L, ids_L)
-      table_opt_state, extra = {}, {"table_rows": sparse_L}
-    elif isinstance(tx, tables.SparseTx):
-      hash_ids = model.apply({}, batch["inputs"], method="engram_hash_ids",
-                             **model_inputs(batch))
-      ((total, (loss, stats)), params, opt_state, table_opt_state, grad_norm,
-       finite) = tables.update(
-           tx, lambda p, rows: loss_fn(p, rows, hash_ids_BxTxLxH=hash_ids), state.params,
-           state.opt_state, state.table_opt_state, state.step, hash_ids)
-    else:
-      (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, **model_inputs(batch))
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params, table_opt_state = optax.apply_updates(state.params, updates), {}
-      grad_norm = optax.tree.norm(grads)
-      finite = jax.tree_util.tree_reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)),
-                                         params, True)
-    routing = state.routing
-    if moe_cfg.enabled and moe_cfg.balance == "bias":
-      routing = moe.update_routing_biases(routing, stats, moe_cfg.bias_rate)
-    new = TrainState(state.step + 1, params, opt_state, routing, table_opt_state)
-    return new, {"loss": loss, "grad_norm": grad_norm,
-                 "finite": finite & jnp.isfinite(total), **routing_metrics(stats), **extra}
-  if state_shardings is None:
-    return jax.jit(train_step, donate_argnums=0)
-  metrics_sharding = None
-  if host_tables and mesh is not None:  # every process applies the same row updates
-    metrics_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(train_step, donate_argnums=0,
-                 out_shardings=(state_shardings, metrics_sharding))
-
-
-def make_eval_step(model: nn.Module):
-  """Summed NLL, token and byte counts of a batch; `params` may be a variables dict
-  (`state_variables`: params and MoE routing biases)."""
-  from engram_jax.models.lm import as_variables
-
-  @jax.jit
-  def eval_step(params, batch, byte_lengths_V):
-    variables = as_variables(params)
-    rows = batch_rows(model, batch)
-    if rows is not None:  # host tables: the batch brings its rows
-      variables[ROWS_COLLECTION] = rows
-    logits = model.apply(variables, batch["inputs"], **model_inputs(batch))
-    nll = cross_entropy(logits, batch["targets"])
-    nbytes = 0 if byte_lengths_V is None else byte_lengths_V[batch["targets"]].sum()
-    return nll.sum(), nll.size, nbytes
-  return eval_step
-
-
-def evaluate(eval_step, params, batches, byte_lengths_V=None) -> dict[str, float]:
-  """Loss (nats/token), perplexity, and bits per UTF-8 byte (text: `byte_lengths_V`
-  given) or bits per token (image codes) over the validation batches."""
-  nll, tokens, nbytes = 0.0, 0, 0
-  for batch in batches:
-    n, t, b = eval_step(params, batch, byte_lengths_V)
-    nll, tokens, nbytes = nll + float(n), tokens + int(t), nbytes + int(b)
-  loss = nll / tokens
-  metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-  if byte_lengths_V is None:
-    metrics["eval_bits_per_token"] = loss / math.log(2)
-  else:
-    metrics["eval_bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
-  return metrics
+from engram_jax.train_steps import evaluate, run_programs, state_variables
 
 
 def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
@@ -310,19 +92,12 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   pidx = jax.process_index()
   engram = task.model_cfg.engram
   host = engram.placement == "host" and bool(engram.layers)
-  full_sh = train_state_shardings(model, tx, seq_len, mesh)
-  state_sh = host_tables.drop_tables(full_sh, tx) if host else full_sh
+  programs = run_programs(model, tx, seq_len, mesh, host)
+  full_sh, state_sh, full_abstract = (programs.full_shardings, programs.state_shardings,
+                                      programs.full_abstract)
   batch_sh = sharding.batch_sharding(mesh, batch_size=run.data.batch_size)
-
-  def init_state(rng):
-    variables = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))
-    return init_train_state(tx, variables["params"], variables.get(moe.BIAS, {}))
-
   rng = jax.random.key(run.seed)
   manager = checkpoints.manager(workdir, t.keep_checkpoints)
-  full_abstract = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(init_state, rng), full_sh)
   # The checkpoint's tables may live elsewhere than this run's (a switch of
   # engram.placement between device and host): restore its layout, then move them.
   saved_host = bool(engram.layers) and workdir_lib.saved_placement(workdir) == "host"
@@ -345,13 +120,13 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     manager = checkpoints.manager(workdir, t.keep_checkpoints)
   if state is None and host:  # init in host memory: the tables never reach a device
     with jax.default_device(jax.devices("cpu")[0]):
-      full = jax.jit(init_state)(rng)
+      full = programs.init_unplaced(rng)
     _, store = host_tables.HostTableStore.from_params(task.model_cfg, full.params, tx.table,
                                                       full.table_opt_state)
     state = jax.device_put(host_tables.drop_tables(full, tx), state_sh)
     del full
   elif state is None:
-    state = jax.jit(init_state, out_shardings=state_sh)(rng)
+    state = programs.init(rng)
   else:
     own = dict(checkpoints.own_data_state(data_state))
     fingerprint_lib.check_resume(own.pop("fingerprint", None), fingerprint,
@@ -408,8 +183,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     stop_requested.append(signum)
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-  train_step = make_train_step(model, tx, state_sh, host_tables=host, mesh=mesh)
-  eval_step = make_eval_step(model)
+  train_step, eval_step = programs.train_step, programs.eval_step
   eval_batches = [_global_batch(b, batch_sh) for b in task.eval_batches] if not host else []
 
   def eval_now():

@@ -16,7 +16,7 @@ from engram_jax.studies import feature_nets
 from engram_jax.studies import fid
 from engram_jax.data import images
 from engram_jax.models import image
-from engram_jax.train import cross_entropy
+from engram_jax.train_steps import cross_entropy
 
 DIGITS = images.ImageDataConfig(batch_size=30)
 RNG = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import pytest
 from jax import export
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engram_jax import sharding, train
+from engram_jax import sharding, train_steps
 from engram_jax.sampling import text as generate
 from engram_jax.sampling import image as generate_image
 from engram_jax import host_tables as host_tables_lib
@@ -47,10 +47,10 @@ def lm():
 def test_train_step_lowers(lm):
   model, params = lm
   tx = optax.adamw(1e-3)
-  state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+  state = train_steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                            jax.eval_shape(tx.init, params))
   batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("inputs", "targets")}
-  _lower(train.make_train_step(model, tx), state, batch)
+  _lower(train_steps.make_train_step(model, tx), state, batch)
 
 
 def test_cached_decode_scan_lowers(lm):

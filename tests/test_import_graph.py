@@ -16,13 +16,15 @@ LAYERS = (
     ("models", ("models.",)),
     ("tables and data", ("tables", "host_tables", "disk_tables", "allocation",
                          "import_engram", "checkpoints", "writers", "data.")),
-    ("runs", ("run_config", "optim", "workdir", "tasks", "sizing", "train", "sampling.")),
+    ("runs", ("run_config", "optim", "workdir", "tasks", "train_steps", "sizing", "train",
+              "sampling.")),
     ("studies", ("studies.",)),
     ("entry points", ("main", "generate", "jobs")),
 )
 # Wings that must not reach into each other (sampling needs no training machinery).
-SEPARATE = (("sampling.", ("train", "tasks", "data.", "writers", "optim")),
-            ("train", ("sampling.",)), ("tasks", ("sampling.",)), ("data.", ("sampling.",)))
+SEPARATE = (("sampling.", ("train", "train_steps", "tasks", "data.", "writers", "optim")),
+            ("train", ("sampling.",)), ("train_steps", ("sampling.",)), ("tasks", ("sampling.",)),
+            ("data.", ("sampling.",)))
 
 
 def _name(path: pathlib.Path) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engram_jax import config as config_lib
-from engram_jax import param_groups, train
+from engram_jax import param_groups, train, train_steps
 from engram_jax.sampling import text as generate
 from engram_jax.layers import moe
 from engram_jax.models.lm import (EngramLM, relayout_params, segments, stack_blocks,
@@ -262,7 +262,7 @@ def test_remat_bf16_moe_branches_trace_and_differentiate():
 # ----------------------------------------------------------------------------------
 def _state(cfg, tx):
   variables = jax.tree_util.tree_map(jnp.array, _init(cfg))  # a copy: the step donates it
-  return train.TrainState(jnp.array(0, jnp.int32), variables["params"],
+  return train_steps.TrainState(jnp.array(0, jnp.int32), variables["params"],
                           tx.init(variables["params"]), variables.get(moe.BIAS, {}))
 
 
@@ -279,7 +279,7 @@ def test_train_step_adds_aux_loss_and_reports_routing():
 
   def losses(p):
     logits, sown = model.apply({"params": p}, batch["inputs"], mutable=[moe.STATS])
-    return (train.cross_entropy(logits, batch["targets"]).mean(),
+    return (train_steps.cross_entropy(logits, batch["targets"]).mean(),
             moe.total_aux_loss(sown[moe.STATS]))
 
   @jax.jit
@@ -289,7 +289,7 @@ def test_train_step_adds_aux_loss_and_reports_routing():
   ce, aux, with_aux, ce_only = reference(state.params)
   router = lambda tree: np.asarray(tree["blocks_1_3"]["moe"]["router"])
   start = router(state.params)
-  new, metrics = train.make_train_step(model, tx)(_state(cfg, tx), batch)  # donates
+  new, metrics = train_steps.make_train_step(model, tx)(_state(cfg, tx), batch)  # donates
   assert float(aux) >= 0.5 * 3 - 1e-6   # coef * (>= 1 per layer) * 3 MoE layers
   np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-6)
   np.testing.assert_allclose(metrics["moe_aux_loss"], aux, rtol=1e-6)
@@ -309,10 +309,10 @@ def test_train_step_updates_routing_biases_by_the_rate():
   state, batch = _state(cfg, tx), _batch()
   state = state.replace(routing=_randomised(_init(cfg), cfg)[moe.BIAS])
   _, sown = jax.jit(functools.partial(model.apply, mutable=[moe.STATS]))(
-      train.state_variables(state), batch["inputs"])
+      train_steps.state_variables(state), batch["inputs"])
   want = moe.update_routing_biases(state.routing, sown[moe.STATS], 0.01)
   before = jax.tree_util.tree_map(np.array, state.routing)
-  new, _ = train.make_train_step(model, tx)(state, batch)
+  new, _ = train_steps.make_train_step(model, tx)(state, batch)
   for got, expected, old in zip(*(jax.tree_util.tree_leaves(t)
                                   for t in (new.routing, want, before))):
     np.testing.assert_allclose(got, expected, atol=1e-7)

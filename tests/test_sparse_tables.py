@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engram_jax import config as config_lib
-from engram_jax import optim, run_config, sharding, sizing, tables, train
+from engram_jax import optim, run_config, sharding, sizing, tables, train, train_steps
 from engram_jax.models.lm import EngramLM
 
 from tests.conftest import tiny_model_config
@@ -177,14 +177,14 @@ def _train(name, cfg=CFG, mesh=None, steps=2):
   """(state, metrics, compiled HLO text or None) after `steps` steps on BATCH,
   optionally on `mesh`."""
   model, tx = EngramLM(cfg), _tx(name, cfg)
-  state = train.init_train_state(tx, jax.tree_util.tree_map(jnp.asarray, _params()))
+  state = train_steps.init_train_state(tx, jax.tree_util.tree_map(jnp.asarray, _params()))
   batch = jax.tree_util.tree_map(jnp.asarray, BATCH)
   with sharding.use_mesh(mesh) if mesh else contextlib.nullcontext():
-    shardings = train.train_state_shardings(model, tx, 16, mesh) if mesh else None
+    shardings = train_steps.train_state_shardings(model, tx, 16, mesh) if mesh else None
     if mesh:
       state = jax.device_put(state, shardings)
       batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    step, text = train.make_train_step(model, tx, shardings), None
+    step, text = train_steps.make_train_step(model, tx, shardings), None
     if mesh:
       step = step.lower(state, batch).compile()
       text = step.as_text()
@@ -243,7 +243,7 @@ def test_frozen_table_has_no_state_and_no_update():
   cfg = dataclasses.replace(CFG, engram=dataclasses.replace(CFG.engram,
                                                             table_trainable=False))
   tx = _tx("rowwise_adagrad", cfg)
-  state = train.init_train_state(tx, _params())
+  state = train_steps.init_train_state(tx, _params())
   assert state.table_opt_state == {}
   assert not any("table" in jax.tree_util.keystr(p)
                  for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state))
@@ -309,7 +309,7 @@ def test_checkpoints_from_before_the_table_state_field_restore(tmp_path):
   manager = checkpoints.manager(str(tmp_path), async_saves=False)
   checkpoints.save(manager, 7, old, {"batches": 7})
   manager.wait_until_finished()
-  abstract = jax.eval_shape(lambda: train.TrainState(
+  abstract = jax.eval_shape(lambda: train_steps.TrainState(
       jnp.int32(0), {"w": jnp.zeros(3)}, {"mu": jnp.zeros(3)}))
   state, data, unreadable = checkpoints.restore_latest(manager, abstract)
   assert unreadable == [] and data == {"batches": 7} and state.table_opt_state == {}

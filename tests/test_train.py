@@ -44,6 +44,26 @@ def test_resume_is_deterministic(tmp_path):
   assert _losses(one) == _losses(two) and len(_losses(one)) == 6
 
 
+def test_runs_of_equal_settings_share_their_programs(tmp_path, monkeypatch):
+  """A second run in the process (another seed) calls the jitted steps of the first: one
+  traced program each, and the seed still reaches the init; other settings (a longer
+  schedule) get their own."""
+  cached, built = train.run_programs, []
+  monkeypatch.setattr(train, "run_programs", lambda *a: built.append(cached(*a)) or built[-1])
+  cached.cache_clear()
+  first, seeded = str(tmp_path / "first"), str(tmp_path / "seeded")
+  train.train_and_evaluate(_config(steps=2), first)
+  other_seed = _config(steps=2)
+  other_seed.seed += 1
+  train.train_and_evaluate(other_seed, seeded)
+  train.train_and_evaluate(_config(steps=3), first)  # resumes, with another schedule
+  assert built[0] is built[1] and built[2] is not built[0]
+  for fn in (built[0].init, built[0].train_step, built[0].eval_step):
+    assert fn._cache_size() == 1, fn
+  assert _losses(seeded)[1] != _losses(first)[1]
+  assert len(_losses(first)) == 3
+
+
 def test_host_and_in_graph_hashing_give_identical_losses(tmp_path):
   device = str(tmp_path / "device")
   host = str(tmp_path / "host")

@@ -115,7 +115,7 @@ def quality_from_config(config, split: str, *, samples_per_class: int, seed: int
 
 @functools.partial(jax.jit, static_argnums=0)
 def _nll_sum(model: ImageARModel, params, inputs_BxT, targets_BxT, hash_ids):
-  from engram_jax.train import cross_entropy
+  from engram_jax.train_steps import cross_entropy
   logits = model.apply({"params": params}, inputs_BxT, hash_ids_BxTxLxH=hash_ids)
   return cross_entropy(logits, targets_BxT).sum(-1)  # per row: the host sums in float64
 
