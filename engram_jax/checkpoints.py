@@ -167,8 +167,9 @@ def own_data_state(saved: dict) -> dict:
 
 
 def has_host_tables(mngr, step: int) -> bool:
-  try:
-    return HOST_TABLES in mngr.item_metadata(step).keys()
+  try:  # quiet: orbax warns of every item it has no handler for here
+    with quiet.quiet_library_logs():
+      return HOST_TABLES in mngr.item_metadata(step).keys()
   except Exception:  # noqa: BLE001  unreadable metadata: no
     return False
 
