@@ -318,25 +318,25 @@ def _stored_tree(workdir: str, step: int):
 
 def segmented_step(workdir: str, step: int) -> bool:
   """Whether checkpoint `step` has the segmented layer layout (engram_jax before the
-  one scanned stack, `models.lm.segmented_layout`)."""
-  from engram_jax.models import lm
+  one scanned stack, `models.layouts.segmented_layout`)."""
+  from engram_jax.models import layouts
   stored = _stored_tree(workdir, step)
   params = stored.get("params") if hasattr(stored, "get") else None
-  return hasattr(params, "items") and lm.segmented_layout(params)
+  return hasattr(params, "items") and layouts.segmented_layout(params)
 
 
 def _as_stored(abstract_items: dict, stored) -> tuple[dict, list[str]]:
   """(`abstract_items` laid out as the checkpoint holds them, the names relaid): a
   checkpoint of the segmented layout restores into the same leaves, stacked the old
-  way, and `models.lm.relayout_like` turns it into this one's."""
-  from engram_jax.models import lm
+  way, and `models.layouts.relayout_like` turns it into this one's."""
+  from engram_jax.models import layouts
   out, relaid = dict(abstract_items), []
   for name, abstract in abstract_items.items():
     tree = stored.get(name) if hasattr(stored, "get") else None
-    if not (hasattr(tree, "items") and lm.segmented_layout(tree)):
+    if not (hasattr(tree, "items") and layouts.segmented_layout(tree)):
       continue
     try:
-      out[name] = lm.relayout_like(abstract, tree)
+      out[name] = layouts.relayout_like(abstract, tree)
     except (KeyError, ValueError):  # another config: `config_mismatch` names the field
       continue
     relaid.append(name)
@@ -402,7 +402,7 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
   off stderr (`quiet.quiet_library_logs`). A checkpoint of the segmented layer layout
   (engram_jax before the one scanned stack) is converted as it is read.
   """
-  from engram_jax.models import lm
+  from engram_jax.models import layouts
 
   import sys
 
@@ -420,7 +420,7 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
         raise ValueError(mismatch)
       try:
         items = _restore_step(workdir, step, stored_items)
-        items = {name: lm.relayout_like(tree, abstract_items[name]) if name in relaid
+        items = {name: layouts.relayout_like(tree, abstract_items[name]) if name in relaid
                  else tree for name, tree in items.items()}
         break
       except Exception as err:  # orbax/tensorstore raise many types for a torn save

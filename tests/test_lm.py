@@ -10,8 +10,9 @@ import optax
 import pytest
 
 from engram_jax import hashing, optim
-from engram_jax.models.lm import (EngramLM, relayout_like, relayout_params, segmented_layout,
-                                  segments, unstack_blocks)
+from engram_jax.models.layouts import (relayout_like, relayout_params, segmented_layout,
+                                       unstack_blocks)
+from engram_jax.models.lm import EngramLM, segments
 
 from tests.conftest import tiny_model_config, with_random_conv
 

@@ -15,8 +15,8 @@ from engram_jax import config as config_lib
 from engram_jax import param_groups, train, train_steps
 from engram_jax.sampling import text as generate
 from engram_jax.layers import moe
-from engram_jax.models.lm import (EngramLM, relayout_params, segments, stack_blocks,
-                                  unstack_blocks)
+from engram_jax.models.layouts import relayout_params, stack_blocks, unstack_blocks
+from engram_jax.models.lm import EngramLM, segments
 
 from tests.equivalence import assert_cached_equals_full
 from tests.conftest import tiny_model_config, with_random_conv

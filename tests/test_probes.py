@@ -21,7 +21,7 @@ from engram_jax.sampling import image as generate_image
 from engram_jax.studies import probes
 from engram_jax.data import images
 from engram_jax.models import image
-from engram_jax.models.lm import relayout_params
+from engram_jax.models.layouts import relayout_params
 
 from tests.conftest import with_random_conv
 

@@ -11,7 +11,7 @@
   (Engram layer l resembles a deeper baseline layer) as effective depth gained.
 
 Residual streams are computed block by block from the trained params
-(`models.lm.unstack_blocks`): the same blocks the model scans, applied one at a time so
+(`models.layouts.unstack_blocks`): the same blocks the model scans, applied one at a time so
 that every layer's output is visible; the last stream through the LogitLens equals the
 model's own logits (tested). Both kinds of run (dense or hyper-connected backbones):
 LM workdirs (1D n-grams, logits over the vocabulary, validation token rows) and
@@ -37,7 +37,7 @@ from engram_jax import config as config_lib
 from engram_jax import hashing
 from engram_jax.layers.hyper import collapse_branches, expand_branches
 from engram_jax.layers.norms import RMSNorm
-from engram_jax.models import image, lm
+from engram_jax.models import image, layouts, lm
 
 
 def _decoder(model_cfg) -> tuple[config_lib.ModelConfig, image.ImageModelConfig | None]:
@@ -74,7 +74,7 @@ def residual_streams(model_cfg, params, tokens_BxT,
   streams = [h.astype(jnp.float32)]
   if cfg.hyper_connections:
     h = expand_branches(h, cfg.branches)
-  for layer, block_params in enumerate(lm.unstack_blocks(params, cfg)):
+  for layer, block_params in enumerate(layouts.unstack_blocks(params, cfg)):
     engram_index = (cfg.engram.layers.index(layer) if layer in cfg.engram.layers
                     else None)
     block = lm.Block(cfg, engram_index=engram_index, layer=layer)
