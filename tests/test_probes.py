@@ -18,7 +18,7 @@ from engram_jax import checkpoints
 from engram_jax.studies import evaluate
 from engram_jax.studies import feature_nets
 from engram_jax.sampling import image as generate_image
-from engram_jax.studies import probes
+from engram_jax.studies import probes, reports
 from engram_jax.data import images
 from engram_jax.models import image
 from engram_jax.models.layouts import relayout_params
@@ -187,13 +187,13 @@ def test_table_collapse_and_randomise_change_the_next_token_distributions(params
 def test_bootstrap_ci_and_paired_permutation_test():
   rng = np.random.default_rng(0)
   values = rng.normal(1.0, 1.0, 200)
-  low, high = probes.bootstrap_ci(values, rng, 2000)
+  low, high = reports.bootstrap_ci(values, rng, 2000)
   assert low < values.mean() < high and 0.1 < high - low < 0.5  # ~ 2 * 1.96 / sqrt(200)
   a = rng.normal(size=40)
-  assert probes.paired_permutation_test(a, a, rng, 500) == 1.0
-  assert probes.paired_permutation_test(a + 1.0, a, rng, 500) == pytest.approx(1 / 501)
+  assert reports.paired_permutation_test(a, a, rng, 500) == 1.0
+  assert reports.paired_permutation_test(a + 1.0, a, rng, 500) == pytest.approx(1 / 501)
   # exchangeable pairs: p-values are not systematically small
-  ps = [probes.paired_permutation_test(rng.normal(size=30), rng.normal(size=30), rng, 200)
+  ps = [reports.paired_permutation_test(rng.normal(size=30), rng.normal(size=30), rng, 200)
         for _ in range(40)]
   assert 0.3 < np.mean(ps) < 0.7
 
@@ -201,8 +201,8 @@ def test_bootstrap_ci_and_paired_permutation_test():
 def test_write_report_writes_markdown_csv_and_png(tmp_path):
   results = {"a": {"kl": np.array([0.0, 0.0]), "js": np.array([0.0, 0.0])},
              "b": {"kl": np.array([1e-3, 2e-3]), "js": np.array([1e-4, 3e-4])}}
-  summary, tests = probes.summarise(results, n_boot=20, n_perm=20, compare=("a", "b"))
-  paths = probes.write_report(str(tmp_path), "demo", [("summary", summary),
+  summary, tests = reports.summarise(results, n_boot=20, n_perm=20, compare=("a", "b"))
+  paths = reports.write_report(str(tmp_path), "demo", [("summary", summary),
                                                       ("tests", tests)],
                               probes.plot_divergences(summary), "header line")
   names = sorted(os.path.basename(p) for p in paths)

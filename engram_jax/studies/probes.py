@@ -18,10 +18,8 @@ formulas.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import itertools
 import os
 from typing import Callable, Optional, Sequence
 
@@ -33,6 +31,7 @@ from engram_jax import config as config_lib
 from engram_jax import spatial_hashing
 from engram_jax.studies import evaluate
 from engram_jax.studies import feature_nets
+from engram_jax.studies.reports import chunks, summarise, write_report
 from engram_jax.models.image import ImageARModel, ImageModelConfig
 from engram_jax.layers.engram import GATE_VALUE
 from engram_jax.progress import progress
@@ -151,10 +150,6 @@ def _stack(batches: Sequence[dict]) -> dict[str, np.ndarray]:
           for k in ("inputs", "targets", "labels")}
 
 
-def _chunks(n: int, size: int):
-  return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 # ----------------------------------------------------------------------------------
 # Donor probe
 # ----------------------------------------------------------------------------------
@@ -203,7 +198,7 @@ def donor_probe(model: ImageARModel, params, batches: Sequence[dict], *,
   rng = np.random.default_rng(seed)
   donors = {kind: donor_indices(cells, labels, kind, rng) for kind in kinds}
   out = {kind: {"kl": [], "js": [], "donor": donors[kind]} for kind in kinds}
-  for rows in progress(_chunks(len(labels), size), "donor probe batches"):
+  for rows in progress(chunks(len(labels), size), "donor probe batches"):
     inputs = jnp.asarray(data["inputs"][rows])
     reference = _log_probs(model, params, inputs, _hash_ids(cfg, cells[rows]))
     for kind in kinds:
@@ -258,7 +253,7 @@ def table_probe(model: ImageARModel, params, batches: Sequence[dict], *,
     else:
       variants[kind] = (model, edit_tables(cfg, params, kind, key))
   out = {kind: {"kl": [], "js": []} for kind in kinds}
-  for rows in progress(_chunks(len(data["labels"]), size), "table probe batches"):
+  for rows in progress(chunks(len(data["labels"]), size), "table probe batches"):
     inputs, ids = jnp.asarray(data["inputs"][rows]), _hash_ids(cfg, data["targets"][rows])
     reference = _log_probs(model, params, inputs, ids)
     for kind, (alt_model, alt_params) in variants.items():
@@ -266,98 +261,6 @@ def table_probe(model: ImageARModel, params, batches: Sequence[dict], *,
       out[kind]["kl"].append(np.asarray(kl))
       out[kind]["js"].append(np.asarray(js))
   return {k: {m: np.concatenate(v) for m, v in d.items()} for k, d in out.items()}
-
-
-# ----------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------
-def bootstrap_ci(values_I, rng: np.random.Generator, n_boot: int = 1000,
-                 level: float = 0.95) -> tuple[float, float]:
-  """Percentile bootstrap interval of the mean (images resampled with replacement)."""
-  values = np.asarray(values_I, np.float64)
-  means = np.empty(n_boot)
-  for part in _chunks(n_boot, 1000):
-    rows = rng.integers(0, len(values), (part.stop - part.start, len(values)))
-    means[part] = values[rows].mean(1)
-  tail = 100 * (1 - level) / 2
-  low, high = np.percentile(means, [tail, 100 - tail])
-  return float(low), float(high)
-
-
-def paired_permutation_test(a_I, b_I, rng: np.random.Generator,
-                            n_perm: int = 10000) -> float:
-  """Two-sided p-value of mean(a - b) = 0 by random sign flips of the paired
-  differences: (1 + #{|mean(s * d)| >= |mean(d)|}) / (1 + n_perm)."""
-  d = np.asarray(a_I, np.float64) - np.asarray(b_I, np.float64)
-  observed = abs(d.mean())
-  hits = 0
-  for part in _chunks(n_perm, 1000):
-    signs = rng.choice(np.array([-1.0, 1.0]), (part.stop - part.start, len(d)))
-    hits += int(np.sum(np.abs(signs @ d) / len(d) >= observed * (1 - 1e-12)))
-  return (1 + hits) / (1 + n_perm)
-
-
-def summarise(results: dict[str, dict[str, np.ndarray]], *, seed: int = 0,
-              n_boot: int = 1000, n_perm: int = 10000,
-              compare: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
-  """(per-kind means with bootstrap CIs, pairwise permutation tests among `compare`)."""
-  rng = np.random.default_rng(seed)
-  summary = []
-  for kind, r in results.items():
-    row = {"kind": kind, "n": len(r["kl"])}
-    for m in ("kl", "js"):
-      low, high = bootstrap_ci(r[m], rng, n_boot)
-      row.update({m: float(np.mean(r[m])), f"{m}_low": low, f"{m}_high": high})
-    summary.append(row)
-  tests = []
-  for a, b in itertools.combinations(compare, 2):
-    row = {"kind_a": a, "kind_b": b}
-    for m in ("kl", "js"):
-      row[f"{m}_diff"] = float(np.mean(results[a][m] - results[b][m]))
-      row[f"{m}_p"] = paired_permutation_test(results[a][m], results[b][m], rng, n_perm)
-    tests.append(row)
-  return summary, tests
-
-
-# ----------------------------------------------------------------------------------
-# Reports: markdown, CSV, PNG
-# ----------------------------------------------------------------------------------
-def _fmt(value) -> str:
-  if isinstance(value, float):
-    return f"{value:.4g}"
-  return str(value)
-
-
-def markdown_table(rows: Sequence[dict]) -> str:
-  columns = list(rows[0])
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-  return "\n".join(lines)
-
-
-def write_report(out_dir: str, name: str, tables: Sequence[tuple[str, list[dict]]],
-                 plot: Callable, header: str = "") -> list[str]:
-  """`name.md` (every table), one CSV per table (`name.csv`, `name_<title>.csv`) and
-  `name.png` drawn by `plot(figure)`; returns the paths."""
-  from matplotlib.figure import Figure
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, f"{name}.md")]
-  with open(paths[0], "w", encoding="utf-8") as f:
-    f.write(f"# {name}\n\n{header}\n\n" if header else f"# {name}\n\n")
-    for title, rows in tables:
-      f.write(f"## {title}\n\n{markdown_table(rows)}\n\n")
-  for i, (title, rows) in enumerate(tables):
-    path = os.path.join(out_dir, f"{name}.csv" if i == 0 else f"{name}_{title}.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
-    paths.append(path)
-  fig = Figure(figsize=(9, 3.5))
-  plot(fig)
-  paths.append(os.path.join(out_dir, f"{name}.png"))
-  fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-  return paths
 
 
 def plot_gate_clamp(rows: Sequence[dict]) -> Callable:

@@ -100,8 +100,7 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
   """
   from engram_jax import paths
   paths.local_output(root, "--workdir")  # the sweep's root: local reports and caches
-  from engram_jax.studies import evaluate
-  from engram_jax.studies import probes
+  from engram_jax.studies import evaluate, reports
   points = variants(family, rhos)
   config = _image_configs().get_config(points[0][0])
   if overrides:
@@ -122,7 +121,7 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
   header = (f"{steps} steps per point, split `{split}`, "
             + (f"FID/IS: {samples_per_class} samples per class, {quality.describe}"
                if quality else "NLL only"))
-  return probes.write_report(root, "rho_sweep", [("points", rows)], plot(rows), header)
+  return reports.write_report(root, "rho_sweep", [("points", rows)], plot(rows), header)
 
 
 def main(argv=None) -> int:
