@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh
 
 from engram_jax import config as config_lib
-from engram_jax.layers import moe
+from engram_jax.layers import moe, moe_dispatch
 from engram_jax.layers.mlp import SwiGLU
 
 B, T, D, E, F, K = 2, 8, 16, 8, 8, 2
@@ -201,8 +201,8 @@ def test_tiled_grouped_matmul_equals_ragged_dot(sizes, tile):
   kernels = tuple(jax.random.normal(jax.random.key(i), s) * 0.3 for i, s in
                   enumerate([(4, D, F), (4, D, F), (4, F, D)]))
   sizes = jnp.array(sizes, jnp.int32)
-  tiled = lambda x, ws: moe.swiglu_tiled(x, sizes, *ws, tile=tile)
-  ragged = lambda x, ws: moe.swiglu_ragged(x, sizes, *ws)
+  tiled = lambda x, ws: moe_dispatch.swiglu_tiled(x, sizes, *ws, tile=tile)
+  ragged = lambda x, ws: moe_dispatch.swiglu_ragged(x, sizes, *ws)
   want = ragged(x, kernels)
   np.testing.assert_allclose(tiled(x, kernels), want, rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(want[-3:]) == 0.0)
@@ -219,13 +219,13 @@ def test_capacity_drops_only_when_over_capacity(variables):
   assert float(stats["dropped_fraction"]) == 0.0
   for factor in (0.5, 1.0):
     _, stats = _run(_moe(capacity_factor=factor), params)
-    cap = moe.expert_capacity(N, K, E, factor)
+    cap = moe_dispatch.expert_capacity(N, K, E, factor)
     want = np.maximum(np.asarray(stats["load"]) - cap, 0).sum() / (N * K)
     assert float(stats["dropped_fraction"]) == pytest.approx(want)
   # All tokens forced onto experts 0 and 1: each keeps its `cap` most confident tokens.
   forced = {**variables, "routing": {"bias": jnp.zeros((E,)).at[:2].set(100.0)}}
   _, stats = _run(_moe(balance="bias", capacity_factor=1.0), forced)
-  cap = moe.expert_capacity(N, K, E, 1.0)
+  cap = moe_dispatch.expert_capacity(N, K, E, 1.0)
   assert float(stats["dropped_fraction"]) == pytest.approx(1 - cap / N)
 
 
@@ -235,8 +235,8 @@ def test_capacity_keeps_highest_affinity():
                   enumerate([(4, D, F), (4, D, F), (4, F, D)]))
   experts = jnp.zeros((N, 1), jnp.int32).at[::2].set(3)   # 8 tokens each on experts 0, 3
   priority = jax.random.uniform(jax.random.key(8), (N, 1))
-  full = moe.sorted_experts(x, experts, kernels)
-  y, kept = moe.capacity_experts(x, experts, priority, kernels, capacity=3)
+  full = moe_dispatch.sorted_experts(x, experts, kernels)
+  y, kept = moe_dispatch.capacity_experts(x, experts, priority, kernels, capacity=3)
   assert int(kept.sum()) == 6
   for e in (0, 3):
     mine = np.asarray(experts[:, 0]) == e
