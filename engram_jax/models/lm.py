@@ -136,6 +136,10 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
   The cond is rematerialised: the scan saves its inputs (`memory` once, as the
   loop invariant it is), not the branch's intermediates, which it would otherwise keep
   for every layer (zeros for plain ones) and with them a copy of `memory` per layer.
+  So is the Engram branch inside it: recomputing the cond for the backward then needs
+  only the branch's inputs, so the plain branch fills in zeros for a few small arrays
+  rather than for every Engram intermediate (each a kernel: 318 -> 301 kernels in
+  `tiny`'s train step, docs/benchmarks.md "Compile time").
 
   conv_history_LxBxPxMD ("prefill"/"decode" with a conv): each Engram layer's conv
   state; the layer reads (decode) and replaces its slot.
@@ -157,7 +161,7 @@ def engram_step(cfg: config_lib.ModelConfig, mode: Mode, h, slot, memory: Memory
     return (h + y.astype(h.dtype) if cfg.hyper_connections else h + y[:, :, 0, :]), history
 
   return jax.checkpoint(lambda h, history: jax.lax.cond(
-      slot >= 0, with_engram, lambda h, history: (h, history), h, history))(
+      slot >= 0, jax.checkpoint(with_engram), lambda h, history: (h, history), h, history))(
           h, conv_history_LxBxPxMD)
 
 
