@@ -14,6 +14,9 @@ side writes to file descriptor 2.
   restore that went well, as every read-only command does, leaves a run's log as it was;
 - `library_logs_to(path)`: for a whole run, the libraries' Python logging records go to
   `path` (the workdir's `engram_jax.log`) instead of the console.
+After a failed read the abandoned coroutines keep surfacing at later garbage
+collections, long after the quiet call: from then on those (and only those) go to the
+failed call's log too, not to stderr.
 A log file that cannot be written (a full disk) drops records rather than printing
 logging's own tracebacks.
 """
@@ -26,6 +29,7 @@ import os
 import sys
 import tempfile
 import threading
+import warnings
 from typing import Iterator, Optional
 
 LIBRARY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "etils",
@@ -177,7 +181,8 @@ def quiet_library_logs(path: Optional[str] = None) -> Iterator[LibraryLogs]:
   """Collects the libraries' log records, unraisable and thread exceptions into the
   yielded `LibraryLogs` instead of printing them; with `path`, they (and fd 2) are
   appended there when the call raised or set `logs.keep`. Everything is restored on
-  exit."""
+  exit, except that after a failure the read's leftovers, which surface later, keep
+  going to `path` (`_LeftoverHook`)."""
   staged = _staging_file() if path else None
   logs = LibraryLogs(staged)
   saved_hooks = sys.unraisablehook, threading.excepthook
@@ -199,7 +204,55 @@ def quiet_library_logs(path: Optional[str] = None) -> Iterator[LibraryLogs]:
           gc.collect()
   finally:
     sys.unraisablehook, threading.excepthook = saved_hooks
+    if failed or logs.keep or logs.exceptions:
+      _route_leftovers(path)
     if staged is not None:
       if failed or logs.keep:
         _append_staged(staged, path)
       _close(staged)
+
+
+def _is_leftover(unraisable) -> bool:
+  """An abandoned orbax/TensorStore read coroutine, or TensorStore completing a read
+  into the event loop orbax already closed."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and any(lib in code.co_filename for lib in ("orbax", "tensorstore"))
+
+
+class _LeftoverHook:
+  """sys.unraisablehook after a failed read: the read's leftovers surface later, at
+  some garbage collection or at exit, one traceback each (a torn checkpoint gave
+  1,300-2,000 lines on stderr after its one-line warning). They go to the log of the
+  call that failed (dropped without one); anything else to the previous hook."""
+
+  def __init__(self, previous, path: Optional[str]):
+    self.previous, self.path = previous, path
+
+  def __call__(self, unraisable) -> None:
+    if not _is_leftover(unraisable):
+      self.previous(unraisable)
+      return
+    log_file = _open(self.path)
+    if log_file is not None:
+      try:
+        log_file.write(f"after a failed read: {unraisable.exc_value!r}\n")
+      except OSError:  # a full disk: the failure was reported when it happened
+        pass
+      _close(log_file)
+
+
+def _route_leftovers(path: Optional[str]) -> None:
+  """Installs `_LeftoverHook` (once; a later failure's log replaces the earlier one)
+  and silences the never-awaited warnings of the same coroutines (of any coroutine,
+  from then on in this process)."""
+  hook = sys.unraisablehook
+  if isinstance(hook, _LeftoverHook):
+    hook.path = path or hook.path
+  else:
+    sys.unraisablehook = _LeftoverHook(hook, path)
+  # Raised wherever the collection happens to run, so not filtered by module.
+  warnings.filterwarnings("ignore", message=r"coroutine '\w+' was never awaited",
+                          category=RuntimeWarning)
