@@ -253,7 +253,7 @@ class RunPrograms(NamedTuple):
 @functools.lru_cache(maxsize=8)
 def run_programs(model: nn.Module, tx, seq_len: int, mesh, host: bool) -> RunPrograms:
   """The jitted init, train and eval steps of a run. Cached: runs of equal settings in
-  one process (seeds, a sweep's points, a resume; `optim.from_train_config` returns
+  one process (seeds, a resume, a notebook run again; `optim.from_train_config` returns
   equal settings' tx itself) call the same jitted functions, so each program is traced,
   lowered and compiled once, not per run."""
   from engram_jax import host_tables
