@@ -57,7 +57,7 @@ def from_train_config(t: run_config.TrainConfig, engram: config_lib.EngramConfig
 
   tx is optax's (tables in Adam's table group) for `train.table_optimizer="adam"` or
   a model without Engram, else a `tables.SparseTx` (row-sparse tables). Equal settings
-  give the same objects, so a process training several runs (seeds, sweeps, a resume)
+  give the same objects, so a process training several runs (seeds, a resume)
   reuses the programs jitted for them (`train_steps.run_programs`) instead of tracing anew.
   """
   return _schedule_and_tx(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay,

@@ -52,11 +52,13 @@ def state_variables(state: TrainState) -> dict:
   return {"params": state.params, **({moe.BIAS: state.routing} if state.routing else {})}
 
 
-def train_state_shardings(model: nn.Module, tx, seq_len: int, mesh):
+def train_state_shardings(model: nn.Module, tx, seq_len: int, mesh, abstract=None):
   """`TrainState` of NamedShardings: params and optimizer moments by logical axes
-  (row-sparse tables' state split by rows like its table)."""
+  (row-sparse tables' state split by rows like its table). `abstract`: the model's
+  `abstract_train_state`, when the caller has it already."""
   from engram_jax import sharding
-  abstract = abstract_train_state(model, tx, seq_len)
+  if abstract is None:
+    abstract = abstract_train_state(model, tx, seq_len)
   boxed = abstract.params
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = sharding.state_shardings(boxed, mesh)
@@ -262,11 +264,12 @@ def run_programs(model: nn.Module, tx, seq_len: int, mesh, host: bool) -> RunPro
     variables = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))
     return init_train_state(tx, variables["params"], variables.get(moe.BIAS, {}))
 
-  full_sh = train_state_shardings(model, tx, seq_len, mesh)
+  abstract = abstract_train_state(model, tx, seq_len)  # one trace of the init for both
+  full_sh = train_state_shardings(model, tx, seq_len, mesh, abstract)
   state_sh = host_tables.drop_tables(full_sh, tx) if host else full_sh
   full_abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(init_state, jax.random.key(0)), full_sh)
+      nn.unbox(abstract), full_sh)
   return RunPrograms(full_sh, state_sh, full_abstract,
                      jax.jit(init_state, out_shardings=state_sh), jax.jit(init_state),
                      make_train_step(model, tx, state_sh, host_tables=host, mesh=mesh),
