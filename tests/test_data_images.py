@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engram_jax import hashing, spatial_hashing
-from engram_jax.data import images
+from engram_jax.data import digits, image_records, images
 
 from tests.conftest import same_batches, take
 
@@ -43,7 +43,7 @@ def codes(tmp_path_factory):
     np.savez(root / f"{split}.npz", codes=codes_IxHixWi, labels=labels_I)
     half = n // 2  # two ArrayRecord shards, read through one glob
     for shard, part in enumerate((slice(0, half), slice(half, n))):
-      images.write_array_record(str(root / f"{split}-{shard}.array_record"),
+      image_records.write_array_record(str(root / f"{split}-{shard}.array_record"),
                                 codes_IxHixWi[part], labels_I[part])
     paths[split] = (codes_IxHixWi, labels_I)
   assert len({c.tobytes() for c in paths["train"][0]}) == 42
@@ -61,39 +61,39 @@ def codes(tmp_path_factory):
 # digits
 # ----------------------------------------------------------------------------------
 def test_digits_splits_are_stratified_disjoint_and_seeded():
-  split = images.digits_split_indices(0)
+  split = digits.split_indices(0)
   sizes = {s: len(i) for s, i in split.items()}
   assert sizes == {"train": 1439, "val": 179, "test": 179}
   everything = np.concatenate(list(split.values()))
   np.testing.assert_array_equal(np.sort(everything), np.arange(1797))
-  _, labels = images._digits_raw()
+  _, labels = digits.raw()
   for s in ("val", "test"):
     counts = np.bincount(labels[split[s]], minlength=10)
     assert counts.min() >= 17 and counts.max() <= 18  # 10% of every class
-  again = images.digits_split_indices(0)
+  again = digits.split_indices(0)
   assert all(np.array_equal(split[s], again[s]) for s in split)
-  other = images.digits_split_indices(1)
+  other = digits.split_indices(1)
   assert not np.array_equal(split["val"], other["val"])
   assert len(other["val"]) == 179
 
 
 def test_digits_quantisation():
   values = np.arange(17)
-  np.testing.assert_array_equal(images.quantize_digits(values, 17), values)
-  np.testing.assert_array_equal(images.quantize_digits(values, 4),
+  np.testing.assert_array_equal(digits.quantize(values, 17), values)
+  np.testing.assert_array_equal(digits.quantize(values, 4),
                                 [0] * 5 + [1] * 4 + [2] * 4 + [3] * 4)
-  np.testing.assert_array_equal(images.quantize_digits(values, 2), [0] * 9 + [1] * 8)
+  np.testing.assert_array_equal(digits.quantize(values, 2), [0] * 9 + [1] * 8)
   for levels in (2, 4, 8, 17):
-    assert len(np.unique(images.quantize_digits(values, levels))) == levels
+    assert len(np.unique(digits.quantize(values, levels))) == levels
 
 
 def test_digits_batches_hold_shifted_cells_and_class_tokens():
   vocab = images.image_vocab(DIGITS)
   assert (vocab.codebook_size, vocab.num_classes, vocab.null_class, vocab.size) == \
       (4, 10, 14, 15)
-  pixels, labels = images._digits_raw()
-  train = images.digits_split_indices(0)["train"]
-  known = {images.quantize_digits(p, 4).reshape(-1).tobytes(): int(l)
+  pixels, labels = digits.raw()
+  train = digits.split_indices(0)["train"]
+  known = {digits.quantize(p, 4).reshape(-1).tobytes(): int(l)
            for p, l in zip(pixels[train], labels[train])}
   for batch in take(images.train_iterator(DIGITS), 3):
     assert set(batch) == {"inputs", "targets", "labels"}
@@ -112,11 +112,11 @@ def test_digits_eval_is_fixed_and_split_between_processes():
   first = list(ev)
   assert len(ev) == len(first) == 179 // 8
   assert same_batches(first, list(images.eval_batches(DIGITS, "test")))
-  pixels, labels = images._digits_raw()
-  test = images.digits_split_indices(0)["test"]
+  pixels, labels = digits.raw()
+  test = digits.split_indices(0)["test"]
   np.testing.assert_array_equal(first[0]["labels"], labels[test[:8]])
   np.testing.assert_array_equal(first[1]["targets"],
-                                images.quantize_digits(pixels[test[8:16]], 4)
+                                digits.quantize(pixels[test[8:16]], 4)
                                 .reshape(8, 64))
   halves = [list(images.eval_batches(DIGITS, "test", max_batches=3, process_index=p,
                                      process_count=2)) for p in range(2)]
@@ -153,11 +153,11 @@ def test_npz_and_array_record_give_the_same_batches(codes):
 
 def test_records_round_trip():
   image = np.arange(12).reshape(3, 4)
-  decoded, label = images.decode_record(images.encode_record(image, 7))
+  decoded, label = image_records.decode_record(image_records.encode_record(image, 7))
   np.testing.assert_array_equal(decoded, image)
   assert label == 7 and decoded.dtype == np.int32
   with pytest.raises(ValueError, match="not an image record.*write_array_record"):
-    images.decode_record(b"\x01\x02\x03\x04" * 5)
+    image_records.decode_record(b"\x01\x02\x03\x04" * 5)
 
 
 def test_sources_pickle_for_worker_processes(codes):
@@ -231,16 +231,16 @@ def test_file_errors(codes):
   _raises(npz_with("class.npz", codes=codes_IxHixWi, labels=labels_I + CLASSES),
           "labels span.*data.num_classes=4")
   # ArrayRecord: the first record is checked up front, the others as they are read.
-  images.write_array_record(str(root / "bad-first.array_record"), big[3:], labels_I[3:])
+  image_records.write_array_record(str(root / "bad-first.array_record"), big[3:], labels_I[3:])
   _raises(dataclasses.replace(rec, train_path=str(root / "bad-first.array_record")),
           "data.train_path record 0: codes span .*data.codebook_size=50")
-  images.write_array_record(str(root / "bad-later.array_record"), big, labels_I)
+  image_records.write_array_record(str(root / "bad-later.array_record"), big, labels_I)
   source = images.image_source(
       dataclasses.replace(rec, train_path=str(root / "bad-later.array_record")),
       "train")
   with pytest.raises(ValueError, match="record 3: codes span.*data.codebook_size"):
     source[3]  # noqa: B018
-  images.write_array_record(str(root / "wide.array_record"),
+  image_records.write_array_record(str(root / "wide.array_record"),
                             np.zeros((2, 3, 6), np.int32), labels_I[:2])
   _raises(dataclasses.replace(rec, train_path=str(root / "wide.array_record")),
           "record 0: codes have shape \\(1, 3, 6\\)")

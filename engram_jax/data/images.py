@@ -8,8 +8,9 @@ Sources (`ImageDataConfig.source`):
   "npz":          a `.npz` per split holding `codes [I, Hi, Wi]` (any integer dtype) and
                   `labels [I]`: the output of any VQ tokenizer.
   "array_record": ArrayRecord files per split (a path or a glob), one image per record
-                  in the format of `encode_record` (write them with
-                  `write_array_record`): random access without loading a split.
+                  in the layout of data/image_records.py (write them with
+                  `image_records.write_array_record`): random access without loading
+                  a split.
 
 An image is its HiWi = Hi*Wi codes in raster order. Every batch is a dict of int32
 NumPy arrays:
@@ -24,7 +25,6 @@ NumPy arrays:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import os
 from typing import Any, Sequence
@@ -33,15 +33,13 @@ import grain
 import numpy as np
 
 from engram_jax import hashing, spatial_hashing
+from engram_jax.data import digits
 from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.data import iterators
+from engram_jax.data.image_records import decode_record
 
 _SOURCES = ("digits", "npz", "array_record")
-_SPLITS = ("train", "val", "test")
-DIGITS_VALUES = 17            # digits pixels take the values 0..16
-DIGITS_HOLDOUT = 0.1          # of each class, to val and again to test
-_DIGITS_SIZE, _DIGITS_CLASSES = 8, 10
-_RECORD_HEADER = 3            # int32 label, height, width before the codes
+_SPLITS = digits.SPLITS
 _DROPOUT_STREAM = 0x1ABE1     # keeps label dropout draws apart from other seeded draws
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
@@ -70,14 +68,14 @@ def validate(cfg: ImageDataConfig) -> ImageDataConfig:
   if cfg.source not in _SOURCES:
     raise ValueError(f"data.source={cfg.source!r}: use one of {list(_SOURCES)}.")
   if cfg.source == "digits":
-    if not 2 <= cfg.levels <= DIGITS_VALUES:
-      raise ValueError(f"data.levels={cfg.levels}: use 2..{DIGITS_VALUES} pixel levels "
-                       f"({DIGITS_VALUES} keeps the raw digits values).")
+    if not 2 <= cfg.levels <= digits.VALUES:
+      raise ValueError(f"data.levels={cfg.levels}: use 2..{digits.VALUES} pixel levels "
+                       f"({digits.VALUES} keeps the raw digits values).")
     if cfg.codebook_size not in (0, cfg.levels):
       raise ValueError(f"data.codebook_size={cfg.codebook_size}: digits tokens are the "
                        f"{cfg.levels} pixel levels; leave it 0 (or set data.levels).")
-    for name, want in (("height", _DIGITS_SIZE), ("width", _DIGITS_SIZE),
-                       ("num_classes", _DIGITS_CLASSES)):
+    for name, want in (("height", digits.SIZE), ("width", digits.SIZE),
+                       ("num_classes", digits.CLASSES)):
       if getattr(cfg, name) != want:
         raise ValueError(f"data.{name}={getattr(cfg, name)}: digits images have "
                          f"height = width = 8 and 10 classes; set data.{name}={want}.")
@@ -117,7 +115,8 @@ def fingerprint(cfg: ImageDataConfig) -> dict:
 
 def _format_hint(source: str) -> str:
   return ("`.npz` with codes [images, height, width] and labels [images]"
-          if source == "npz" else "ArrayRecord file or glob (see images.write_array_record)")
+          if source == "npz" else
+          "ArrayRecord file or glob (see engram_jax.data.image_records.write_array_record)")
 
 
 # ----------------------------------------------------------------------------------
@@ -152,49 +151,10 @@ def image_vocab(cfg: ImageDataConfig) -> ImageVocab:
 # ----------------------------------------------------------------------------------
 # digits
 # ----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
-  """Pixels `[1797, 8, 8]` (int, 0..16) and labels, read once from scikit-learn."""
-  from sklearn.datasets import load_digits  # only digits runs pay for the import
-
-  digits = load_digits()
-  images, labels = digits.images.astype(np.int32), digits.target.astype(np.int32)
-  for a in (images, labels):
-    a.setflags(write=False)
-  return images, labels
-
-
-def quantize_digits(pixels, levels: int) -> np.ndarray:
-  """Pixel values 0..16 -> tokens 0..levels-1: `floor(v * levels / 17)`.
-
-  Splits the 17 values into `levels` runs of (nearly) equal length, 0 to token 0 and 16
-  to token levels-1; levels = 17 is the identity.
-  """
-  return (np.asarray(pixels, np.int32) * levels) // DIGITS_VALUES
-
-
-def digits_split_indices(split_seed: int) -> dict[str, np.ndarray]:
-  """Sorted image indices of train/val/test: a stratified, seeded split.
-
-  Of each class, round(10%) of the images (shuffled by `split_seed`) go to val and as
-  many to test; the rest train. 1439 / 179 / 179 images for every seed.
-  """
-  _, labels = _digits_raw()
-  rng = np.random.default_rng(split_seed)
-  parts: dict[str, list[np.ndarray]] = {s: [] for s in _SPLITS}
-  for label in range(_DIGITS_CLASSES):
-    members = rng.permutation(np.flatnonzero(labels == label))
-    hold = int(round(DIGITS_HOLDOUT * len(members)))
-    parts["val"].append(members[:hold])
-    parts["test"].append(members[hold:2 * hold])
-    parts["train"].append(members[2 * hold:])
-  return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
-
-
 def _digits_arrays(cfg: ImageDataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-  images, labels = _digits_raw()
-  index = digits_split_indices(cfg.split_seed)[split]
-  return quantize_digits(images[index], cfg.levels), labels[index]
+  images, labels = digits.raw()
+  index = digits.split_indices(cfg.split_seed)[split]
+  return digits.quantize(images[index], cfg.levels), labels[index]
 
 
 # ----------------------------------------------------------------------------------
@@ -250,47 +210,6 @@ def _npz_arrays(cfg: ImageDataConfig, split: str) -> tuple[np.ndarray, np.ndarra
     codes, labels = npz["codes"], npz["labels"]
   _check_codes(cfg, where, codes, labels)
   return codes.astype(np.int32), labels.astype(np.int32)
-
-
-def encode_record(codes_HixWi, label: int) -> bytes:
-  """One image as an ArrayRecord record: int32 little-endian label, Hi, Wi, then codes.
-
-  A fixed binary layout rather than `.npz` bytes: decoding is `np.frombuffer`, which is
-  thread-safe (grain reads with threads; `np.load` is not, see data/token_cache.py).
-  """
-  codes = np.asarray(codes_HixWi)
-  if codes.ndim != 2:
-    raise ValueError(f"codes_HixWi has shape {codes.shape}; give one image "
-                     "[height, width].")
-  header = np.array([label, *codes.shape], dtype="<i4")
-  return header.tobytes() + codes.astype("<i4").tobytes()
-
-
-def decode_record(record: bytes) -> tuple[np.ndarray, int]:
-  """Inverse of `encode_record`: (codes `[Hi, Wi]` int32, label)."""
-  values = np.frombuffer(record, dtype="<i4")
-  if len(values) < _RECORD_HEADER or len(values) != (
-      _RECORD_HEADER + int(values[1]) * int(values[2])):
-    raise ValueError(f"a record of {len(record)} bytes is not an image record; write "
-                     f"records with images.write_array_record (label, Hi, Wi, codes).")
-  label, height, width = (int(v) for v in values[:_RECORD_HEADER])
-  return values[_RECORD_HEADER:].reshape(height, width).astype(np.int32), label
-
-
-def write_array_record(path: str, codes_IxHixWi, labels_I) -> None:
-  """Writes images as ArrayRecord records (group size 1: fast random access)."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-
-  codes, labels = np.asarray(codes_IxHixWi), np.asarray(labels_I)
-  if codes.ndim != 3 or labels.shape != codes.shape[:1]:
-    raise ValueError(f"codes {codes.shape} and labels {labels.shape}: give codes "
-                     f"[images, height, width] and labels [images].")
-  writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
-  try:
-    for image, label in zip(codes, labels):
-      writer.write(encode_record(image, int(label)))
-  finally:
-    writer.close()
 
 
 def _record_files(cfg: ImageDataConfig, split: str) -> list[str]:
