@@ -16,6 +16,7 @@ host RAM (`"host"`) or memory-mapped from an export (`"disk"`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -150,7 +151,17 @@ def model_config(workdir: str):
 # ----------------------------------------------------------------------------------
 def abstract_variables(model: nn.Module) -> dict:
   """ShapeDtypeStructs of the variables a checkpoint holds (params; MoE routing biases
-  where the model has them), from shapes alone: nothing is allocated."""
+  where the model has them), from shapes alone: nothing is allocated.
+
+  Tracing the model's init is most of a small load's time, so the shapes are kept per
+  model: loading the same run again (a notebook, a sampling loop over seeds) skips it.
+  Each call returns its own containers, so a caller may edit the tree it gets.
+  """
+  return jax.tree_util.tree_map(lambda leaf: leaf, _abstract_variables(model))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(model: nn.Module) -> dict:
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   return {k: v for k, v in nn.unbox(boxed).items() if k in SAVED_COLLECTIONS and v}
 

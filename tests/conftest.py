@@ -86,11 +86,20 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
-# pytest-xdist (`--dist loadfile`) hands test files to its workers in collection order.
-# The slowest files (seconds of CPU, measured cold on 2 cores) go first, so the run does
-# not end with one worker busy on a long file while the other idles.
-SLOWEST_FILES_FIRST = ("test_moe_lm.py", "test_train.py", "test_generate.py",
-                       "test_multihost.py", "test_colab.py", "test_offload.py")
+# pytest-xdist (`--dist loadfile`) hands test files to its workers in collection order,
+# once its own reordering (files with the most tests first) is off. The slowest files
+# (seconds, measured warm on 2 cores) go first, so the run does not end with one worker
+# busy on a long file while the other idles.
+SLOWEST_FILES_FIRST = ("test_moe_lm.py", "test_multihost.py", "test_colab.py",
+                       "test_train.py", "test_inception.py", "test_generate.py",
+                       "test_offload.py", "test_analyze.py", "test_probes.py",
+                       "test_moe.py", "test_sparse_tables.py", "test_allocation.py",
+                       "test_host_tables.py", "test_rho_sweep.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -73,6 +73,17 @@ def test_abstract_variables_hold_what_a_checkpoint_holds():
   assert set(workdir.abstract_variables(EngramLM(routed))) == {"params", moe.BIAS}
 
 
+def test_abstract_variables_trace_a_model_once_and_hand_out_their_own_trees():
+  from engram_jax.models.lm import EngramLM
+  cfg = tiny_model_config(seed=11)  # a model no other test of this process loads
+  traced = workdir._abstract_variables.cache_info().misses
+  first = workdir.abstract_variables(EngramLM(cfg))
+  first["params"].pop("block_1")  # a caller editing its tree ...
+  second = workdir.abstract_variables(EngramLM(cfg))  # an equal model: no second trace
+  assert workdir._abstract_variables.cache_info().misses == traced + 1
+  assert "block_1" in second["params"]  # ... leaves the next caller's intact
+
+
 @pytest.mark.parametrize("saved, kind", [
     ({"task": "image", "data": {}}, "image"),
     ({"task": "lm", "data": {"height": 8, "width": 8, "num_classes": 10}}, "lm"),
