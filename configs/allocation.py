@@ -22,12 +22,14 @@ Variants (R is any number in [0, 1], e.g. toy_rho_0.75):
 re-solves to any rho (`engram_jax.allocation.config_at`).
 """
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import lm  # noqa: E402
+from engram_jax import config_files
+
+# Its sibling, read by path (this file is loaded by path too, and installs as
+# engram_jax.configs): no `sys.path` edit, wherever the configs sit.
+lm = config_files.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm.py"))
 
 _FAMILIES = {"toy": "iso_params", "toy_flops": "iso_flops", "micro": "iso_params",
              "engram_27b": "iso_params"}

@@ -2,88 +2,31 @@
 
 A workdir's `checkpoints/STEP/` holds two items: `state` (the TrainState) and `data`
 (the data iterator's JSON state), and with tables in host memory a third,
-`host_tables` (their rows and optimizer state, saved in the same step). Resuming restores the newest readable step; a torn
-or corrupt one is moved to `checkpoints_unreadable/` (never deleted) and the one
-before it is used. Inference restores only `state.params`.
+`host_tables` (their rows and optimizer state, saved in the same step). Resuming
+restores the newest readable step; a torn or corrupt one is moved to
+`checkpoints_unreadable/` (never deleted) and the one before it is used. Inference
+restores only `state.params`.
 
 The workdir may be a URL (gs://): orbax writes it itself, and the listing and the
-quarantine go through `engram_jax.paths`; the log of library details stays local while
-a run lasts (`run_log`).
+quarantine go through `engram_jax.paths`; the tracebacks behind a failure's one line go
+to the workdir's log (engram_jax/library_log.py).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
-import os
-import re
-import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 
 from engram_jax import paths, quiet
-from engram_jax.errors import TrainingError
+from engram_jax.library_log import log_path
+from engram_jax.errors import TrainingError, first_line, root_cause_line
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 HOST_TABLES = "host_tables"
 ITEMS = ("state", "data", HOST_TABLES)
-LOG_FILE = "engram_jax.log"  # library tracebacks of handled failures land here
-
-
-def _log_name() -> str:
-  index = jax.process_index()
-  return LOG_FILE if index == 0 else LOG_FILE.replace(".log", f".p{index}.log")
-
-
-def log_path(workdir: str) -> str:
-  """The workdir's log of library details (one file per process): a local file, which
-  is appended to while it is open (and fd 2 is pointed at it, `quiet`). For a remote
-  workdir (gs://), where nothing can be appended to, a file of the same name in a local
-  temp directory named after the workdir; `run_log` copies a run's lines up at its end.
-  """
-  if paths.is_local(workdir):
-    return os.path.join(os.path.abspath(workdir), _log_name())
-  url = paths.absolute(workdir)
-  key = hashlib.blake2b(url.encode("utf-8"), digest_size=4).hexdigest()
-  directory = os.path.join(tempfile.gettempdir(), "engram_jax_logs",
-                           re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-80:] + "-" + key)
-  os.makedirs(directory, exist_ok=True)
-  return os.path.join(directory, _log_name())
-
-
-@contextlib.contextmanager
-def run_log(workdir: str) -> Iterator[str]:
-  """`log_path(workdir)` for the duration of a run. On a remote workdir this says in
-  one line where the log is, and at exit appends the lines this run wrote to
-  `WORKDIR/engram_jax.log` (a whole-object rewrite: the remote log grows run by run)."""
-  path = log_path(workdir)
-  if paths.is_local(workdir):
-    yield path
-    return
-  remote = paths.join(paths.absolute(workdir), _log_name())
-  start = os.path.getsize(path) if os.path.exists(path) else 0
-  if jax.process_index() == 0:
-    print(f"note: --workdir={workdir} is not a local directory: library logs go to "
-          f"{path} while the run lasts (an object store cannot be appended to), then are "
-          f"added to {remote}", flush=True)
-  try:
-    yield path
-  finally:
-    try:
-      with open(path, "rb") as f:
-        f.seek(start)
-        lines = f.read()
-      if lines:
-        before = paths.read_bytes(remote) if paths.exists(remote) else b""
-        paths.atomic_write_bytes(remote, before + lines)
-    except OSError as err:  # the run's own outcome matters more: say it, go on
-      print(f"warning: could not copy the library log {path} to {remote} ({err})",
-            flush=True)
-
-
 def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
   """The workdir's CheckpointManager (keep-last-`keep` rotation, async saves).
 
@@ -255,12 +198,6 @@ def newest_has_host_tables(workdir: str) -> bool:
     mngr.close()
 
 
-def first_line(err: Exception) -> str:
-  """The gist of a (TensorStore/orbax) error: first line, without the spec dump."""
-  text = (str(err).splitlines() or [type(err).__name__])[0]
-  return text.split(" [tensorstore_spec")[0].split(" [source locations")[0][:200]
-
-
 def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
   """The newest readable checkpoint as (state, data_state, unreadable_steps).
 
@@ -430,14 +367,6 @@ def _restore_step(workdir: str, step: int, abstract_items: dict) -> dict:
   finally:
     mngr.close()
   return {name: restored["state"][name] for name in abstract_items}
-
-
-def root_cause_line(err: BaseException) -> str:
-  """The first line of the root cause: the storage error (e.g. tensorstore's
-  "OUT_OF_RANGE: Error reading ..."), not orbax's wrapper around it."""
-  while err.__cause__ is not None:
-    err = err.__cause__
-  return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 def restore_checkpoint(workdir: str, abstract_items: dict,

@@ -5,9 +5,12 @@ the device, in host RAM or memory-mapped from disk: `sampling.offload`); an imag
 writes a PNG grid of samples per class (`sampling.image`). The run's own config says
 which, so there is one command to remember.
 """
+import argparse
+
 import jax
 import numpy as np
 
+from engram_jax import cli
 from engram_jax.sampling import text
 
 
@@ -59,11 +62,10 @@ _generate_jit = jax.jit(text.generate, static_argnums=0, static_argnames=(
 
 
 def _is_image_run(argv) -> bool:
-  import argparse
   import sys
 
   from engram_jax import workdir
-  parser = argparse.ArgumentParser(add_help=False)
+  parser = cli.Parser(add_help=False)
   parser.add_argument("--workdir")
   known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   try:
@@ -78,8 +80,7 @@ IMAGE_FLAGS = ("classes", "samples_per_class", "cfg_scale", "out")
 def build_parser():
   """The one `python -m engram_jax.generate` command line: language-model flags, and
   the image flags that apply when `--workdir` is an image run (`sampling.image.main`)."""
-  import argparse
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.generate",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       description="Sample from the newest checkpoint of a training workdir: text "
@@ -138,7 +139,6 @@ def main(argv=None) -> int:
     print(f"# {args.workdir} step {run.step}", flush=True)
     for i, sample in enumerate(texts):
       print(f"--- sample {i} ---\n{args.prompt}{sample}", flush=True)
-  from engram_jax import cli
   return cli.run(body)
 
 

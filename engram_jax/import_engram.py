@@ -19,7 +19,6 @@ as our v4 layer's params. Any inconsistency is a one-line error (exit status 2).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -31,6 +30,7 @@ from typing import Any, Optional, Sequence
 import ml_dtypes
 import numpy as np
 
+from engram_jax import cli
 from engram_jax import config as config_lib
 from engram_jax import fp8
 from engram_jax import compressed_vocab, hashing
@@ -316,19 +316,17 @@ def describe(v: V41Engram, text: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("--config", required=True, help="V4.1 config.json")
   p.add_argument("--tokenizer", help="folder (or file) with tokenizer.json")
   p.add_argument("--safetensors", help="folder with the checkpoint's *.safetensors")
   args = p.parse_args(argv)
-  try:
+
+  def body():  # CheckpointError, config and tokenizer errors: one line, exit 2
     v = load(args.config, args.tokenizer, args.safetensors)
     for line in describe(v, read_config(args.config)):
       print(line)
-  except (ValueError, OSError) as err:  # CheckpointError, config and tokenizer errors
-    print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-    return 2
-  return 0
+  return cli.run(body)
 
 
 if __name__ == "__main__":

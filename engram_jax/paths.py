@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from typing import Callable, Iterator, Union
 
+from engram_jax.errors import first_line
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -58,10 +60,6 @@ def local_output(path: PathLike, flag: str) -> str:
     raise ValueError(f"{flag}={path!r}: this output is written to a local directory; "
                      f"pass {flag}=LOCAL_PATH (the run itself may stay on {path.split('://')[0]}://)")
   return path
-
-
-def first_line(err: BaseException) -> str:
-  return (str(err).splitlines() or [type(err).__name__])[0].strip()[:300]
 
 
 @contextlib.contextmanager

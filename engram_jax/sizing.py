@@ -38,7 +38,7 @@ def dry_run_report(config) -> str:
   mesh = sharding.mesh_from_config(run.mesh, abstract=True)
   with jax.sharding.use_abstract_mesh(mesh):  # psum/all_to_all lookups trace on a mesh
     state = train_steps.abstract_train_state(model, tx, seq_len)
-    shardings = train_steps.train_state_shardings(model, tx, seq_len, mesh)
+    shardings = train_steps.train_state_shardings(model, tx, seq_len, mesh, abstract=state)
   params = nn.unbox(state.params)
   counts = param_groups.parameter_overview(params)
   by_group = {}

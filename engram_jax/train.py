@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import workdir as workdir_lib
-from engram_jax import checkpoints, optim, param_groups, paths, quiet, run_config, tasks
+from engram_jax import (checkpoints, library_log, optim, param_groups, paths, quiet,
+                        run_config, tasks)
 from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.errors import TrainingError
 from engram_jax.train_steps import evaluate, run_programs, state_variables
@@ -48,7 +49,7 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
     task = _process_zero_first(lambda: tasks.build(run, workdir), "tokenizer and data")
     schedule, tx = optim.from_train_config(run.train, task.model_cfg.engram)
     mesh = sharding.mesh_from_config(run.mesh)
-    with (sharding.use_mesh(mesh), checkpoints.run_log(workdir) as log,
+    with (sharding.use_mesh(mesh), library_log.run_log(workdir) as log,
           quiet.library_logs_to(log)):
       return _train_loop(config, run, workdir, task, tx, schedule, mesh, fingerprint,
                          accept_data_change)

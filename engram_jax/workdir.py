@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from engram_jax import cli
 from engram_jax import config as config_lib
 from engram_jax import paths
 from engram_jax.host_tables import HostTables
@@ -414,10 +415,8 @@ def export_tables(workdir: str, out_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-  import argparse
-
   from engram_jax import disk_tables
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.workdir",
       description="Write a workdir's Engram tables as memory-mappable .npy files "
                   "(`python -m engram_jax.generate --tables=disk --table_dir=DIR`).")
@@ -429,7 +428,6 @@ def main(argv=None) -> int:
 
   def body():
     print(f"wrote {export_tables(args.workdir, args.out)}/{disk_tables.TABLES_MANIFEST}")
-  from engram_jax import cli
   return cli.run(body)
 
 

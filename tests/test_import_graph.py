@@ -9,8 +9,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "engram_jax"
 # covers a subpackage.
 LAYERS = (
     ("base", ("compressed_vocab", "hashing", "spatial_hashing", "config", "fp8", "errors",
-              "quiet", "progress", "cli", "paths", "config_files", "workdir_lock",
-              "sharding", "param_groups",
+              "quiet", "progress", "cli", "paths", "library_log", "config_files",
+              "workdir_lock", "sharding", "param_groups",
               "data.fingerprint", "studies.npz")),
     ("layers", ("layers.", "tokenizer")),
     ("models", ("models.",)),

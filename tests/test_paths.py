@@ -183,19 +183,19 @@ def test_checkpoint_listing_and_quarantine_in_a_remote_workdir(fake_gcs, capsys)
 def test_library_logs_of_a_remote_workdir_stay_local_then_are_added(fake_gcs, monkeypatch,
                                                                     tmp_path, capsys):
   pytest.importorskip("orbax.checkpoint")
-  from engram_jax import checkpoints
+  from engram_jax import library_log
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-  remote = fake_gcs / "bucket/run" / checkpoints.LOG_FILE
+  remote = fake_gcs / "bucket/run" / library_log.LOG_FILE
   remote.parent.mkdir(parents=True)
   remote.write_text("an earlier run\n")
-  with checkpoints.run_log("gs://bucket/run") as log:
+  with library_log.run_log("gs://bucket/run") as log:
     assert paths.is_local(log) and log.startswith(str(tmp_path))
     with open(log, "a") as f:
       f.write("orbax: something\n")
   assert remote.read_text() == "an earlier run\norbax: something\n"
   out = capsys.readouterr().out
   assert len(out.strip().splitlines()) == 1 and log in out
-  with checkpoints.run_log("gs://bucket/run") as again:  # only this run's lines go up
+  with library_log.run_log("gs://bucket/run") as again:  # only this run's lines go up
     assert again == log
   assert remote.read_text() == "an earlier run\norbax: something\n"
 

@@ -17,6 +17,7 @@ import numpy as np
 from engram_jax.sampling.text import check_sampling, sample
 from engram_jax.models.image import ImageARModel
 from engram_jax.models.lm import as_variables
+from engram_jax import cli
 
 
 def guidance_on(cfg_scale: float) -> bool:
@@ -125,7 +126,6 @@ def generate_images(model: ImageARModel, params, labels_B, rng, *, cfg_scale: fl
 # ----------------------------------------------------------------------------------
 def parse_classes(text: str, num_classes: int) -> list[int]:
   """`"0,1,2"` -> [0, 1, 2], each checked against `[0, num_classes)`."""
-  from engram_jax import cli
   classes = cli.parse_list(text, "--classes")
   bad = [c for c in classes if not 0 <= c < num_classes]
   if bad:
@@ -211,7 +211,7 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
 def main(argv=None) -> int:
   import argparse
 
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.generate",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       description="Sample images per class from the newest checkpoint of an image workdir; "
@@ -246,7 +246,6 @@ def main(argv=None) -> int:
     print(f"# {args.workdir} step {trained.step}: {len(grid.labels_B)} samples, " +
           ", ".join(f"{k}={v}" for k, v in grid.sampling.items()), flush=True)
     print(grid.png, flush=True)
-  from engram_jax import cli
   return cli.run(body)
 
 

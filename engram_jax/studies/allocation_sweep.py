@@ -12,6 +12,7 @@ import dataclasses
 from typing import Optional
 
 from engram_jax.allocation import allocate, config_at, reference_of, summary
+from engram_jax import cli
 
 RESULT = "result.json"
 CSV_FIELDS = ("rho", "rho_realized", "seed", "num_experts", "shared_dim", "table_size",
@@ -197,14 +198,12 @@ def plan(c, rhos) -> str:
 
 
 def _floats(text: str, flag: str) -> list[float]:
-  from engram_jax import cli
   return cli.parse_list(text, flag, float, example="0,0.5,1")
 
 
 def main(argv=None) -> int:
-  import argparse
   import os
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.studies.allocation_sweep",
       description="Sparsity allocation between MoE experts and Engram tables.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -241,7 +240,6 @@ def main(argv=None) -> int:
     sweep(c, rhos, args.workdir, args.steps, seeds)
     print(f"wrote {os.path.join(args.workdir, 'allocation.md')}, allocation.csv, "
           "allocation.png", flush=True)
-  from engram_jax import cli
   return cli.run(body)
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import cli
+from engram_jax import run_config
 from engram_jax import config as config_lib
 from engram_jax import hashing
 from engram_jax.layers.hyper import collapse_branches, expand_branches
@@ -144,10 +145,9 @@ def _eval_sequences(run, batches: int) -> tuple[np.ndarray, np.ndarray]:
   run's code sequences (the class token, then the cells; targets the cells)."""
   if run.kind == "image":
     from engram_jax.data import images
-    data_cfg = images.ImageDataConfig(**run.config.data.to_dict())
+    data_cfg = run_config.image_data_config(run.config.data)
     read = list(images.eval_batches(data_cfg, "val", max_batches=batches))
   else:
-    from engram_jax import run_config
     from engram_jax.data import text
     data_cfg = run_config.text_data_config(run.config.data)  # the run's data section
     read = list(text.eval_batches(data_cfg, run.tokenizer, max_batches=batches))
@@ -235,7 +235,7 @@ def _markdown(results, cka, workdir, baseline, kind: str, shape_IxT) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.studies.analyze",
       description="LogitLens per layer and CKA between an Engram model and its baseline "
                   "(LM or class-conditional image runs).",

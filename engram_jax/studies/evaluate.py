@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engram_jax import cli
+from engram_jax import run_config
 from engram_jax.models.image import ImageARModel
 from engram_jax.progress import progress
 from engram_jax.studies.feature_nets import (DigitsFeatureNet, add_feature_net_flags,
@@ -92,13 +94,12 @@ def quality_from_config(config, split: str, *, samples_per_class: int, seed: int
   of the `split` images as reference (or `reference_stats`' mu and sigma), the config's
   `sample` settings."""
   from engram_jax.sampling import image as generate_image
-  from engram_jax.data import images
   net = feature_net_for(config, cache_dir, feature_net, inception_weights, decoder)
   if reference_stats:
     reference = load_reference_stats(reference_stats)
     against = f"reference stats {reference_stats}"
   else:
-    data_cfg = images.ImageDataConfig(**config.data.to_dict())
+    data_cfg = run_config.image_data_config(config.data)
     reference = features_of(net, split_images(data_cfg, split)[0])[0]
     against = f"the `{split}` split"
   sampling = generate_image.sampling_settings(config)
@@ -153,7 +154,7 @@ def evaluate_run(workdir: str, split: str = "val", *, max_batches: int = 0,
   from engram_jax.data import images
   trained = workdir_lib.load(workdir, kind="image")
   config, model, params, step = trained.config, trained.model, trained.params, trained.step
-  data_cfg = images.ImageDataConfig(**config.data.to_dict())
+  data_cfg = run_config.image_data_config(config.data)
   batches = images.eval_batches(data_cfg, split, max_batches=max_batches or None)
   metrics = {"step": step, "split": split,
              "nll_bits_per_token": nll_bits_per_token(model, params, batches)}
@@ -168,10 +169,9 @@ def evaluate_run(workdir: str, split: str = "val", *, max_batches: int = 0,
 
 
 def main(argv=None) -> int:
-  import argparse
   import json
 
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.studies.evaluate",
       description="NLL (bits/token) on a split, and FID / IS of samples against it, of "
                   "an image workdir's newest checkpoint; writes DIR/eval_<split>_step<N>.json.")
@@ -195,7 +195,6 @@ def main(argv=None) -> int:
                                  classifier_dir=args.classifier_dir, **options)
     print(json.dumps(metrics), flush=True)
     print(path, flush=True)
-  from engram_jax import cli
   return cli.run(body)
 
 

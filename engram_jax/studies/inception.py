@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from engram_jax.studies import npz
+from engram_jax import cli
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -377,9 +378,8 @@ class InceptionFeatureNet:
 # Command line: python -m engram_jax.studies.inception convert --torch_weights=... --out=...
 # ----------------------------------------------------------------------------------
 def main(argv=None) -> int:
-  import argparse
 
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.studies.inception",
       description="Convert pytorch-fid's FID InceptionV3 weights to the npz that "
                   "--inception_weights reads. Nothing is downloaded.")
@@ -399,7 +399,6 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     npz.save_npz(args.out, flat)
     print(args.out, flush=True)
-  from engram_jax import cli
   return cli.run(body, also=(ImportError,))
 
 

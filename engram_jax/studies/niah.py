@@ -159,7 +159,7 @@ def recall(workdir: str, data: str, max_queries: int = 0, batch_size: int = 16) 
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.studies.niah",
       description="Multi-query needle-in-a-haystack corpus and recall evaluation.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)

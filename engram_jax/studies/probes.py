@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engram_jax import cli
+from engram_jax import run_config
 from engram_jax import config as config_lib
 from engram_jax import spatial_hashing
 from engram_jax.studies import evaluate
@@ -345,7 +347,7 @@ def run(args) -> list[str]:
   if not cfg.model.engram.layers:
     raise ValueError(f"--workdir={args.workdir!r}: model.engram.layers is empty (a "
                      "baseline); the probes need a model with Engram")
-  data_cfg = images.ImageDataConfig(**config.data.to_dict())
+  data_cfg = run_config.image_data_config(config.data)
   if args.batch_size:
     data_cfg = dataclasses.replace(data_cfg, batch_size=args.batch_size)
   batches = list(images.eval_batches(data_cfg, args.split,
@@ -382,9 +384,8 @@ def run(args) -> list[str]:
 
 def parse_args(argv):
   """The probes command's flags, checked before any work (a ValueError names the flag)."""
-  import argparse
 
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.studies.probes",
       description="Probe how an image model uses Engram; writes DIR/probes/<probe>."
                   "{md,csv,png} (docs/probes.md).")
@@ -425,7 +426,6 @@ def main(argv=None) -> int:
       if path.endswith(".md"):
         with open(path, encoding="utf-8") as f:
           print(f.read(), flush=True)
-  from engram_jax import cli
   return cli.run(body)
 
 

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Callable, Sequence
 
-from engram_jax import config_files, run_config
+from engram_jax import cli, config_files, run_config
 
 def _image_configs():
   """configs/image.py, the shipped image configs (`engram_jax.configs.image`)."""
@@ -60,7 +60,7 @@ def evaluate_point(workdir: str, split: str, quality) -> dict[str, float]:
   from engram_jax.data import images
   trained = workdir_lib.load(workdir, kind="image")
   config, model, params, step = trained.config, trained.model, trained.params, trained.step
-  data_cfg = images.ImageDataConfig(**config.data.to_dict())
+  data_cfg = run_config.image_data_config(config.data)
   row = {"step": step, "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
          "nll_bits_per_token": evaluate.nll_bits_per_token(
              model, params, images.eval_batches(data_cfg, split))}
@@ -126,7 +126,7 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
 
 def main(argv=None) -> int:
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m engram_jax.studies.rho_sweep", description=__doc__,
+  parser = cli.Parser(prog="python -m engram_jax.studies.rho_sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", default="digits", choices=("digits", "ar_b"))
   parser.add_argument("--rhos", default="0.17,0.32,0.41,0.51,0.63,0.76,0.90")
@@ -143,7 +143,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   def body():
-    from engram_jax import cli
     rhos = cli.parse_list(args.rhos, "--rhos", float, example="0.32,0.51")
     if not all(0 < r < 1 for r in rhos):
       raise ValueError(f"--rhos={args.rhos!r}: give numbers in (0, 1), e.g. 0.32,0.51")
@@ -155,7 +154,6 @@ def main(argv=None) -> int:
                 overrides=config_overrides(args.set), feature_net_options=options)
     for path in paths:
       print(path, flush=True)
-  from engram_jax import cli
   return cli.run(body)
 
 

@@ -128,7 +128,7 @@ def run(config_spec: str, variants: Sequence[tuple[str, list[str]]], seeds: Sequ
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog="python -m engram_jax.studies.seeds",
       description="Train config variants over several seeds; report mean +- std.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
