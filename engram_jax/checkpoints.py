@@ -20,13 +20,15 @@ from typing import Any, Optional
 import jax
 
 from engram_jax import paths, quiet
-from engram_jax.library_log import log_path
 from engram_jax.errors import TrainingError, first_line, root_cause_line
+from engram_jax.library_log import log_path
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 HOST_TABLES = "host_tables"
 ITEMS = ("state", "data", HOST_TABLES)
+
+
 def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
   """The workdir's CheckpointManager (keep-last-`keep` rotation, async saves).
 
