@@ -49,14 +49,15 @@ def main():
       width += 1  # shapes this process has not sliced before
       state = jax.device_put({f"w{i}": jnp.ones((64, width + 97 * i), jnp.float32)
                               for i in range(args.arrays)}, replicated)
-      mngr = make(tempfile.mkdtemp())
-      start = time.perf_counter()
-      checkpoints.save(mngr, 1, state, {"round": r})
-      blocked = time.perf_counter() - start
-      mngr.wait_until_finished()
-      times[name][0].append(blocked)
-      times[name][1].append(time.perf_counter() - start)
-      mngr.close()
+      with tempfile.TemporaryDirectory() as workdir:  # this script's own, removed after
+        mngr = make(workdir)
+        start = time.perf_counter()
+        checkpoints.save(mngr, 1, state, {"round": r})
+        blocked = time.perf_counter() - start
+        mngr.wait_until_finished()
+        times[name][0].append(blocked)
+        times[name][1].append(time.perf_counter() - start)
+        mngr.close()
   print(f"{args.arrays} arrays replicated over {args.devices} devices, first save of a "
         f"process, median of {args.rounds} rounds:")
   for name, (blocked, total) in times.items():
