@@ -140,6 +140,18 @@ def _model_config(workdir: str, config, kind: str):
   return config_lib.from_dict(resolved), source
 
 
+def _without_mesh(model_cfg):
+  """The run's model as a loaded run applies it: in this process, without a device mesh.
+  A run trained with a sharded table lookup (`engram.lookup` psum or all_to_all, which
+  need a mesh) reads the same rows with a gather here; the params are the same."""
+  backbone = getattr(model_cfg, "model", None)  # an image model's; None for an LM
+  cfg = backbone or model_cfg
+  if cfg.engram.lookup == "gather":
+    return model_cfg
+  cfg = dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, lookup="gather"))
+  return cfg if backbone is None else dataclasses.replace(model_cfg, model=cfg)
+
+
 def model_config(workdir: str):
   """The run's model config as training resolved it (`ModelConfig` for lm runs,
   `ImageModelConfig` for image runs); reads no checkpoint."""
@@ -254,6 +266,7 @@ def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None,
                      f"this command reads {kind!r} runs, and `python -m engram_jax.generate` "
                      "samples from either")
   model_cfg, source = _model_config(workdir, config, run_kind)
+  model_cfg = _without_mesh(model_cfg)
   cfg = getattr(model_cfg, "model", model_cfg)  # an image model's backbone
   tok = vocab_map = None
   if run_kind == "image":

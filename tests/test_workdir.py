@@ -61,6 +61,26 @@ def test_an_lm_run_loads_the_checkpoint_it_holds(trained_workdir, caplog):
   assert not os.path.exists(os.path.join(trained_workdir, "model_config.json"))
 
 
+def test_a_run_trained_with_a_sharded_lookup_samples_without_a_mesh(trained_workdir,
+                                                                     tmp_path):
+  """`engram.lookup=all_to_all` needs a mesh; sampling a loaded run has none, and reads
+  the same rows with a gather (the params do not depend on the lookup)."""
+  from engram_jax import jobs
+  path = shutil.copytree(trained_workdir, tmp_path / "all_to_all")
+  with open(path / "config.json", encoding="utf-8") as f:
+    saved = json.load(f)
+  saved["model"]["engram"]["lookup"] = "all_to_all"
+  saved[workdir.RESOLVED]["model"]["engram"]["lookup"] = "all_to_all"
+  with open(path / "config.json", "w", encoding="utf-8") as f:
+    json.dump(saved, f, indent=1)
+  run = workdir.load(str(path))
+  assert run.model_cfg.engram.lookup == "gather"
+  assert run.config.model.engram.lookup == "all_to_all"  # the run's record is kept
+  settings = dict(num_samples=2, max_new_tokens=6, temperature=0.8, top_k=20)
+  assert jobs.generate(str(path), "def ", **settings) == jobs.generate(trained_workdir, "def ",
+                                                                       **settings)
+
+
 def test_abstract_variables_hold_what_a_checkpoint_holds():
   from engram_jax.models.lm import EngramLM
   cfg = tiny_model_config()
