@@ -118,20 +118,20 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-
   from engram_jax.sampling import image
   if _is_image_run(argv):  # an image workdir: --classes, --cfg_scale, a PNG grid
     return image.main(argv)
   args = build_parser().parse_args(argv)
 
   def body():
+    from engram_jax import workdir
     image_flags = [f"--{name}" for name in IMAGE_FLAGS if hasattr(args, name)]
     if image_flags:
+      workdir.read_config(args.workdir)  # no run there at all: that is the error to name
       raise ValueError(f"{', '.join(image_flags)}: only for image workdirs; "
                        f"--workdir={args.workdir!r} is not an image run")
     check_request(args.max_new_tokens, args.num_samples, args.temperature, args.top_k,
                   args.top_p)
-    from engram_jax import workdir
     run = workdir.load(args.workdir, args.tables, args.table_dir or None, kind="lm")
     texts = continue_prompt(run, args.prompt, max_new_tokens=args.max_new_tokens,
                             num_samples=args.num_samples, temperature=args.temperature,

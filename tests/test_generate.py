@@ -158,14 +158,16 @@ def test_image_sampling_settings_are_checked_one_flag_at_a_time():
     generate.check_sampling({**good, "cfg_scale": float("nan")})
 
 
-def test_cli_help_lists_image_flags_and_defaults(tmp_path, capsys):
+def test_cli_help_lists_image_flags_and_defaults(trained_workdir, tmp_path, capsys):
   with pytest.raises(SystemExit):
     generate_cli.main(["--help"])
   help_text = capsys.readouterr().out
   assert "--classes" in help_text and "--cfg_scale" in help_text
   assert "image workdirs" in help_text and "(default: 64)" in help_text
+  assert generate_cli.main([f"--workdir={trained_workdir}", "--classes=1"]) == 2
+  assert "only for image workdirs" in capsys.readouterr().err  # an LM run
   assert generate_cli.main([f"--workdir={tmp_path}", "--classes=1"]) == 2
-  assert "only for image workdirs" in capsys.readouterr().err
+  assert "has no config.json" in capsys.readouterr().err  # no run at all: said first
 
 
 def _copy_workdir(trained_workdir, target):
