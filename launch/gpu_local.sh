@@ -6,7 +6,7 @@
 #   launch/gpu_local.sh CONFIG WORKDIR [overrides...]
 # Example (an 8xH100 box):
 #   launch/gpu_local.sh configs/lm.py:paper_dense_8gpu workdirs/paper_dense \
-#     --config.train.steps=1000
+#     --config.train.steps=1000 --config.train.warmup_steps=100
 #
 # Environment:
 #   CUDA_VISIBLE_DEVICES  which GPUs (default: all)

@@ -6,7 +6,7 @@
 # Usage:
 #   launch/multiprocess_cpu.sh N CONFIG WORKDIR [overrides...]
 # Example:
-#   launch/multiprocess_cpu.sh 2 configs/lm.py:tiny /tmp/mp --config.train.steps=20
+#   launch/multiprocess_cpu.sh 2 configs/lm.py:tiny /tmp/mp --config.train.steps=40
 #
 # Environment:
 #   DEVICES_PER_PROCESS  simulated CPU devices per process (default 2); the mesh spans

@@ -1,0 +1,77 @@
+"""Every training command the README and docs/ show parses and validates as written: its
+`--config` and `--config.*` overrides go through the real command line (in-process), and
+the config it builds passes the checks a run makes before any work. (A copied example
+that stops at its first line, e.g. `train.steps` below `train.warmup_steps`, fails here.)
+"""
+import glob
+import os
+import re
+import shlex
+
+import pytest
+
+pytest.importorskip("ml_collections")
+
+from engram_jax import main as main_lib  # noqa: E402
+from engram_jax import run_config, sizing, train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT)
+                              for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+LAUNCHERS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")))
+_CONFIG_SPEC = re.compile(r"^configs/\w+\.py:[\w.]+$")
+
+
+def _shell_blocks():
+  """(where, text) of the docs' shell blocks and of the launch scripts' usage comments."""
+  for doc in DOCS:
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+      text = f.read()
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+      if lang in ("", "bash", "sh"):
+        yield doc, block
+  for script in LAUNCHERS:
+    with open(script, encoding="utf-8") as f:
+      comments = [line[1:] for line in f if line.startswith("#") and not line.startswith("#!")]
+    yield os.path.relpath(script, ROOT), "".join(comments)
+
+
+def _commands():
+  """(where, config spec, overrides) of every `engram_jax.main` or launch-script line
+  in a shell block, continuation lines joined; lines with shell variables are left out."""
+  found = []
+  for doc, block in _shell_blocks():
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+      command = line.strip().removeprefix("$ ")  # a shell prompt before the output
+      command = command.split(" # ")[0].split("'--command=")[0]
+      if "$" in command:
+        continue  # a loop over variants or seeds: its values are not in the text
+      if "engram_jax.main" not in command and "launch/" not in command:
+        continue
+      words = shlex.split(command)
+      spec = next((w.split("=", 1)[1] for w in words if w.startswith("--config=")),
+                  next((w for w in words if _CONFIG_SPEC.match(w)), None))
+      if spec:
+        found.append((f"{doc}: {line.strip()[:90]}", spec,
+                      [w for w in words if w.startswith("--config.")]))
+  return found
+
+
+COMMANDS = _commands()
+
+
+def test_the_docs_show_commands():
+  assert len(COMMANDS) >= 20  # the extraction above still finds them
+
+
+@pytest.mark.parametrize("where, spec, overrides", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_a_documented_command_parses_and_validates(where, spec, overrides, monkeypatch,
+                                                    tmp_path, capsys):
+  checked = []
+  validate = lambda config, *args, **kwargs: checked.append(run_config.from_config(config))
+  monkeypatch.setattr(train, "train_and_evaluate", validate)
+  monkeypatch.setattr(sizing, "dry_run_report", lambda config: validate(config) or "")
+  monkeypatch.chdir(ROOT)
+  code = main_lib.run(["engram_jax.main", f"--config={spec}", *overrides,
+                       f"--workdir={tmp_path}", "--distributed=off"])
+  assert code == 0 and len(checked) == 1, (where, capsys.readouterr().err)
