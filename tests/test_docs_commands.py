@@ -1,9 +1,12 @@
-"""Every training command the README and docs/ show parses and validates as written: its
-`--config` and `--config.*` overrides go through the real command line (in-process), and
-the config it builds passes the checks a run makes before any work. (A copied example
-that stops at its first line, e.g. `train.steps` below `train.warmup_steps`, fails here.)
+"""Every command the README and docs/ show parses as written (in-process). A training
+command's `--config` and `--config.*` overrides go through the real command line and the
+config it builds passes the checks a run makes before any work; every other command's
+flags parse with its own parser. (A copied example that stops at its first line, e.g.
+`train.steps` below `train.warmup_steps` or a renamed flag, fails here.)
 """
+import argparse
 import glob
+import importlib
 import os
 import re
 import shlex
@@ -12,6 +15,7 @@ import pytest
 
 pytest.importorskip("ml_collections")
 
+from engram_jax import cli  # noqa: E402
 from engram_jax import main as main_lib  # noqa: E402
 from engram_jax import run_config, sizing, train  # noqa: E402
 
@@ -57,11 +61,28 @@ def _commands():
   return found
 
 
+def _module_commands():
+  """(where, module, argv) of every other `python -m engram_jax.MODULE ...` line; a
+  synopsis with `[optional]` parts is left out."""
+  found = []
+  for doc, block in _shell_blocks():
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+      command = line.strip().removeprefix("$ ").split(" # ")[0]
+      match = re.match(r"(?:\w+=\S+\s+)*python -m (engram_jax\.[\w.]+)(.*)", command)
+      if not match or match.group(1) == "engram_jax.main" or "$" in command:
+        continue
+      argv = shlex.split(match.group(2))
+      if argv and not any("[" in word for word in argv):
+        found.append((f"{doc}: {line.strip()[:90]}", match.group(1), argv))
+  return found
+
+
 COMMANDS = _commands()
+MODULE_COMMANDS = _module_commands()
 
 
 def test_the_docs_show_commands():
-  assert len(COMMANDS) >= 20  # the extraction above still finds them
+  assert len(COMMANDS) >= 20 and len(MODULE_COMMANDS) >= 25  # the extraction still works
 
 
 @pytest.mark.parametrize("where, spec, overrides", COMMANDS, ids=[c[0] for c in COMMANDS])
@@ -75,3 +96,18 @@ def test_a_documented_command_parses_and_validates(where, spec, overrides, monke
   code = main_lib.run(["engram_jax.main", f"--config={spec}", *overrides,
                        f"--workdir={tmp_path}", "--distributed=off"])
   assert code == 0 and len(checked) == 1, (where, capsys.readouterr().err)
+
+
+class _Parsed(Exception):
+  """Raised in place of running the command once its flags parsed."""
+
+
+@pytest.mark.parametrize("where, module, argv", MODULE_COMMANDS,
+                         ids=[c[0] for c in MODULE_COMMANDS])
+def test_a_documented_command_s_flags_parse(where, module, argv, monkeypatch, capsys):
+  def parse_then_stop(self, args=None, namespace=None):
+    raise _Parsed(argparse.ArgumentParser.parse_args(self, args, namespace))
+  monkeypatch.setattr(cli.Parser, "parse_args", parse_then_stop)
+  with pytest.raises(_Parsed):
+    importlib.import_module(module).main(argv)
+  assert not capsys.readouterr().err, where
