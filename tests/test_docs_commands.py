@@ -40,24 +40,29 @@ def _shell_blocks():
     yield os.path.relpath(script, ROOT), "".join(comments)
 
 
-def _commands():
-  """(where, config spec, overrides) of every `engram_jax.main` or launch-script line
-  in a shell block, continuation lines joined; lines with shell variables are left out."""
-  found = []
+def _command_lines():
+  """(where, command) of every shell line, continuation lines joined, without a prompt
+  (`$ `) or a trailing comment; lines with shell variables (a loop over variants or
+  seeds: their values are not in the text) are left out."""
   for doc, block in _shell_blocks():
     for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-      command = line.strip().removeprefix("$ ")  # a shell prompt before the output
-      command = command.split(" # ")[0].split("'--command=")[0]
-      if "$" in command:
-        continue  # a loop over variants or seeds: its values are not in the text
-      if "engram_jax.main" not in command and "launch/" not in command:
-        continue
-      words = shlex.split(command)
-      spec = next((w.split("=", 1)[1] for w in words if w.startswith("--config=")),
-                  next((w for w in words if _CONFIG_SPEC.match(w)), None))
-      if spec:
-        found.append((f"{doc}: {line.strip()[:90]}", spec,
-                      [w for w in words if w.startswith("--config.")]))
+      command = line.strip().removeprefix("$ ").split(" # ")[0]
+      if "$" not in command:
+        yield f"{doc}: {line.strip()[:90]}", command
+
+
+def _commands():
+  """(where, config spec, overrides) of every `engram_jax.main` or launch-script line."""
+  found = []
+  for where, command in _command_lines():
+    command = command.split("'--command=")[0]  # a remote shell's quoted command: its own
+    if "engram_jax.main" not in command and "launch/" not in command:
+      continue
+    words = shlex.split(command)
+    spec = next((w.split("=", 1)[1] for w in words if w.startswith("--config=")),
+                next((w for w in words if _CONFIG_SPEC.match(w)), None))
+    if spec:
+      found.append((where, spec, [w for w in words if w.startswith("--config.")]))
   return found
 
 
@@ -65,15 +70,13 @@ def _module_commands():
   """(where, module, argv) of every other `python -m engram_jax.MODULE ...` line; a
   synopsis with `[optional]` parts is left out."""
   found = []
-  for doc, block in _shell_blocks():
-    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-      command = line.strip().removeprefix("$ ").split(" # ")[0]
-      match = re.match(r"(?:\w+=\S+\s+)*python -m (engram_jax\.[\w.]+)(.*)", command)
-      if not match or match.group(1) == "engram_jax.main" or "$" in command:
-        continue
-      argv = shlex.split(match.group(2))
-      if argv and not any("[" in word for word in argv):
-        found.append((f"{doc}: {line.strip()[:90]}", match.group(1), argv))
+  for where, command in _command_lines():
+    match = re.match(r"(?:\w+=\S+\s+)*python -m (engram_jax\.[\w.]+)(.*)", command)
+    if not match or match.group(1) == "engram_jax.main":
+      continue
+    argv = shlex.split(match.group(2))
+    if argv and not any("[" in word for word in argv):
+      found.append((where, match.group(1), argv))
   return found
 
 

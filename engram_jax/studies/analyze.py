@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import cli
-from engram_jax import run_config
 from engram_jax import config as config_lib
 from engram_jax import hashing
+from engram_jax import run_config
 from engram_jax.layers.hyper import collapse_branches, expand_branches
 from engram_jax.layers.norms import RMSNorm
 from engram_jax.models import image, layouts, lm

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import cli
-from engram_jax import run_config
 from engram_jax import config as config_lib
+from engram_jax import run_config
 from engram_jax import spatial_hashing
 from engram_jax.studies import evaluate
 from engram_jax.studies import feature_nets

@@ -127,7 +127,7 @@ def run(family: str, rhos: Sequence[float], root: str, *, steps: int, split: str
 def main(argv=None) -> int:
   import argparse
   parser = cli.Parser(prog="python -m engram_jax.studies.rho_sweep", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", default="digits", choices=("digits", "ar_b"))
   parser.add_argument("--rhos", default="0.17,0.32,0.41,0.51,0.63,0.76,0.90")
   parser.add_argument("--workdir", required=True, help="root: one workdir per variant")
