@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
 
 BLOCK = 32
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 _E4M3_MAX = 448.0
 _E8M0_BIAS = 127
 
@@ -76,15 +77,25 @@ def dequantize(values_xE, scales_xEb):
 
 
 def dequantize_blocks(values, scales, block: int = BLOCK) -> np.ndarray:
-  """f32 `[rows, cols]` of an FP8 matrix `values` with one E8M0 scale per `block x block`
+  """f32 `[rows, cols]` of an FP8 matrix `values` with one scale per `block x block`
   tile, `scales` `[rows / block, cols / block]` rounded up (DeepSeek's
-  `weight_block_size [32, 32]` for linear layers; host only)."""
+  `weight_block_size [32, 32]` for linear layers; host only). A scale is an E8M0 byte
+  (uint8) or the multiplier itself (a float, as `weight_scale_inv` tensors often are);
+  the dtype says which, since read the other way either is silently wrong."""
   o, i = values.shape
   want = (-(-o // block), -(-i // block))
   if tuple(scales.shape) != want:
     raise ValueError(f"FP8 block scales of shape {tuple(scales.shape)} do not fit a "
                      f"[{o}, {i}] matrix: need {list(want)} ({block}x{block} tiles).")
-  scale = scale_of(np.asarray(scales)).repeat(block, 0).repeat(block, 1)[:o, :i]
+  scales = np.asarray(scales)
+  if scales.dtype == np.uint8:
+    scale = scale_of(scales)
+  elif np.issubdtype(scales.dtype, np.floating) or scales.dtype == _BF16:
+    scale = scales.astype(np.float32)
+  else:
+    raise ValueError(f"FP8 block scales of dtype {scales.dtype}: need E8M0 bytes (uint8) "
+                     f"or float multipliers.")
+  scale = scale.repeat(block, 0).repeat(block, 1)[:o, :i]
   return np.asarray(values).astype(np.float32) * scale
 
 

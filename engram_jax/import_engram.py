@@ -66,6 +66,11 @@ def read_config(path: str) -> dict[str, Any]:
   return text
 
 
+# The pad token when a config has no `engram_pad_token_id`: the default of V4.1's model
+# arguments in the public ports (V4.1-Flash's config sets the same).
+DEFAULT_PAD_TOKEN = 2
+
+
 def engram_config(text: dict[str, Any], pad_id: int = 0) -> config_lib.EngramConfig:
   """Our EngramConfig of a V4.1 config: published hash, v4 layer, V4.1 geometry.
 
@@ -279,7 +284,7 @@ def load(config_path: str, tokenizer_path: Optional[str] = None,
   if tokenizer_path is not None:
     vocab_map = compressed_vocab.published_compressed_vocab(
         _load_tokenizer(tokenizer_path), int(text["engram_compressed_vocab_size"]))
-    pad_token = int(text.get("engram_pad_token_id", text.get("pad_token_id", 0)))
+    pad_token = int(text.get("engram_pad_token_id", DEFAULT_PAD_TOKEN))
     if not 0 <= pad_token < len(vocab_map):
       raise CheckpointError(f"engram_pad_token_id={pad_token} is not a token id of the "
                          f"tokenizer ({len(vocab_map)} tokens)")
@@ -305,7 +310,9 @@ def describe(v: V41Engram, text: dict[str, Any]) -> list[str]:
                  f"{int(primes.max())}")
   if v.vocab_map_V is not None:
     lines.append(f"  compressed vocabulary: {len(v.vocab_map_V)} tokens -> "
-                 f"{int(v.vocab_map_V.max()) + 1} ids (declared: ok); pad id {e.pad_id}")
+                 f"{int(v.vocab_map_V.max()) + 1} ids (declared: ok); pad id {e.pad_id} "
+                 f"(token {text.get('engram_pad_token_id', DEFAULT_PAD_TOKEN)}"
+                 f"{'' if 'engram_pad_token_id' in text else ', the default'})")
   if v.tables_L is not None:
     size = sum(t.nbytes for t in v.tables_L)
     lines.append(f"  tables mapped: {size / 2**30:.2f} GiB of FP8 rows + scales")

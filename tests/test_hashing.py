@@ -100,20 +100,17 @@ def test_too_large_head_table_is_a_clear_error():
 # ----------------------------------------------------------------------------------
 # Compressed vocabulary
 # ----------------------------------------------------------------------------------
-def test_normalisation_matches_reference_normalizer():
-  """Our stdlib normaliser equals the reference's `tokenizers` normaliser sequence."""
-  normalizers = pytest.importorskip("tokenizers.normalizers")
-  from tokenizers import Regex
-  sentinel = "\uE000"
-  reference = normalizers.Sequence([
-      normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(),
-      normalizers.Lowercase(), normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
-      normalizers.Replace(Regex(r"^ $"), sentinel), normalizers.Strip(),
-      normalizers.Replace(sentinel, " ")])
+def test_our_normalisation_equals_the_reference_on_latin_text():
+  """Our stdlib normaliser ("engram_jax" runs) equals the reference's `tokenizers`
+  sequence on Latin text, and differs where its docstring says it does."""
+  pytest.importorskip("tokenizers")
+  reference = compressed_vocab.reference_normalizer()
   samples = ["Hello", " hello", "HÉLLO", "ﬁne", "Ａ", "\t", "  ", "\n\n", " x ", "Straße",
              "ÅNGSTRÖM", "  tab\tbed ", "naïve", "Ω", "①", "é", "", "déjà vu"]
   for text in samples:
     assert compressed_vocab.normalize_token_text(text) == reference.normalize_str(text), text
+  for text in ["ΟΣ", "का", " \x1c"]:  # final sigma, a spacing mark (Mc), U+001C
+    assert compressed_vocab.normalize_token_text(text) != reference.normalize_str(text), text
 
 
 def test_compressed_vocab_merges_equal_texts_and_keeps_undecodable():

@@ -123,7 +123,16 @@ def test_compressed_vocab_size_is_checked(tmp_path, capsys):
   text, _ = _text_config(engram_compressed_vocab_size=size)
   cfg_path.write_text(json.dumps(text))
   assert import_engram.main([f"--config={cfg_path}", f"--tokenizer={tmp_path}"]) == 0
-  assert f"-> {size} ids" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert f"-> {size} ids" in out and "(token 2)" in out
+  # Without engram_pad_token_id: V4.1's default pad token (2), not pad_token_id
+  del text["engram_pad_token_id"]
+  cfg_path.write_text(json.dumps(dict(text, pad_token_id=0)))
+  v = import_engram.load(str(cfg_path), str(tmp_path))
+  assert v.engram.pad_id == v.vocab_map_V[import_engram.DEFAULT_PAD_TOKEN]
+  assert v.vocab_map_V[import_engram.DEFAULT_PAD_TOKEN] != v.vocab_map_V[0]
+  assert import_engram.main([f"--config={cfg_path}", f"--tokenizer={tmp_path}"]) == 0
+  assert "(token 2, the default)" in capsys.readouterr().out
 
 
 def test_not_a_v41_config(tmp_path, capsys):
@@ -145,26 +154,39 @@ def test_v41_config_layout_verifies(tmp_path, capsys):
   assert "layer 14: 384016682 rows" in out
 
 
+def _layer_weights(branches, width, scale_name="wkv.scale", scale_dtype="F8_E8M0"):
+  """(tensors, wkv FP8 values, tile scale bytes): every layer's wkv (one scale per 32x32
+  tile, written under `scale_name` as E8M0 bytes or, for a float dtype, as the
+  multipliers they stand for), q_weight and k_weight; the same draws for any scale form."""
+  import ml_dtypes
+  features = (N - 1) * HEADS * HEAD_DIM
+  rng = np.random.default_rng(7)
+  w = rng.standard_normal(((branches + 1) * width, features)).astype(np.float32) * 0.05
+  w_values, _ = fp8.quantize(w)  # values only; tile scales drawn below
+  tile_bytes = rng.integers(120, 130, size=(2, features // 32)).astype(np.uint8)
+  floats = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "I32": np.int32}
+  tiles = (tile_bytes if scale_dtype not in floats else
+           fp8.scale_of(tile_bytes).astype(floats[scale_dtype]))
+  tensors = {}
+  for layer in LAYERS:
+    tensors[f"model.layers.{layer}.engram.wkv.weight"] = ("F8_E4M3", w_values)
+    tensors[f"model.layers.{layer}.engram.{scale_name}"] = (scale_dtype, tiles)
+    for name in ("q_weight", "k_weight"):
+      tensors[f"model.layers.{layer}.engram.{name}"] = (
+          "BF16", rng.uniform(0.5, 1.5, (branches, width)).astype(ml_dtypes.bfloat16))
+  return tensors, w_values, tile_bytes
+
+
 def test_layer_weights_load_into_our_v4_layer(tmp_path, capsys):
   """wkv (FP8, 32x32 tile scales), q_weight, k_weight -> our v4 params; the layer fed
   with rows from the mapped FP8 table equals the NumPy transcription of V4.1's layer."""
-  import ml_dtypes
   from engram_jax.layers.engram import ROWS_COLLECTION, Engram
   from tests.test_engram_v4 import numpy_v4
   branches, width = 2, 16
   cfg_path, st, floats = _checkpoint(tmp_path)
   features = (N - 1) * HEADS * HEAD_DIM
-  rng = np.random.default_rng(7)
-  w = rng.standard_normal(((branches + 1) * width, features)).astype(np.float32) * 0.05
-  w_values, _ = fp8.quantize(w)  # values only; tile scales written below
-  tile_scales = rng.integers(120, 130, size=(2, features // 32)).astype(np.uint8)
-  extra = {}
-  for layer in LAYERS:
-    extra[f"model.layers.{layer}.engram.wkv.weight"] = ("F8_E4M3", w_values)
-    extra[f"model.layers.{layer}.engram.wkv.scale"] = ("F8_E8M0", tile_scales)
-    for name in ("q_weight", "k_weight"):
-      extra[f"model.layers.{layer}.engram.{name}"] = (
-          "BF16", rng.uniform(0.5, 1.5, (branches, width)).astype(ml_dtypes.bfloat16))
+  rng = np.random.default_rng(8)
+  extra, w_values, tile_scales = _layer_weights(branches, width)
   write_safetensors(st / "c.safetensors", extra)
   assert import_engram.main([f"--config={cfg_path}", f"--safetensors={st}"]) == 0
   assert "2 branches" in capsys.readouterr().out
@@ -187,6 +209,26 @@ def test_layer_weights_load_into_our_v4_layer(tmp_path, capsys):
   want = numpy_v4(dict(params, table=table), h,
                   ids[:, :, 0] + v.layout[LAYERS[0]]["offsets_H"], masked)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_tile_scales_as_multipliers_or_bytes_give_the_same_weights(tmp_path, capsys):
+  """`weight_scale_inv` in a float dtype holds the multipliers themselves: read as E8M0
+  bytes, a 1.0 would become 2**-126 silently. Any other dtype is one line, exit 2."""
+  loaded = {}
+  for scale_name, dtype in (("wkv.scale", "F8_E8M0"), ("wkv.weight_scale_inv", "F32"),
+                            ("wkv.weight_scale_inv", "BF16")):
+    (tmp_path / dtype).mkdir()
+    cfg_path, st, _ = _checkpoint(tmp_path / dtype)
+    write_safetensors(st / "c.safetensors", _layer_weights(2, 16, scale_name, dtype)[0])
+    loaded[dtype] = import_engram.load(str(cfg_path), safetensors_dir=str(st)).params_L[0]
+  for dtype in ("F32", "BF16"):
+    np.testing.assert_array_equal(loaded[dtype]["key_value"], loaded["F8_E8M0"]["key_value"])
+  (tmp_path / "I32").mkdir()
+  cfg_path, st, _ = _checkpoint(tmp_path / "I32")
+  write_safetensors(st / "c.safetensors",
+                    _layer_weights(2, 16, "wkv.weight_scale_inv", "I32")[0])
+  err = _error(capsys, [f"--config={cfg_path}", f"--safetensors={st}"])
+  assert "wkv.weight_scale_inv: FP8 block scales of dtype int32" in err
 
 
 def test_layer_weights_with_a_wrong_shape(tmp_path, capsys):

@@ -207,6 +207,21 @@ def small_tokenizer_dir(tmp_path_factory):
   return root
 
 
+def test_published_vocab_normalises_as_the_reference_beyond_latin():
+  """The published rule merges tokens as the reference's `tokenizers` normaliser does,
+  also where a standard-library transcription of it does not (our own rule)."""
+  from tokenizers import Tokenizer, models
+  tokens = ["ΟΣ", "οσ", "ος", "का", "क", "\x1c", " \x1c", "[UNK]"]
+  tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+  got = compressed_vocab.published_compressed_vocab(tok)
+  assert got[0] == got[1] != got[2]  # per-character lower case: no final sigma
+  assert got[3] == got[4]  # the vowel sign (a spacing mark, Mc) is stripped
+  assert got[5] == got[6]  # U+001C is not White_Space: only the space is stripped
+  assert len(set(got.tolist())) == 5
+  ours = compressed_vocab.compressed_vocab_from_tokenizer(tok)
+  assert ours[0] == ours[2] and ours[3] != ours[4]  # our rule, kept for its runs
+
+
 def test_published_vocab_equals_a_plain_transcription(small_tokenizer_dir):
   from tokenizers import Regex, Tokenizer, normalizers
   tok = Tokenizer.from_file(str(small_tokenizer_dir / "tokenizer.json"))
