@@ -76,10 +76,6 @@ class Counts:
     return self.sparse_moe / sparse if sparse else 1.0
 
 
-def _branches(cfg: config_lib.ModelConfig) -> int:
-  return cfg.branches if cfg.hyper_connections else 1
-
-
 def param_counts(cfg: config_lib.ModelConfig, context: Optional[int] = None) -> Counts:
   """Counts of every group for `cfg` (a validated ModelConfig), no tracing.
 
@@ -89,7 +85,6 @@ def param_counts(cfg: config_lib.ModelConfig, context: Optional[int] = None) -> 
   d, depth, v = cfg.width, cfg.depth, cfg.vocab_size
   heads, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
   m, e = cfg.moe, cfg.engram
-  branches = _branches(cfg)
   context = cfg.max_len if context is None else context
   n_moe = sum(m.is_moe_layer(layer) for layer in range(depth))
   n_dense = depth - n_moe
@@ -127,22 +122,12 @@ def param_counts(cfg: config_lib.ModelConfig, context: Optional[int] = None) -> 
     n = len(e.layers)
     total["engram_tables"] = stored * e.head_dim
     act["engram_tables"] = n * e.features        # (N-1) * K rows of head_dim per layer
-    learned = config_lib.gate_constant(e.gate) is None
-    matmul = e.features * d * (1 + (branches if learned else 0))   # W_V, W_K per branch
-    norms = branches * d * (3 if learned else 1)                   # hidden, key, conv
-    conv = e.kernel_size * branches * d
-    if e.variant == "v4":  # one projection to M keys + the value; no conv or its norm
-      matmul, norms, conv = e.features * d * (branches + 1), branches * d * 2 * learned, 0
-    total["engram_dense"] = act["engram_dense"] = n * (matmul + norms + conv)
-    flops["engram_dense"] = 2 * n * (matmul + conv)
+    params, weights = config_lib.engram_layer_weights(cfg)
+    total["engram_dense"] = act["engram_dense"] = n * params
+    flops["engram_dense"] = 2 * n * weights
   if cfg.hyper_connections:
-    per_hc = 2 * branches + branches * branches
-    hc_flops = 2 * (2 * branches * d + branches * branches * d)
-    if cfg.hyper != "static":
-      per_hc += d * (branches + 2) + d + 2
-      hc_flops += 2 * branches * d * (branches + 2)
-    total["hyper"] = act["hyper"] = 2 * depth * per_hc
-    flops["hyper"] = 2 * depth * hc_flops
+    total["hyper"], flops["hyper"] = config_lib.hyper_connection_counts(cfg)
+    act["hyper"] = total["hyper"]
   return Counts(total, act, flops, used, stored, used * e.head_dim)
 
 

@@ -151,6 +151,40 @@ class ModelConfig:
     return self.hyper in ("dynamic", "static") or (self.hyper == "auto" and self.branches > 1)
 
 
+def residual_branches(cfg: ModelConfig) -> int:
+  """M: the residual streams the blocks (and Engram) see."""
+  return cfg.branches if cfg.hyper_connections else 1
+
+
+def engram_layer_weights(cfg: ModelConfig) -> tuple[int, int]:
+  """(parameters, weights a token multiplies by) of one Engram layer besides its table,
+  from the config alone: W_V, W_K per branch, the hidden/key/conv norms and the conv
+  (v4: one projection to M keys and the value, two norms, no conv). Parameter counts
+  (engram_jax.allocation, the image model's) and FLOP counts share it."""
+  e, d, branches = cfg.engram, cfg.width, residual_branches(cfg)
+  learned = gate_constant(e.gate) is None
+  if e.variant == "v4":
+    matmul, norms, conv = e.features * d * (branches + 1), branches * d * 2 * learned, 0
+  else:
+    matmul = e.features * d * (1 + (branches if learned else 0))
+    norms, conv = branches * d * (3 if learned else 1), e.kernel_size * branches * d
+  return matmul + norms + conv, matmul + conv
+
+
+def hyper_connection_counts(cfg: ModelConfig) -> tuple[int, int]:
+  """(parameters, FLOPs per token) of every block's two hyper-connections; (0, 0)
+  without them."""
+  if not cfg.hyper_connections:
+    return 0, 0
+  d, branches = cfg.width, cfg.branches
+  params = 2 * branches + branches * branches
+  flops = 2 * (2 * branches * d + branches * branches * d)
+  if cfg.hyper != "static":
+    params += d * (branches + 2) + d + 2
+    flops += 2 * branches * d * (branches + 2)
+  return 2 * cfg.depth * params, 2 * cfg.depth * flops
+
+
 def _fail(field: str, got: Any, allowed: str) -> None:
   raise ValueError(f"{field}={got!r} is invalid: {allowed}")
 

@@ -176,7 +176,15 @@ def _model_cfg(variant):
 
 
 def test_analytic_counts_equal_the_initialised_tree():
-  for cfg in (CFG, _model_cfg("digits")[1], _model_cfg("digits_rho_0.41")[1]):
+  """Also with hyper-connections (M = 2), V4.1's layer and a constant gate, which the
+  counts once ignored (a wrong rho for such a config)."""
+  def model(**changes):
+    engram = changes.pop("engram", {})
+    return dataclasses.replace(CFG, model=config_lib.validate(dataclasses.replace(
+        CFG.model, engram=dataclasses.replace(CFG.model.engram, **engram), **changes)))
+  for cfg in (CFG, _model_cfg("digits")[1], _model_cfg("digits_rho_0.41")[1],
+              model(branches=2), model(branches=2, engram=dict(variant="v4")),
+              model(engram=dict(gate=0.5))):
     assert image.param_counts(cfg) == image.tree_param_counts(image.abstract_params(cfg))
 
 

@@ -219,32 +219,23 @@ class ImageARModel(nn.Module):
 # ----------------------------------------------------------------------------------
 # Parameter counts (analytic; tests check them against the initialised tree)
 # ----------------------------------------------------------------------------------
-def _engram_layer_params(cfg: config_lib.ModelConfig, layer_index: int) -> tuple[int, int]:
-  """(table, dense) parameters of one Engram layer (one residual branch)."""
-  e, d = cfg.engram, cfg.width
-  table = e.padded_rows(e.hash_spec().rows(layer_index)) * e.head_dim
-  dense = e.features * d + d + e.kernel_size * d   # value, conv_norm, conv
-  if config_lib.gate_constant(e.gate) is None:
-    dense += e.features * d + 2 * d                 # key, hidden_norm, key_norm
-  return table, dense
-
-
 def param_counts(cfg: ImageModelConfig) -> dict[str, int]:
   """Parameters by group, from the config alone (no tracing).
 
   backbone: everything outside the Engram modules (embedding, blocks' attention, MLP
-  and norms, final norm, unembedding); engram_tables: the hashed tables (padded rows
+  and norms, hyper-connections, final norm, unembedding); engram_tables: the hashed tables (padded rows
   included); engram_dense: the rest of the Engram modules (W_V, W_K, norms, conv).
   """
   m, d = cfg.model, cfg.model.width
   heads, kv, hd = m.num_heads, m.num_kv_heads, m.resolved_head_dim
   block = 2 * d * heads * hd + 2 * d * kv * hd + 3 * d * m.resolved_mlp_dim + 2 * d
   unembed = 0 if m.tie_embeddings else d * cfg.codebook_size
-  backbone = cfg.vocab_size * d + m.depth * block + d + unembed
-  tables = dense = 0
-  for i in range(len(m.engram.layers)):
-    table, rest = _engram_layer_params(m, i)
-    tables, dense = tables + table, dense + rest
+  backbone = (cfg.vocab_size * d + m.depth * block + d + unembed
+              + config_lib.hyper_connection_counts(m)[0])
+  e = m.engram
+  tables = sum(e.padded_rows(e.hash_spec().rows(i)) * e.head_dim
+               for i in range(len(e.layers)))
+  dense = len(e.layers) * config_lib.engram_layer_weights(m)[0]
   return {"backbone": backbone, "engram_tables": tables, "engram_dense": dense,
           "total": backbone + tables + dense}
 
