@@ -54,9 +54,8 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
       return _train_loop(config, run, workdir, task, tx, schedule, mesh, fingerprint,
                          accept_data_change)
   except BaseException:
-    if created and lock is not None:
-      lock.release()
-      workdir_lib.remove_if_only_lock(workdir)
+    if created and lock is not None:  # only if this run holds the lock (it may not)
+      workdir_lib.remove_if_only_lock(workdir, lock)
     raise
   finally:
     if lock is not None:

@@ -355,14 +355,18 @@ def ensure_writable(workdir: str) -> None:
                      "--workdir") from None
 
 
-def remove_if_only_lock(workdir: str) -> None:
-  """A workdir this run created (the caller checks) and left holding nothing but its
-  own lock file goes; anything else in it stays (`rmdir` refuses a non-empty one)."""
+def remove_if_only_lock(workdir: str, lock) -> None:
+  """A workdir this run created (the caller checks) and left holding nothing but the
+  lock file that `lock` (a held `WorkdirLock`) holds goes; anything else in it stays
+  (`rmdir` refuses a non-empty one). Only the lock's holder may do this: a run that
+  failed to take the lock would remove the lock of the run that holds it."""
   from engram_jax import workdir_lock
+  if not lock.held:
+    return
   try:
     if os.listdir(workdir) == [workdir_lock.LOCK_FILE]:
-      os.remove(os.path.join(workdir, workdir_lock.LOCK_FILE))
-    os.rmdir(workdir)
+      lock.release(remove_file=True)
+      os.rmdir(workdir)
   except OSError:  # not empty, or already gone: leave it as it is
     pass
 

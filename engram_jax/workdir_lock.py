@@ -21,6 +21,7 @@ import time
 from engram_jax import paths
 
 LOCK_FILE = ".lock"
+_ATTEMPTS = 5  # times to retake a lock file replaced while it was being taken
 
 
 class WorkdirLocked(ValueError):
@@ -61,12 +62,39 @@ class WorkdirLock:
     self._fd = None
     self.stale = None  # the holder a dead process left in the file, if any
 
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
   def acquire(self) -> "WorkdirLock":
     if not self.enforced:
       print(f"note: --workdir={self.workdir} is not a local directory: the "
             "one-trainer lock is not enforced there (object stores have no flock); make "
             "sure no other trainer uses this workdir", flush=True)
       return self
+    for _ in range(_ATTEMPTS):
+      fd = self._lock_current_file()
+      if fd is not None:
+        break
+    else:
+      raise WorkdirLocked(f"--workdir={self.workdir!r}: its lock file was replaced "
+                          f"{_ATTEMPTS} times while this run took it (other trainers "
+                          "starting and failing?); run the command again")
+    previous = _holder(self.path)
+    if previous and previous.get("pid") != os.getpid():
+      self.stale = previous
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                         "since": time.time()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record.encode("utf-8"), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def _lock_current_file(self):
+    """A descriptor of the lock file, locked; None when the file was removed or
+    replaced between opening and locking it (a lock on a removed file would exclude
+    no one: a later trainer creates and locks a new one). Raises `WorkdirLocked`."""
     import fcntl
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -82,25 +110,27 @@ class WorkdirLock:
           f"--workdir={os.path.dirname(self.path)!r} is in use by {_describe(holder)}"
           f"{state}; wait for that run to finish, stop it, or use another --workdir "
           f"(lock: {self.path})") from None
-    previous = _holder(self.path)
-    if previous and previous.get("pid") != os.getpid():
-      self.stale = previous
-    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                         "since": time.time()})
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record.encode("utf-8"), 0)
-    os.fsync(fd)
-    self._fd = fd
-    return self
+    try:
+      current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      current = False
+    if current:
+      return fd
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    return None
 
-  def release(self) -> None:
-    """Empties the record and drops the lock (the file stays: removing it would race
-    with a trainer that opened it and is waiting to lock it)."""
+  def release(self, remove_file: bool = False) -> None:
+    """Empties the record and drops the lock. The file stays, unless `remove_file`
+    (a workdir this run made and leaves empty): it is then removed while still
+    locked, and a trainer that opened it meanwhile sees that and takes a new one."""
     if self._fd is None:
       return
     import fcntl
     try:  # an empty record marks a clean exit; failing that, it reads as stale later
       os.ftruncate(self._fd, 0)
+      if remove_file:
+        os.remove(self.path)
     except OSError:  # deliberate: the lock is still dropped; the record reads as stale
       pass
     fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -14,6 +14,7 @@ pytest.importorskip("clu")
 pytest.importorskip("orbax.checkpoint")
 
 from engram_jax import train, workdir_lock, writers  # noqa: E402
+from engram_jax import workdir as workdir_lib  # noqa: E402
 
 from tests import runs  # noqa: E402
 from tests.cli import ROOT, run_main  # noqa: E402
@@ -110,6 +111,51 @@ def test_second_trainer_on_a_workdir_fails_with_the_holder_named(tmp_path, capfd
   lock = workdir_lock.WorkdirLock(str(workdir)).acquire()
   assert f"pid {holder.pid}" in lock.stale_note()
   lock.release()
+
+
+def test_a_trainer_that_loses_the_race_for_a_new_workdir_leaves_the_lock(tmp_path,
+                                                                        monkeypatch):
+  """Two trainers start on a workdir that does not exist: both see it missing, one
+  takes the lock. The other must fail without removing the holder's lock file (it
+  once did, as the clean-up of a workdir it thought it had made, and a third trainer
+  was then let in beside the first)."""
+  workdir = str(tmp_path / "new")
+  winner = []
+  real_ensure = workdir_lib.ensure_writable
+
+  def winner_arrives_first(path):
+    real_ensure(path)
+    winner.append(workdir_lock.WorkdirLock(path).acquire())
+  monkeypatch.setattr(workdir_lib, "ensure_writable", winner_arrives_first)
+  with pytest.raises(workdir_lock.WorkdirLocked, match="is in use by pid"):
+    train.train_and_evaluate(_config(), workdir)
+  assert os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
+  with pytest.raises(workdir_lock.WorkdirLocked):  # a third trainer is still refused
+    workdir_lock.WorkdirLock(workdir).acquire()
+  winner[0].release()
+
+
+def test_a_lock_file_removed_while_being_taken_is_taken_anew(tmp_path, monkeypatch):
+  """A run that made a workdir and fails removes its lock file while holding it; a
+  trainer that opened that file just before must not end up holding the removed one
+  (a third would then create and hold a new file beside it)."""
+  workdir = str(tmp_path)
+  first = workdir_lock.WorkdirLock(workdir).acquire()
+  real_open, opened = os.open, []
+
+  def open_then_first_leaves(path, *args):
+    fd = real_open(path, *args)
+    if not opened:
+      opened.append(path)
+      first.release(remove_file=True)  # between our open and our flock
+    return fd
+  monkeypatch.setattr(workdir_lock.os, "open", open_then_first_leaves)
+  second = workdir_lock.WorkdirLock(workdir).acquire()
+  monkeypatch.undo()
+  assert opened and second.held
+  with pytest.raises(workdir_lock.WorkdirLocked):
+    workdir_lock.WorkdirLock(workdir).acquire()
+  second.release()
 
 
 # ---------------------------------------------------------------------------------
