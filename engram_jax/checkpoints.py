@@ -117,6 +117,21 @@ def save_failed(err: Exception, workdir: str, manager=None) -> TrainingError:
       "filesystem, then run the same command to resume")
 
 
+def join_save_threads(timeout_s: float = 10.0) -> None:
+  """Waits, at most `timeout_s` in all, for orbax's save threads still running after
+  a failed save was reported and the manager closed: they end (and log their own
+  failures) while the run's library logs still go to its log, not the console."""
+  import threading
+  import time
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    target = getattr(thread, "_target", None)
+    module = type(thread).__module__ + " " + str(getattr(target, "__module__", ""))
+    if thread is not threading.current_thread() and "orbax" in module:
+      # threading's own join: orbax's re-raises the thread's error (reported already)
+      threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+
+
 def finish_saves(mngr, workdir: str) -> None:
   """Waits for the async saves in flight; a failed one raises `save_failed`'s error."""
   try:

@@ -12,8 +12,9 @@ side writes to file descriptor 2.
   file (with fd 2) and appended to `path` only if the call failed or the caller marks
   them worth keeping (`logs.keep = True`, e.g. a checkpoint skipped as unreadable): a
   restore that went well, as every read-only command does, leaves a run's log as it was;
-- `library_logs_to(path)`: for a whole run, the libraries' Python logging records go to
-  `path` (the workdir's `engram_jax.log`) instead of the console.
+- `library_logs_to(path)`: for a whole run, the libraries' Python logging records and
+  their leftover unraisable exceptions go to `path` (the workdir's `engram_jax.log`)
+  instead of the console.
 After a failed read the abandoned coroutines keep surfacing at later garbage
 collections, long after the quiet call: from then on those (and only those) go to the
 failed call's log too, not to stderr.
@@ -125,10 +126,23 @@ def library_logs_to(path: str) -> Iterator[Optional[str]]:
     return
   handler = _FileHandler(log_file)
   handler.setFormatter(_FORMAT)
+  # An async save failing (a full disk) leaves TensorStore completing writes into
+  # orbax's closed event loop: dozens of unraisable tracebacks, during the run and
+  # after it. They go to the log too; anything else to the hook there was.
+  saved_hook = sys.unraisablehook
+  sys.unraisablehook = _LeftoverHook(saved_hook, path, "during the run")
+  failed = False
   try:
     with _library_handler(handler):
-      yield path
+      try:
+        yield path
+      except BaseException:
+        failed = True
+        raise
   finally:
+    run_hook, sys.unraisablehook = sys.unraisablehook, saved_hook
+    if failed or getattr(run_hook, "kept", False):  # a failure's leftovers come later
+      _route_leftovers(getattr(run_hook, "path", path), "after the run failed")
     _close(log_file)
 
 
@@ -223,13 +237,15 @@ def _is_leftover(unraisable) -> bool:
 
 
 class _LeftoverHook:
-  """sys.unraisablehook after a failed read: the read's leftovers surface later, at
-  some garbage collection or at exit, one traceback each (a torn checkpoint gave
-  1,300-2,000 lines on stderr after its one-line warning). They go to the log of the
-  call that failed (dropped without one); anything else to the previous hook."""
+  """sys.unraisablehook during a run, and after a failed read or run: the libraries'
+  leftovers surface then, at some garbage collection or at exit, one traceback each
+  (a torn checkpoint gave 1,300-2,000 lines on stderr after its one-line warning; a
+  full disk during an async save, dozens). They go to the log of the call that failed
+  (dropped without one), labelled `when`; anything else to the previous hook."""
 
-  def __init__(self, previous, path: Optional[str]):
-    self.previous, self.path = previous, path
+  def __init__(self, previous, path: Optional[str], when: str = "after a failed read"):
+    self.previous, self.path, self.when = previous, path, when
+    self.kept = False  # stays installed after the run that installed it (a failure)
 
   def __call__(self, unraisable) -> None:
     if not _is_leftover(unraisable):
@@ -238,21 +254,21 @@ class _LeftoverHook:
     log_file = _open(self.path)
     if log_file is not None:
       try:
-        log_file.write(f"after a failed read: {unraisable.exc_value!r}\n")
+        log_file.write(f"{self.when}: {unraisable.exc_value!r}\n")
       except OSError:  # a full disk: the failure was reported when it happened
         pass
       _close(log_file)
 
 
-def _route_leftovers(path: Optional[str]) -> None:
+def _route_leftovers(path: Optional[str], when: str = "after a failed read") -> None:
   """Installs `_LeftoverHook` (once; a later failure's log replaces the earlier one)
   and silences the never-awaited warnings of the same coroutines (of any coroutine,
   from then on in this process)."""
   hook = sys.unraisablehook
   if isinstance(hook, _LeftoverHook):
-    hook.path = path or hook.path
+    hook.path, hook.kept = path or hook.path, True
   else:
-    sys.unraisablehook = _LeftoverHook(hook, path)
+    sys.unraisablehook = _LeftoverHook(hook, path, when)
   # Raised wherever the collection happens to run, so not filtered by module.
-  warnings.filterwarnings("ignore", message=r"coroutine '\w+' was never awaited",
+  warnings.filterwarnings("ignore", message=r"coroutine '[\w.<>]+' was never awaited",
                           category=RuntimeWarning)

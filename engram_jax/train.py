@@ -249,7 +249,14 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     except TrainingError:
       if not failed:  # else the error already on its way is the one to report
         raise
-    manager.close()
+    try:
+      manager.close()  # re-raises a failed async save's error: reported above
+    except Exception as err:  # noqa: BLE001
+      if not failed:
+        raise checkpoints.save_failed(err, workdir) from None
+    finally:
+      if failed:
+        checkpoints.join_save_threads()
     try:
       writer.close()  # a remote workdir: the events and metrics.jsonl's last lines
       jsonl.close()

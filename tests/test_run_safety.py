@@ -236,6 +236,31 @@ def test_sigint_during_start_up_is_one_line(tmp_path):
   assert "nothing was saved" in err
 
 
+def test_a_save_failing_in_the_background_is_one_error(tmp_path, monkeypatch, capfd):
+  """The disk is full from checkpoint 4 on, which orbax writes in its own threads: the
+  run ends with the one-line error naming the kept checkpoints, and the libraries'
+  leftovers go to the workdir's log (orbax once raised the stored error again on
+  close, replacing that line, and dozens of tracebacks reached the console)."""
+  import errno
+  import re
+  from etils import epath
+  path_type = type(epath.Path(str(tmp_path)))
+  real_write_text = path_type.write_text
+
+  def disk_full_from_step_4(self, *args, **kwargs):
+    if re.search(r"/checkpoints/[4-9]", str(self)):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write_text(self, *args, **kwargs)
+  monkeypatch.setattr(path_type, "write_text", disk_full_from_step_4)
+  workdir = str(tmp_path / "full")
+  with pytest.raises(train.TrainingError,
+                     match=r"failed \(No space left on device\); the checkpoints before "
+                           r"it are kept \(\[2\]\)"):
+    train.train_and_evaluate(_config(8, checkpoint_every=2), workdir)
+  assert _steps(workdir) == [2]
+  assert "Traceback" not in capfd.readouterr().err
+
+
 def test_failed_save_is_one_error_and_keeps_older_checkpoints(tmp_path, monkeypatch):
   import errno
   from engram_jax import checkpoints
