@@ -84,7 +84,11 @@ def kind_of(config) -> str:
   return kind
 
 
-def _read_saved(workdir: str) -> dict:
+_RESTORE_CONFIG = "restore it from the run's launch command (`--print_config`)"
+
+
+def _read_saved(workdir: str, fix: str = _RESTORE_CONFIG) -> dict:
+  """The workdir's config.json as a dict; an unreadable one is one line ending `fix`."""
   path = paths.join(workdir, CONFIG_FILE)
   if not paths.exists(path):
     raise ValueError(f"--workdir={workdir!r} has no {CONFIG_FILE}; point it at a "
@@ -93,9 +97,10 @@ def _read_saved(workdir: str) -> dict:
     saved = json.loads(paths.read_text(path))
   except ValueError as err:
     raise ValueError(f"--workdir={workdir!r}: {CONFIG_FILE} is not readable JSON ({err}); "
-                     "restore it from the run's launch command (`--print_config`)") from None
+                     f"{fix}") from None
   if not isinstance(saved, dict):
-    raise ValueError(f"--workdir={workdir!r}: {CONFIG_FILE} holds no config object")
+    raise ValueError(f"--workdir={workdir!r}: {CONFIG_FILE} holds no config object "
+                     f"(a JSON {type(saved).__name__}); {fix}")
   return saved
 
 
@@ -380,7 +385,9 @@ def check_resumable(t, workdir: str) -> None:
                                                           checkpoints.CHECKPOINT_DIR))
   if not (paths.exists(saved) and any(name.isdigit() for name in paths.listdir(ckpts))):
     return
-  before = json.loads(paths.read_text(saved)).get("train", {}).get("table_optimizer", "adam")
+  train = _read_saved(workdir, f"{_RESTORE_CONFIG}, or move it aside to resume with this "
+                              "command's config").get("train")
+  before = train.get("table_optimizer", "adam") if isinstance(train, dict) else "adam"
   now = t.table_optimizer
   if before != now:
     raise ValueError(f"train.table_optimizer={now!r} but the checkpoints in --workdir="

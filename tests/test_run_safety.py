@@ -192,6 +192,25 @@ def test_resume_repairs_metrics_and_a_finished_run_says_so(stopped_run, tmp_path
   assert _steps(workdir) == [2, 4]
 
 
+@pytest.mark.parametrize("garbage", ["garbage{", "[1, 2]"])
+def test_a_corrupt_config_json_stops_a_resume_with_one_line(stopped_run, tmp_path, garbage):
+  """Torn or not an object: one line naming the file and the fix (it was a bare JSON
+  error, or a traceback), the workdir unchanged; moved aside, the run resumes."""
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run, workdir)
+  config_json = os.path.join(workdir, "config.json")
+  with open(config_json, "w") as f:
+    f.write(garbage)
+  with pytest.raises(ValueError, match=r"config.json (is not readable JSON|holds no config "
+                                       r"object).*, or move it aside to resume"):
+    train.train_and_evaluate(_config(checkpoint_every=2), workdir)
+  assert open(config_json).read() == garbage and _steps(workdir) == [2]
+  os.rename(config_json, config_json + ".torn")
+  train.train_and_evaluate(_config(checkpoint_every=2), workdir)
+  assert _steps(workdir) == [2, 4]
+
+
 def test_changed_corpus_is_refused_unless_accepted(tmp_path, capsys):
   corpus = tmp_path / "corpus"
   corpus.mkdir()
