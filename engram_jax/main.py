@@ -208,8 +208,22 @@ def parse_flags(argv):
                "config; " + (f"did you mean {hint.group(1)!r}?" if hint else
                              "check the spelling against the config file (list the "
                              "fields with --print_config)"))
+  except Exception as err:  # noqa: BLE001  the config file itself failed to load
+    message = _config_file_error(argv, err)
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def _config_file_error(argv, err: Exception) -> str:
+  """One line for a config file that raised while loading (a syntax error, a failing
+  `get_config`), naming the file and where."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+  where = f" (line {err.lineno})" if isinstance(err, SyntaxError) and err.lineno else ""
+  hint = ("a workdir's config.json records a run, it is not a config file: pass the "
+          "configs/*.py the run was made with" if path.split(":")[0].endswith(".json")
+          else "fix the file (Python defining get_config(), like configs/lm.py)")
+  detail = err.msg if isinstance(err, SyntaxError) else _one_line(err)
+  return f"--config={path}: loading it raised {type(err).__name__}{where}: {detail}; {hint}"
 
 
 def with_shipped_configs(argv) -> list[str]:

@@ -71,6 +71,21 @@ def test_bad_config_file_or_variant_is_one_line(capfd, config_flag, says):
   assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
 
 
+@pytest.mark.parametrize("text,says", [
+    ("def get_config(:\n", "raised SyntaxError (line 1): invalid syntax; fix the file"),
+    ("def get_config():\n  return 1 / 0\n", "raised ZeroDivisionError: division by zero"),
+    ('{"model": {"tie_embeddings": false}}', "a workdir's config.json records a run"),
+])
+def test_a_config_file_that_fails_to_load_is_one_line(capfd, tmp_path, text, says):
+  """A Python error in the config file (or a config.json passed as one): one line
+  naming the file, not the loader's traceback."""
+  path = tmp_path / ("config.json" if text.startswith("{") else "broken.py")
+  path.write_text(text)
+  code, _, err = run_main(capfd, f"--config={path}", f"--workdir={tmp_path / 'w'}")
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert err.startswith(f"error: --config={path}: loading it ") and says in err, err
+
+
 def test_print_config_lists_fields_and_variants(capfd):
   code, out, _ = run_main(capfd, "--config=configs/lm.py:tiny", "--print_config",
                           "--config.train.steps=7")
