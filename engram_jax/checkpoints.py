@@ -340,17 +340,17 @@ def _as_stored(abstract_items: dict, stored) -> tuple[dict, list[str]]:
       continue
     try:
       out[name] = layouts.relayout_like(abstract, tree)
-    except (KeyError, ValueError):  # another config: `config_mismatch` names the field
+    except (KeyError, ValueError):  # another config: `restore_checkpoint` names the field
       continue
     relaid.append(name)
   return out, relaid
 
 
-def config_mismatch(workdir: str, step: int, abstract_items: dict,
-                    config_file: str, skip: tuple = ()) -> Optional[str]:
-  """The first array whose shape the workdir's config and checkpoint `step` disagree on
-  (an edited width, depth or table size), as a one-line error; None when they agree
-  or the checkpoint's metadata is unreadable."""
+def _first_difference(workdir: str, step: int, abstract_items: dict,
+                      skip: tuple = ()) -> Optional[str]:
+  """"NAME/KEY is X in the checkpoint but Y" for the first array whose shape differs
+  between `abstract_items` and checkpoint `step`'s metadata; None when none does or
+  the metadata is unreadable."""
   stored = _stored_tree(workdir, step)
   if stored is None:
     return None
@@ -362,9 +362,7 @@ def config_mismatch(workdir: str, step: int, abstract_items: dict,
       if want.get(key) != have.get(key):
         in_ckpt = "absent" if key not in have else f"shape {have[key]}"
         in_cfg = "absent" if key not in want else f"shape {want[key]}"
-        return (f"--workdir={workdir!r}: {config_file} does not match checkpoint {step}: "
-                f"{name}/{key} is {in_ckpt} in the checkpoint but {in_cfg} by "
-                f"{config_file}; restore the config the run was trained with")
+        return f"{name}/{key} is {in_ckpt} in the checkpoint but {in_cfg}"
   return None
 
 
@@ -391,45 +389,70 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
                        skip: tuple = ()) -> tuple[dict, int]:
   """({name: tree}, step) of the newest readable checkpoint, for inference.
 
-  A config that does not fit the checkpoint is one ValueError line (checked on the
-  metadata, before any array is read); skipping unreadable newer checkpoints is one
-  warning line on stderr; the libraries' tracebacks of the failed attempts are kept
-  off stderr (`quiet.quiet_library_logs`). A checkpoint of the segmented layer layout
-  (engram_jax before the one scanned stack) is converted as it is read.
+  A config that fits none of the checkpoints is one ValueError line (checked on each
+  one's metadata, before any array is read). A newer checkpoint that is unreadable, or
+  whose metadata alone disagrees with the config while an older one agrees (a torn
+  `_METADATA` or manifest reads as arrays gone missing), is skipped with one warning
+  line on stderr; the libraries' tracebacks of the failed attempts are kept off stderr
+  (`quiet.quiet_library_logs`). A checkpoint deleted while it was read (a trainer
+  keeping few checkpoints) sends the reader to the checkpoints there are then. A
+  checkpoint of the segmented layer layout (engram_jax before the one scanned stack)
+  is converted as it is read.
   """
-  from engram_jax.models import layouts
-
   import sys
 
-  steps = sorted(saved_steps(workdir), reverse=True)
-  if not steps:
-    raise ValueError(f"--workdir={workdir!r} has no checkpoint "
-                     f"({CHECKPOINT_DIR}/ is empty or missing); train first "
-                     "with `python -m engram_jax.main`")
-  unreadable = []
+  for attempt in range(3):
+    steps = sorted(saved_steps(workdir), reverse=True)
+    if not steps:
+      raise ValueError(f"--workdir={workdir!r} has no checkpoint "
+                       f"({CHECKPOINT_DIR}/ is empty or missing); train first "
+                       "with `python -m engram_jax.main`")
+    items, step, skipped = _newest_readable(workdir, steps, abstract_items, skip)
+    if items is not None or sorted(saved_steps(workdir), reverse=True) == steps:
+      break  # read, or nothing changed since the listing: the failures stand
+  if items is None:
+    mismatched = [why for _, why, fits in skipped if not fits]
+    if len(mismatched) == len(skipped):  # every checkpoint disagrees: the config does
+      raise ValueError(f"--workdir={workdir!r}: {config_file} does not match checkpoint "
+                       f"{skipped[0][0]}: {mismatched[0]} by {config_file}; restore the "
+                       "config the run was trained with")
+    raise ValueError(f"--workdir={workdir!r}: no readable checkpoint (" + "; ".join(
+        f"step {s}: {why}" for s, why, _ in skipped) + ")")
+  if skipped:
+    which = (f"checkpoint {skipped[0][0]} is" if len(skipped) == 1 else
+             "checkpoints " + ", ".join(str(s) for s, _, _ in skipped) + " are")
+    _, why, fits = skipped[0]
+    print(f"warning: {which} unreadable ({'' if fits else 'its metadata: '}{why}); using "
+          f"checkpoint {step}", file=sys.stderr, flush=True)
+  return items, step
+
+
+def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip: tuple):
+  """(items, step, skipped) of the newest of `steps` that fits `abstract_items` and
+  restores; (None, None, skipped) when none does. skipped: (step, why, whether its
+  metadata fitted) of each newer one passed over."""
+  from engram_jax.models import layouts
+  skipped = []
   with quiet.quiet_library_logs(log_path(workdir)) as logs:
     for step in steps:
       stored_items, relaid = _as_stored(abstract_items, _stored_tree(workdir, step))
-      mismatch = config_mismatch(workdir, step, stored_items, config_file, skip)
-      if mismatch:
-        raise ValueError(mismatch)
+      differs = _first_difference(workdir, step, stored_items, skip)
+      if differs:
+        skipped.append((step, differs, False))
+        continue
       try:
         items = _restore_step(workdir, step, stored_items)
-        items = {name: layouts.relayout_like(tree, abstract_items[name]) if name in relaid
-                 else tree for name, tree in items.items()}
-        break
       except Exception as err:  # orbax/tensorstore raise many types for a torn save
-        unreadable.append((step, root_cause_line(err)))
+        skipped.append((step, root_cause_line(err), True))
         logs.keep = True  # why a checkpoint was skipped belongs in the run's log
-    else:
-      raise ValueError(f"--workdir={workdir!r}: no readable checkpoint (" + "; ".join(
-          f"step {s}: {why}" for s, why in unreadable) + ")")
-  if unreadable:
-    which = (f"checkpoint {unreadable[0][0]} is" if len(unreadable) == 1 else
-             "checkpoints " + ", ".join(str(s) for s, _ in unreadable) + " are")
-    print(f"warning: {which} unreadable ({unreadable[0][1]}); using checkpoint {step}",
-          file=sys.stderr, flush=True)
-  return items, step
+        continue
+      for older, why, fits in skipped:  # the run's log says why each was passed over
+        if not fits:
+          logs.add(f"checkpoint {older} skipped, its metadata: {why}")
+          logs.keep = True
+      return ({name: layouts.relayout_like(tree, abstract_items[name]) if name in relaid
+               else tree for name, tree in items.items()}, step, skipped)
+  return None, None, skipped
 
 
 def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:

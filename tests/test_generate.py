@@ -176,15 +176,26 @@ def _copy_workdir(trained_workdir, target):
   return str(target)
 
 
-def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path, capfd):
+@pytest.mark.parametrize("tear", ["data", "metadata", "manifest"])
+def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path, capfd, tear):
+  """Torn data files, a garbled `_METADATA`, a lost manifest: the newest checkpoint is
+  skipped with one line. (The last two read as arrays gone missing, which once blamed
+  config.json instead of falling back.)"""
   workdir = _copy_workdir(trained_workdir, tmp_path / "corrupt")
   ckpts = os.path.join(workdir, "checkpoints")
   import shutil
   shutil.copytree(os.path.join(ckpts, "3"), os.path.join(ckpts, "5"))
-  data_dir = os.path.join(ckpts, "5", "state", "ocdbt.process_0", "d")
-  for name in os.listdir(data_dir):
-    with open(os.path.join(data_dir, name), "wb") as f:
-      f.write(b"torn write")
+  state = os.path.join(ckpts, "5", "state")
+  if tear == "data":
+    data_dir = os.path.join(state, "ocdbt.process_0", "d")
+    for name in os.listdir(data_dir):
+      with open(os.path.join(data_dir, name), "wb") as f:
+        f.write(b"torn write")
+  elif tear == "metadata":
+    with open(os.path.join(state, "_METADATA"), "w") as f:
+      f.write("garbage")
+  else:
+    os.remove(os.path.join(state, "manifest.ocdbt"))
   log = os.path.join(workdir, library_log.LOG_FILE)
   logged = _read_or_none(log) or b""
   capfd.readouterr()
@@ -197,6 +208,24 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
   # the libraries' account of the failed read is appended to the run's log
   now = _read_or_none(log)
   assert now.startswith(logged) and len(now) > len(logged)
+
+
+def test_a_checkpoint_replaced_while_read_sends_the_reader_to_the_new_one(
+    trained_workdir, tmp_path, monkeypatch, capfd):
+  """A trainer keeping one checkpoint saves 7 and deletes 3 while a reader restores 3:
+  the reader lists the checkpoints again and reads 7 (it reported no readable one)."""
+  from engram_jax import checkpoints
+  workdir = _copy_workdir(trained_workdir, tmp_path / "live")
+  ckpts = os.path.join(workdir, "checkpoints")
+  real_restore_step, calls = checkpoints._restore_step, []
+
+  def trainer_moves_on(workdir_, step, items):
+    calls.append(step)
+    if len(calls) == 1:
+      os.rename(os.path.join(ckpts, str(step)), os.path.join(ckpts, "7"))
+    return real_restore_step(workdir_, step, items)
+  monkeypatch.setattr(checkpoints, "_restore_step", trainer_moves_on)
+  assert workdir_lib.load(workdir).step == 7 and calls == [3, 7]
 
 
 def _read_or_none(path):
