@@ -45,7 +45,7 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
       lock.acquire()
       if lock.stale_note():
         print(lock.stale_note(), flush=True)
-    workdir_lib.check_resumable(run.train, workdir)
+    workdir_lib.check_resumable(run, workdir)
     task = _process_zero_first(lambda: tasks.build(run, workdir), "tokenizer and data")
     schedule, tx = optim.from_train_config(run.train, task.model_cfg.engram)
     mesh = sharding.mesh_from_config(run.mesh)

@@ -376,23 +376,37 @@ def remove_if_only_lock(workdir: str, lock) -> None:
     pass
 
 
-def check_resumable(t, workdir: str) -> None:
+def check_resumable(run, workdir: str) -> None:
   """A workdir with checkpoints resumes only with the table optimizer that wrote them
-  (their state layouts differ; `t` is the run's `TrainConfig`); read from its
-  config.json before it is rewritten."""
+  (their state layouts differ) and, for text, with the `data.vocab_size` its own
+  tokenizer was trained with (the workdir's tokenizer is reused whatever the config
+  says, so another value would be recorded but not used); `run` is the `RunConfig`,
+  the workdir's config.json is read before it is rewritten."""
   from engram_jax import checkpoints
   saved, ckpts = (paths.join(workdir, name) for name in ("config.json",
                                                           checkpoints.CHECKPOINT_DIR))
   if not (paths.exists(saved) and any(name.isdigit() for name in paths.listdir(ckpts))):
     return
-  train = _read_saved(workdir, f"{_RESTORE_CONFIG}, or move it aside to resume with this "
-                              "command's config").get("train")
-  before = train.get("table_optimizer", "adam") if isinstance(train, dict) else "adam"
-  now = t.table_optimizer
+  saved_config = _read_saved(workdir, f"{_RESTORE_CONFIG}, or move it aside to resume "
+                                     "with this command's config")
+  section = lambda name: saved_config.get(name) if isinstance(saved_config.get(name), dict) else {}
+  before = section("train").get("table_optimizer", "adam")
+  now = run.train.table_optimizer
   if before != now:
     raise ValueError(f"train.table_optimizer={now!r} but the checkpoints in --workdir="
                      f"{workdir!r} were trained with {before!r}; resume with "
                      f"--config.train.table_optimizer={before} or use a new --workdir")
+  data, saved_data = run.data, section("data")
+  trained_here = not (getattr(data, "tokenizer_path", "") or saved_data.get("tokenizer_path"))
+  before = saved_data.get("vocab_size")
+  if not (trained_here and hasattr(data, "vocab_size") and before is not None
+          and before != data.vocab_size):
+    return
+  from engram_jax import tokenizer as tokenizer_lib
+  if paths.exists(paths.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER)):
+    raise ValueError(f"data.vocab_size={data.vocab_size} but --workdir={workdir!r} trained "
+                     f"its tokenizer with data.vocab_size={before} and resumes with it; "
+                     f"resume with --config.data.vocab_size={before} or use a new --workdir")
 
 
 def restore_or_explain(manager, abstract, workdir, model_cfg):

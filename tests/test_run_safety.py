@@ -226,6 +226,22 @@ def test_a_corrupt_config_json_stops_a_resume_with_one_line(stopped_run, tmp_pat
   assert _steps(workdir) == [2, 4]
 
 
+def test_another_vocab_size_is_refused_on_resume(stopped_run, tmp_path):
+  """The workdir's tokenizer is reused on resume: a changed data.vocab_size would be
+  recorded in config.json but not used, so it is refused, naming the value to use."""
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run, workdir)
+  config = _config(checkpoint_every=2)
+  trained_with = config.data.vocab_size
+  config.data.vocab_size = trained_with + 64
+  before = open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(ValueError, match=rf"data.vocab_size={trained_with + 64} but .* "
+                                       rf"--config.data.vocab_size={trained_with} or"):
+    train.train_and_evaluate(config, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == before
+
+
 def test_changed_corpus_is_refused_unless_accepted(tmp_path, capsys):
   corpus = tmp_path / "corpus"
   corpus.mkdir()
