@@ -229,7 +229,7 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
         state, data = _restore(mngr, step, abstract_state)
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
       unreadable.append(step)
-      errors.append(first_line(err))
+      errors.append(root_cause_line(err))  # the storage error, not orbax's wrapper
       continue
     # Only now, with an older step restored, are the newer ones known to be torn
     # (when none restores, the state layout differs: no fallback warnings then).
@@ -240,8 +240,9 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
   if unreadable:
     raise ValueError(
         f"--workdir: none of the checkpoints {sorted(unreadable)} in {mngr.directory} "
-        f"restores ({errors[0]}); resume with the code and config that wrote them, "
-        f"or use a new --workdir (details: {log_path(_workdir_of(mngr))})")
+        f"restores ({errors[0]}): torn, or written by other code or config; resume with "
+        "the code and config that wrote them, move the checkpoints aside to start "
+        f"over, or use a new --workdir (details: {log_path(_workdir_of(mngr))})")
   return None, None, unreadable
 
 

@@ -105,6 +105,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capfd, monke
   train.train_and_evaluate(_config(steps=6, checkpoint_every=2), workdir)
   out, err = capfd.readouterr()
   assert "checkpoint 4 is unreadable" in out and "resumed from step 2" in out
+  assert "bound method" not in out  # the storage error, not a wrapper's repr
   assert "Traceback" not in err and "unreadable" not in err, err  # one line, on stdout
   gc.collect()  # the failed read's abandoned coroutines: into the run's log, not stderr
   assert unraisable == [], [u.exc_value for u in unraisable][:3]
