@@ -208,7 +208,8 @@ def newest_has_host_tables(workdir: str) -> bool:
   steps = saved_steps(workdir)
   if not steps:
     return False
-  mngr = manager(workdir, async_saves=False, create=False)
+  with quiet.quiet_library_logs():  # orbax warns of a step's missing metadata file
+    mngr = manager(workdir, async_saves=False, create=False)
   try:
     return has_host_tables(mngr, steps[-1])
   finally:

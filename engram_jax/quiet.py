@@ -260,15 +260,45 @@ class _LeftoverHook:
       _close(log_file)
 
 
+class _LeftoverTasks(logging.Filter):
+  """On asyncio's logger after a failure: "Task/Future exception was never retrieved"
+  for the failed call's abandoned orbax tasks, logged when they are collected (a
+  model-config mismatch gave one traceback per array after its one-line error), go to
+  the log of the call that failed instead of the console."""
+
+  def __init__(self, path: Optional[str]):
+    super().__init__()
+    self.path = path
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "exception was never retrieved" not in message:
+      return True
+    log_file = _open(self.path)
+    if log_file is not None:
+      try:
+        log_file.write(f"after a failure: {message.splitlines()[0]}\n")
+      except OSError:  # a full disk: the failure was reported when it happened
+        pass
+      _close(log_file)
+    return False
+
+
 def _route_leftovers(path: Optional[str], when: str = "after a failed read") -> None:
-  """Installs `_LeftoverHook` (once; a later failure's log replaces the earlier one)
-  and silences the never-awaited warnings of the same coroutines (of any coroutine,
-  from then on in this process)."""
+  """Installs `_LeftoverHook` and `_LeftoverTasks` (once; a later failure's log
+  replaces the earlier one) and silences the never-awaited warnings of the same
+  coroutines (of any coroutine, from then on in this process)."""
   hook = sys.unraisablehook
   if isinstance(hook, _LeftoverHook):
     hook.path, hook.kept = path or hook.path, True
   else:
     sys.unraisablehook = _LeftoverHook(hook, path, when)
+  asyncio_logger = logging.getLogger("asyncio")
+  tasks = [f for f in asyncio_logger.filters if isinstance(f, _LeftoverTasks)]
+  if tasks:
+    tasks[0].path = path or tasks[0].path
+  else:
+    asyncio_logger.addFilter(_LeftoverTasks(path))
   # Raised wherever the collection happens to run, so not filtered by module.
   warnings.filterwarnings("ignore", message=r"coroutine '[\w.<>]+' was never awaited",
                           category=RuntimeWarning)

@@ -85,3 +85,25 @@ def test_leftovers_of_a_failed_read_go_to_the_log_later(tmp_path, monkeypatch):
   text = log.read_text()
   assert "after a failed read: ValueError('torn read')" in text
   assert "after a failed read: RuntimeError('Event loop is closed')" in text
+
+
+def test_never_retrieved_tasks_after_a_failure_go_to_the_log(tmp_path, monkeypatch):
+  """asyncio reports a failed call's abandoned tasks when they are collected, after the
+  call's one-line error: those records go to the call's log; others still print."""
+  import pytest
+  from engram_jax import quiet
+  asyncio_logger = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_logger, "filters", [])
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  printed = []
+  handler = logging.Handler()
+  handler.emit = printed.append
+  monkeypatch.setattr(asyncio_logger, "handlers", [handler])
+  monkeypatch.setattr(asyncio_logger, "propagate", False)
+  log = tmp_path / "engram_jax.log"
+  with pytest.raises(ValueError), quiet.quiet_library_logs(str(log)):
+    raise ValueError("Requested shape: (32,) is not compatible with the stored shape")
+  asyncio_logger.error("Task exception was never retrieved\nfuture: <Task ...>")
+  asyncio_logger.error("something else")
+  assert [r.getMessage() for r in printed] == ["something else"]
+  assert "after a failure: Task exception was never retrieved" in log.read_text()
