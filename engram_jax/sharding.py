@@ -77,8 +77,11 @@ class MeshConfig:
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
       if num_devices % fixed:
-        raise ValueError(f"mesh.{free[0]}=-1 is invalid: the other axes use {fixed} "
-                         f"devices, which does not divide the {num_devices} devices")
+        given = " x ".join(f"mesh.{axis}={size}" for axis, size in sizes.items()
+                           if size not in (1, -1))
+        raise ValueError(f"{given} = {fixed} devices, which does not divide the "
+                         f"{num_devices} devices (mesh.{free[0]}=-1 takes the rest): "
+                         f"make that product divide {num_devices}")
       sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
       given = " x ".join(f"mesh.{axis}={size}" for axis, size in sizes.items())

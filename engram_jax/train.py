@@ -36,6 +36,7 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
   """
   from engram_jax import sharding, workdir_lock
   run = run_config.from_config(config)  # validate every field before any work
+  mesh = sharding.mesh_from_config(run.mesh)  # sizes checked against the devices here
   fingerprint = tasks.data_fingerprint(run)  # a source matching nothing fails here
   created = paths.is_local(workdir) and not os.path.exists(workdir)
   workdir_lib.ensure_writable(workdir)
@@ -48,7 +49,6 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
     workdir_lib.check_resumable(run, workdir)
     task = _process_zero_first(lambda: tasks.build(run, workdir), "tokenizer and data")
     schedule, tx = optim.from_train_config(run.train, task.model_cfg.engram)
-    mesh = sharding.mesh_from_config(run.mesh)
     with (sharding.use_mesh(mesh), library_log.run_log(workdir) as log,
           quiet.library_logs_to(log)):
       return _train_loop(config, run, workdir, task, tx, schedule, mesh, fingerprint,

@@ -34,6 +34,7 @@ _steps = runs.checkpoint_steps
 # Bad input: one line naming the field, exit 2, before any work (no workdir made)
 # ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("override,field", [
+    ("--config.mesh.fsdp=3", "mesh.fsdp=3"),  # checked before the tokenizer is trained
     ("--config.train.keep_checkpoints=0", "train.keep_checkpoints"),
     ("--config.train.keep_checkpoints=-1", "train.keep_checkpoints"),
     ("--config.train.checkpoint_every=0", "train.checkpoint_every"),
