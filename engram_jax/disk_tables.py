@@ -26,6 +26,21 @@ def require_local(directory: str, flag: str) -> None:
                      "want them kept there)")
 
 
+def prepare_out_dir(out_dir: str, overwrite: bool = False) -> None:
+  """Checks `--out` before any work: local, writable (created if missing), and not
+  holding an export already (its `tables.json`) unless `overwrite`."""
+  require_local(out_dir, "--out")
+  manifest = paths.join(out_dir, TABLES_MANIFEST)
+  if paths.exists(manifest) and not overwrite:
+    raise ValueError(f"--out={out_dir!r} holds an export already ({manifest}); choose "
+                     "another --out, or pass --overwrite to replace it")
+  try:
+    paths.make_writable_dir(out_dir)
+  except OSError as err:
+    raise ValueError(f"--out={out_dir!r} is not a writable directory "
+                     f"({err.strerror or err}); choose another --out") from None
+
+
 def write_tables(tables: HostTables, out_dir: str, **source) -> str:
   """Writes `tables` as `.npy` files (one per layer) and a `tables.json` manifest
   (with `source`, e.g. the workdir and step) into `out_dir`: the on-disk form

@@ -110,6 +110,16 @@ def makedirs(path: PathLike) -> None:
     as_path(path).mkdir(parents=True, exist_ok=True)
 
 
+def make_writable_dir(path: PathLike, probe_name: str = ".write-probe") -> None:
+  """Creates directory `path` and proves it writable by writing and removing one small
+  file named `probe_name` there (a remote one: no credentials or no network fail
+  here); raises OSError otherwise."""
+  makedirs(path)
+  probe = join(path, probe_name)
+  atomic_write_text(probe, "ok")
+  remove(probe)
+
+
 def remove(path: PathLike, missing_ok: bool = False) -> None:
   try:
     if is_local(path):

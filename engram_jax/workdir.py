@@ -343,11 +343,8 @@ def ensure_writable(workdir: str) -> None:
   """Creates `workdir` and proves it writable before any work that would be lost (a
   remote one, gs://, with one small object: no credentials or no network fail here)."""
   try:
-    paths.makedirs(workdir)
     # host and pid: every process of a multi-host run probes a shared workdir
-    probe = paths.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
-    paths.atomic_write_text(probe, "ok")
-    paths.remove(probe)
+    paths.make_writable_dir(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
     from engram_jax import checkpoints
     for name in (checkpoints.CHECKPOINT_DIR, checkpoints.UNREADABLE_DIR):
       path = paths.join(workdir, name)
@@ -442,11 +439,12 @@ def saved_placement(workdir: str) -> str:
 # ----------------------------------------------------------------------------------
 # python -m engram_jax.workdir export_tables --workdir=W --out=DIR
 # ----------------------------------------------------------------------------------
-def export_tables(workdir: str, out_dir: str) -> str:
+def export_tables(workdir: str, out_dir: str, overwrite: bool = False) -> str:
   """Writes the newest checkpoint's Engram tables as `disk_tables` files into
-  `out_dir` (runs trained with device or host tables alike); returns `out_dir`."""
+  `out_dir` (runs trained with device or host tables alike); returns `out_dir`. An
+  `out_dir` holding an export already is refused unless `overwrite`."""
   from engram_jax import disk_tables
-  disk_tables.require_local(out_dir, "--out")  # before the checkpoint is read
+  disk_tables.prepare_out_dir(out_dir, overwrite)  # before the checkpoint is read
   run = load(workdir, tables="host", kind="lm")
   return disk_tables.write_tables(run.tables, out_dir, workdir=paths.absolute(workdir),
                                   step=run.step)
@@ -462,10 +460,13 @@ def main(argv=None) -> int:
   export = sub.add_parser("export_tables", help="tables of the newest checkpoint -> DIR")
   export.add_argument("--workdir", required=True)
   export.add_argument("--out", required=True)
+  export.add_argument("--overwrite", action="store_true",
+                      help="replace an export already in --out")
   args = parser.parse_args(argv)
 
   def body():
-    print(f"wrote {export_tables(args.workdir, args.out)}/{disk_tables.TABLES_MANIFEST}")
+    out = export_tables(args.workdir, args.out, args.overwrite)
+    print(f"wrote {out}/{disk_tables.TABLES_MANIFEST}")
   return cli.run(body)
 
 

@@ -186,6 +186,28 @@ def test_an_old_two_file_workdir_loads_and_resumes(trained_workdir, tmp_path, ca
   assert resumed.step == 4 and resumed.model_cfg == new_run.model_cfg
 
 
+def test_export_into_a_used_or_unwritable_out_is_one_line(trained_workdir, tmp_path, capsys):
+  """An export already in --out is not replaced unless asked (--overwrite); an --out
+  that cannot be written is named, before the checkpoint is read."""
+  out = tmp_path / "tables"
+  assert workdir.main(["export_tables", f"--workdir={trained_workdir}", f"--out={out}"]) == 0
+  manifest = (out / "tables.json").read_text()
+  (out / "tables.json").write_text(manifest.replace('"step": 3', '"step": 99'))
+  assert workdir.main(["export_tables", f"--workdir={trained_workdir}", f"--out={out}"]) == 2
+  err = capsys.readouterr().err
+  assert f"--out='{out}' holds an export already" in err and "--overwrite" in err, err
+  assert '"step": 99' in (out / "tables.json").read_text()  # left as it was
+  assert workdir.main(["export_tables", f"--workdir={trained_workdir}", f"--out={out}",
+                       "--overwrite"]) == 0
+  assert (out / "tables.json").read_text() == manifest
+  blocked = tmp_path / "a_file"
+  blocked.write_text("not a directory")
+  assert workdir.main(["export_tables", f"--workdir={trained_workdir}",
+                       f"--out={blocked / 'tables'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: --out='{blocked / 'tables'}' is not a writable directory"), err
+
+
 def test_host_and_disk_tables_give_the_device_logits(trained_workdir, tmp_path):
   from engram_jax.sampling import offload
   device = workdir.load(trained_workdir)
