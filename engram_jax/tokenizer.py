@@ -61,9 +61,15 @@ def train_bpe(files: Sequence[str], vocab_size: int,
   return tok
 
 
-def load_tokenizer(path: str) -> tokenizers.Tokenizer:
+_TORN_WORKDIR_TOKENIZER = ("the run's checkpoints were trained on its token ids: "
+                           "restore it from a copy (a tokenizer trained again may give "
+                           "other ids)")
+
+
+def load_tokenizer(path: str, fix: str = "") -> tokenizers.Tokenizer:
   """Loads a `tokenizers` JSON file (local or remote); anything unreadable is a
-  one-line ValueError."""
+  one-line ValueError, ending with `fix` (default: the `data.tokenizer_path` advice;
+  `workdir_tokenizer` passes its own)."""
   try:
     if paths.is_local(path):
       return tokenizers.Tokenizer.from_file(path)
@@ -71,8 +77,13 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   except Exception as err:  # tokenizers raises its own untyped Exception
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     raise ValueError(
-        f"data.tokenizer_path: cannot load tokenizer {path!r} ({reason}); point it at "
-        f"a Hugging Face tokenizers JSON file.") from None
+        f"{'' if fix else 'data.tokenizer_path: '}cannot load tokenizer {path!r} "
+        f"({reason}); {fix or 'point it at a Hugging Face tokenizers JSON file.'}") from None
+
+
+def workdir_tokenizer(workdir: str) -> tokenizers.Tokenizer:
+  """The tokenizer a run keeps in its workdir (`WORKDIR_TOKENIZER`)."""
+  return load_tokenizer(paths.join(workdir, WORKDIR_TOKENIZER), _TORN_WORKDIR_TOKENIZER)
 
 
 def _same_tokenizer(a: tokenizers.Tokenizer, b: tokenizers.Tokenizer) -> bool:
@@ -93,7 +104,7 @@ def load_or_train(workdir: str, files: Sequence[str] | Callable[[], Sequence[str
   if tokenizer_path:
     tok = load_tokenizer(tokenizer_path)
     if paths.exists(local):
-      if not _same_tokenizer(tok, load_tokenizer(local)):
+      if not _same_tokenizer(tok, workdir_tokenizer(workdir)):
         raise ValueError(
             f"data.tokenizer_path: {tokenizer_path!r} differs from the tokenizer this "
             f"workdir was trained with ({local}); resume with that tokenizer (leave "
@@ -102,7 +113,7 @@ def load_or_train(workdir: str, files: Sequence[str] | Callable[[], Sequence[str
       paths.atomic_write(local, tok.save)
     return tok
   if paths.exists(local):
-    return load_tokenizer(local)
+    return workdir_tokenizer(workdir)
   return train_bpe(files() if callable(files) else files, vocab_size, local)
 
 

@@ -286,7 +286,7 @@ def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None,
     if tables != "device" and not cfg.engram.layers:
       raise ValueError(f"--workdir={workdir!r} holds a model without Engram "
                        "(model.engram.layers is empty): there are no tables to offload")
-    tok = tokenizer_lib.load_tokenizer(paths.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER))
+    tok = tokenizer_lib.workdir_tokenizer(workdir)
     model = EngramLM(model_cfg)
   variables, host, step = _restore(workdir, model, cfg, tables, table_dir, source)
   if tok is not None and cfg.engram.layers:

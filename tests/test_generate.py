@@ -132,6 +132,13 @@ def test_cli_errors_name_the_flag(trained_workdir, tmp_path, capsys):
     shutil.copy(os.path.join(trained_workdir, name), empty / name)
   assert generate_cli.main([f"--workdir={empty}"]) == 2
   assert "has no checkpoint" in capsys.readouterr().err
+  torn = tmp_path / "torn_tokenizer"
+  shutil.copytree(trained_workdir, torn)
+  (torn / "tokenizer.json").write_text((torn / "tokenizer.json").read_text()[:500])
+  assert generate_cli.main([f"--workdir={torn}"]) == 2
+  err = capsys.readouterr().err  # the run's own tokenizer: not a field the user set
+  assert "cannot load tokenizer" in err and "restore it from a copy" in err, err
+  assert "data.tokenizer_path" not in err
   long_prompt = "x " * 40
   assert generate_cli.main([f"--workdir={trained_workdir}", f"--prompt={long_prompt}",
                         "--max_new_tokens=8"]) == 2
