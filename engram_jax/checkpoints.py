@@ -4,8 +4,10 @@ A workdir's `checkpoints/STEP/` holds two items: `state` (the TrainState) and `d
 (the data iterator's JSON state), and with tables in host memory a third,
 `host_tables` (their rows and optimizer state, saved in the same step). Resuming
 restores the newest readable step; a torn or corrupt one is moved to
-`checkpoints_unreadable/` (never deleted) and the one before it is used. Inference
-restores only `state.params`.
+`checkpoints_unreadable/` (never deleted) and the one before it is used. The `data`
+item also records a digest of the state's arrays (engram_jax/state_digest.py), checked
+on every restore, so bytes changed in place are found, not trained on. Inference
+restores only `state.params` (and checks those).
 
 The workdir may be a URL (gs://): orbax writes it itself, and the listing and the
 quarantine go through `engram_jax.paths`; the tracebacks behind a failure's one line go
@@ -27,6 +29,9 @@ CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 HOST_TABLES = "host_tables"
 ITEMS = ("state", "data", HOST_TABLES)
+# The `data` item's key for the state's digest (engram_jax.state_digest), checked when
+# the state is read; checkpoints written before it have none and are not checked.
+DIGEST_KEY = "state_digest"
 
 
 def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
@@ -228,6 +233,7 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
     try:
       with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
         state, data = _restore(mngr, step, abstract_state)
+      check_digest(state, data)
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
       unreadable.append(step)
       errors.append(root_cause_line(err))  # the storage error, not orbax's wrapper
@@ -245,6 +251,27 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
         "the code and config that wrote them, move the checkpoints aside to start "
         f"over, or use a new --workdir (details: {log_path(_workdir_of(mngr))})")
   return None, None, unreadable
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint that restored, but whose arrays differ from the ones saved."""
+
+
+def check_digest(tree, data_state) -> None:
+  """Raises `CorruptCheckpoint` when an array of `tree` (restored) differs from the
+  digest the save recorded in its `data` item (`data_state`, as saved: one process's
+  or `gather_data_states`', whose entries all hold the same digest); none recorded:
+  nothing to check."""
+  from engram_jax import state_digest
+  if isinstance(data_state, dict) and data_state.get("processes"):
+    data_state = data_state["processes"][0]
+  saved = data_state.get(DIGEST_KEY) if isinstance(data_state, dict) else None
+  if not saved:
+    return
+  bad = state_digest.first_mismatch(tree, saved)
+  if bad is not None:
+    raise CorruptCheckpoint(f"{bad} does not hold the values that were saved (its "
+                            "digest differs: a damaged or overwritten data file)")
 
 
 def _restore(mngr, step: int, abstract_state):
@@ -377,13 +404,20 @@ def _restore_step(workdir: str, step: int, abstract_items: dict) -> dict:
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default,
                                      dtype=x.dtype), abstract_items)
+  has_data = paths.exists(paths.join(paths.absolute(workdir), CHECKPOINT_DIR, str(step),
+                                     "data"))
   mngr = manager(workdir, async_saves=False, create=False)
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_items, restore_args=restore_args, partial_restore=True)))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract_items, restore_args=restore_args,
+                                     partial_restore=True),
+        **({"data": ocp.args.JsonRestore()} if has_data else {})))
   finally:
     mngr.close()
-  return {name: restored["state"][name] for name in abstract_items}
+  items = {name: restored["state"][name] for name in abstract_items}
+  if has_data:
+    check_digest(items, restored["data"])
+  return items
 
 
 def restore_checkpoint(workdir: str, abstract_items: dict,
@@ -446,6 +480,7 @@ def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip:
         items = _restore_step(workdir, step, stored_items)
       except Exception as err:  # orbax/tensorstore raise many types for a torn save
         skipped.append((step, root_cause_line(err), True))
+        logs.add(f"checkpoint {step} skipped: {root_cause_line(err)}")
         logs.keep = True  # why a checkpoint was skipped belongs in the run's log
         continue
       for older, why, fits in skipped:  # the run's log says why each was passed over

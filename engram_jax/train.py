@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from engram_jax import workdir as workdir_lib
 from engram_jax import (checkpoints, library_log, optim, param_groups, paths, quiet,
-                        run_config, tasks)
+                        run_config, state_digest, tasks)
 from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.errors import TrainingError
 from engram_jax.train_steps import evaluate, run_programs, state_variables
@@ -129,6 +129,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     state = programs.init(rng)
   else:
     own = dict(checkpoints.own_data_state(data_state))
+    own.pop(checkpoints.DIGEST_KEY, None)  # checked by the restore
     fingerprint_lib.check_resume(own.pop("fingerprint", None), fingerprint,
                                  accept_data_change, int(state.step))
     train_iter.set_state(own)
@@ -196,7 +197,8 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
 
   def save(step):
     position = feed.iterator_state() if feed is not None else train_iter.get_state()
-    data = {**position, "fingerprint": fingerprint}
+    data = {**position, "fingerprint": fingerprint,
+            checkpoints.DIGEST_KEY: state_digest.digest(state)}
     if feed is not None:
       feed.wait()  # the saved tables include this step's update
     try:

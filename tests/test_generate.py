@@ -12,6 +12,7 @@ from engram_jax import workdir as workdir_lib
 from engram_jax.sampling import text as generate
 from engram_jax.models.lm import EngramLM
 
+from tests import runs
 from tests.equivalence import assert_cached_equals_full
 from tests.conftest import tiny_model_config, with_random_conv
 
@@ -183,7 +184,7 @@ def _copy_workdir(trained_workdir, target):
   return str(target)
 
 
-@pytest.mark.parametrize("tear", ["data", "metadata", "manifest"])
+@pytest.mark.parametrize("tear", ["data", "metadata", "manifest", "flipped"])
 def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path, capfd, tear):
   """Torn data files, a garbled `_METADATA`, a lost manifest: the newest checkpoint is
   skipped with one line. (The last two read as arrays gone missing, which once blamed
@@ -198,6 +199,8 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
     for name in os.listdir(data_dir):
       with open(os.path.join(data_dir, name), "wb") as f:
         f.write(b"torn write")
+  elif tear == "flipped":  # bytes changed in place: it reads, but not as saved
+    runs.overwrite_middle(os.path.join(state, "ocdbt.process_0", "d"), every=True)
   elif tear == "metadata":
     with open(os.path.join(state, "_METADATA"), "w") as f:
       f.write("garbage")
