@@ -62,6 +62,36 @@ def train_and_evaluate(config, workdir: str, accept_data_change: bool = False
       lock.release()
 
 
+def _close_run(failed: bool, workdir: str, manager, writers_, feed, train_iter,
+               signal_handlers: dict) -> None:
+  """Ends a run's loop: waits for the saves in flight, closes the checkpoint manager,
+  the metric writers, the host-table feed and the data iterator, and puts the signal
+  handlers back, every step whatever the others raise. The first error is raised at
+  the end unless the run `failed` already (its error is the one to report); a failed
+  save (the final one too: it fails after the loop) is `save_failed`'s one line."""
+  first: list[BaseException] = []
+
+  def attempt(close, convert=None):
+    try:
+      close()
+    except Exception as err:  # noqa: BLE001  kept, raised after every step has run
+      first.append(convert(err) if convert else err)
+  attempt(lambda: checkpoints.finish_saves(manager, workdir))
+  saves_failed = failed or bool(first)
+  attempt(manager.close, lambda err: checkpoints.save_failed(err, workdir))
+  if saves_failed:  # orbax's threads end, and log, while the run's log still gets it
+    checkpoints.join_save_threads()
+  for writer in writers_:  # a remote workdir: the events and metrics.jsonl's last lines
+    attempt(writer.close)
+  if feed is not None:
+    attempt(feed.close)
+  attempt(train_iter.close)
+  for s, handler in signal_handlers.items():
+    signal.signal(s, handler)
+  if first and not failed:
+    raise first[0]
+
+
 def _process_zero_first(fn, what: str):
   """`fn()` on process 0, then on the others: they load what process 0 wrote to the
   (shared) workdir, e.g. a tokenizer it trained, instead of racing to make their own."""
@@ -246,34 +276,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     failed = True
     raise
   finally:
-    try:
-      checkpoints.finish_saves(manager, workdir)
-    except TrainingError:
-      if not failed:  # else the error already on its way is the one to report
-        raise
-    try:
-      manager.close()  # re-raises a failed async save's error: reported above
-    except Exception as err:  # noqa: BLE001
-      if not failed:
-        raise checkpoints.save_failed(err, workdir) from None
-    finally:
-      if failed:
-        checkpoints.join_save_threads()
-    try:
-      writer.close()  # a remote workdir: the events and metrics.jsonl's last lines
-      jsonl.close()
-    except OSError:
-      if not failed:
-        raise
-    if feed is not None:
-      try:
-        feed.close()
-      except TrainingError:
-        if not failed:
-          raise
-    train_iter.close()
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+    _close_run(failed, workdir, manager, (writer, jsonl), feed, train_iter, previous)
   if store is not None and store.nbytes <= 2**30:  # replicas agree (several processes)
     print(f"host tables of process {pidx}: sha256 {store.digest()}", flush=True)
   if metrics:
