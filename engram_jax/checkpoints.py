@@ -233,10 +233,15 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
     try:
       with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
         state, data = _restore(mngr, step, abstract_state)
-      check_digest(state, data)
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
       unreadable.append(step)
       errors.append(root_cause_line(err))  # the storage error, not orbax's wrapper
+      continue
+    try:  # only a digest that differs marks it unreadable; a failing check raises
+      check_digest(state, data)
+    except CorruptCheckpoint as err:
+      unreadable.append(step)
+      errors.append(str(err))
       continue
     # Only now, with an older step restored, are the newer ones known to be torn
     # (when none restores, the state layout differs: no fallback warnings then).
@@ -395,9 +400,9 @@ def _first_difference(workdir: str, step: int, abstract_items: dict,
   return None
 
 
-def _restore_step(workdir: str, step: int, abstract_items: dict) -> dict:
-  """{name: tree} of the named TrainState fields at `step` (as
-  the inference loaders read them, one step at a time)."""
+def _restore_step(workdir: str, step: int, abstract_items: dict) -> tuple[dict, Any]:
+  """({name: tree} of the named TrainState fields at `step`, its `data` item or None)
+  (as the inference loaders read them, one step at a time)."""
   import orbax.checkpoint as ocp
 
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -414,10 +419,8 @@ def _restore_step(workdir: str, step: int, abstract_items: dict) -> dict:
         **({"data": ocp.args.JsonRestore()} if has_data else {})))
   finally:
     mngr.close()
-  items = {name: restored["state"][name] for name in abstract_items}
-  if has_data:
-    check_digest(items, restored["data"])
-  return items
+  return ({name: restored["state"][name] for name in abstract_items},
+          restored["data"] if has_data else None)
 
 
 def restore_checkpoint(workdir: str, abstract_items: dict,
@@ -437,21 +440,22 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
   """
   import sys
 
-  for attempt in range(3):
+  for _ in range(3):
     steps = sorted(saved_steps(workdir), reverse=True)
     if not steps:
       raise ValueError(f"--workdir={workdir!r} has no checkpoint "
                        f"({CHECKPOINT_DIR}/ is empty or missing); train first "
                        "with `python -m engram_jax.main`")
-    items, step, skipped = _newest_readable(workdir, steps, abstract_items, skip)
+    items, step, skipped = _newest_readable(workdir, steps, abstract_items, skip,
+                                            config_file)
     if items is not None or sorted(saved_steps(workdir), reverse=True) == steps:
       break  # read, or nothing changed since the listing: the failures stand
   if items is None:
     mismatched = [why for _, why, fits in skipped if not fits]
     if len(mismatched) == len(skipped):  # every checkpoint disagrees: the config does
       raise ValueError(f"--workdir={workdir!r}: {config_file} does not match checkpoint "
-                       f"{skipped[0][0]}: {mismatched[0]} by {config_file}; restore the "
-                       "config the run was trained with")
+                       f"{skipped[0][0]}: {mismatched[0]}; restore the config the run "
+                       "was trained with")
     raise ValueError(f"--workdir={workdir!r}: no readable checkpoint (" + "; ".join(
         f"step {s}: {why}" for s, why, _ in skipped) + ")")
   if skipped:
@@ -463,10 +467,11 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
   return items, step
 
 
-def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip: tuple):
-  """(items, step, skipped) of the newest of `steps` that fits `abstract_items` and
-  restores; (None, None, skipped) when none does. skipped: (step, why, whether its
-  metadata fitted) of each newer one passed over."""
+def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip: tuple,
+                     config_file: str):
+  """(items, step, skipped) of the newest of `steps` that fits `abstract_items` (as
+  `config_file` gives them) and restores; (None, None, skipped) when none does.
+  skipped: (step, why, whether its metadata fitted) of each newer one passed over."""
   from engram_jax.models import layouts
   skipped = []
   with quiet.quiet_library_logs(log_path(workdir)) as logs:
@@ -474,13 +479,21 @@ def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip:
       stored_items, relaid = _as_stored(abstract_items, _stored_tree(workdir, step))
       differs = _first_difference(workdir, step, stored_items, skip)
       if differs:
-        skipped.append((step, differs, False))
+        skipped.append((step, f"{differs} by {config_file}", False))
         continue
       try:
-        items = _restore_step(workdir, step, stored_items)
+        items, data = _restore_step(workdir, step, stored_items)
       except Exception as err:  # orbax/tensorstore raise many types for a torn save
-        skipped.append((step, root_cause_line(err), True))
-        logs.add(f"checkpoint {step} skipped: {root_cause_line(err)}")
+        why = root_cause_line(err)
+      else:
+        try:  # only a digest that differs skips it; a failing check raises
+          check_digest(items, data)
+          why = None
+        except CorruptCheckpoint as err:
+          why = str(err)
+      if why is not None:
+        skipped.append((step, why, True))
+        logs.add(f"checkpoint {step} skipped: {why}")
         logs.keep = True  # why a checkpoint was skipped belongs in the run's log
         continue
       for older, why, fits in skipped:  # the run's log says why each was passed over

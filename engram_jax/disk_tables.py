@@ -50,6 +50,9 @@ def write_tables(tables: HostTables, out_dir: str, **source) -> str:
 
   require_local(out_dir, "--out")
   os.makedirs(out_dir, exist_ok=True)
+  # Replacing an export (`--overwrite`, checked by `prepare_out_dir`): its manifest goes
+  # first, so that one stopped half way is no export rather than old and new mixed.
+  paths.remove(os.path.join(out_dir, TABLES_MANIFEST), missing_ok=True)
   names = []
   for path, table in zip(tables.paths, tables.tables_L):
     name = f"{path[0]}.npy"

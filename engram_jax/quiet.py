@@ -142,7 +142,8 @@ def library_logs_to(path: str) -> Iterator[Optional[str]]:
   finally:
     run_hook, sys.unraisablehook = sys.unraisablehook, saved_hook
     if failed or getattr(run_hook, "kept", False):  # a failure's leftovers come later
-      _route_leftovers(getattr(run_hook, "path", path), "after the run failed")
+      _route_leftovers(getattr(run_hook, "path", path),
+                       "after the run failed" if failed else "after a failed read")
     _close(log_file)
 
 

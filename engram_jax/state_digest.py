@@ -65,12 +65,42 @@ def _host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
+
+
+def _numpy_sums(x: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
+  """`_sums` of one host array, the same numbers, in chunks (no full-size temporary):
+  exact in uint64 (a word times a position is below 2**64), then taken mod 2**32."""
+  words = (x.astype(np.uint32) if x.dtype == np.bool_ else
+           np.ascontiguousarray(x).view(_UNSIGNED[x.dtype.itemsize])).reshape(-1)
+  total = weighted = 0
+  for start in range(0, words.size, chunk):
+    w = words[start:start + chunk].astype(np.uint64)
+    positions = np.arange(start + 1, start + 1 + w.size, dtype=np.uint64) % (1 << 32)
+    total += int(w.sum(dtype=np.uint64))
+    weighted += int((w * positions).sum(dtype=np.uint64))
+  return total % (1 << 32), weighted % (1 << 32)
+
+
+def _on_host(x) -> bool:
+  """A NumPy array, or a jax array in host memory (`pinned_host`: the reader's host
+  tables), which the device program must not read."""
+  kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+  return isinstance(x, np.ndarray) or (kind is not None and "host" in kind)
+
+
 def digest(tree: Any) -> Digest:
-  """{path: [sum, weighted sum, dtype]} of every array leaf of `tree`."""
+  """{path: [sum, weighted sum, dtype]} of every array leaf of `tree`: device arrays in
+  one jitted program, host arrays with NumPy."""
   flat = [(path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
           if hasattr(x, "dtype") and hasattr(x, "shape")]
-  sums = _host(_sums([jnp.asarray(x) for _, x in flat])).tolist()
-  return {name: [int(s), int(w), str(x.dtype)] for (name, x), (s, w) in zip(flat, sums)}
+  device = [(name, x) for name, x in flat if not _on_host(x)]
+  sums = dict(zip([name for name, _ in device],
+                  _host(_sums([jnp.asarray(x) for _, x in device])).tolist()))
+  for name, x in flat:
+    if name not in sums:
+      sums[name] = _numpy_sums(np.asarray(x))
+  return {name: [int(sums[name][0]), int(sums[name][1]), str(x.dtype)] for name, x in flat}
 
 
 def first_mismatch(tree: Any, saved: Digest) -> str | None:

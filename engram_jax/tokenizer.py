@@ -66,24 +66,26 @@ _TORN_WORKDIR_TOKENIZER = ("the run's checkpoints were trained on its token ids:
                            "other ids)")
 
 
-def load_tokenizer(path: str, fix: str = "") -> tokenizers.Tokenizer:
+_NOT_A_TOKENIZER = "point it at a Hugging Face tokenizers JSON file."
+
+
+def load_tokenizer(path: str, field: str = "data.tokenizer_path",
+                   fix: str = _NOT_A_TOKENIZER) -> tokenizers.Tokenizer:
   """Loads a `tokenizers` JSON file (local or remote); anything unreadable is a
-  one-line ValueError, ending with `fix` (default: the `data.tokenizer_path` advice;
-  `workdir_tokenizer` passes its own)."""
+  one-line ValueError naming `field` and ending with `fix`."""
   try:
     if paths.is_local(path):
       return tokenizers.Tokenizer.from_file(path)
     return tokenizers.Tokenizer.from_str(paths.read_text(path))
   except Exception as err:  # tokenizers raises its own untyped Exception
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    raise ValueError(
-        f"{'' if fix else 'data.tokenizer_path: '}cannot load tokenizer {path!r} "
-        f"({reason}); {fix or 'point it at a Hugging Face tokenizers JSON file.'}") from None
+    raise ValueError(f"{field}: cannot load tokenizer {path!r} ({reason}); {fix}") from None
 
 
 def workdir_tokenizer(workdir: str) -> tokenizers.Tokenizer:
   """The tokenizer a run keeps in its workdir (`WORKDIR_TOKENIZER`)."""
-  return load_tokenizer(paths.join(workdir, WORKDIR_TOKENIZER), _TORN_WORKDIR_TOKENIZER)
+  return load_tokenizer(paths.join(workdir, WORKDIR_TOKENIZER), f"--workdir={workdir!r}",
+                        _TORN_WORKDIR_TOKENIZER)
 
 
 def _same_tokenizer(a: tokenizers.Tokenizer, b: tokenizers.Tokenizer) -> bool:

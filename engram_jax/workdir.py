@@ -385,8 +385,13 @@ def check_resumable(run, workdir: str) -> None:
   if not (paths.exists(saved) and any(name.isdigit() for name in paths.listdir(ckpts))):
     return
   saved_config = _read_saved(workdir, f"{_RESTORE_CONFIG}, or move it aside to resume "
-                                     "with this command's config")
-  section = lambda name: saved_config.get(name) if isinstance(saved_config.get(name), dict) else {}
+                                     "with this command's config (it must then give the "
+                                     "same model, engram.placement and "
+                                     "train.table_optimizer)")
+
+  def section(name: str) -> dict:
+    value = saved_config.get(name)
+    return value if isinstance(value, dict) else {}
   before = section("train").get("table_optimizer", "adam")
   now = run.train.table_optimizer
   if before != now:
@@ -400,7 +405,11 @@ def check_resumable(run, workdir: str) -> None:
           and before != data.vocab_size):
     return
   from engram_jax import tokenizer as tokenizer_lib
-  if paths.exists(paths.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER)):
+  if not paths.exists(paths.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER)):
+    return
+  # config.json may hold a value an older resume recorded but did not use: the
+  # tokenizer itself has the requested size, or fewer tokens on a small corpus
+  if tokenizer_lib.workdir_tokenizer(workdir).get_vocab_size() != data.vocab_size:
     raise ValueError(f"data.vocab_size={data.vocab_size} but --workdir={workdir!r} trained "
                      f"its tokenizer with data.vocab_size={before} and resumes with it; "
                      f"resume with --config.data.vocab_size={before} or use a new --workdir")

@@ -96,7 +96,11 @@ class WorkdirLock:
     replaced between opening and locking it (a lock on a removed file would exclude
     no one: a later trainer creates and locks a new one). Raises `WorkdirLocked`."""
     import fcntl
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # the workdir itself went (a run that made it failed)
+      os.makedirs(self.workdir, exist_ok=True)
+      return None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -28,18 +28,13 @@ def checkpoint_steps(workdir: str) -> list[int]:
                 if s.isdigit())
 
 
-def overwrite_middle(data_dir, every: bool = False, count: int = 64):
-  """Inverts `count` bytes in the middle of the largest file of `data_dir` (`every`:
-  of every file), a failing disk: sizes and everything orbax checks stay as they were.
-  Which arrays a file holds varies with the async writes' order, so a check that must
-  see parameters damaged passes `every`."""
-  names = os.listdir(data_dir)
-  if not every:
-    names = [max(names, key=lambda n: os.path.getsize(os.path.join(data_dir, n)))]
-  for name in names:
-    path = os.path.join(data_dir, name)
-    with open(path, "r+b") as f:
-      f.seek(os.path.getsize(path) // 2)
-      chunk = f.read(count)
-      f.seek(os.path.getsize(path) // 2)
-      f.write(bytes(255 - b for b in chunk))
+def overwrite_middle(data_dir, count: int = 64):
+  """Inverts `count` bytes in the middle of the largest file of `data_dir`, a failing
+  disk: sizes and everything orbax checks stay as they were."""
+  name = max(os.listdir(data_dir), key=lambda n: os.path.getsize(os.path.join(data_dir, n)))
+  path = os.path.join(data_dir, name)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    chunk = f.read(count)
+    f.seek(os.path.getsize(path) // 2)
+    f.write(bytes(255 - b for b in chunk))

@@ -161,7 +161,7 @@ def test_a_lock_file_removed_while_being_taken_is_taken_anew(tmp_path, monkeypat
 
   def open_then_first_leaves(path, *args):
     fd = real_open(path, *args)
-    if not opened:
+    if path == first.path and not opened:
       opened.append(path)
       first.release(remove_file=True)  # between our open and our flock
     return fd

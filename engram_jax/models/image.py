@@ -223,8 +223,9 @@ def param_counts(cfg: ImageModelConfig) -> dict[str, int]:
   """Parameters by group, from the config alone (no tracing).
 
   backbone: everything outside the Engram modules (embedding, blocks' attention, MLP
-  and norms, hyper-connections, final norm, unembedding); engram_tables: the hashed tables (padded rows
-  included); engram_dense: the rest of the Engram modules (W_V, W_K, norms, conv).
+  and norms, hyper-connections, final norm, unembedding); engram_tables: the hashed
+  tables (padded rows included); engram_dense: the rest of the Engram modules (W_V,
+  W_K, norms, conv).
   """
   m, d = cfg.model, cfg.model.width
   heads, kv, hd = m.num_heads, m.num_kv_heads, m.resolved_head_dim
