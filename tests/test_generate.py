@@ -227,6 +227,18 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
   assert now.startswith(logged) and len(now) > len(logged)
 
 
+def test_a_failing_digest_check_is_raised_not_taken_for_damage(trained_workdir, monkeypatch):
+  """An error of the check itself (out of memory, a bug) is not a damaged checkpoint:
+  the reader raises it rather than skipping good checkpoints one by one."""
+  from engram_jax import state_digest
+
+  def broken(tree, saved):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+  monkeypatch.setattr(state_digest, "first_mismatch", broken)
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    workdir_lib.load(trained_workdir)
+
+
 def test_a_checkpoint_replaced_while_read_sends_the_reader_to_the_new_one(
     trained_workdir, tmp_path, monkeypatch, capfd):
   """A trainer keeping one checkpoint saves 7 and deletes 3 while a reader restores 3:

@@ -61,3 +61,25 @@ def test_arrays_read_in_another_dtype_or_not_saved_are_not_compared():
       jnp.float32)), "extra": jnp.ones(3)}
   assert state_digest.first_mismatch(as_f32, saved) is None
   checkpoints.check_digest(tree, {})  # a checkpoint from before digests: nothing to check
+
+
+def test_host_arrays_get_the_same_digest_without_the_device():
+  """NumPy arrays (or jax arrays in host memory: a reader's host tables) are summed on
+  the host, chunk by chunk, to the same numbers."""
+  tree = _tree()
+  on_host = jax.tree_util.tree_map(np.asarray, tree)
+  assert state_digest.digest(on_host) == state_digest.digest(tree)
+  big = np.arange(3 * 2**20 + 5, dtype=np.float32)
+  assert state_digest._numpy_sums(big, chunk=2**20) == tuple(
+      state_digest.digest({"x": jnp.asarray(big)})["x"][:2])
+
+
+def test_a_failing_check_is_not_a_corrupt_checkpoint(monkeypatch):
+  """Only a digest that differs is `CorruptCheckpoint` (which moves a checkpoint
+  aside); an error of the check itself (e.g. out of memory) is raised as it is (the
+  readers' handling: tests/test_generate.py)."""
+  def broken(tree, saved):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+  monkeypatch.setattr(state_digest, "first_mismatch", broken)
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    checkpoints.check_digest(_tree(), {checkpoints.DIGEST_KEY: {"step": [0, 0, "int32"]}})
