@@ -32,6 +32,7 @@ ITEMS = ("state", "data", HOST_TABLES)
 # The `data` item's key for the state's digest (engram_jax.state_digest), checked when
 # the state is read; checkpoints written before it have none and are not checked.
 DIGEST_KEY = "state_digest"
+HOST_DIGEST_KEY = "host_tables_digest"  # the same for the `host_tables` item
 
 
 def manager(workdir: str, keep: int = 3, async_saves: bool = True, create: bool = True):
@@ -198,7 +199,12 @@ def restore_host_tables(mngr, step: int, abstract: dict, partial: bool = False) 
   with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         HOST_TABLES: ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
-                                            partial_restore=partial)}))
+                                            partial_restore=partial),
+        "data": ocp.args.JsonRestore()}))
+  try:
+    check_digest(restored[HOST_TABLES], restored["data"], HOST_DIGEST_KEY)
+  except CorruptCheckpoint as err:
+    raise CorruptCheckpoint(f"checkpoint {step}, host tables: {err}") from None
   return restored[HOST_TABLES]
 
 
@@ -262,15 +268,15 @@ class CorruptCheckpoint(ValueError):
   """A checkpoint that restored, but whose arrays differ from the ones saved."""
 
 
-def check_digest(tree, data_state) -> None:
+def check_digest(tree, data_state, key: str = DIGEST_KEY) -> None:
   """Raises `CorruptCheckpoint` when an array of `tree` (restored) differs from the
-  digest the save recorded in its `data` item (`data_state`, as saved: one process's
-  or `gather_data_states`', whose entries all hold the same digest); none recorded:
-  nothing to check."""
+  digest the save recorded under `key` in its `data` item (`data_state`, as saved: one
+  process's or `gather_data_states`', whose entries all hold the same digest); none
+  recorded: nothing to check."""
   from engram_jax import state_digest
   if isinstance(data_state, dict) and data_state.get("processes"):
     data_state = data_state["processes"][0]
-  saved = data_state.get(DIGEST_KEY) if isinstance(data_state, dict) else None
+  saved = data_state.get(key) if isinstance(data_state, dict) else None
   if not saved:
     return
   bad = state_digest.first_mismatch(tree, saved)

@@ -134,13 +134,27 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   restore_abstract = (host_tables.drop_tables(full_abstract, tx) if saved_host
                       else full_abstract)
   try:
-    state, data_state, unreadable = workdir_lib.restore_or_explain(
-        manager, restore_abstract, workdir, task.model_cfg)
-    store = None
-    if state is not None and (host or saved_host):
-      state, store = host_tables.place_restored(
-          state, manager, full_abstract, tx, task.model_cfg, saved_host, host, full_sh,
-          state_sh)
+    while True:
+      state, data_state, unreadable = workdir_lib.restore_or_explain(
+          manager, restore_abstract, workdir, task.model_cfg)
+      store = None
+      if state is None or not (host or saved_host):
+        break
+      try:
+        state, store = host_tables.place_restored(
+            state, manager, full_abstract, tx, task.model_cfg, saved_host, host, full_sh,
+            state_sh)
+        break
+      except checkpoints.CorruptCheckpoint as err:  # its host tables are not as saved
+        step = int(state.step)
+        if set(checkpoints.saved_steps(workdir)) <= {step, *unreadable}:
+          raise ValueError(f"--workdir={workdir!r}: {err}, and there is no older "
+                           "checkpoint to resume from; move it aside to start over, "
+                           "or use a new --workdir") from None
+        print(f"warning: {err}; falling back to an older checkpoint", flush=True)
+        manager.close()
+        checkpoints.quarantine_steps(workdir, sorted({*unreadable, step}))
+        manager = checkpoints.manager(workdir, t.keep_checkpoints)
   except BaseException:
     manager.close()
     raise
@@ -159,7 +173,8 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     state = programs.init(rng)
   else:
     own = dict(checkpoints.own_data_state(data_state))
-    own.pop(checkpoints.DIGEST_KEY, None)  # checked by the restore
+    for key in (checkpoints.DIGEST_KEY, checkpoints.HOST_DIGEST_KEY):
+      own.pop(key, None)  # checked by the restore
     fingerprint_lib.check_resume(own.pop("fingerprint", None), fingerprint,
                                  accept_data_change, int(state.step))
     train_iter.set_state(own)
@@ -231,6 +246,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
             checkpoints.DIGEST_KEY: state_digest.digest(state)}
     if feed is not None:
       feed.wait()  # the saved tables include this step's update
+      data[checkpoints.HOST_DIGEST_KEY] = state_digest.digest(store.state_dict())
     try:
       checkpoints.save(manager, step, state, checkpoints.gather_data_states(data),
                        host_tables=None if store is None else store.state_dict())

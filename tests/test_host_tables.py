@@ -106,6 +106,44 @@ def test_host_tables_resume_exactly(runs, tmp_path, capsys):
   np.testing.assert_allclose(_losses(workdir), _losses(runs["host"]), rtol=1e-6)
 
 
+def _tamper_host_digest(workdir, step):
+  """As if a host-table array of checkpoint `step` had bytes changed in place: its
+  recorded digest no longer matches what reads back."""
+  path = os.path.join(workdir, "checkpoints", str(step), "data", "metadata")
+  with open(path) as f:
+    data = json.load(f)
+  entries = data[checkpoints.HOST_DIGEST_KEY]
+  name = next(n for n in entries if n.endswith("table"))
+  entries[name][0] = (entries[name][0] + 1) % 2**32
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+def test_host_tables_not_as_saved_fall_back_or_stop(runs, tmp_path, capsys):
+  """Host tables are digested at each save too: a damaged newest checkpoint is moved
+  aside and the run resumes from the one before; with none before, it stops with one
+  line, and a reader refuses the damaged tables."""
+  import shutil
+  workdir = str(tmp_path / "damaged")
+  train.train_and_evaluate(_config(checkpoint_every=2), workdir)
+  assert checkpoints.saved_steps(workdir) == [2, 4]
+  _tamper_host_digest(workdir, 4)
+  capsys.readouterr()
+  train.train_and_evaluate(_config(steps=6, checkpoint_every=2), workdir)
+  out = capsys.readouterr().out
+  assert "warning: checkpoint 4, host tables: " in out and "resumed from step 2" in out, out
+  assert os.listdir(os.path.join(workdir, checkpoints.UNREADABLE_DIR)) == ["4"]
+  only = str(tmp_path / "only")
+  shutil.copytree(runs["host"], only)
+  _tamper_host_digest(only, 4)
+  with pytest.raises(ValueError, match=r"host tables: .* does not hold the values that "
+                                       r"were saved .*no older checkpoint"):
+    train.train_and_evaluate(_config(steps=6), only)
+  assert checkpoints.saved_steps(only) == [4]
+  with pytest.raises(ValueError, match="checkpoint 4, host tables: "):
+    workdir_lib.load(only, tables="host")
+
+
 def test_overlap_is_one_step_stale_but_trains(runs, tmp_path):
   workdir = str(tmp_path / "overlap")
   train.train_and_evaluate(_config(mode="overlap"), workdir)
