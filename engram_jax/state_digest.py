@@ -68,18 +68,20 @@ def _host(x) -> np.ndarray:
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
 
 
-def _numpy_sums(x: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
-  """`_sums` of one host array, the same numbers, in chunks (no full-size temporary):
-  exact in uint64 (a word times a position is below 2**64), then taken mod 2**32."""
+def _numpy_sums(x: np.ndarray, chunk: int = 1 << 20) -> tuple[int, int]:
+  """`_sums` of one host array, the same numbers, in chunks (no full-size temporary),
+  in uint32 arithmetic that wraps as the device's does."""
   words = (x.astype(np.uint32) if x.dtype == np.bool_ else
            np.ascontiguousarray(x).view(_UNSIGNED[x.dtype.itemsize])).reshape(-1)
-  total = weighted = 0
-  for start in range(0, words.size, chunk):
-    w = words[start:start + chunk].astype(np.uint64)
-    positions = np.arange(start + 1, start + 1 + w.size, dtype=np.uint64) % (1 << 32)
-    total += int(w.sum(dtype=np.uint64))
-    weighted += int((w * positions).sum(dtype=np.uint64))
-  return total % (1 << 32), weighted % (1 << 32)
+  steps = np.arange(chunk, dtype=np.uint32)
+  total = weighted = np.uint32(0)
+  with np.errstate(over="ignore"):
+    for start in range(0, words.size, chunk):
+      w = words[start:start + chunk].astype(np.uint32, copy=False)
+      positions = steps[:w.size] + np.uint32((start + 1) % (1 << 32))
+      total = total + w.sum(dtype=np.uint32)
+      weighted = weighted + (w * positions).sum(dtype=np.uint32)
+  return int(total), int(weighted)
 
 
 def _on_host(x) -> bool:
