@@ -196,11 +196,17 @@ def restore_host_tables(mngr, step: int, abstract: dict, partial: bool = False) 
   import orbax.checkpoint as ocp
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                         abstract)
-  with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
-    restored = mngr.restore(step, args=ocp.args.Composite(**{
-        HOST_TABLES: ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
-                                            partial_restore=partial),
-        "data": ocp.args.JsonRestore()}))
+  try:
+    with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
+      restored = mngr.restore(step, args=ocp.args.Composite(**{
+          HOST_TABLES: ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                              partial_restore=partial),
+          "data": ocp.args.JsonRestore()}))
+    if not isinstance(restored.get(HOST_TABLES), dict):  # orbax: None for a missing item
+      raise FileNotFoundError(f"{HOST_TABLES}/ is missing")
+  except Exception as err:  # orbax/tensorstore raise many types for a damaged item
+    why = damage(_workdir_of(mngr), step, err, (HOST_TABLES, "data"))
+    raise CorruptCheckpoint(f"checkpoint {step}, host tables: {why}") from err
   try:
     check_digest(restored[HOST_TABLES], restored["data"], HOST_DIGEST_KEY)
   except CorruptCheckpoint as err:
@@ -227,27 +233,32 @@ def newest_has_host_tables(workdir: str) -> bool:
     mngr.close()
 
 
-def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
-  """The newest readable checkpoint as (state, data_state, unreadable_steps).
+def restore_latest(mngr, abstract_state, exclude=()) -> tuple[Any, Any, list[int]]:
+  """The newest readable checkpoint as (state, data_state, unreadable_steps), steps in
+  `exclude` (found unreadable otherwise) not tried.
 
   Falls back to older steps with a warning; (None, None, []) when there is none. When
   checkpoints exist but none restores, that is not a torn write but a different state
   layout (other code or config): a ValueError, rather than a silent restart from step 0.
   """
-  unreadable, errors = [], []
-  for step in sorted(mngr.all_steps(), reverse=True):
+  workdir = _workdir_of(mngr)
+  unreadable, errors, found = [], [], []  # found: the damage itself was seen
+  for step in sorted(set(mngr.all_steps()) - set(exclude), reverse=True):
     try:
-      with quiet.quiet_library_logs(log_path(_workdir_of(mngr))):
+      with quiet.quiet_library_logs(log_path(workdir)):
         state, data = _restore(mngr, step, abstract_state)
     except Exception as err:  # orbax/tensorstore raise many types for a bad save
       unreadable.append(step)
-      errors.append(root_cause_line(err))  # the storage error, not orbax's wrapper
+      broken = damaged_files(workdir, step)
+      errors.append(broken or root_cause_line(err))  # not orbax's wrapper
+      found.append(bool(broken))
       continue
     try:  # only a digest that differs marks it unreadable; a failing check raises
       check_digest(state, data)
     except CorruptCheckpoint as err:
       unreadable.append(step)
       errors.append(str(err))
+      found.append(True)
       continue
     # Only now, with an older step restored, are the newer ones known to be torn
     # (when none restores, the state layout differs: no fallback warnings then).
@@ -256,16 +267,54 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, Any, list[int]]:
             f"checkpoint {step}", flush=True)
     return state, data, unreadable
   if unreadable:
+    cause = ("damaged" if all(found) else
+             "torn, or written by other code or config; resume with the code and config "
+             "that wrote them")
     raise ValueError(
         f"--workdir: none of the checkpoints {sorted(unreadable)} in {mngr.directory} "
-        f"restores ({errors[0]}): torn, or written by other code or config; resume with "
-        "the code and config that wrote them, move the checkpoints aside to start "
-        f"over, or use a new --workdir (details: {log_path(_workdir_of(mngr))})")
+        f"restores ({errors[0]}): {cause}; move the checkpoints aside to start over, or "
+        f"use a new --workdir (details: {log_path(workdir)})")
   return None, None, unreadable
 
 
 class CorruptCheckpoint(ValueError):
-  """A checkpoint that restored, but whose arrays differ from the ones saved."""
+  """A checkpoint whose arrays do not read back as saved: files that do not restore,
+  or arrays whose digest differs from the one the save recorded."""
+
+
+# The JSON files orbax keeps in a step and in each item, read before any array.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+
+
+def damage(workdir: str, step: int, err: BaseException, items: tuple = ("state", "data")
+           ) -> str:
+  """One line on what is damaged in checkpoint `step`, whose restore of `items` raised
+  `err`: `damaged_files`' finding, or else the storage error under orbax's wrappers."""
+  return damaged_files(workdir, step, items) or root_cause_line(err)
+
+
+def damaged_files(workdir: str, step: int, items: tuple = ("state", "data")
+                  ) -> Optional[str]:
+  """A missing item directory or manifest, or a metadata file that is not JSON, of
+  checkpoint `step`, by its path in the workdir; None when these look whole. (Orbax
+  reads a garbled `_METADATA` as arrays gone missing: a config error, it would seem.)"""
+  step_dir = paths.join(paths.absolute(workdir), CHECKPOINT_DIR, str(step))
+  for item in items:
+    item_dir = paths.join(step_dir, item)
+    if not paths.exists(item_dir):
+      return f"{CHECKPOINT_DIR}/{step}/{item}/ is missing"
+    ocdbt = any(n.startswith("ocdbt.process_") for n in paths.listdir(item_dir))
+    if ocdbt and not paths.exists(paths.join(item_dir, "manifest.ocdbt")):
+      return f"{CHECKPOINT_DIR}/{step}/{item}/manifest.ocdbt is missing"
+  for name in [*(f"{item}/{f}" for item in items for f in _JSON_FILES), _JSON_FILES[0]]:
+    path = paths.join(step_dir, name)
+    if not paths.exists(path):
+      continue
+    try:
+      json.loads(paths.read_text(path))
+    except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+      return f"{CHECKPOINT_DIR}/{step}/{name} is not readable JSON (torn or overwritten)"
+  return None
 
 
 def check_digest(tree, data_state, key: str = DIGEST_KEY) -> None:
@@ -407,7 +456,7 @@ def _first_difference(workdir: str, step: int, abstract_items: dict,
 
 
 def _restore_step(workdir: str, step: int, abstract_items: dict) -> tuple[dict, Any]:
-  """({name: tree} of the named TrainState fields at `step`, its `data` item or None)
+  """({name: tree} of the named TrainState fields at `step`, its `data` item)
   (as the inference loaders read them, one step at a time)."""
   import orbax.checkpoint as ocp
 
@@ -415,24 +464,27 @@ def _restore_step(workdir: str, step: int, abstract_items: dict) -> tuple[dict, 
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default,
                                      dtype=x.dtype), abstract_items)
-  has_data = paths.exists(paths.join(paths.absolute(workdir), CHECKPOINT_DIR, str(step),
-                                     "data"))
   mngr = manager(workdir, async_saves=False, create=False)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=abstract_items, restore_args=restore_args,
                                      partial_restore=True),
-        **({"data": ocp.args.JsonRestore()} if has_data else {})))
+        data=ocp.args.JsonRestore()))
   finally:
     mngr.close()
-  return ({name: restored["state"][name] for name in abstract_items},
-          restored["data"] if has_data else None)
+  if not isinstance(restored.get("data"), dict):  # orbax: None for a missing item
+    raise FileNotFoundError("its data item is missing")
+  return {name: restored["state"][name] for name in abstract_items}, restored["data"]
 
 
 def restore_checkpoint(workdir: str, abstract_items: dict,
                        config_file: str = "config.json",
-                       skip: tuple = ()) -> tuple[dict, int]:
-  """({name: tree}, step) of the newest readable checkpoint, for inference.
+                       skip: tuple = (), host_tables: Optional[dict] = None
+                       ) -> tuple[dict, int]:
+  """({name: tree}, step) of the newest readable checkpoint, for inference; with
+  `host_tables` (the leaves to read of that item: a run trained with tables in host
+  memory) its NumPy arrays too, as `{..., HOST_TABLES: tree}`, and a step whose host
+  tables do not read back is passed over like one whose state does not.
 
   A config that fits none of the checkpoints is one ValueError line (checked on each
   one's metadata, before any array is read). A newer checkpoint that is unreadable, or
@@ -453,7 +505,7 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
                        f"({CHECKPOINT_DIR}/ is empty or missing); train first "
                        "with `python -m engram_jax.main`")
     items, step, skipped = _newest_readable(workdir, steps, abstract_items, skip,
-                                            config_file)
+                                            config_file, host_tables)
     if items is not None or sorted(saved_steps(workdir), reverse=True) == steps:
       break  # read, or nothing changed since the listing: the failures stand
   if items is None:
@@ -463,7 +515,8 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
                        f"{skipped[0][0]}: {mismatched[0]}; restore the config the run "
                        "was trained with")
     raise ValueError(f"--workdir={workdir!r}: no readable checkpoint (" + "; ".join(
-        f"step {s}: {why}" for s, why, _ in skipped) + ")")
+        f"step {s}: {why}" for s, why, _ in skipped) + "); restore the damaged files "
+        "from a copy, or train anew in a new --workdir")
   if skipped:
     which = (f"checkpoint {skipped[0][0]} is" if len(skipped) == 1 else
              "checkpoints " + ", ".join(str(s) for s, _, _ in skipped) + " are")
@@ -474,7 +527,7 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
 
 
 def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip: tuple,
-                     config_file: str):
+                     config_file: str, host_tables: Optional[dict]):
   """(items, step, skipped) of the newest of `steps` that fits `abstract_items` (as
   `config_file` gives them) and restores; (None, None, skipped) when none does.
   skipped: (step, why, whether its metadata fitted) of each newer one passed over."""
@@ -482,6 +535,12 @@ def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip:
   skipped = []
   with quiet.quiet_library_logs(log_path(workdir)) as logs:
     for step in steps:
+      broken = damaged_files(workdir, step)
+      if broken:
+        skipped.append((step, broken, True))
+        logs.add(f"checkpoint {step} skipped: {broken}")
+        logs.keep = True
+        continue
       stored_items, relaid = _as_stored(abstract_items, _stored_tree(workdir, step))
       differs = _first_difference(workdir, step, stored_items, skip)
       if differs:
@@ -490,13 +549,15 @@ def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip:
       try:
         items, data = _restore_step(workdir, step, stored_items)
       except Exception as err:  # orbax/tensorstore raise many types for a torn save
-        why = root_cause_line(err)
+        why = damage(workdir, step, err)
       else:
         try:  # only a digest that differs skips it; a failing check raises
           check_digest(items, data)
+          if host_tables is not None:
+            items[HOST_TABLES] = _read_host_tables(workdir, step, host_tables)
           why = None
         except CorruptCheckpoint as err:
-          why = str(err)
+          why = str(err).removeprefix(f"checkpoint {step}, ")
       if why is not None:
         skipped.append((step, why, True))
         logs.add(f"checkpoint {step} skipped: {why}")
@@ -509,6 +570,15 @@ def _newest_readable(workdir: str, steps: list[int], abstract_items: dict, skip:
       return ({name: layouts.relayout_like(tree, abstract_items[name]) if name in relaid
                else tree for name, tree in items.items()}, step, skipped)
   return None, None, skipped
+
+
+def _read_host_tables(workdir: str, step: int, abstract: dict) -> dict:
+  """`restore_host_tables` of the `abstract` leaves alone, with a manager of its own."""
+  mngr = manager(workdir, async_saves=False, create=False)
+  try:
+    return restore_host_tables(mngr, step, abstract, partial=True)
+  finally:
+    mngr.close()
 
 
 def restore_params(workdir: str, abstract_params) -> tuple[Any, int]:

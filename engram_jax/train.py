@@ -109,6 +109,42 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
           for k, v in batch.items()}
 
 
+def _restore_newest(manager, abstract, workdir, model_cfg, place):
+  """(state, data_state, HostTableStore or None, unreadable steps) of the newest
+  checkpoint whose state and, through `place` (None: none kept), host tables read
+  back; (None, None, None, []) for a new run. A step whose host tables do not read
+  back is passed over like a torn state, and nothing is moved aside until an older
+  step has restored: with none, one ValueError line."""
+  unreadable, passed_over = [], []
+  while True:
+    state, data_state, torn = workdir_lib.restore_or_explain(manager, abstract, workdir,
+                                                             model_cfg, exclude=unreadable)
+    unreadable += torn
+    if state is None and passed_over:
+      raise ValueError(f"--workdir={workdir!r}: {passed_over[0][1]}, and no older "
+                       "checkpoint restores; move the checkpoints aside to start over, "
+                       "or use a new --workdir")
+    if state is None or place is None:
+      return state, data_state, None, unreadable
+    step = int(state.step)
+    try:
+      state, store = place(state)
+    except ValueError as err:  # host tables that do not read back, or do not fit
+      differing = workdir_lib.model_config_differences(workdir, model_cfg)
+      if differing:  # another table shape, not damage: nothing is passed over
+        raise ValueError(f"--workdir={workdir!r} was trained with another model config "
+                         f"({'; '.join(differing)}): {err}; resume with the workdir's "
+                         "config (see its config.json) or use a new --workdir") from None
+      if not isinstance(err, checkpoints.CorruptCheckpoint):
+        raise
+      unreadable.append(step)
+      passed_over.append((step, str(err)))
+      continue
+    for _, why in passed_over:
+      print(f"warning: {why}; falling back to checkpoint {step}", flush=True)
+    return state, data_state, store, unreadable
+
+
 def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx, schedule,
                 mesh, fingerprint, accept_data_change):
   """The run of `train_and_evaluate`; `config` (the ConfigDict) is only written to the
@@ -133,28 +169,14 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   saved_host = bool(engram.layers) and workdir_lib.saved_placement(workdir) == "host"
   restore_abstract = (host_tables.drop_tables(full_abstract, tx) if saved_host
                       else full_abstract)
+  place = None
+  if host or saved_host:
+    place = lambda state: host_tables.place_restored(
+        state, manager, full_abstract, tx, task.model_cfg, saved_host, host, full_sh,
+        state_sh)
   try:
-    while True:
-      state, data_state, unreadable = workdir_lib.restore_or_explain(
-          manager, restore_abstract, workdir, task.model_cfg)
-      store = None
-      if state is None or not (host or saved_host):
-        break
-      try:
-        state, store = host_tables.place_restored(
-            state, manager, full_abstract, tx, task.model_cfg, saved_host, host, full_sh,
-            state_sh)
-        break
-      except checkpoints.CorruptCheckpoint as err:  # its host tables are not as saved
-        step = int(state.step)
-        if set(checkpoints.saved_steps(workdir)) <= {step, *unreadable}:
-          raise ValueError(f"--workdir={workdir!r}: {err}, and there is no older "
-                           "checkpoint to resume from; move it aside to start over, "
-                           "or use a new --workdir") from None
-        print(f"warning: {err}; falling back to an older checkpoint", flush=True)
-        manager.close()
-        checkpoints.quarantine_steps(workdir, sorted({*unreadable, step}))
-        manager = checkpoints.manager(workdir, t.keep_checkpoints)
+    state, data_state, store, unreadable = _restore_newest(manager, restore_abstract, workdir,
+                                                    task.model_cfg, place)
   except BaseException:
     manager.close()
     raise

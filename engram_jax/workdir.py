@@ -197,20 +197,6 @@ def _on_host(params, paths):
   return jax.tree_util.tree_map_with_path(place, params)
 
 
-def _host_tables_item(workdir: str, step: int, paths, tables_abstract) -> list:
-  """The NumPy tables of checkpoint `step`'s `host_tables` item (a run trained with
-  `engram.placement="host"`); their optimizer state is not read."""
-  from engram_jax import checkpoints
-  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
-  try:
-    saved = checkpoints.restore_host_tables(
-        mngr, step, {p[0]: {"table": t} for p, t in zip(paths, tables_abstract)},
-        partial=True)
-  finally:
-    mngr.close()
-  return [saved[p[0]]["table"] for p in paths]
-
-
 def _restore(workdir: str, model: nn.Module, cfg: config_lib.ModelConfig, placement: str,
              table_dir: Optional[str], config_file: str):
   """(variables, HostTables or None, step) of the newest readable checkpoint.
@@ -222,7 +208,8 @@ def _restore(workdir: str, model: nn.Module, cfg: config_lib.ModelConfig, placem
   from engram_jax import tables as tables_lib
   abstract = abstract_variables(model)
   paths = tables_lib.table_paths(cfg.engram) if cfg.engram.layers else []
-  host_trained = bool(paths) and checkpoints.newest_has_host_tables(workdir)
+  host_trained = bool(paths) and (saved_placement(workdir) == "host" or
+                                  checkpoints.newest_has_host_tables(workdir))
   items = dict(abstract)
   if placement == "host":
     items["params"] = _on_host(items["params"], paths)
@@ -230,13 +217,18 @@ def _restore(workdir: str, model: nn.Module, cfg: config_lib.ModelConfig, placem
   if placement == "disk" or host_trained:
     items["params"], tables_abstract = tables_lib.split_tables(items["params"], paths)
   skip = tuple("/".join(p) for p in paths) if placement == "disk" else ()
-  restored, step = checkpoints.restore_checkpoint(workdir, items, config_file, skip)
+  # a host-trained run's tables: only the tables are read, not their optimizer state
+  host_item = ({p[0]: {"table": t} for p, t in zip(paths, tables_abstract)}
+               if host_trained and placement != "disk" else None)
+  restored, step = checkpoints.restore_checkpoint(workdir, items, config_file, skip,
+                                                  host_item)
+  saved_host = restored.pop(checkpoints.HOST_TABLES, None)
   params, tables = restored["params"], None
   if placement == "disk":
     from engram_jax.disk_tables import disk_tables
     tables = disk_tables(cfg, table_dir)
   elif host_trained:
-    tables_L = _host_tables_item(workdir, step, paths, tables_abstract)
+    tables_L = [saved_host[p[0]]["table"] for p in paths]
     if placement == "host":
       tables = HostTables(cfg, tables_L)
     else:
@@ -415,12 +407,12 @@ def check_resumable(run, workdir: str) -> None:
                      f"resume with --config.data.vocab_size={before} or use a new --workdir")
 
 
-def restore_or_explain(manager, abstract, workdir, model_cfg):
+def restore_or_explain(manager, abstract, workdir, model_cfg, exclude=()):
   """`checkpoints.restore_latest`, with a failed restore naming the model fields that
   differ from the workdir's saved config (the usual cause), or the older layer layout."""
   from engram_jax import checkpoints
   try:
-    return checkpoints.restore_latest(manager, abstract)
+    return checkpoints.restore_latest(manager, abstract, exclude)
   except ValueError:
     steps = checkpoints.saved_steps(workdir)
     if steps and checkpoints.segmented_step(workdir, steps[-1]):

@@ -183,11 +183,16 @@ def _copy_workdir(trained_workdir, target):
   return str(target)
 
 
-@pytest.mark.parametrize("tear", ["data", "metadata", "manifest", "changed"])
-def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path, capfd, tear):
-  """Torn data files, a garbled `_METADATA`, a lost manifest: the newest checkpoint is
-  skipped with one line. (The last two read as arrays gone missing, which once blamed
-  config.json instead of falling back.)"""
+@pytest.mark.parametrize("tear,names", [
+    ("data", ""), ("metadata", "checkpoints/5/state/_METADATA is not readable JSON"),
+    ("manifest", ""), ("changed", "does not hold the values that were saved"),
+    ("data_item", "checkpoints/5/data/ is missing")])
+def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path, capfd, tear,
+                                                       names):
+  """Torn data files, a garbled `_METADATA`, a lost manifest, a lost `data` item (the
+  digest to check): the newest checkpoint is skipped with one line naming the damage.
+  (The middle two read as arrays gone missing, which once blamed config.json instead
+  of falling back; without its `data` item a checkpoint was once read unchecked.)"""
   workdir = _copy_workdir(trained_workdir, tmp_path / "corrupt")
   ckpts = os.path.join(workdir, "checkpoints")
   import shutil
@@ -211,6 +216,8 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
   elif tear == "metadata":
     with open(os.path.join(state, "_METADATA"), "w") as f:
       f.write("garbage")
+  elif tear == "data_item":
+    shutil.rmtree(os.path.join(ckpts, "5", "data"))
   else:
     os.remove(os.path.join(state, "manifest.ocdbt"))
   log = os.path.join(workdir, library_log.LOG_FILE)
@@ -221,10 +228,27 @@ def test_corrupt_latest_checkpoint_is_one_warning_line(trained_workdir, tmp_path
   assert step == 3
   assert err.startswith("warning: checkpoint 5 is unreadable (") and err.endswith(
       "); using checkpoint 3\n"), err
+  assert names in err, err
   assert "Traceback" not in err and len(err.splitlines()) == 1, err
   # the libraries' account of the failed read is appended to the run's log
   now = _read_or_none(log)
   assert now.startswith(logged) and len(now) > len(logged)
+
+
+def test_every_checkpoint_damaged_names_the_damage_not_the_config(trained_workdir,
+                                                                  tmp_path):
+  """A garbled `_METADATA` reads as arrays gone missing: with every checkpoint so, the
+  error once said config.json did not match; it names the damaged files."""
+  from engram_jax import checkpoints
+  workdir = _copy_workdir(trained_workdir, tmp_path / "garbled")
+  steps = checkpoints.saved_steps(workdir)
+  for step in steps:
+    with open(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"), "w") as f:
+      f.write("garbage")
+  with pytest.raises(ValueError, match=rf"no readable checkpoint \(step {steps[-1]}: "
+                                       rf"checkpoints/{steps[-1]}/state/_METADATA is not "
+                                       r"readable JSON .*restore the damaged files"):
+    workdir_lib.load(workdir)
 
 
 def test_a_failing_digest_check_is_raised_not_taken_for_damage(trained_workdir, monkeypatch):

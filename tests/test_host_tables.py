@@ -2,6 +2,7 @@
 from host and disk tables, and the errors of bad table files."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -119,29 +120,86 @@ def _tamper_host_digest(workdir, step):
     json.dump(data, f)
 
 
-def test_host_tables_not_as_saved_fall_back_or_stop(runs, tmp_path, capsys):
-  """Host tables are digested at each save too: a damaged newest checkpoint is moved
-  aside and the run resumes from the one before; with none before, it stops with one
-  line, and a reader refuses the damaged tables."""
-  import shutil
-  workdir = str(tmp_path / "damaged")
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  """A host-table run with checkpoints 2 and 4 (copied before each damage)."""
+  workdir = str(tmp_path_factory.mktemp("host_tables") / "two")
   train.train_and_evaluate(_config(checkpoint_every=2), workdir)
   assert checkpoints.saved_steps(workdir) == [2, 4]
-  _tamper_host_digest(workdir, 4)
+  return workdir
+
+
+def _copy(workdir, target):
+  shutil.copytree(workdir, target)
+  return str(target)
+
+
+def _damage_host_tables(workdir, step, damage):
+  """Damage of the `host_tables` item of checkpoint `step`; what a message names."""
+  item = os.path.join(workdir, "checkpoints", str(step), checkpoints.HOST_TABLES)
+  if damage == "metadata":
+    with open(os.path.join(item, "_METADATA"), "w") as f:
+      f.write("garbage")
+    return f"checkpoints/{step}/host_tables/_METADATA is not readable JSON"
+  if damage == "manifest":
+    os.remove(os.path.join(item, "manifest.ocdbt"))
+    return f"checkpoints/{step}/host_tables/manifest.ocdbt is missing"
+  if damage == "item":
+    shutil.rmtree(item)
+    return f"checkpoints/{step}/host_tables/ is missing"
+  _tamper_host_digest(workdir, step)
+  return "does not hold the values that were saved"
+
+
+@pytest.mark.parametrize("damage", ["digest", "item"])
+def test_damaged_host_tables_fall_back_or_stop(two_checkpoints, runs, tmp_path, capsys,
+                                               damage):
+  """Host tables are checked like the state: a newest checkpoint whose host tables do
+  not read back as saved (bytes changed, the item lost) is moved aside and the run
+  resumes from the one before; with none before, it stops with one line and moves
+  nothing."""
+  workdir = _copy(two_checkpoints, tmp_path / "damaged")
+  names = _damage_host_tables(workdir, 4, damage)
   capsys.readouterr()
   train.train_and_evaluate(_config(steps=6, checkpoint_every=2), workdir)
   out = capsys.readouterr().out
-  assert "warning: checkpoint 4, host tables: " in out and "resumed from step 2" in out, out
+  assert "warning: checkpoint 4, host tables: " in out and names in out, out
+  assert "falling back to checkpoint 2" in out and "resumed from step 2" in out, out
   assert os.listdir(os.path.join(workdir, checkpoints.UNREADABLE_DIR)) == ["4"]
-  only = str(tmp_path / "only")
-  shutil.copytree(runs["host"], only)
-  _tamper_host_digest(only, 4)
-  with pytest.raises(ValueError, match=r"host tables: .* does not hold the values that "
-                                       r"were saved .*no older checkpoint"):
+  only = _copy(runs["host"], tmp_path / "only")
+  _damage_host_tables(only, 4, damage)
+  with pytest.raises(ValueError, match=r"checkpoint 4, host tables: .*no older checkpoint"):
     train.train_and_evaluate(_config(steps=6), only)
   assert checkpoints.saved_steps(only) == [4]
-  with pytest.raises(ValueError, match="checkpoint 4, host tables: "):
+  assert not os.path.exists(os.path.join(only, checkpoints.UNREADABLE_DIR))
+  with pytest.raises(ValueError, match=r"no readable checkpoint \(step 4: host tables: "):
     workdir_lib.load(only, tables="host")
+
+
+def test_host_tables_of_another_table_size_name_the_config(runs, tmp_path):
+  """Tables that do not fit because the config changed are not damage: one line
+  naming the field, and no checkpoint is moved aside."""
+  workdir = _copy(runs["host"], tmp_path / "resized")
+  c = _config(steps=6)
+  c.model.engram.table_size = (1021,)
+  with pytest.raises(ValueError, match=r"another model config \(model\.engram\.table_size: "
+                                       r"\[509\] -> \[1021\]\)"):
+    train.train_and_evaluate(c, workdir)
+  assert checkpoints.saved_steps(workdir) == [4]
+  assert not os.path.exists(os.path.join(workdir, checkpoints.UNREADABLE_DIR))
+
+
+@pytest.mark.parametrize("damage", ["metadata", "manifest", "item", "digest"])
+def test_readers_pass_over_damaged_host_tables(two_checkpoints, tmp_path, capfd, damage):
+  """Generation reads a host-trained run's tables from the newest checkpoint whose
+  host tables read back, with one warning line naming the damage of the newer one."""
+  workdir = _copy(two_checkpoints, tmp_path / "damaged")
+  names = _damage_host_tables(workdir, 4, damage)
+  capfd.readouterr()
+  assert workdir_lib.load(workdir, tables="host").step == 2
+  err = capfd.readouterr().err
+  assert err.startswith("warning: checkpoint 4 is unreadable (host tables: ") and names in err
+  assert len(err.splitlines()) == 1, err
 
 
 def test_overlap_is_one_step_stale_but_trains(runs, tmp_path):

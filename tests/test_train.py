@@ -90,12 +90,14 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
 
 
-@pytest.mark.parametrize("damage", ["torn", "flipped"])
+@pytest.mark.parametrize("damage", ["torn", "flipped", "metadata"])
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capfd, monkeypatch,
                                                           damage):
   """Torn data files fail to read; bytes changed in place (sizes kept) read, as other
   values, and are caught by the digest the save recorded (they used to resume
-  silently, with other losses; tests/test_state_digest.py checks the digest itself)."""
+  silently, with other losses; tests/test_state_digest.py checks the digest itself);
+  a garbled `_METADATA` is named. With every checkpoint damaged the run stops with one
+  line that says so, and moves nothing."""
   import gc
   unraisable = []  # what would reach stderr at some later garbage collection
   monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
@@ -103,8 +105,12 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capfd, monke
   train.train_and_evaluate(_config(steps=4, checkpoint_every=2), workdir)
   assert _steps(workdir) == [2, 4]
   data_dir = os.path.join(workdir, "checkpoints", "4", "state", "ocdbt.process_0", "d")
+  garble = lambda step: open(os.path.join(workdir, "checkpoints", str(step), "state",
+                                          "_METADATA"), "w").write("garbage")
   if damage == "flipped":
     runs.overwrite_middle(data_dir)
+  elif damage == "metadata":
+    garble(4)
   else:
     for name in os.listdir(data_dir):
       with open(os.path.join(data_dir, name), "wb") as f:
@@ -120,6 +126,15 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, capfd, monke
   assert _steps(workdir) == [2, 4, 6]
   kept = os.path.join(workdir, checkpoints.UNREADABLE_DIR, "4", "state", "ocdbt.process_0", "d")
   assert os.listdir(kept), "the unreadable checkpoint is moved aside, not deleted"
+  if damage == "metadata":
+    assert "checkpoints/4/state/_METADATA is not readable JSON" in out, out
+    for step in (2, 4, 6):
+      garble(step)
+    with pytest.raises(ValueError, match=r"none of the checkpoints \[2, 4, 6\] .* restores "
+                                         r"\(checkpoints/6/state/_METADATA is not readable "
+                                         r"JSON .*\): damaged; move the checkpoints aside"):
+      train.train_and_evaluate(_config(steps=8, checkpoint_every=2), workdir)
+    assert _steps(workdir) == [2, 4, 6]
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, capsys):
