@@ -175,8 +175,8 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
         state, manager, full_abstract, tx, task.model_cfg, saved_host, host, full_sh,
         state_sh)
   try:
-    state, data_state, store, unreadable = _restore_newest(manager, restore_abstract, workdir,
-                                                    task.model_cfg, place)
+    state, data_state, store, unreadable = _restore_newest(
+        manager, restore_abstract, workdir, task.model_cfg, place)
   except BaseException:
     manager.close()
     raise
