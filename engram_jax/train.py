@@ -166,7 +166,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   manager = checkpoints.manager(workdir, t.keep_checkpoints)
   # The checkpoint's tables may live elsewhere than this run's (a switch of
   # engram.placement between device and host): restore its layout, then move them.
-  saved_host = bool(engram.layers) and workdir_lib.saved_placement(workdir) == "host"
+  saved_host = bool(engram.layers) and workdir_lib.host_trained(workdir)
   restore_abstract = (host_tables.drop_tables(full_abstract, tx) if saved_host
                       else full_abstract)
   place = None

@@ -208,26 +208,25 @@ def _restore(workdir: str, model: nn.Module, cfg: config_lib.ModelConfig, placem
   from engram_jax import tables as tables_lib
   abstract = abstract_variables(model)
   paths = tables_lib.table_paths(cfg.engram) if cfg.engram.layers else []
-  host_trained = bool(paths) and (saved_placement(workdir) == "host" or
-                                  checkpoints.newest_has_host_tables(workdir))
+  host_item = bool(paths) and host_trained(workdir)
   items = dict(abstract)
   if placement == "host":
     items["params"] = _on_host(items["params"], paths)
   tables_abstract = []
-  if placement == "disk" or host_trained:
+  if placement == "disk" or host_item:
     items["params"], tables_abstract = tables_lib.split_tables(items["params"], paths)
   skip = tuple("/".join(p) for p in paths) if placement == "disk" else ()
   # a host-trained run's tables: only the tables are read, not their optimizer state
-  host_item = ({p[0]: {"table": t} for p, t in zip(paths, tables_abstract)}
-               if host_trained and placement != "disk" else None)
+  host_abstract = ({p[0]: {"table": t} for p, t in zip(paths, tables_abstract)}
+                   if host_item and placement != "disk" else None)
   restored, step = checkpoints.restore_checkpoint(workdir, items, config_file, skip,
-                                                  host_item)
+                                                  host_abstract)
   saved_host = restored.pop(checkpoints.HOST_TABLES, None)
   params, tables = restored["params"], None
   if placement == "disk":
     from engram_jax.disk_tables import disk_tables
     tables = disk_tables(cfg, table_dir)
-  elif host_trained:
+  elif host_item:
     tables_L = [saved_host[p[0]]["table"] for p in paths]
     if placement == "host":
       tables = HostTables(cfg, tables_L)
@@ -429,6 +428,15 @@ def restore_or_explain(manager, abstract, workdir, model_cfg, exclude=()):
         f"--workdir={workdir!r} was trained with another model config "
         f"({'; '.join(differing)}): its checkpoints do not restore; resume with the "
         "workdir's config (see its config.json) or use a new --workdir") from None
+
+
+def host_trained(workdir: str) -> bool:
+  """Whether the workdir's checkpoints keep their Engram tables in the `host_tables`
+  item: its config says `engram.placement="host"`, or its newest checkpoint has that
+  item (a run that switched placement rewrites config.json before its first save)."""
+  from engram_jax import checkpoints
+  return (saved_placement(workdir) == "host" or
+          checkpoints.newest_has_host_tables(workdir))
 
 
 def saved_placement(workdir: str) -> str:
