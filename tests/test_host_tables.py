@@ -262,6 +262,23 @@ def test_a_run_moves_its_tables_between_device_and_host(runs, tmp_path, capsys, 
   assert workdir_lib.model_config(workdir).engram.placement == then
 
 
+def test_a_placement_switch_that_stopped_before_its_first_save(runs, tmp_path, capsys):
+  """A run switched from host to device tables writes config.json before its first
+  save; stopped there, its newest checkpoint still keeps the tables in `host_tables`:
+  readers and the next resume read them from there (they once looked in the params)."""
+  workdir = _copy(runs["host"], tmp_path / "switched")
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  with open(path) as f:
+    config = json.load(f)
+  for model in (config["model"], config[workdir_lib.RESOLVED]["model"]):
+    model["engram"]["placement"] = "device"
+  with open(path, "w") as f:
+    json.dump(config, f)
+  assert workdir_lib.load(workdir).step == 4
+  train.train_and_evaluate(_config("device", steps=6), workdir)
+  assert "moved the tables of checkpoint 4 from host to device memory" in capsys.readouterr().out
+
+
 def test_sigterm_saves_host_tables_and_resumes_exactly(runs, tmp_path, monkeypatch, capsys):
   """A real SIGTERM to this process during step 2 (the trainer's handler is installed):
   the run saves the host tables with step 2 and stops; the resume ends as if
