@@ -202,12 +202,13 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     train_iter.set_state(own)
   start = int(state.step)
   # The restore succeeded (or there was nothing to restore): now the run's metadata
-  # may describe this config, and the metrics log drops what the last run logged
-  # after its last checkpoint (and a line torn by a kill).
+  # may describe this config, and the metrics log and TensorBoard files drop what the
+  # last run logged after its last checkpoint (and a record torn by a kill).
   workdir_lib.write_run_metadata(workdir, config, task.model_cfg)
   metrics_path = paths.join(workdir, writers.METRICS_FILE)
   if pidx == 0:
     writers.repair_metrics(metrics_path, start)
+    writers.repair_events(workdir, start)
 
   writer = writers.TensorBoardWriter(workdir)
   jsonl = writers.JsonlWriter(metrics_path)

@@ -3,7 +3,8 @@
 `metrics.jsonl` is append-only, one JSON object per line with `step`. A process killed
 mid-write leaves a torn last line, and a run resumed from step S logs again the steps
 after S that its predecessor logged after its last checkpoint: `repair_metrics` cuts
-both before the resumed run appends, so every step appears once.
+both before the resumed run appends, so every step appears once; `repair_events` does
+the same for the TensorBoard event files.
 
 In a remote workdir (gs://), where an object cannot be appended to, the writer keeps
 the file's lines in memory and rewrites the whole object at most every
@@ -26,6 +27,9 @@ import jax
 from engram_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
+# Where `repair_events` keeps the records it cuts: TFRecord frames of `Event`s, named so
+# that TensorBoard does not read them (it reads files with "tfevents" in their name).
+DROPPED_EVENTS_FILE = "events.dropped.tfrecord"
 REMOTE_FLUSH_SECONDS = 10.0
 
 
@@ -158,8 +162,10 @@ class TensorBoardWriter(_MetricsFile):
   """Scalars as a TensorBoard event file in `logdir` (process 0; others write none).
 
   Same interface as `JsonlWriter`. Each run (and each resume) opens its own
-  `events.out.tfevents.<seconds>.engram_jax.<pid>.v2`; TensorBoard merges a directory's
-  files by step. Values are float32 `simple_value`s, as TensorBoard stores scalars.
+  `events.out.tfevents.<seconds>.engram_jax.<pid>.v2`; TensorBoard reads a directory's
+  files as one run, so a resume first cuts from the older files what they logged after
+  the resumed step (`repair_events`). Values are float32 `simple_value`s, as TensorBoard
+  stores scalars.
   """
 
   def __init__(self, logdir: str, flush_seconds: float = REMOTE_FLUSH_SECONDS):
@@ -203,13 +209,63 @@ def repair_metrics(path: str, resume_step: int) -> int:
     kept.append(line)
   if dropped:
     dropped_path = path.replace(".jsonl", "") + ".dropped.jsonl"
-    lines = b"".join(line + b"\n" for line in dropped)
-    if paths.is_local(dropped_path):
-      with open(dropped_path, "ab") as f:
-        f.write(lines)
-    else:  # no appends on an object store: the whole file again
-      before = paths.read_bytes(dropped_path) if paths.exists(dropped_path) else b""
-      paths.atomic_write_bytes(dropped_path, before + lines)
+    _append_whole(dropped_path, b"".join(line + b"\n" for line in dropped))
   if dropped or not raw.endswith(b"\n") and raw:
     paths.atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
   return len(dropped)
+
+
+def _frames(raw: bytes):
+  """(frame, its Event bytes) of each whole TFRecord frame of `raw`, then (tail, None)
+  for bytes that are not a whole frame (a write cut short by a kill)."""
+  pos = 0
+  while pos + 12 <= len(raw):
+    (length,) = struct.unpack_from("<Q", raw, pos)
+    end = pos + 12 + length + 4
+    if end > len(raw) or raw[pos + 8:pos + 12] != _masked_crc(raw[pos:pos + 8]):
+      break
+    data = raw[pos + 12:end - 4]
+    if end == len(raw) and raw[end - 4:end] != _masked_crc(data):
+      break  # only the last frame can be torn: its data is checked, the rest are not
+    yield raw[pos:end], data
+    pos = end
+  if pos < len(raw):
+    yield raw[pos:], None
+
+
+def repair_events(logdir: str, resume_step: int) -> int:
+  """`repair_metrics` for the TensorBoard event files of `logdir`: cuts a torn last
+  record and every summary logged after `resume_step` (TensorBoard would show those
+  steps twice, going back at the resume); returns how many records were cut. Each file
+  is rewritten atomically, only when needed; the cut records are appended to
+  `DROPPED_EVENTS_FILE` beside them, never lost."""
+  from tensorboard.compat.proto import event_pb2
+  cut = []
+  for name in sorted(paths.listdir(logdir)):
+    if "tfevents" not in name:
+      continue
+    path = paths.join(logdir, name)
+    kept, dropped = [], []
+    for frame, data in _frames(paths.read_bytes(path)):
+      if data is None:
+        dropped.append(frame)
+        continue
+      event = event_pb2.Event.FromString(data)
+      (dropped if event.HasField("summary") and event.step > resume_step else kept
+       ).append(frame)
+    if dropped:
+      cut += dropped
+      paths.atomic_write_bytes(path, b"".join(kept))
+  if cut:
+    _append_whole(paths.join(logdir, DROPPED_EVENTS_FILE), b"".join(cut))
+  return len(cut)
+
+
+def _append_whole(path: str, data: bytes) -> None:
+  """Appends `data` to `path` (on an object store: the whole object again)."""
+  if paths.is_local(path):
+    with open(path, "ab") as f:
+      f.write(data)
+  else:
+    before = paths.read_bytes(path) if paths.exists(path) else b""
+    paths.atomic_write_bytes(path, before + data)

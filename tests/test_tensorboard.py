@@ -58,3 +58,37 @@ def test_a_remote_event_file_is_rewritten_whole_and_reads_back(tmp_path, monkeyp
   assert os.path.getsize(event_file) == size
   writer.close()
   assert _scalars(str(tmp_path)) == {"loss": [(1, 2.5), (2, 1.5)]}
+
+
+def test_repair_events_cuts_what_was_logged_after_the_resume_step(tmp_path):
+  """A killed run's file holds steps past its last checkpoint and maybe a torn record:
+  both are cut (kept in the dropped file), the rest reads back as it was."""
+  writer = writers.TensorBoardWriter(str(tmp_path))
+  for step in range(1, 7):
+    writer.write(step, {"loss": float(step)})
+  (event_file,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  whole = open(event_file, "rb").read()
+  with open(event_file, "ab") as f:
+    f.write(writers.tfrecord(b"\x08\x07")[:9])  # a record cut short by a kill
+  assert writers.repair_events(str(tmp_path), 3) == 4
+  assert _scalars(str(tmp_path)) == {"loss": [(1, 1.0), (2, 2.0), (3, 3.0)]}
+  dropped = open(tmp_path / writers.DROPPED_EVENTS_FILE, "rb").read()
+  assert open(event_file, "rb").read() + dropped[:-9] == whole  # nothing lost
+  assert writers.repair_events(str(tmp_path), 3) == 0  # nothing more to cut
+
+
+def test_a_resume_after_a_kill_logs_every_step_once(tmp_path):
+  """A run killed after logging steps its last checkpoint does not hold is resumed from
+  that checkpoint: TensorBoard then shows each step once, as metrics.jsonl has them
+  (it once showed steps 1..4 and then 3.. again, going back)."""
+  import shutil
+
+  from engram_jax import train
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(runs.tiny_config(steps=4, checkpoint_every=2), workdir)
+  shutil.move(os.path.join(workdir, "checkpoints", "4"), str(tmp_path / "lost"))  # the kill
+  train.train_and_evaluate(runs.tiny_config(steps=6, checkpoint_every=2), workdir)
+  steps = [step for step, _ in _scalars(workdir)["train_loss"]]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert _scalars(workdir)["train_loss"] == [
+      (step, np.float32(loss)) for step, loss in runs.train_losses(workdir).items()]
