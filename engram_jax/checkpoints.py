@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any, Optional
 
 import jax
@@ -128,7 +129,6 @@ def join_save_threads(timeout_s: float = 10.0) -> None:
   a failed save was reported and the manager closed: they end (and log their own
   failures) while the run's library logs still go to its log, not the console."""
   import threading
-  import time
   deadline = time.monotonic() + timeout_s
   for thread in threading.enumerate():
     target = getattr(thread, "_target", None)
@@ -477,6 +477,12 @@ def _restore_step(workdir: str, step: int, abstract_items: dict) -> tuple[dict, 
   return {name: restored["state"][name] for name in abstract_items}, restored["data"]
 
 
+# Inference reads of a workdir that a trainer is changing: how often to list its
+# checkpoints again, and how long to let a deletion finish before listing.
+READ_ATTEMPTS = 8
+READ_SETTLE_SECONDS = 0.25
+
+
 def restore_checkpoint(workdir: str, abstract_items: dict,
                        config_file: str = "config.json",
                        skip: tuple = (), host_tables: Optional[dict] = None
@@ -492,13 +498,15 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
   `_METADATA` or manifest reads as arrays gone missing), is skipped with one warning
   line on stderr; the libraries' tracebacks of the failed attempts are kept off stderr
   (`quiet.quiet_library_logs`). A checkpoint deleted while it was read (a trainer
-  keeping few checkpoints) sends the reader to the checkpoints there are then. A
+  keeping few checkpoints) sends the reader to the checkpoints there are then: failures
+  count only once the listing holds still (`READ_ATTEMPTS`), and a deleted checkpoint
+  is not reported as unreadable. A
   checkpoint of the segmented layer layout (engram_jax before the one scanned stack)
   is converted as it is read.
   """
   import sys
 
-  for _ in range(3):
+  for _ in range(READ_ATTEMPTS):
     steps = sorted(saved_steps(workdir), reverse=True)
     if not steps:
       raise ValueError(f"--workdir={workdir!r} has no checkpoint "
@@ -506,8 +514,19 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
                        "with `python -m engram_jax.main`")
     items, step, skipped = _newest_readable(workdir, steps, abstract_items, skip,
                                             config_file, host_tables)
-    if items is not None or sorted(saved_steps(workdir), reverse=True) == steps:
-      break  # read, or nothing changed since the listing: the failures stand
+    if items is not None:
+      break
+    # A trainer deletes old checkpoints as it saves new ones: a step read while it was
+    # being deleted fails as if damaged. Only failures that stand still are reported.
+    time.sleep(READ_SETTLE_SECONDS)
+    changed = sorted(saved_steps(workdir), reverse=True) != steps
+    if not changed:
+      break
+  else:
+    raise ValueError(f"--workdir={workdir!r}: its checkpoints changed while they were "
+                     f"read, {READ_ATTEMPTS} times (a trainer saving new ones and "
+                     "deleting old ones, e.g. with train.keep_checkpoints=1); run the "
+                     "command again, or once the trainer has stopped")
   if items is None:
     mismatched = [why for _, why, fits in skipped if not fits]
     if len(mismatched) == len(skipped):  # every checkpoint disagrees: the config does
@@ -517,6 +536,8 @@ def restore_checkpoint(workdir: str, abstract_items: dict,
     raise ValueError(f"--workdir={workdir!r}: no readable checkpoint (" + "; ".join(
         f"step {s}: {why}" for s, why, _ in skipped) + "); restore the damaged files "
         "from a copy, or train anew in a new --workdir")
+  still_there = set(saved_steps(workdir))
+  skipped = [entry for entry in skipped if entry[0] in still_there]  # not deleted ones
   if skipped:
     which = (f"checkpoint {skipped[0][0]} is" if len(skipped) == 1 else
              "checkpoints " + ", ".join(str(s) for s, _, _ in skipped) + " are")

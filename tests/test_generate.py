@@ -281,6 +281,52 @@ def test_a_checkpoint_replaced_while_read_sends_the_reader_to_the_new_one(
   assert workdir_lib.load(workdir).step == 7 and calls == [3, 7]
 
 
+def test_a_checkpoint_half_deleted_while_read_is_not_called_damaged(trained_workdir,
+                                                                   tmp_path, monkeypatch,
+                                                                   capfd):
+  """A trainer keeping one checkpoint deletes 5 while a reader restores it (its `state`
+  item already gone, the directory not yet) and saves 7: the reader waits for the
+  listing to settle and reads 7, with no warning (it once said 5 was damaged and told
+  the user to restore files from a copy); a listing that never settles is one line
+  saying so."""
+  import shutil
+
+  from engram_jax import checkpoints
+  workdir = _copy_workdir(trained_workdir, tmp_path / "live")
+  ckpts = os.path.join(workdir, "checkpoints")
+  spare = str(tmp_path / "spare")
+  shutil.copytree(os.path.join(ckpts, "3"), spare)
+  os.rename(os.path.join(ckpts, "3"), os.path.join(ckpts, "5"))
+  real_restore_step, saves = checkpoints._restore_step, [7]
+
+  def deleted_while_read(workdir_, step, items):
+    shutil.rmtree(os.path.join(ckpts, str(step), "state"))
+    return real_restore_step(workdir_, step, items)
+
+  def trainer_saves_and_deletes(seconds):
+    for name in os.listdir(ckpts):
+      shutil.rmtree(os.path.join(ckpts, name))
+    shutil.copytree(spare, os.path.join(ckpts, str(saves[-1])))
+    saves.append(saves[-1] + 2)  # saves[-2]: the newest saved
+  monkeypatch.setattr(checkpoints, "_restore_step", deleted_while_read)
+  monkeypatch.setattr(checkpoints.time, "sleep", trainer_saves_and_deletes)
+  capfd.readouterr()
+  with pytest.raises(ValueError, match=r"changed while they were read, 8 times .*run the "
+                                       r"command again"):
+    workdir_lib.load(workdir)  # every read meets a deletion
+  monkeypatch.setattr(checkpoints, "_restore_step", real_restore_step)
+  os.rename(os.path.join(ckpts, str(saves[-2])), os.path.join(ckpts, "5"))
+  calls = []
+
+  def once(workdir_, step, items):
+    calls.append(step)
+    return (deleted_while_read if len(calls) == 1 else real_restore_step)(workdir_, step,
+                                                                          items)
+  monkeypatch.setattr(checkpoints, "_restore_step", once)
+  assert workdir_lib.load(workdir).step == saves[-2] and calls == [5, saves[-2]]
+  assert capfd.readouterr().err == ""
+
+
 def _read_or_none(path):
   return open(path, "rb").read() if os.path.exists(path) else None
 
