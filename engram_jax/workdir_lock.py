@@ -72,6 +72,7 @@ class WorkdirLock:
             "one-trainer lock is not enforced there (object stores have no flock); make "
             "sure no other trainer uses this workdir", flush=True)
       return self
+    self._check_is_lock_file()
     for _ in range(_ATTEMPTS):
       fd = self._lock_current_file()
       if fd is not None:
@@ -90,6 +91,19 @@ class WorkdirLock:
     os.fsync(fd)
     self._fd = fd
     return self
+
+  def _check_is_lock_file(self) -> None:
+    """One line when `.lock` is something this library never writes there (a
+    directory, a link, a device): locking it would fail or lock something else."""
+    if os.path.islink(self.path):
+      what = "a symbolic link" + ("" if os.path.exists(self.path) else " to nothing")
+    elif os.path.lexists(self.path) and not os.path.isfile(self.path):
+      what = "a directory" if os.path.isdir(self.path) else "not a regular file"
+    else:
+      return
+    raise ValueError(f"--workdir={self.workdir!r}: its lock file {self.path} is {what}, "
+                     "not the file engram_jax keeps there; move it away and run the "
+                     "command again")
 
   def _lock_current_file(self):
     """A descriptor of the lock file, locked; None when the file was removed or

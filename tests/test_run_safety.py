@@ -151,6 +151,23 @@ def test_a_trainer_that_loses_the_race_for_a_new_workdir_leaves_the_lock(tmp_pat
   winner[0].release()
 
 
+@pytest.mark.parametrize("what", ["a directory", "a symbolic link to nothing"])
+def test_a_lock_path_that_is_not_a_file_is_one_line_naming_it(tmp_path, capfd, what):
+  """`.lock` made a directory, or a dangling link: one line saying what it is (a link
+  once read as "replaced 5 times ... run the command again", which never helps)."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  lock = workdir / workdir_lock.LOCK_FILE
+  if what == "a directory":
+    lock.mkdir()
+  else:
+    lock.symlink_to(tmp_path / "gone")
+  code, _, err = run_main(capfd, CONFIG_FLAG, f"--workdir={workdir}")
+  assert code == 2 and f"its lock file {lock} is {what}" in err, err
+  assert "move it away" in err and len(err.strip().splitlines()) == 1
+  assert sorted(os.listdir(workdir)) == [".lock"]
+
+
 def test_a_lock_file_removed_while_being_taken_is_taken_anew(tmp_path, monkeypatch):
   """A run that made a workdir and fails removes its lock file while holding it; a
   trainer that opened that file just before must not end up holding the removed one
