@@ -19,3 +19,20 @@ def root_cause_line(err: BaseException) -> str:
   while err.__cause__ is not None:
     err = err.__cause__
   return first_line(err)
+
+
+def write_failure(path: str, err: BaseException, then: str = "run the command again"
+                  ) -> OSError:
+  """A failed write of `path` as one line naming the file and the fix: a full disk
+  reads as one from any library (an errno, Rust's "os error 28", or NumPy's "N
+  requested and M written", a short write), else the system's reason."""
+  import errno as errno_lib
+  text = getattr(err, "strerror", None) or first_line(err)
+  full = (getattr(err, "errno", None) == errno_lib.ENOSPC or "os error 28" in str(err)
+          or "No space left" in str(err) or " requested and " in str(err))
+  fix = ("free space on its disk" if full else
+         "check that its directory is writable and its disk has space")
+  failure = OSError(f"could not write {path} ({'No space left on device' if full else text})"
+                    f"; {fix}, then {then}")
+  failure.errno = errno_lib.ENOSPC if full else getattr(err, "errno", None)
+  return failure

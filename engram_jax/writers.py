@@ -25,12 +25,14 @@ import time
 import jax
 
 from engram_jax import paths
+from engram_jax.errors import write_failure
 
 METRICS_FILE = "metrics.jsonl"
 # Where `repair_events` keeps the records it cuts: TFRecord frames of `Event`s, named so
 # that TensorBoard does not read them (it reads files with "tfevents" in their name).
 DROPPED_EVENTS_FILE = "events.dropped.tfrecord"
 REMOTE_FLUSH_SECONDS = 10.0
+RESUME = "run the same command to resume from the newest checkpoint"
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -75,8 +77,11 @@ class _AppendOnlyFile:
 
   def append(self, data: bytes) -> None:
     if not self._remote:
-      with open(self._path, "ab") as f:
-        f.write(data)
+      try:
+        with open(self._path, "ab") as f:
+          f.write(data)
+      except OSError as err:  # a full disk: name the file and how the run goes on
+        raise write_failure(self._path, err, RESUME) from err
       return
     if self._content is None:  # what earlier runs wrote
       self._content = paths.read_bytes(self._path) if paths.exists(self._path) else b""

@@ -351,3 +351,31 @@ def test_failed_save_is_one_error_and_keeps_older_checkpoints(tmp_path, monkeypa
                            r"it are kept \(\[2\]\)"):
     train.train_and_evaluate(_config(checkpoint_every=2), workdir)
   assert _steps(workdir) == [2]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_under_the_metrics_log_is_one_line_naming_it(tmp_path, capfd,
+                                                                 monkeypatch):
+  """The metrics log on a full disk (`/dev/full` answers every write with ENOSPC): one
+  line naming the file and the fix, no traceback (it once said only `[Errno 28] No
+  space left on device`)."""
+  real_writer = writers.JsonlWriter
+  monkeypatch.setattr(writers, "JsonlWriter", lambda path: real_writer("/dev/full"))
+  code, out, err = run_main(capfd, CONFIG_FLAG, f"--workdir={tmp_path / 'w'}",
+                            "--config.train.steps=2")
+  assert code == 2, err
+  assert err.startswith("error: could not write /dev/full (No space left on device); "
+                        "free space on its disk, then run the same command to resume"), err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
+
+
+def test_write_failures_read_a_full_disk_from_any_library():
+  from engram_jax.errors import write_failure
+  for err in (OSError(28, "No space left on device"),
+              Exception("No space left on device (os error 28)"),  # Rust (tokenizers)
+              OSError("69591 requested and 39904 written")):  # NumPy's short write
+    failure = write_failure("/w/x", err)
+    assert str(failure) == ("could not write /w/x (No space left on device); free space "
+                            "on its disk, then run the command again")
+  denied = write_failure("/w/x", PermissionError(13, "Permission denied"))
+  assert "(Permission denied); check that its directory is writable" in str(denied)
