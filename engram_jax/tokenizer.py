@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import io
 import json
-from typing import Callable, Sequence
+import sys
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import tokenizers
@@ -177,6 +178,64 @@ def token_byte_lengths(tok: tokenizers.Tokenizer) -> np.ndarray:
   return lengths
 
 
+def npy_layout(f: BinaryIO, dtype: np.dtype) -> tuple[tuple[int, ...], int]:
+  """The shape and data offset of the C-order `dtype` `.npy` file open in `f`.
+
+  For the files derived from a tokenizer (compressed vocabularies, token caches),
+  which are rebuilt when damaged: any flaw `np.load` would hit later (or, for a
+  memory map, never notice) is a ValueError with a short reason, checked from the
+  header and the file size without reading the data.
+  """
+  size = f.seek(0, io.SEEK_END)
+  f.seek(0)
+  if not size:
+    raise ValueError("empty file")
+  try:
+    version = np.lib.format.read_magic(f)
+  except ValueError:
+    raise ValueError("not a .npy file") from None
+  readers = {(1, 0): np.lib.format.read_array_header_1_0,
+             (2, 0): np.lib.format.read_array_header_2_0}
+  if version not in readers:
+    raise ValueError(f"unknown .npy version {version}")
+  try:
+    shape, fortran_order, found = readers[version](f)
+  except ValueError:
+    raise ValueError("unreadable .npy header") from None
+  if found != np.dtype(dtype):
+    raise ValueError(f"dtype {found}, expected {np.dtype(dtype)}")
+  if fortran_order and len(shape) > 1:
+    raise ValueError("Fortran order, expected C order")
+  offset = f.tell()
+  needed = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+  if size != needed:
+    raise ValueError(f"{size} bytes where its header needs {needed}")
+  return tuple(shape), offset
+
+
+def _compressed_vocab_damage(vocab: np.ndarray, vocab_size: int) -> str | None:
+  """Why a cached map cannot be what `compressed_vocab_from_texts` made for a
+  `vocab_size` tokenizer (ids dense, numbered in order of first use), or None."""
+  if vocab.shape != (vocab_size,):
+    return f"shape {vocab.shape}, expected ({vocab_size},) for the tokenizer"
+  if not vocab_size:
+    return None
+  seen_max = np.maximum.accumulate(vocab)
+  if vocab[0] != 0 or vocab.min() < 0 or (vocab[1:] > seen_max[:-1] + 1).any():
+    return "ids not numbered 0, 1, 2, ... in order of first use"
+  return None
+
+
+def _read_compressed_vocab(path: str, vocab_size: int) -> np.ndarray:
+  data = paths.read_bytes(path)
+  shape, offset = npy_layout(io.BytesIO(data), np.dtype(np.int32))
+  vocab = np.frombuffer(data, np.int32, int(np.prod(shape)), offset).reshape(shape)
+  reason = _compressed_vocab_damage(vocab, vocab_size)
+  if reason:
+    raise ValueError(reason)
+  return vocab.copy()
+
+
 def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
                              expected_size: int = 0) -> np.ndarray:
   """`compressed_vocab.compressed_vocab_for` of the run's tokenizer, cached in the workdir.
@@ -184,7 +243,8 @@ def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
   Normalising every token of a 129k vocabulary takes seconds; training, generation and
   offloaded generation all read the same map, so it is computed once per (tokenizer,
   hash mode) and kept as `WORKDIR/compressed_vocab-MODE-KEY.npy`, KEY a hash of the
-  tokenizer. A declared size is checked on every read, not only the first.
+  tokenizer. Being derived, a damaged file is recomputed (with a warning), not an
+  error. A declared size is checked on every read, not only the first.
   """
   import hashlib
 
@@ -192,13 +252,18 @@ def workdir_compressed_vocab(workdir: str, tok: tokenizers.Tokenizer, mode: str,
   key = hashlib.blake2b(tok.to_str().encode("utf-8"), digest_size=8).hexdigest()
   path = paths.join(workdir, f"compressed_vocab-{mode}-{key}.npy")
   if paths.exists(path):
-    vocab = (np.load(path) if paths.is_local(path) else
-             np.load(io.BytesIO(paths.read_bytes(path))))
-    size = int(vocab.max()) + 1 if vocab.size else 0
-    if expected_size and size != int(expected_size):
-      raise ValueError(f"compressed vocabulary has {size} entries but {int(expected_size)} "
-                       "were declared (engram.compressed_vocab_size): wrong tokenizer?")
-    return vocab
+    try:
+      vocab = _read_compressed_vocab(path, tok.get_vocab_size(with_added_tokens=True))
+    except ValueError as err:
+      print(f"warning: compressed vocabulary {path} is damaged ({err}); recomputing it",
+            file=sys.stderr, flush=True)
+    else:
+      size = int(vocab.max()) + 1 if vocab.size else 0
+      if expected_size and size != int(expected_size):
+        raise ValueError(f"compressed vocabulary has {size} entries but "
+                         f"{int(expected_size)} were declared "
+                         "(engram.compressed_vocab_size): wrong tokenizer?")
+      return vocab
   vocab = compressed_vocab.compressed_vocab_for(tok, mode, expected_size or None)
 
   def write(tmp: str) -> None:

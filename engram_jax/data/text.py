@@ -206,7 +206,7 @@ def _token_stream_path(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: st
 def token_stream(cfg: TextDataConfig, tok: tokenizers.Tokenizer, split: str,
                  cache_dir: str | None = None) -> np.ndarray:
   """A local split as one flat int32 token stream (documents + EOS), memory-mapped."""
-  return np.load(_token_stream_path(cfg, tok, split, cache_dir), mmap_mode="r")
+  return token_cache.open_stream(_token_stream_path(cfg, tok, split, cache_dir))
 
 
 # ----------------------------------------------------------------------------------
