@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import sys
 from typing import BinaryIO, Callable, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engram_jax import paths
+from engram_jax import paths, progress
 
 EOS_TOKEN = "<|eos|>"
 # End-of-document tokens of common tokenizers, tried in order when loading one we did
@@ -55,8 +56,15 @@ def train_bpe(files: Sequence[str], vocab_size: int,
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator((read_text(path) for path in files), trainer,
-                          length=len(files))
+  sizes = [os.path.getsize(path) for path in files]  # a local corpus (data/corpus.py)
+  meter = progress.BytesProgress("tokenizer: training BPE", len(files), sum(sizes))
+
+  def texts():  # read as the trainer consumes them: progress while it counts words
+    for path, size in zip(files, sizes):
+      yield read_text(path)
+      meter.add(1, size)
+  tok.train_from_iterator(texts(), trainer, length=len(files))
+  meter.finish()  # after the merges too: a long run's last line says when it ended
   assert tok.token_to_id(EOS_TOKEN) == 0, "special tokens come first in BpeTrainer"
   paths.atomic_write(save_path, tok.save)
   return tok

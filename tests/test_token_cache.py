@@ -223,3 +223,19 @@ def test_tokenizing_reports_files_and_bytes(files_cfg, tok, tmp_path, monkeypatc
   assert len(lines) == -(-len(files) // 4)  # one per chunk, the last once
   assert lines[-1].startswith(f"token cache: tokenizing files train: {len(files)}/"
                               f"{len(files)} files, {total_mb:.1f}/{total_mb:.1f} MB (")
+
+
+def test_training_the_tokenizer_reports_files_and_bytes(files_cfg, monkeypatch, capsys,
+                                                        tmp_path):
+  """BPE training reads the corpus as it counts words: one line per file read here
+  (no throttle), the last after the merges; the tokenizer is the one trained quietly."""
+  files = text.corpus_files(files_cfg, "train")
+  quiet = tokenizer_lib.train_bpe(files, VOCAB, str(tmp_path / "quiet.json"))
+  assert capsys.readouterr().err == ""
+  monkeypatch.setattr(progress, "BytesProgress",
+                      functools.partial(progress.BytesProgress, every_s=0.0))
+  loud = tokenizer_lib.train_bpe(files, VOCAB, str(tmp_path / "loud.json"))
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == len(files)  # files 1..n-1 as read, then the closing line
+  assert lines[-1].startswith(f"tokenizer: training BPE: {len(files)}/{len(files)} files")
+  assert loud.to_str() == quiet.to_str()
