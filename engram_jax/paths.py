@@ -120,6 +120,30 @@ def make_writable_dir(path: PathLike, probe_name: str = ".write-probe") -> None:
   remove(probe)
 
 
+@contextlib.contextmanager
+def no_empty_dir_left(path: PathLike) -> Iterator[None]:
+  """For a block that creates the local directory `path` (and missing parents): when
+  it raises, the directories it created that are still empty go again, so a failed
+  command leaves no empty directory behind. Anything that holds a file stays."""
+  created = []
+  if is_local(path):
+    missing = os.path.abspath(os.fspath(path))
+    while not os.path.lexists(missing) and os.path.dirname(missing) != missing:
+      created.append(missing)
+      missing = os.path.dirname(missing)
+  try:
+    yield
+  except BaseException:
+    for directory in created:  # the deepest first
+      try:
+        os.rmdir(directory)
+      except FileNotFoundError:  # never made
+        continue
+      except OSError:  # not empty: it and its parents stay
+        break
+    raise
+
+
 def remove(path: PathLike, missing_ok: bool = False) -> None:
   try:
     if is_local(path):

@@ -225,7 +225,7 @@ def _restore(workdir: str, model: nn.Module, cfg: config_lib.ModelConfig, placem
   params, tables = restored["params"], None
   if placement == "disk":
     from engram_jax.disk_tables import disk_tables
-    tables = disk_tables(cfg, table_dir)
+    tables = disk_tables(cfg, table_dir, workdir=workdir, step=step)
   elif host_item:
     tables_L = [saved_host[p[0]]["table"] for p in paths]
     if placement == "host":
@@ -451,12 +451,14 @@ def saved_placement(workdir: str) -> str:
 def export_tables(workdir: str, out_dir: str, overwrite: bool = False) -> str:
   """Writes the newest checkpoint's Engram tables as `disk_tables` files into
   `out_dir` (runs trained with device or host tables alike); returns `out_dir`. An
-  `out_dir` holding an export already is refused unless `overwrite`."""
+  `out_dir` holding an export already is refused unless `overwrite`, and one that
+  another export is writing always; a failed export leaves no directory it made."""
   from engram_jax import disk_tables
-  disk_tables.prepare_out_dir(out_dir, overwrite)  # before the checkpoint is read
-  run = load(workdir, tables="host", kind="lm")
-  return disk_tables.write_tables(run.tables, out_dir, workdir=paths.absolute(workdir),
-                                  step=run.step)
+  read_config(workdir)  # a workdir without a run is named before --out is made
+  with disk_tables.exporting_to(out_dir, overwrite):  # before the checkpoint is read
+    run = load(workdir, tables="host", kind="lm")
+    return disk_tables.write_tables(run.tables, out_dir, workdir=paths.absolute(workdir),
+                                    step=run.step)
 
 
 def main(argv=None) -> int:

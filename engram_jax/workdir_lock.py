@@ -1,4 +1,5 @@
-"""One trainer per workdir: an exclusive lock held for the whole run.
+"""One trainer per workdir: an exclusive lock held for the whole run (and one writer
+per directory for the other commands that need one: a table export's `--out`).
 
 Two trainers on one workdir would overwrite each other's checkpoints and interleave
 `metrics.jsonl`. The lock is `WORKDIR/.lock`, held with `fcntl.flock`, so the kernel
@@ -54,10 +55,17 @@ def _describe(holder: dict) -> str:
 
 
 class WorkdirLock:
-  """`with WorkdirLock(workdir):` raises `WorkdirLocked` (one line) when held elsewhere."""
+  """`with WorkdirLock(workdir):` raises `WorkdirLocked` (one line) when held elsewhere.
 
-  def __init__(self, workdir: str):
-    self.workdir, self.path = workdir, paths.join(workdir, LOCK_FILE)
+  Any directory one process at a time may write takes the same lock under its own
+  `flag` and file `name` (e.g. `--out` of a table export, `.export.lock`); `noun` names
+  the holder's work in the message ("run", "export").
+  """
+
+  def __init__(self, workdir: str, flag: str = "--workdir", name: str = LOCK_FILE,
+               noun: str = "run"):
+    self.workdir, self.path = workdir, paths.join(workdir, name)
+    self.flag, self.noun = flag, noun
     self.enforced = paths.is_local(workdir)  # flock exists only on a local filesystem
     self._fd = None
     self.stale = None  # the holder a dead process left in the file, if any
@@ -68,9 +76,9 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     if not self.enforced:
-      print(f"note: --workdir={self.workdir} is not a local directory: the "
-            "one-trainer lock is not enforced there (object stores have no flock); make "
-            "sure no other trainer uses this workdir", flush=True)
+      print(f"note: {self.flag}={self.workdir} is not a local directory: the "
+            f"one-writer lock is not enforced there (object stores have no flock); make "
+            f"sure no other {self.noun} uses it", flush=True)
       return self
     self._check_is_lock_file()
     for _ in range(_ATTEMPTS):
@@ -78,8 +86,8 @@ class WorkdirLock:
       if fd is not None:
         break
     else:
-      raise WorkdirLocked(f"--workdir={self.workdir!r}: its lock file was replaced "
-                          f"{_ATTEMPTS} times while this run took it (other trainers "
+      raise WorkdirLocked(f"{self.flag}={self.workdir!r}: its lock file was replaced "
+                          f"{_ATTEMPTS} times while this {self.noun} took it (others "
                           "starting and failing?); run the command again")
     previous = _holder(self.path)
     if previous and previous.get("pid") != os.getpid():
@@ -101,7 +109,7 @@ class WorkdirLock:
       what = "a directory" if os.path.isdir(self.path) else "not a regular file"
     else:
       return
-    raise ValueError(f"--workdir={self.workdir!r}: its lock file {self.path} is {what}, "
+    raise ValueError(f"{self.flag}={self.workdir!r}: its lock file {self.path} is {what}, "
                      "not the file engram_jax keeps there; move it away and run the "
                      "command again")
 
@@ -125,9 +133,9 @@ class WorkdirLock:
                " (that process is gone but its lock is still held: a child of it may "
                "be running)")
       raise WorkdirLocked(
-          f"--workdir={os.path.dirname(self.path)!r} is in use by {_describe(holder)}"
-          f"{state}; wait for that run to finish, stop it, or use another --workdir "
-          f"(lock: {self.path})") from None
+          f"{self.flag}={os.path.dirname(self.path)!r} is in use by {_describe(holder)}"
+          f"{state}; wait for that {self.noun} to finish, stop it, or use another "
+          f"{self.flag} (lock: {self.path})") from None
     try:
       current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:

@@ -244,3 +244,20 @@ def test_plan_and_bad_flags(capsys):
   assert "--rhos='a'" in capsys.readouterr().err
   assert allocation_sweep.main(["plan", "--config=configs/lm.py:tiny"]) == 2
   assert "no `allocation` section" in capsys.readouterr().err
+
+
+def test_a_sweep_refused_leaves_no_workdir(tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / "new" / "study"
+  assert allocation_sweep.main(["sweep", "--config=configs/allocation.py:micro",
+                                "--rhos=0,2", f"--workdir={workdir}"]) == 2
+  assert "rho=2.0 is invalid" in capsys.readouterr().err
+  assert not (tmp_path / "new").exists()
+
+  def no_corpus(c, directory):  # a failure once the workdir is made
+    assert os.path.isdir(directory)
+    raise ValueError("no corpus")
+  monkeypatch.setattr(allocation_sweep, "_shared_tokenizer", no_corpus)
+  assert allocation_sweep.main(["sweep", "--config=configs/allocation.py:micro",
+                                "--rhos=0", f"--workdir={workdir}"]) == 2
+  assert capsys.readouterr().err == "error: no corpus\n"
+  assert not (tmp_path / "new").exists()

@@ -1,5 +1,7 @@
 """Analyses: LogitLens of the last layer is the model's own loss (LM and image models);
 CKA's invariances; the command on LM and image pairs."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,9 +60,21 @@ def test_analyze_command_writes_tables_and_heat_map(trained_workdir, tmp_path, c
   np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-6)
   assert (out / "cka.png").stat().st_size > 0
   assert "| layer | Engram loss" in (out / "analysis.md").read_text()
-  assert analyze.main([f"--workdir={tmp_path}", f"--baseline={trained_workdir}",
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert analyze.main([f"--workdir={empty}", f"--baseline={trained_workdir}",
                        "--batches=1"]) == 2
   assert "error:" in capsys.readouterr().err
+  assert os.listdir(empty) == []  # the default --out, EMPTY/analysis, left unmade
+
+
+def test_a_bad_baseline_is_named_and_leaves_no_out(trained_workdir, tmp_path, capsys):
+  missing, out = tmp_path / "missing", tmp_path / "new" / "analysis"
+  assert analyze.main([f"--workdir={trained_workdir}", f"--baseline={missing}",
+                       f"--out={out}", "--batches=1"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: --baseline='{missing}' has no config.json"), err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "new").exists()
 
 
 # ----------------------------------------------------------------------------------

@@ -87,13 +87,19 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
 
 def sweep(c, rhos, workdir: str, steps: Optional[int] = None, seeds=(0,)) -> list[dict]:
   """Trains every (rho, seed) point of family `c` not finished yet, then reports every
-  finished point in `workdir` (`write_report`)."""
+  finished point in `workdir` (`write_report`). A failure leaves no directory it
+  made and left empty."""
   from engram_jax import paths
-  from engram_jax import workdir as workdir_lib
   paths.local_output(workdir, "--workdir")  # the sweep's root: local reports
-  workdir_lib.ensure_writable(workdir)
   for rho in rhos:
-    config_at(c, rho)  # every rho solvable before anything trains
+    config_at(c, rho)  # every rho solvable before anything is made or trains
+  with paths.no_empty_dir_left(workdir):
+    return _sweep(c, rhos, workdir, steps, seeds)
+
+
+def _sweep(c, rhos, workdir: str, steps: Optional[int], seeds) -> list[dict]:
+  from engram_jax import workdir as workdir_lib
+  workdir_lib.ensure_writable(workdir)
   c = config_at(c, c.allocation.rho)
   c.data.tokenizer_path = _shared_tokenizer(c, workdir)
   for rho in rhos:

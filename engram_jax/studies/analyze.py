@@ -168,13 +168,32 @@ def _same_inputs(engram, baseline) -> None:
 
 def analyze(workdir: str, baseline: str, out: str, batches: int = 4) -> dict:
   """Writes logit_lens.csv, cka.csv, cka.png and analysis.md into `out`; both runs
-  read the Engram run's validation sequences."""
-  os.makedirs(out, exist_ok=True)
+  read the Engram run's validation sequences. A failure leaves no directory it made."""
+  from engram_jax import paths
+  with paths.no_empty_dir_left(out):
+    return _analyze(workdir, baseline, out, batches)
+
+
+def _load_baseline(baseline: str, kind: str):
+  """`workdir.load` of the baseline, its errors naming --baseline, not --workdir."""
+  from engram_jax import workdir as workdir_lib
+  from engram_jax.errors import first_line
+  try:
+    return workdir_lib.load(baseline, kind=kind)
+  except (ValueError, OSError) as err:
+    message = first_line(err, limit=2000)
+    named = message.replace(f"--workdir={baseline!r}", f"--baseline={baseline!r}")
+    raise ValueError(named if named != message else f"--baseline={baseline!r}: {message}"
+                     ) from None
+
+
+def _analyze(workdir: str, baseline: str, out: str, batches: int) -> dict:
   from engram_jax import progress
   from engram_jax import workdir as workdir_lib
   engram_run = workdir_lib.load(workdir)  # the baseline must be of the same kind
-  runs = {"engram": engram_run, "baseline": workdir_lib.load(baseline, kind=engram_run.kind)}
+  runs = {"engram": engram_run, "baseline": _load_baseline(baseline, engram_run.kind)}
   _same_inputs(*runs.values())
+  os.makedirs(out, exist_ok=True)  # once both runs read
   inputs_IxT, targets_IxT = map(jnp.asarray, _eval_sequences(engram_run, batches))
   results, streams = {}, {}
   for name, run in progress.progress(runs.items(), "analyze: models", total=len(runs)):
@@ -246,9 +265,9 @@ def main(argv=None) -> int:
   parser.add_argument("--batches", type=int, default=4, help="validation batches to read")
   args = parser.parse_args(argv)
   from engram_jax import paths
-  out = paths.local_output(args.out or os.path.join(args.workdir, "analysis"), "--out")
 
   def body():
+    out = paths.local_output(args.out or os.path.join(args.workdir, "analysis"), "--out")
     if args.batches < 1:
       raise ValueError(f"--batches={args.batches}: use 1 or more")
     analyze(args.workdir, args.baseline, out, args.batches)
