@@ -32,7 +32,16 @@ def write_failure(path: str, err: BaseException, then: str = "run the command ag
           or "No space left" in str(err) or " requested and " in str(err))
   fix = ("free space on its disk" if full else
          "check that its directory is writable and its disk has space")
-  failure = OSError(f"could not write {path} ({'No space left on device' if full else text})"
-                    f"; {fix}, then {then}")
+  reason = "No space left on device" if full else text
+  failure = WriteFailed(f"could not write {path} ({reason}); {fix}, then {then}")
   failure.errno = errno_lib.ENOSPC if full else getattr(err, "errno", None)
+  failure.strerror = reason  # for callers that word their own line
   return failure
+
+
+class WriteFailed(OSError):
+  """`write_failure`'s error: its message is the one line (an OSError with `errno` and
+  `strerror` set would print as `[Errno N] strerror`)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])

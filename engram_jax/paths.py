@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from typing import Callable, Iterator, Union
 
-from engram_jax.errors import first_line
+from engram_jax.errors import first_line, write_failure
 
 PathLike = Union[str, os.PathLike]
 
@@ -192,10 +192,20 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     os.makedirs(directory, exist_ok=True)
   else:
     directory = None  # the system's temp directory
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+  try:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+  except OSError as err:
+    raise write_failure(path, err) from err
   os.close(fd)
   try:
-    write(tmp)
+    try:
+      write(tmp)
+    except OSError as err:  # a full disk: one line naming the file and the fix
+      raise write_failure(path, err) from err
+    except Exception as err:  # Rust bindings (tokenizers) raise bare Exceptions
+      if type(err) is not Exception:
+        raise
+      raise write_failure(path, err) from err
     if is_local(path):
       os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
       os.replace(tmp, path)

@@ -285,3 +285,31 @@ def test_outputs_that_need_a_local_directory_name_their_flag(capsys):
                      "--variant=learned"]) == 2
   assert "--workdir='gs://b/sweep'" in capsys.readouterr().err
   assert not os.path.exists("gs:")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failed_atomic_write_names_the_file_and_the_fix(tmp_path):
+  """A full disk under any writer (here `/dev/full`, which answers every write with
+  ENOSPC; NumPy and the tokenizers' Rust code word it their own ways) is one OSError
+  naming the file: `main` prints it as one line (the tokenizer's bare Exception was a
+  traceback). Nothing is left at the path; an error of the writer's own code passes."""
+  import numpy as np
+  target = str(tmp_path / "out.npy")
+
+  def numpy_short_write(tmp):
+    with open("/dev/full", "wb") as f:
+      np.save(f, np.zeros(1 << 16, np.float32))
+
+  def rust_style(tmp):
+    raise Exception("No space left on device (os error 28)")
+  for write in (numpy_short_write, rust_style):
+    with pytest.raises(OSError) as err:
+      paths.atomic_write(target, write)
+    assert str(err.value) == (f"could not write {target} (No space left on device); free "
+                              "space on its disk, then run the command again"), write
+  assert os.listdir(tmp_path) == []
+
+  def a_bug(tmp):
+    raise TypeError("not a write failure")
+  with pytest.raises(TypeError):
+    paths.atomic_write(target, a_bug)

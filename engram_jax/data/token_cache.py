@@ -11,6 +11,7 @@ rows is what makes shuffling, per-process sharding and exact resume cheap
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -158,8 +159,10 @@ def stream_path(tok: tokenizers.Tokenizer, files: Sequence[str], source: str, sp
     paths.atomic_write(path, write)
   except OSError as err:
     what = f"is damaged ({damage}) and cannot be rebuilt" if damage else "cannot be written"
-    raise OSError(f"token cache {path} {what} ({err.strerror or err}); make "
-                  f"{cache_dir} writable or use another cache directory") from None
+    fix = ("free space on its disk" if err.errno == errno.ENOSPC else
+           f"make {cache_dir} writable")
+    raise OSError(f"token cache {path} {what} ({err.strerror or err}); {fix} or use "
+                  "another cache directory") from None
   return path
 
 
