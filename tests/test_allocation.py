@@ -250,7 +250,7 @@ def test_a_sweep_refused_leaves_no_workdir(tmp_path, capsys, monkeypatch):
   workdir = tmp_path / "new" / "study"
   assert allocation_sweep.main(["sweep", "--config=configs/allocation.py:micro",
                                 "--rhos=0,2", f"--workdir={workdir}"]) == 2
-  assert "rho=2.0 is invalid" in capsys.readouterr().err
+  assert "error: --rhos: allocation rho=2.0 is invalid" in capsys.readouterr().err
   assert not (tmp_path / "new").exists()
 
   def no_corpus(c, directory):  # a failure once the workdir is made

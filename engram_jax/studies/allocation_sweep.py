@@ -91,8 +91,11 @@ def sweep(c, rhos, workdir: str, steps: Optional[int] = None, seeds=(0,)) -> lis
   made and left empty."""
   from engram_jax import paths
   paths.local_output(workdir, "--workdir")  # the sweep's root: local reports
-  for rho in rhos:
-    config_at(c, rho)  # every rho solvable before anything is made or trains
+  for rho in rhos:  # every rho solvable before anything is made or trains
+    try:
+      config_at(c, rho)
+    except ValueError as err:
+      raise ValueError(f"--rhos: {err}") from None
   with paths.no_empty_dir_left(workdir):
     return _sweep(c, rhos, workdir, steps, seeds)
 
