@@ -3,10 +3,11 @@ input into one line on stderr with exit status 2 (no traceback, no usage block).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable
 
-from engram_jax.errors import first_line
+from engram_jax.errors import RunStopped, first_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,6 +40,10 @@ def run(body: Callable[[], int | None], also: tuple[type[BaseException], ...] = 
   optional dependency), is one `error:` line (the message's first) and status 2."""
   try:
     return body() or 0
+  except RunStopped as stop:  # a signal stopped a run the command trains: it resumes
+    print(f"{stop.args[0]} (a signal stopped the run); run the same command to resume",
+          file=sys.stderr, flush=True)
+    return 0 if stop.signum == signal.SIGTERM else 130
   except (ValueError, OSError, RuntimeError, *also) as err:
     print(f"error: {first_line(err, limit=2000)}", file=sys.stderr)
     return 2

@@ -6,6 +6,17 @@ class TrainingError(RuntimeError):
   names the step and what to do."""
 
 
+class RunStopped(KeyboardInterrupt):
+  """A run that a signal (SIGTERM, SIGINT) stopped before `train.steps`, its checkpoint
+  saved: not finished. A KeyboardInterrupt, so that whatever loops over runs (a study,
+  a notebook cell) stops with it instead of counting it as done; the same command
+  resumes it."""
+
+  def __init__(self, step: int, signum: int):
+    super().__init__(f"stopped at step {step}; checkpoint saved")
+    self.step, self.signum = step, signum
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
   """The gist of an error for a one-line message: its first line, without the spec
   and source-location dumps TensorStore appends (orbax and epath pass them on)."""

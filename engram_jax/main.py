@@ -149,6 +149,8 @@ def main(argv):
                        "and metrics (or pass --dry_run)")
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                              accept_data_change=FLAGS.accept_data_change)
+  except train.RunStopped as stop:  # saved: a preempted run (SIGTERM) ends well, Ctrl-C 130
+    sys.exit(0 if stop.signum == signal.SIGTERM else 130)
   except KeyboardInterrupt:
     _interrupted_early(signal.SIGINT, None)
   except (ValueError, OSError, train.TrainingError) as err:

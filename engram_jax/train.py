@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from engram_jax import workdir as workdir_lib
 from engram_jax import (checkpoints, library_log, optim, param_groups, paths, quiet,
                         run_config, state_digest, tasks)
 from engram_jax.data import fingerprint as fingerprint_lib
-from engram_jax.errors import TrainingError
+from engram_jax.errors import RunStopped, TrainingError
 from engram_jax.train_steps import evaluate, run_programs, state_variables
 
 
@@ -250,7 +251,9 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
   stop_requested = []
   def on_signal(signum, _frame):
     stop_requested.append(signum)
-  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  previous = {}  # Python delivers signals to the main thread only: a run trained in
+  if threading.current_thread() is threading.main_thread():  # another has no handler
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
   train_step, eval_step = programs.train_step, programs.eval_step
   eval_batches = [_global_batch(b, batch_sh) for b in task.eval_batches] if not host else []
@@ -276,7 +279,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     except Exception as err:  # noqa: BLE001  the previous async save's failure
       raise checkpoints.save_failed(err, workdir, manager) from None
 
-  metrics, eval_step_number, failed = {}, None, False
+  metrics, eval_step_number, failed, stopped_by = {}, None, False, None
   try:
     for step in range(start + 1, t.steps + 1):
       batch = _global_batch(feed.next_batch() if feed else next(train_iter), batch_sh)
@@ -310,12 +313,15 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
       if (stop or budget_spent) and step < t.steps:
         checkpoints.finish_saves(manager, workdir)
         print(f"stopped at step {step}; checkpoint saved", flush=True)
+        stopped_by = stop_requested[0] if stop else None
         break
   except BaseException:
     failed = True
     raise
   finally:
     _close_run(failed, workdir, manager, (writer, jsonl), feed, train_iter, previous)
+  if stopped_by is not None:  # not finished: callers must not take it for done
+    raise RunStopped(int(state.step), stopped_by)
   if store is not None and store.nbytes <= 2**30:  # replicas agree (several processes)
     print(f"host tables of process {pidx}: sha256 {store.digest()}", flush=True)
   if metrics:

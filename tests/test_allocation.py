@@ -233,6 +233,12 @@ def test_sweep_writes_table_csv_plot_and_skips_finished_points(tmp_path, capsys)
   second = capsys.readouterr().out
   assert second.count("finished earlier") == 2 and "train_loss" not in second
   assert os.path.getmtime(os.path.join(workdir, "rho_0_seed_0", "result.json")) == mtime
+  # more steps: the points train on from their checkpoints (they were once "finished
+  # earlier" and the report said "Steps: [3]")
+  assert allocation_sweep.main(args[:-1] + ["--steps=5"]) == 0
+  assert capsys.readouterr().out.count("resumed from step 3") == 2
+  with open(os.path.join(workdir, "allocation.csv")) as f:
+    assert [r["steps"] for r in csv.DictReader(f)] == ["5", "5"]
 
 
 def test_plan_and_bad_flags(capsys):

@@ -13,7 +13,7 @@ pytest.importorskip("clu")
 pytest.importorskip("orbax.checkpoint")
 
 from engram_jax import generate as generate_cli
-from engram_jax import checkpoints, host_tables, tables, train  # noqa: E402
+from engram_jax import checkpoints, errors, host_tables, tables, train  # noqa: E402
 from engram_jax import workdir as workdir_lib  # noqa: E402
 from engram_jax import disk_tables
 
@@ -292,7 +292,9 @@ def test_sigterm_saves_host_tables_and_resumes_exactly(runs, tmp_path, monkeypat
       os.kill(os.getpid(), signal.SIGTERM)
   monkeypatch.setattr(host_tables.HostFeed, "apply", apply_then_preempt)
   workdir = str(tmp_path / "preempted")
-  train.train_and_evaluate(_config(), workdir)
+  with pytest.raises(errors.RunStopped) as stopped:  # not finished: callers must know
+    train.train_and_evaluate(_config(), workdir)
+  assert stopped.value.step == 2 and stopped.value.signum == signal.SIGTERM
   assert "stopped at step 2; checkpoint saved" in capsys.readouterr().out
   assert checkpoints.saved_steps(workdir) == [2]
   monkeypatch.setattr(host_tables.HostFeed, "apply", real_apply)

@@ -29,6 +29,10 @@ def test_sweep_trains_once_and_reports(tmp_path, capsys):
   capsys.readouterr()
   assert rho_sweep.main(args) == 0
   assert capsys.readouterr().out.count("skipped") == 2
+  # another --set: not the runs there (they were once skipped as trained already)
+  assert rho_sweep.main(args[:-1] + ["--set=data.label_dropout=0.5"]) == 2
+  err = capsys.readouterr().err
+  assert "holds a finished run of another config (data.label_dropout: 0.25 -> 0.5)" in err
 
 
 def test_bad_rhos_name_the_flag(tmp_path, capsys):

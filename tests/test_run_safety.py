@@ -379,3 +379,15 @@ def test_write_failures_read_a_full_disk_from_any_library():
                             "on its disk, then run the command again")
   denied = write_failure("/w/x", PermissionError(13, "Permission denied"))
   assert "(Permission denied); check that its directory is writable" in str(denied)
+
+
+def test_a_run_trains_in_a_thread_other_than_the_main_one(tmp_path):
+  """A notebook's background thread: no signal handler can be installed there (it once
+  failed with `signal only works in main thread`); the run trains without one."""
+  import threading
+  result = {}
+  thread = threading.Thread(target=lambda: result.update(
+      metrics=train.train_and_evaluate(_config(steps=2), str(tmp_path / "w"))))
+  thread.start()
+  thread.join(300)
+  assert "eval_loss" in result.get("metrics", {}), result

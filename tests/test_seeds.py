@@ -32,3 +32,66 @@ def test_variants_times_seeds_train_report_and_resume(tmp_path, capsys):
   assert "| gate_0.1 |" in summary and "+- " in summary
   assert "seeds: learned seed 0" in capsys.readouterr().out  # the second run read back
   assert seeds.main(args[:3] + ["--variant=x:model.engram.nope=1"]) == 2
+
+
+def _args(workdir, short="train.steps=2;train.warmup_steps=1;train.eval_every=2;"
+          "train.log_every=1", gate="0.1"):
+  return [f"--config={os.path.join(ROOT, 'tests/lm_test_config.py')}:tiny",
+          f"--workdir={workdir}", "--seeds=0",
+          f"--variant=learned:{short}", f"--variant=gate:{short};model.engram.gate={gate}"]
+
+
+def _results(workdir):
+  import json
+  return {name: json.load(open(os.path.join(workdir, name, "seed_0", "result.json")))
+          ["eval_loss"] for name in ("learned", "gate")}
+
+
+def test_a_stopped_run_is_not_counted_and_the_study_resumes_it(tmp_path, capsys,
+                                                               monkeypatch):
+  """Ctrl-C during a study's first run: the trainer saves and the study stops (exit
+  130) without writing that run's result (it once recorded the half-trained run as
+  finished, trained the others, then died on the missing metric, and every rerun
+  with it); the rerun resumes it and ends as an uninterrupted study does."""
+  import signal
+
+  from engram_jax import writers
+  whole = str(tmp_path / "whole")
+  assert seeds.main(_args(whole)) == 0
+  real_report = writers.ConsoleProgress.report
+
+  def ctrl_c_at_step_1(self, step, loss):
+    real_report(self, step, loss)
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGINT)
+  monkeypatch.setattr(writers.ConsoleProgress, "report", ctrl_c_at_step_1)
+  stopped = str(tmp_path / "stopped")
+  capsys.readouterr()
+  assert seeds.main(_args(stopped)) == 130
+  err = capsys.readouterr().err
+  assert "stopped at step 1; checkpoint saved (a signal stopped the run); run the same " \
+         "command to resume" in err, err
+  assert os.listdir(stopped) == ["learned"]  # the next run never started
+  assert not os.path.exists(os.path.join(stopped, "learned", "seed_0", "result.json"))
+  monkeypatch.undo()
+  assert seeds.main(_args(stopped)) == 0
+  assert _results(stopped) == _results(whole)
+
+
+def test_a_changed_request_trains_on_or_is_refused(tmp_path, capsys):
+  """A finished study asked again with more steps trains its runs on; asked with
+  another variant config under the same name, it is one line naming the field (the
+  old results were once printed as the new request's answer)."""
+  workdir = str(tmp_path / "study")
+  assert seeds.main(_args(workdir)) == 0
+  capsys.readouterr()
+  assert seeds.main(_args(workdir, gate="0.5")) == 2
+  err = capsys.readouterr().err
+  assert err == (f"error: --workdir: {workdir}/gate/seed_0 holds a finished run of "
+                 "another config (model.engram.gate: '0.1' -> '0.5'); use a new "
+                 "--workdir for this request, or move that run away to train it again\n")
+  longer = "train.steps=4;train.warmup_steps=1;train.eval_every=2;train.log_every=1"
+  two_steps = _results(workdir)
+  assert seeds.main(_args(workdir, longer)) == 0
+  assert "resumed from step 2" in capsys.readouterr().out
+  assert _results(workdir) != two_steps

@@ -13,8 +13,7 @@ from typing import Optional
 
 from engram_jax.allocation import allocate, config_at, reference_of, summary
 from engram_jax import cli
-
-RESULT = "result.json"
+from engram_jax.studies import run_results
 CSV_FIELDS = ("rho", "rho_realized", "seed", "num_experts", "shared_dim", "table_size",
               "table_rows_used", "table_rows_stored", "total_params", "activated_params",
               "flops_per_token", "total_vs_ref", "activated_vs_ref", "flops_vs_ref",
@@ -54,34 +53,33 @@ def _shared_tokenizer(c, workdir: str) -> str:
   return os.path.join(workdir, tokenizer_lib.WORKDIR_TOKENIZER)
 
 
-def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = None) -> dict:
+def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = None
+              ) -> Optional[dict]:
   """Trains one point (resuming its workdir) and returns its row; a point with a
-  `result.json` is finished and only read back."""
-  import json
-  import os
+  result of this config is finished and only read back (`run_results`). None when
+  the point stopped before `train.steps` (`train.stop_after_steps`)."""
   from engram_jax import train
   from engram_jax import workdir as workdir_lib
   directory = point_dir(workdir, rho, seed)
-  result = os.path.join(directory, RESULT)
-  if os.path.exists(result):
-    with open(result, encoding="utf-8") as f:
-      row = json.load(f)
+  config = point_config(c, rho, seed, steps)
+  row = run_results.read(directory, config)
+  if row is not None:
     print(f"rho {rho:g} seed {seed}: finished earlier (eval_loss "
           f"{row['eval_loss']:.4f}), skipped", flush=True)
     return row
-  config = point_config(c, rho, seed, steps)
   print(f"rho {rho:g} seed {seed}: {config.model.moe.num_experts} experts, Engram layers "
         f"{tuple(config.model.engram.layers)} table_size "
         f"{tuple(config.model.engram.table_size)} -> {directory}", flush=True)
-  metrics = train.train_and_evaluate(config, directory)
+  train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
+  if not run_results.finished(directory, int(config.train.steps)):
+    return None
+  metrics = run_results.final_eval(directory, int(config.train.steps))
   trained = workdir_lib.model_config(directory)
   reference = dataclasses.replace(reference_of(config), vocab_size=trained.vocab_size)
   row = dict(rho=rho, seed=seed, steps=int(config.train.steps), **summary(trained, reference),
              eval_loss=metrics.get("eval_loss"),
              eval_bits_per_byte=metrics.get("eval_bits_per_byte"))
-  with open(result + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(row, f, indent=1)
-  os.replace(result + ".tmp", result)
+  run_results.write(directory, row, config)
   return row
 
 
@@ -105,9 +103,12 @@ def _sweep(c, rhos, workdir: str, steps: Optional[int], seeds) -> list[dict]:
   workdir_lib.ensure_writable(workdir)
   c = config_at(c, c.allocation.rho)
   c.data.tokenizer_path = _shared_tokenizer(c, workdir)
-  for rho in rhos:
-    for seed in seeds:
-      run_point(c, rho, seed, workdir, steps)
+  unfinished = [(rho, seed) for rho in rhos for seed in seeds
+                if run_point(c, rho, seed, workdir, steps) is None]
+  if unfinished:
+    raise ValueError(f"--workdir={workdir!r}: {len(unfinished)} points stopped before "
+                     "train.steps (train.stop_after_steps); run the same command again "
+                     "to train them on, then to report")
   rows = finished_points(workdir)
   write_report(workdir, rows, c)
   return rows
@@ -119,9 +120,12 @@ def finished_points(workdir: str) -> list[dict]:
   import json
   import os
   rows = []
-  for path in glob.glob(os.path.join(workdir, "rho_*_seed_*", RESULT)):
+  for path in glob.glob(os.path.join(workdir, "rho_*_seed_*", run_results.RESULT)):
     with open(path, encoding="utf-8") as f:
-      rows.append(json.load(f))
+      row = json.load(f)
+    row.pop(run_results.CONFIG, None)
+    if row.get("eval_loss") is not None:  # a stopped point of older code: not finished
+      rows.append(row)
   return sorted(rows, key=lambda r: (r["rho"], r["seed"]))
 
 
@@ -134,10 +138,15 @@ def write_report(workdir: str, rows: list[dict], c) -> None:
   """DIR/allocation.csv (one row per point), .md (per rho, mean over seeds), .png."""
   import csv
   import os
-  with open(os.path.join(workdir, "allocation.csv"), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+
+  from engram_jax import paths
+
+  def write_csv(tmp):  # every report file whole or as it was: a kill truncates none
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+      writer.writeheader()
+      writer.writerows(rows)
+  paths.atomic_write(os.path.join(workdir, "allocation.csv"), write_csv)
   by_rho = {}
   for row in rows:
     by_rho.setdefault(row["rho"], []).append(row)
@@ -162,8 +171,7 @@ def write_report(workdir: str, rows: list[dict], c) -> None:
         f"{_mean(losses):.4f} | {', '.join(f'{x:.4f}' for x in losses)} | "
         f"{_mean(r.get('eval_bits_per_byte') for r in group):.4f} |")
   lines += ["", "Percentages: against the pure-MoE reference (rho = 1) of the family."]
-  with open(os.path.join(workdir, "allocation.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.atomic_write_text(os.path.join(workdir, "allocation.md"), "\n".join(lines) + "\n")
   _plot(os.path.join(workdir, "allocation.png"), by_rho, c.allocation.family)
 
 
@@ -184,7 +192,8 @@ def _plot(path: str, by_rho: dict, family: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path)
+  from engram_jax import paths
+  paths.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
   plt.close(fig)
 
 

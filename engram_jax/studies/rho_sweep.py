@@ -31,25 +31,23 @@ def variants(family: str, rhos: Sequence[float]) -> list[tuple[str, float]]:
   return [(baseline_variant(family), 1.0)] + [(f"{family}_rho_{r:g}", r) for r in rhos]
 
 
-def _finished_step(workdir: str) -> int:
-  from engram_jax import checkpoints
-  if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
-    return 0
-  mngr = checkpoints.manager(workdir, async_saves=False, create=False)
-  return max(mngr.all_steps(), default=0)
-
-
 def train_point(variant: str, workdir: str, steps: int, overrides: Callable = None) -> None:
-  """Trains one variant to `steps` (skipped when its checkpoints are there already)."""
+  """Trains one variant to `steps` (skipped when it was trained so with this config;
+  one line when its workdir holds a run of another config: `run_results`)."""
   from engram_jax import train
-  if _finished_step(workdir) >= steps:
-    print(f"{variant}: trained to step {steps} already, skipped", flush=True)
-    return
+  from engram_jax.studies import run_results
   config = _image_configs().get_config(variant)
   run_config.with_steps(config.train, steps)
   if overrides:
     overrides(config)
-  train.train_and_evaluate(config, workdir)
+  if run_results.read(workdir, config) is not None:
+    print(f"{variant}: trained to step {steps} already, skipped", flush=True)
+    return
+  train.train_and_evaluate(config, workdir)  # a signal's stop raises RunStopped
+  if not run_results.finished(workdir, steps):
+    raise ValueError(f"--workdir: {variant} stopped before step {steps} "
+                     "(train.stop_after_steps); run the same command again to train on")
+  run_results.write(workdir, {"variant": variant, "steps": steps}, config)
 
 
 def evaluate_point(workdir: str, split: str, quality) -> dict[str, float]:

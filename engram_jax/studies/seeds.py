@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from engram_jax import cli, config_files
-
-RESULT = "result.json"
+from engram_jax.studies import run_results
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -40,37 +38,27 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
 
 
 def train_one(config_spec: str, variant: str, sets: Sequence[str], seed: int,
-              workdir: str) -> dict:
-  """Trains (or reads back) one (variant, seed) run; returns its final eval metrics."""
+              workdir: str) -> Optional[dict]:
+  """Trains (or reads back) one (variant, seed) run; returns its final eval metrics,
+  or None when it stopped before `train.steps` (`train.stop_after_steps`)."""
   from engram_jax import train
   directory = run_dir(workdir, variant, seed)
-  result_path = os.path.join(directory, RESULT)
-  if os.path.exists(result_path):
-    with open(result_path, encoding="utf-8") as f:
-      return json.load(f)
   config = config_files.load(config_spec)
   config_files.overrides(sets, flag=f"--variant={variant}")(config)
   config.seed = seed
   config.data.seed = seed
+  row = run_results.read(directory, config)
+  if row is not None:
+    return row
   print(f"seeds: {variant} seed {seed} -> {directory}", flush=True)
-  metrics = train.train_and_evaluate(config, directory)
-  if not metrics:  # finished earlier without a result file: its last eval line
-    metrics = last_eval(directory)
-  row = {"variant": variant, "seed": seed, **{k: float(v) for k, v in metrics.items()}}
-  with open(result_path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(row, f, indent=1)
-  os.replace(result_path + ".tmp", result_path)
+  train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
+  steps = int(config.train.steps)
+  if not run_results.finished(directory, steps):
+    return None
+  row = {"variant": variant, "seed": seed,
+         **{k: float(v) for k, v in run_results.final_eval(directory, steps).items()}}
+  run_results.write(directory, row, config)
   return row
-
-
-def last_eval(directory: str) -> dict:
-  rows = []
-  with open(os.path.join(directory, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "eval_loss" in row:
-        rows.append(row)
-  return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
 def welch_t(a: Sequence[float], b: Sequence[float]) -> float:
@@ -110,20 +98,35 @@ def run(config_spec: str, variants: Sequence[tuple[str, list[str]]], seeds: Sequ
   paths.local_output(workdir, "--workdir")  # the sweep's root: local summaries
   for name, sets in variants:  # every override valid before anything trains
     config_files.overrides(sets, flag=f"--variant={name}")(config_files.load(config_spec))
-  rows = []
+  rows, unfinished = [], []
   total = len(variants) * len(seeds)
   for i, (name, sets) in enumerate(variants):
     for j, seed in enumerate(seeds):
       print(f"seeds: run {i * len(seeds) + j + 1}/{total}", flush=True)
-      rows.append(train_one(config_spec, name, sets, seed, workdir))
+      row = train_one(config_spec, name, sets, seed, workdir)
+      (rows.append(row) if row is not None else unfinished.append(f"{name} seed {seed}"))
+  if unfinished:  # summaries of some seeds would read as the whole study's
+    raise ValueError(f"--workdir={workdir!r}: {len(unfinished)} of {total} runs stopped "
+                     f"before train.steps ({', '.join(unfinished[:4])}"
+                     f"{', ...' if len(unfinished) > 4 else ''}: train.stop_after_steps); "
+                     "run the same command again to train them on, then to summarize")
+  missing = sorted({metric} - {k for row in rows for k in row})
+  if missing:
+    raise ValueError(f"--metric={metric!r}: the runs logged no such eval metric "
+                     f"(they have: {', '.join(sorted(rows[0]))})")
+  from engram_jax import paths
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(f"`{config_spec}`, seeds {list(seeds)}\n\n" + summarize(rows, metric))
+  paths.atomic_write_text(os.path.join(workdir, "summary.md"),
+                          f"`{config_spec}`, seeds {list(seeds)}\n\n" +
+                          summarize(rows, metric))
   keys = sorted({k for row in rows for k in row} - {"variant", "seed"})
-  with open(os.path.join(workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, ["variant", "seed", *keys])
-    writer.writeheader()
-    writer.writerows(rows)
+
+  def write_csv(tmp):
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, ["variant", "seed", *keys])
+      writer.writeheader()
+      writer.writerows(rows)
+  paths.atomic_write(os.path.join(workdir, "summary.csv"), write_csv)
   return rows
 
 

@@ -1,0 +1,94 @@
+"""A study's finished runs: `result.json` in each run's workdir, valid for one config.
+
+A study (seeds, the allocation sweep) trains many runs and reads a finished one back
+instead of training it again. A result is written only once its run reached
+`train.steps` (a run a signal stopped raises `errors.RunStopped` and is not finished)
+and records the run's whole config: a later request that only trains longer (more
+`train.steps`, other eval or checkpoint intervals) trains on from the checkpoint; one
+with any other field changed is one line naming the fields, rather than the old
+result reported as the answer to the new request.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+RESULT = "result.json"
+CONFIG = "config"  # the key of the run's config (the ConfigDict as a dict) in a result
+# Fields a finished run may be extended over (the trainer resumes to the new length).
+EXTENDABLE = ("train.steps", "train.eval_every", "train.log_every",
+              "train.checkpoint_every", "train.keep_checkpoints", "train.stop_after_steps")
+
+
+def _flat(config_dict: dict) -> dict:
+  from flax import traverse_util
+  as_json = json.loads(json.dumps(config_dict, default=repr))  # tuples -> lists
+  return traverse_util.flatten_dict(as_json, sep=".")
+
+
+def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
+  """The result of the run in `directory` when it was made with `config`; None when
+  there is none, or its run may train on to `config` (a longer run, or a result from
+  before configs were recorded: the trainer then says it is complete). A result of
+  another config is a ValueError naming the fields that differ."""
+  from engram_jax import paths
+  from engram_jax.data import fingerprint
+  path = os.path.join(directory, RESULT)
+  if not os.path.exists(path):
+    return None
+  try:
+    row = json.loads(paths.read_text(path))
+  except ValueError:  # written atomically: only a hand edit tears it; train again
+    return None
+  saved = row.pop(CONFIG, None) if isinstance(row, dict) else None
+  if saved is None:
+    return None
+  saved, now = _flat(saved), _flat(config.to_dict())
+  now = {k: v for k, v in now.items() if k in saved}  # fields added since: their defaults
+  differing = fingerprint.differences(saved, now)
+  if not differing:
+    return row
+  if all(d.split(":")[0] in EXTENDABLE for d in differing):
+    return None
+  raise ValueError(f"{flag}: {directory} holds a finished run of another config "
+                   f"({'; '.join(differing)}); use a new {flag} for this request, or "
+                   "move that run away to train it again")
+
+
+def finished(directory: str, steps: int) -> bool:
+  """Whether the run in `directory` has its checkpoint at `steps` (one stopped by
+  `train.stop_after_steps` has not). One trained past `steps` (for an earlier, longer
+  request) is a ValueError: its schedule was another run's, not this request's."""
+  from engram_jax import checkpoints
+  if not os.path.isdir(os.path.join(directory, checkpoints.CHECKPOINT_DIR)):
+    return False
+  newest = max(checkpoints.saved_steps(directory), default=0)
+  if newest > steps:
+    raise ValueError(f"--workdir: the run in {directory} trained to step {newest}, past "
+                     f"this request's train.steps={steps}; use a new --workdir for it")
+  return newest == steps
+
+
+def final_eval(directory: str, steps: int) -> dict:
+  """The eval metrics the run in `directory` logged at step `steps` (its last eval,
+  as the trainer always evaluates at `train.steps`)."""
+  from engram_jax import writers
+  rows = []
+  with open(os.path.join(directory, writers.METRICS_FILE), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if row.get("step") == steps and any(k.startswith("eval_") for k in row):
+        rows.append(row)
+  if not rows:
+    raise ValueError(f"--workdir: the run in {directory} logged no eval at step {steps}; "
+                     "use a new --workdir")
+  return {k: v for k, v in rows[-1].items() if k != "step"}
+
+
+def write(directory: str, row: dict, config) -> None:
+  """`row` as the run's result, with `config`, atomically."""
+  from engram_jax import paths
+  paths.atomic_write_text(os.path.join(directory, RESULT),
+                          json.dumps({**row, CONFIG: config.to_dict()}, indent=1,
+                                     default=repr))
