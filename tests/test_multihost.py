@@ -197,6 +197,27 @@ def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
     main.init_distributed("auto")
 
 
+def test_a_coordinator_port_in_use_is_one_line_before_jax_starts(monkeypatch):
+  """Process 0 on a port something listens on: jax's RPC server failed inside C++ (a
+  segmentation fault, or a traceback); the port is checked first. No jax call is
+  made, so this runs in-process."""
+  import socket
+
+  import jax
+
+  from engram_jax import main
+  called = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: called.append(a))
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with pytest.raises(ValueError, match=rf"port {port} is in use on this host .*choose "
+                                         r"another port for every process"):
+      main.init_distributed("on", f"127.0.0.1:{port}", 2, 0)
+  assert not called
+
+
 def test_missing_coordinator_is_a_one_line_error(tmp_path):
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
   for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
