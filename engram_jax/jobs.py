@@ -9,9 +9,11 @@ as `--config.FIELD=VALUE` does on the command line.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 from typing import Any, Mapping, Optional
 
 
@@ -77,6 +79,11 @@ def load(workdir: str, tables: str = "device", table_dir: Optional[str] = None):
   return workdir_lib.load(workdir, tables, table_dir)
 
 
+_LM_SETTINGS = ("max_new_tokens", "num_samples", "temperature", "top_k", "top_p")
+_IMAGE_SETTINGS = ("classes", "samples_per_class", "out", "cfg_scale", "temperature",
+                   "top_k", "top_p")
+
+
 @_quiet
 def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   """Samples from a trained run, as `python -m engram_jax.generate` does. A language
@@ -87,8 +94,12 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   from engram_jax import generate as generate_lib
   from engram_jax import workdir as workdir_lib
   from engram_jax.sampling import image
+  known = dict.fromkeys(_LM_SETTINGS + _IMAGE_SETTINGS + ("tables", "table_dir"))
+  _check_names("generate", settings, known)  # before a checkpoint is read
   run = workdir_lib.load(workdir, settings.pop("tables", "device"),
                          settings.pop("table_dir", None))
+  _check_names("generate", settings, _IMAGE_SETTINGS if run.kind == "image" else
+               _LM_SETTINGS, f"for a {run.kind} run")
   if run.kind == "image":
     grid_keys = ("classes", "samples_per_class", "out")
     return image.sample_grid(run, seed=seed, overrides={k: v for k, v in settings.items()
@@ -100,9 +111,21 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
 @_quiet
 def evaluate(workdir: str, split: str = "val", **options) -> dict:
   """NLL and (with samples_per_class) FID / IS of an image run: the metrics that
-  `python -m engram_jax.studies.evaluate` prints (also written as json in the workdir)."""
+  `python -m engram_jax.studies.evaluate` prints (also written as json in the workdir).
+  `options`: the command's flags as keywords (max_batches, samples_per_class, seed,
+  classifier_dir, feature_net, ...); a bad one is a ValueError naming it."""
   from engram_jax.studies import evaluate as evaluate_lib
-  metrics, _ = evaluate_lib.evaluate_run(workdir, split, **options)
+  from engram_jax.studies import feature_nets
+  parser = evaluate_lib.build_parser()
+  args = _arguments(parser, "evaluate", dict(workdir=workdir, split=split, **options),
+                    defaults=dict(samples_per_class=0))  # NLL only unless asked
+  with _as_keywords(parser):
+    evaluate_lib.check_counts(args)
+    feature = feature_nets.feature_net_options(args)
+  metrics, _ = evaluate_lib.evaluate_run(
+      args.workdir, args.split, max_batches=args.max_batches,
+      samples_per_class=args.samples_per_class, seed=args.seed,
+      classifier_dir=args.classifier_dir, **feature)
   return metrics
 
 
@@ -110,13 +133,77 @@ def evaluate(workdir: str, split: str = "val", **options) -> dict:
 def probes(workdir: str, probe: str = "all", **flags) -> dict[str, str]:
   """Runs the vision paper's probes on an image run (`probe`: gate_clamp, donor, table or
   all; `flags`: the command's, e.g. samples_per_class=10, max_batches=2) and returns each
-  report's markdown table by name; the md/csv/png files are in WORKDIR/probes."""
+  report's markdown table by name; the md/csv/png files are in WORKDIR/probes. A bad
+  keyword is a ValueError naming it."""
   from engram_jax.studies import probes as probes_lib
-  argv = [f"--workdir={workdir}", f"--probe={probe}",
-          *(f"--{key}={value}" for key, value in flags.items())]
+  parser = probes_lib.build_parser()
+  args = _arguments(parser, "probes", dict(workdir=workdir, probe=probe, **flags))
+  with _as_keywords(parser):
+    probes_lib.check_args(args)
   reports = {}
-  for path in probes_lib.run(probes_lib.parse_args(argv)):
+  for path in probes_lib.run(args):
     if path.endswith(".md"):
       with open(path, encoding="utf-8") as f:
         reports[os.path.splitext(os.path.basename(path))[0]] = f.read()
   return reports
+
+
+# ----------------------------------------------------------------------------------
+# A command's flags as a job's keywords: argparse would print usage and exit; a job
+# raises a ValueError naming the keyword, and prints nothing.
+# ----------------------------------------------------------------------------------
+def _check_names(job: str, values: Mapping[str, Any], known, where: str = "") -> None:
+  for key in values:
+    if key not in known:
+      raise ValueError(f"{key}: not an argument of jobs.{job}{' ' + where if where else ''}"
+                       f" (its keywords: {', '.join(known)})")
+
+
+def _arguments(parser, job: str, values: Mapping[str, Any],
+               defaults: Optional[Mapping[str, Any]] = None):
+  """The Namespace `parser.parse_args` would give for `values` (keyword -> value, as
+  Python objects), with `parser`'s defaults (then `defaults`) for the rest."""
+  import argparse
+  actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+  _check_names(job, values, actions)
+  args = argparse.Namespace(**{dest: a.default for dest, a in actions.items()})
+  vars(args).update(defaults or {})
+  for key, value in values.items():
+    action = actions[key]
+    kind = action.type or str
+    if isinstance(value, str) and kind is not str:
+      try:
+        value = kind(value)
+      except ValueError:
+        raise ValueError(f"{key}={value!r}: give {'an' if kind is int else 'a'} "
+                         f"{kind.__name__}") from None
+    elif kind is str and isinstance(value, os.PathLike):
+      value = os.fspath(value)
+    elif kind is str and isinstance(value, (list, tuple)):
+      value = ",".join(str(v) for v in value)  # gates=[0, 0.1, "learned"]
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else
+                                                 (int, float) if kind is float else str):
+      raise ValueError(f"{key}={value!r}: give {'an' if kind is int else 'a'} "
+                       f"{kind.__name__}")
+    if action.choices is not None and value not in action.choices:
+      raise ValueError(f"{key}={value!r}: choose one of "
+                       f"{', '.join(map(str, action.choices))}")
+    setattr(args, key, value)
+  missing = [a.dest for a in actions.values() if a.required and a.dest not in values]
+  if missing:
+    raise ValueError(f"jobs.{job} needs {missing[0]}=...")
+  return args
+
+
+@contextlib.contextmanager
+def _as_keywords(parser):
+  """The checks' `--flag` in a ValueError's message becomes the job's keyword `flag`."""
+  try:
+    yield
+  except ValueError as err:
+    dests = sorted((a.dest for a in parser._actions), key=len, reverse=True)
+    pattern = r"--(" + "|".join(map(re.escape, dests)) + r")\b"
+    message = re.sub(pattern, r"\1", str(err))
+    if message == str(err):
+      raise
+    raise ValueError(message) from None

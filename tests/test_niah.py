@@ -78,3 +78,51 @@ def test_corpus_and_recall_scoring(trained_workdir, tmp_path):
     for q, answer in zip(queries, answers):
       f.write(json.dumps({"prompt": q["prompt"], "value": "\x00never"}) + "\n")
   assert niah.recall(trained_workdir, str(tmp_path), batch_size=2)["recall"] == 0.0
+
+
+def make_small(out) -> None:
+  assert niah.main(["make", f"--out={out}", "--docs=2", "--val_docs=2", "--needles=2",
+                    "--queries=1", "--filler_lines=1"]) == 0
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda text: text[:text.index("\n") + 20], r"val\.jsonl line 2 is not a json object"
+                                                r" \(Unterminated string"),
+    (lambda text: text + '["a list"]\n', r"val\.jsonl line 3 is not a query"),
+    (lambda text: text + '{"prompt": "p"}\n', r"val\.jsonl line 3 is not a query"),
+    (lambda text: "\n", r"val\.jsonl has no queries"),
+])
+def test_a_damaged_val_jsonl_names_the_file_line_and_fix(tmp_path, capsys, damage, match):
+  data = tmp_path / "data"
+  make_small(data)
+  capsys.readouterr()
+  val = data / "val.jsonl"
+  assert len(niah.read_queries(str(data))) == 2
+  val.write_text(damage(val.read_text()))
+  assert niah.main(["eval", f"--workdir={tmp_path / 'W'}", f"--data={data}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {val}") and len(err.splitlines()) == 1, err
+  assert re.search(match, err), err
+  assert f"niah make --out={data}` again" in err
+  val.write_bytes(b"\xff\xfe{")
+  with pytest.raises(ValueError, match=r"val\.jsonl is not UTF-8 text .* make --out="):
+    niah.read_queries(str(data))
+
+
+def test_make_writes_whole_files(tmp_path, monkeypatch):
+  """A killed `make` leaves the previous corpus, not half a val.jsonl to trip `eval`."""
+  from engram_jax import paths
+  make_small(tmp_path)
+  before = (tmp_path / "val.jsonl").read_bytes()
+
+  def killed(path, write):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(paths, "atomic_write", killed)
+  with pytest.raises(KeyboardInterrupt):
+    niah.make_corpus(str(tmp_path), docs=2, val_docs=5, needles=2, queries=1)
+  assert (tmp_path / "val.jsonl").read_bytes() == before
+
+
+def test_eval_rejects_a_negative_max_queries(tmp_path, capsys):
+  assert niah.main(["eval", "--workdir=W", f"--data={tmp_path}", "--max_queries=-1"]) == 2
+  assert capsys.readouterr().err == ("error: --max_queries=-1: use 0 (all) or more\n")

@@ -150,7 +150,9 @@ def save_grid_png(path: str, codes_CxIxHixWi, classes, vmax: int) -> None:
   ax.set_yticks([1 + r * (h + 1) + (h - 1) / 2 for r in range(rows)],
                 [f"class {c}" for c in classes])
   ax.set_xticks([])
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  from engram_jax import paths  # whole or not at all: a kill keeps the previous grid
+  paths.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
+                                                   bbox_inches="tight"))
 
 
 SAMPLING_TYPES = dict(cfg_scale=float, temperature=float, top_k=int, top_p=float)
@@ -204,8 +206,19 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   save_grid_png(out, codes.reshape(len(classes), samples_per_class, g.height, g.width),
                 classes, g.codebook_size - 1)
-  np.savez(os.path.splitext(out)[0] + ".npz", codes=codes, labels=labels_B)
+  save_codes_npz(os.path.splitext(out)[0] + ".npz", codes, labels_B)
   return Grid(codes, labels_B, out, sampling)
+
+
+def save_codes_npz(path: str, codes_BxHixWi, labels_B) -> None:
+  """The sampled codes and their labels as npz, whole or not at all (a kill keeps the
+  previous file)."""
+  from engram_jax import paths
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the temp name
+      np.savez(f, codes=codes_BxHixWi, labels=labels_B)
+  paths.atomic_write(path, write)
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import sys
 
@@ -35,6 +36,7 @@ import numpy as np
 from engram_jax import cli
 from engram_jax import config as config_lib
 from engram_jax import hashing
+from engram_jax import paths
 from engram_jax import run_config
 from engram_jax.layers.hyper import collapse_branches, expand_branches
 from engram_jax.layers.norms import RMSNorm
@@ -168,8 +170,8 @@ def _same_inputs(engram, baseline) -> None:
 
 def analyze(workdir: str, baseline: str, out: str, batches: int = 4) -> dict:
   """Writes logit_lens.csv, cka.csv, cka.png and analysis.md into `out`; both runs
-  read the Engram run's validation sequences. A failure leaves no directory it made."""
-  from engram_jax import paths
+  read the Engram run's validation sequences. A failure leaves no directory it made;
+  each file is written whole or not at all."""
   with paths.no_empty_dir_left(out):
     return _analyze(workdir, baseline, out, batches)
 
@@ -203,19 +205,35 @@ def _analyze(workdir: str, baseline: str, out: str, batches: int) -> dict:
     results[name] = {"step": run.step,
                      "lens": logit_lens(run.model_cfg, params, streams[name], targets_IxT)}
   cka = cka_matrix(streams["engram"], streams["baseline"])
-  with open(os.path.join(out, "logit_lens.csv"), "w", newline="", encoding="utf-8") as f:
+  write_analysis(out, results, cka, _markdown(results, cka, workdir, baseline,
+                                               engram_run.kind, inputs_IxT.shape))
+  return {"logit_lens": results, "cka": cka}
+
+
+def write_analysis(out: str, results: dict, cka, markdown: str) -> None:
+  """logit_lens.csv, cka.csv, cka.png and analysis.md, each whole or not at all: a kill
+  mid-write keeps the previous analysis, never half a file."""
+  paths.atomic_write(os.path.join(out, "logit_lens.csv"),
+                     functools.partial(_write_lens_csv, results=results))
+  paths.atomic_write(os.path.join(out, "cka.csv"), functools.partial(_write_cka_csv, cka=cka))
+  _plot_cka(cka, os.path.join(out, "cka.png"))
+  paths.atomic_write_text(os.path.join(out, "analysis.md"), markdown)
+
+
+def _write_lens_csv(path: str, results: dict) -> None:
+  with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     writer.writerow(["model", "layer", "loss", "top1_agreement"])
     for name, result in results.items():
       for row in result["lens"]:
         writer.writerow([name, row["layer"], f"{row['loss']:.5f}",
                          f"{row['top1_agreement']:.5f}"])
-  np.savetxt(os.path.join(out, "cka.csv"), cka, delimiter=",", fmt="%.5f",
-             header="rows: engram layers 0..L (0 = embedding); columns: baseline layers")
-  _plot_cka(cka, os.path.join(out, "cka.png"))
-  with open(os.path.join(out, "analysis.md"), "w", encoding="utf-8") as f:
-    f.write(_markdown(results, cka, workdir, baseline, engram_run.kind, inputs_IxT.shape))
-  return {"logit_lens": results, "cka": cka}
+
+
+def _write_cka_csv(path: str, cka) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    np.savetxt(f, cka, delimiter=",", fmt="%.5f",
+               header="rows: engram layers 0..L (0 = embedding); columns: baseline layers")
 
 
 def _plot_cka(cka, path: str) -> None:
@@ -229,8 +247,10 @@ def _plot_cka(cka, path: str) -> None:
   ax.set_title("linear CKA")
   fig.colorbar(image, ax=ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  try:  # the temp name has no .png: the format is given
+    paths.atomic_write(path, functools.partial(fig.savefig, format="png", dpi=120))
+  finally:
+    plt.close(fig)
 
 
 def _markdown(results, cka, workdir, baseline, kind: str, shape_IxT) -> str:
@@ -264,7 +284,6 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/analysis)")
   parser.add_argument("--batches", type=int, default=4, help="validation batches to read")
   args = parser.parse_args(argv)
-  from engram_jax import paths
 
   def body():
     out = paths.local_output(args.out or os.path.join(args.workdir, "analysis"), "--out")

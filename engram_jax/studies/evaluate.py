@@ -168,9 +168,8 @@ def evaluate_run(workdir: str, split: str = "val", *, max_batches: int = 0,
   return metrics, path
 
 
-def main(argv=None) -> int:
-  import json
-
+def build_parser() -> cli.Parser:
+  """The evaluate command's flags (also the keywords of `jobs.evaluate`)."""
   parser = cli.Parser(
       prog="python -m engram_jax.studies.evaluate",
       description="NLL (bits/token) on a split, and FID / IS of samples against it, of "
@@ -183,12 +182,23 @@ def main(argv=None) -> int:
   add_feature_net_flags(parser)
   parser.add_argument("--classifier_dir", default="",
                       help="where the digits classifier is cached (default: the workdir)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def check_counts(args) -> None:
+  """A ValueError naming the first negative count flag, before any work."""
+  for name in ("max_batches", "samples_per_class"):
+    if getattr(args, name) < 0:
+      raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
+
+
+def main(argv=None) -> int:
+  import json
+
+  args = build_parser().parse_args(argv)
 
   def body():
-    for name in ("max_batches", "samples_per_class"):
-      if getattr(args, name) < 0:
-        raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")
+    check_counts(args)
     options = feature_net_options(args)
     metrics, path = evaluate_run(args.workdir, args.split, max_batches=args.max_batches,
                                  samples_per_class=args.samples_per_class, seed=args.seed,

@@ -90,26 +90,50 @@ def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 
   filler = filler_lines()
   shape = dict(needles=needles, queries=queries, filler_lines_per_doc=filler_lines_per_doc,
                key_letters=key_letters, value_digits=value_digits)
+  from engram_jax import paths
   os.makedirs(os.path.join(out, "train"), exist_ok=True)
+  # each file whole or not at all: a killed `make` leaves no truncated file behind
   for part in range(-(-docs // docs_per_file)):
     count = min(docs_per_file, docs - part * docs_per_file)
     texts = [make_document(rng, filler, **shape)["text"] for _ in range(count)]
-    with open(os.path.join(out, "train", f"part-{part:04d}.txt"), "w",
-              encoding="utf-8") as f:
-      f.write("\n".join(texts))
-  with open(os.path.join(out, "val.jsonl"), "w", encoding="utf-8") as f:
-    for _ in range(val_docs):
-      for prompt, value in make_document(rng, filler, **shape)["queries"]:
-        f.write(json.dumps({"prompt": prompt, "value": value}) + "\n")
+    paths.atomic_write_text(os.path.join(out, "train", f"part-{part:04d}.txt"),
+                            "\n".join(texts))
+  rows = [json.dumps({"prompt": prompt, "value": value}) + "\n"
+          for _ in range(val_docs)
+          for prompt, value in make_document(rng, filler, **shape)["queries"]]
+  paths.atomic_write_text(os.path.join(out, "val.jsonl"), "".join(rows))
 
 
 def read_queries(data: str) -> list[dict]:
+  """`data/val.jsonl`'s queries; a damaged file (a killed `make`, an edit) is a
+  ValueError naming it and the line, not a json traceback."""
   path = os.path.join(data, "val.jsonl")
+  remake = f"run `python -m engram_jax.studies.niah make --out={data}` again"
   if not os.path.isfile(path):
     raise ValueError(f"--data={data!r} has no val.jsonl; write one with "
                      "`python -m engram_jax.studies.niah make --out=DIR`")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{path} is not UTF-8 text ({err.reason}); {remake}") from None
+  queries = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      query = json.loads(line)
+    except json.JSONDecodeError as err:
+      raise ValueError(f"{path} line {number} is not a json object ({err.msg}, the file "
+                       f"may be truncated); {remake}") from None
+    if not (isinstance(query, dict) and isinstance(query.get("prompt"), str)
+            and isinstance(query.get("value"), str)):
+      raise ValueError(f"{path} line {number} is not a query (a json object with string "
+                       f"\"prompt\" and \"value\"); {remake}")
+    queries.append(query)
+  if not queries:
+    raise ValueError(f"{path} has no queries; {remake}")
+  return queries
 
 
 def recalled(answer: str, value: str) -> bool:
@@ -125,6 +149,8 @@ def recall(workdir: str, data: str, max_queries: int = 0, batch_size: int = 16) 
 
   from engram_jax import workdir as workdir_lib
   from engram_jax.sampling import text as generate
+  if max_queries < 0:
+    raise ValueError(f"max_queries={max_queries}: use 0 (all) or a positive integer")
   queries = read_queries(data)
   if max_queries:
     queries = queries[:max_queries]
@@ -196,6 +222,8 @@ def main(argv=None) -> int:
                   key_letters=args.key_letters, value_digits=args.value_digits)
       print(f"wrote {args.out}/train/*.txt and {args.out}/val.jsonl")
     else:
+      if args.max_queries < 0:
+        raise ValueError(f"--max_queries={args.max_queries}: use 0 (all) or more")
       print(json.dumps(recall(args.workdir, args.data, args.max_queries)))
   return cli.run(body)
 

@@ -384,7 +384,11 @@ def run(args) -> list[str]:
 
 def parse_args(argv):
   """The probes command's flags, checked before any work (a ValueError names the flag)."""
+  return check_args(build_parser().parse_args(argv))
 
+
+def build_parser() -> cli.Parser:
+  """The probes command's flags (also the keywords of `jobs.probes`)."""
   parser = cli.Parser(
       prog="python -m engram_jax.studies.probes",
       description="Probe how an image model uses Engram; writes DIR/probes/<probe>."
@@ -405,7 +409,11 @@ def parse_args(argv):
                       help="where the digits classifier is cached (default: the workdir)")
   parser.add_argument("--bootstrap", type=int, default=1000)
   parser.add_argument("--permutations", type=int, default=10000)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def check_args(args):
+  """`args` when every value is usable, else a ValueError naming the flag."""
   for name in ("max_batches", "batch_size", "samples_per_class"):
     if getattr(args, name) < 0:
       raise ValueError(f"--{name}={getattr(args, name)}: use 0 or a positive integer")

@@ -7,11 +7,14 @@ formulas.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import os
 from typing import Callable, Sequence
 
 import numpy as np
+
+from engram_jax import paths as paths_lib
 
 
 def chunks(n: int, size: int) -> list[slice]:
@@ -89,23 +92,29 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def write_report(out_dir: str, name: str, tables: Sequence[tuple[str, list[dict]]],
                  plot: Callable, header: str = "") -> list[str]:
   """`name.md` (every table), one CSV per table (`name.csv`, `name_<title>.csv`) and
-  `name.png` drawn by `plot(figure)`; returns the paths."""
+  `name.png` drawn by `plot(figure)`; returns the paths. Each file is written whole or
+  not at all: a kill mid-write leaves the previous report as it was."""
   from matplotlib.figure import Figure
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, f"{name}.md")]
-  with open(paths[0], "w", encoding="utf-8") as f:
-    f.write(f"# {name}\n\n{header}\n\n" if header else f"# {name}\n\n")
-    for title, rows in tables:
-      f.write(f"## {title}\n\n{markdown_table(rows)}\n\n")
+  text = f"# {name}\n\n{header}\n\n" if header else f"# {name}\n\n"
+  text += "".join(f"## {title}\n\n{markdown_table(rows)}\n\n" for title, rows in tables)
+  paths_lib.atomic_write_text(paths[0], text)
   for i, (title, rows) in enumerate(tables):
     path = os.path.join(out_dir, f"{name}.csv" if i == 0 else f"{name}_{title}.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
+    paths_lib.atomic_write(path, functools.partial(write_csv, rows=rows))
     paths.append(path)
   fig = Figure(figsize=(9, 3.5))
   plot(fig)
   paths.append(os.path.join(out_dir, f"{name}.png"))
-  fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+  paths_lib.atomic_write(paths[-1], functools.partial(
+      fig.savefig, format="png", dpi=100, bbox_inches="tight"))  # the temp name has no .png
   return paths
+
+
+def write_csv(path: str, rows: Sequence[dict]) -> None:
+  """`rows` (dicts with the same keys) as a CSV with a header line."""
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
