@@ -303,7 +303,10 @@ def damaged_files(workdir: str, step: int, items: tuple = ("state", "data")
     item_dir = paths.join(step_dir, item)
     if not paths.exists(item_dir):
       return f"{CHECKPOINT_DIR}/{step}/{item}/ is missing"
-    ocdbt = any(n.startswith("ocdbt.process_") for n in paths.listdir(item_dir))
+    try:
+      ocdbt = any(n.startswith("ocdbt.process_") for n in paths.listdir(item_dir))
+    except FileNotFoundError:  # deleted meanwhile (a trainer's rotation)
+      return f"{CHECKPOINT_DIR}/{step}/{item}/ is missing"
     if ocdbt and not paths.exists(paths.join(item_dir, "manifest.ocdbt")):
       return f"{CHECKPOINT_DIR}/{step}/{item}/manifest.ocdbt is missing"
   for name in [*(f"{item}/{f}" for item in items for f in _JSON_FILES), _JSON_FILES[0]]:

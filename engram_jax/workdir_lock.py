@@ -118,6 +118,7 @@ class WorkdirLock:
     replaced between opening and locking it (a lock on a removed file would exclude
     no one: a later trainer creates and locks a new one). Raises `WorkdirLocked`."""
     import fcntl
+    existed = os.path.lexists(self.path)
     try:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:  # the workdir itself went (a run that made it failed)
@@ -125,7 +126,7 @@ class WorkdirLock:
       return None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
       os.close(fd)
       holder = _holder(self.path)
       same_host = holder.get("host") == socket.gethostname()
@@ -136,6 +137,13 @@ class WorkdirLock:
           f"{self.flag}={os.path.dirname(self.path)!r} is in use by {_describe(holder)}"
           f"{state}; wait for that {self.noun} to finish, stop it, or use another "
           f"{self.flag} (lock: {self.path})") from None
+    except OSError as err:  # no flock on this filesystem (NFS without lockd: ENOLCK)
+      os.close(fd)
+      if not existed:  # made by this call, and no one can hold it: not left behind
+        paths.remove(self.path, missing_ok=True)
+      raise ValueError(f"{self.flag}={self.workdir!r}: cannot lock {self.path} "
+                       f"({err.strerror or err}): its filesystem offers no flock; use a "
+                       f"{self.flag} on a local disk") from None
     try:
       current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:

@@ -244,6 +244,7 @@ def repair_events(logdir: str, resume_step: int) -> int:
   steps twice, going back at the resume); returns how many records were cut. Each file
   is rewritten atomically, only when needed; the cut records are appended to
   `DROPPED_EVENTS_FILE` beside them, never lost."""
+  from google.protobuf.message import DecodeError
   from tensorboard.compat.proto import event_pb2
   cut = []
   for name in sorted(paths.listdir(logdir)):
@@ -255,7 +256,11 @@ def repair_events(logdir: str, resume_step: int) -> int:
       if data is None:
         dropped.append(frame)
         continue
-      event = event_pb2.Event.FromString(data)
+      try:
+        event = event_pb2.Event.FromString(data)
+      except DecodeError:  # bytes damaged inside a whole frame: cut (kept), not fatal
+        dropped.append(frame)
+        continue
       (dropped if event.HasField("summary") and event.step > resume_step else kept
        ).append(frame)
     if dropped:

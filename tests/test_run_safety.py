@@ -391,3 +391,32 @@ def test_a_run_trains_in_a_thread_other_than_the_main_one(tmp_path):
   thread.start()
   thread.join(300)
   assert "eval_loss" in result.get("metrics", {}), result
+
+
+def test_a_filesystem_without_flock_is_one_line_and_leaves_no_lock_file(tmp_path,
+                                                                        monkeypatch):
+  """NFS without lockd answers flock with ENOLCK: that is not "in use by an unknown
+  process", and the lock file this call made does not stay behind."""
+  import errno
+  import fcntl
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with pytest.raises(ValueError, match=r"cannot lock .*\(No locks available\): its "
+                                       r"filesystem offers no flock; use a --out on a "
+                                       r"local disk"):
+    workdir_lock.WorkdirLock(str(tmp_path), flag="--out", name=".export.lock",
+                             noun="export").acquire()
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_deleted_while_checked_reads_as_missing(tmp_path, monkeypatch):
+  from engram_jax import checkpoints, paths
+  item = tmp_path / "checkpoints" / "6" / "state"
+  item.mkdir(parents=True)
+
+  def deleted_meanwhile(path):
+    raise FileNotFoundError(path)
+  monkeypatch.setattr(paths, "listdir", deleted_meanwhile)
+  assert checkpoints.damaged_files(str(tmp_path), 6) == "checkpoints/6/state/ is missing"

@@ -92,3 +92,23 @@ def test_a_resume_after_a_kill_logs_every_step_once(tmp_path):
   assert steps == [1, 2, 3, 4, 5, 6]
   assert _scalars(workdir)["train_loss"] == [
       (step, np.float32(loss)) for step, loss in runs.train_losses(workdir).items()]
+
+
+def test_a_record_damaged_inside_is_cut_not_fatal(tmp_path):
+  """Bytes changed inside a whole record (its length intact) made every resume fail
+  decoding it; the record is cut and kept like a torn one, the others stay."""
+  writer = writers.TensorBoardWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": float(step)})
+  (event_file,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  raw = bytearray(open(event_file, "rb").read())
+  frames, pos = [], 0
+  while pos < len(raw):
+    (length,) = struct.unpack_from("<Q", raw, pos)
+    frames.append((pos, length))
+    pos += 16 + length
+  start, length = frames[2]  # step 2's record: its data made undecodable
+  raw[start + 12:start + 12 + length] = b"\xff" * length
+  open(event_file, "wb").write(bytes(raw))
+  assert writers.repair_events(str(tmp_path), 3) == 1
+  assert _scalars(str(tmp_path)) == {"loss": [(1, 1.0), (3, 3.0)]}

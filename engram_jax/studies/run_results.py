@@ -4,9 +4,11 @@ A study (seeds, the allocation sweep) trains many runs and reads a finished one 
 instead of training it again. A result is written only once its run reached
 `train.steps` (a run a signal stopped raises `errors.RunStopped` and is not finished)
 and records the run's whole config: a later request that only trains longer (more
-`train.steps`, other eval or checkpoint intervals) trains on from the checkpoint; one
-with any other field changed is one line naming the fields, rather than the old
-result reported as the answer to the new request.
+`train.steps`, with the warm-up `--steps` derives from them, other eval or checkpoint
+intervals) trains on from the checkpoint; one with any other field changed is one line
+naming the fields, rather than the old result reported as the answer to the new
+request. Fields that only one code version has are not compared, nor the spelling of a
+file's path (`FILE_FIELDS`).
 """
 from __future__ import annotations
 
@@ -45,15 +47,41 @@ def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
   if saved is None:
     return None
   saved, now = _flat(saved), _flat(config.to_dict())
-  now = {k: v for k, v in now.items() if k in saved}  # fields added since: their defaults
-  differing = fingerprint.differences(saved, now)
+  both = saved.keys() & now.keys()  # fields added or removed since: another code version
+  differing = [d for d in fingerprint.differences({k: saved[k] for k in both},
+                                                  {k: now[k] for k in both})
+               if not _same_file_field(d.split(":")[0], saved, now)]
   if not differing:
     return row
-  if all(d.split(":")[0] in EXTENDABLE for d in differing):
+  fields = {d.split(":")[0] for d in differing}
+  # `run_config.with_steps` (the studies' --steps) derives the warm-up from the steps
+  extendable = set(EXTENDABLE) | ({"train.warmup_steps"} if "train.steps" in fields else set())
+  if fields <= extendable:
     return None
   raise ValueError(f"{flag}: {directory} holds a finished run of another config "
                    f"({'; '.join(differing)}); use a new {flag} for this request, or "
                    "move that run away to train it again")
+
+
+# Fields that locate a file rather than define the run: the same file spelled another
+# way (a relative --workdir) or moved with the study is the same run.
+FILE_FIELDS = ("data.tokenizer_path",)
+
+
+def _same_file_field(key: str, saved: dict, now: dict) -> bool:
+  """Whether `key` is a `FILE_FIELDS` path naming the same file in both configs: one
+  path, or equal bytes (or the saved one gone: a study moved as a whole)."""
+  if key not in FILE_FIELDS or not isinstance(now.get(key), str):
+    return False
+  old, new = saved.get(key), now[key]
+  if not isinstance(old, str) or not os.path.exists(new):
+    return False
+  if not os.path.exists(old):
+    return True
+  if os.path.realpath(old) == os.path.realpath(new):
+    return True
+  with open(old, "rb") as a, open(new, "rb") as b:
+    return a.read() == b.read()
 
 
 def finished(directory: str, steps: int) -> bool:
