@@ -38,3 +38,18 @@ def overwrite_middle(data_dir, count: int = 64):
     chunk = f.read(count)
     f.seek(os.path.getsize(path) // 2)
     f.write(bytes(255 - b for b in chunk))
+
+
+def signal_at_step(monkeypatch, owner, method: str, step: int, signum: int,
+                   step_arg: int):
+  """Sends `signum` to this process right after `owner.method` ran for `step` (its
+  positional argument `step_arg`, after self): a real signal in the middle of a run.
+  Returns the real method."""
+  real = getattr(owner, method)
+
+  def then_signal(self, *args):
+    real(self, *args)
+    if args[step_arg] == step:
+      os.kill(os.getpid(), signum)
+  monkeypatch.setattr(owner, method, then_signal)
+  return real

@@ -18,6 +18,7 @@ from engram_jax import workdir as workdir_lib  # noqa: E402
 from engram_jax import disk_tables
 
 from tests import lm_test_config  # noqa: E402
+from tests import runs as test_runs  # noqa: E402
 from tests.conftest import tiny_model_config  # noqa: E402
 
 
@@ -284,13 +285,8 @@ def test_sigterm_saves_host_tables_and_resumes_exactly(runs, tmp_path, monkeypat
   the run saves the host tables with step 2 and stops; the resume ends as if
   uninterrupted."""
   import signal
-  real_apply = host_tables.HostFeed.apply
-
-  def apply_then_preempt(self, table_rows, step):
-    real_apply(self, table_rows, step)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-  monkeypatch.setattr(host_tables.HostFeed, "apply", apply_then_preempt)
+  real_apply = test_runs.signal_at_step(monkeypatch, host_tables.HostFeed, "apply", 2,
+                                        signal.SIGTERM, step_arg=1)  # apply(rows, step)
   workdir = str(tmp_path / "preempted")
   with pytest.raises(errors.RunStopped) as stopped:  # not finished: callers must know
     train.train_and_evaluate(_config(), workdir)

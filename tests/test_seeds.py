@@ -6,6 +6,7 @@ import pytest
 
 from engram_jax.studies import seeds
 
+from tests import runs
 from tests.cli import ROOT
 
 
@@ -58,13 +59,8 @@ def test_a_stopped_run_is_not_counted_and_the_study_resumes_it(tmp_path, capsys,
   from engram_jax import writers
   whole = str(tmp_path / "whole")
   assert seeds.main(_args(whole)) == 0
-  real_report = writers.ConsoleProgress.report
-
-  def ctrl_c_at_step_1(self, step, loss):
-    real_report(self, step, loss)
-    if step == 1:
-      os.kill(os.getpid(), signal.SIGINT)
-  monkeypatch.setattr(writers.ConsoleProgress, "report", ctrl_c_at_step_1)
+  runs.signal_at_step(monkeypatch, writers.ConsoleProgress, "report", 1, signal.SIGINT,
+                      step_arg=0)  # Ctrl-C after step 1's console line
   stopped = str(tmp_path / "stopped")
   capsys.readouterr()
   assert seeds.main(_args(stopped)) == 130
