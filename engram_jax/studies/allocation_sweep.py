@@ -136,17 +136,12 @@ def _mean(values):
 
 def write_report(workdir: str, rows: list[dict], c) -> None:
   """DIR/allocation.csv (one row per point), .md (per rho, mean over seeds), .png."""
-  import csv
   import os
 
   from engram_jax import paths
-
-  def write_csv(tmp):  # every report file whole or as it was: a kill truncates none
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-      writer.writeheader()
-      writer.writerows(rows)
-  paths.atomic_write(os.path.join(workdir, "allocation.csv"), write_csv)
+  from engram_jax.studies import reports
+  # every report file whole or as it was: a kill truncates none
+  reports.write_csv(os.path.join(workdir, "allocation.csv"), rows, CSV_FIELDS)
   by_rho = {}
   for row in rows:
     by_rho.setdefault(row["rho"], []).append(row)

@@ -10,7 +10,7 @@ import csv
 import functools
 import itertools
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -102,7 +102,7 @@ def write_report(out_dir: str, name: str, tables: Sequence[tuple[str, list[dict]
   paths_lib.atomic_write_text(paths[0], text)
   for i, (title, rows) in enumerate(tables):
     path = os.path.join(out_dir, f"{name}.csv" if i == 0 else f"{name}_{title}.csv")
-    paths_lib.atomic_write(path, functools.partial(write_csv, rows=rows))
+    write_csv(path, rows)
     paths.append(path)
   fig = Figure(figsize=(9, 3.5))
   plot(fig)
@@ -112,9 +112,13 @@ def write_report(out_dir: str, name: str, tables: Sequence[tuple[str, list[dict]
   return paths
 
 
-def write_csv(path: str, rows: Sequence[dict]) -> None:
-  """`rows` (dicts with the same keys) as a CSV with a header line."""
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+def write_csv(path: str, rows: Sequence[dict], fields: Optional[Sequence[str]] = None
+              ) -> None:
+  """`rows` (dicts) as a CSV with a header line of `fields` (default: the first row's
+  keys; other keys are left out), whole or not at all."""
+  def write(tmp: str) -> None:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, fieldnames=list(fields or rows[0]), extrasaction="ignore")
+      writer.writeheader()
+      writer.writerows(rows)
+  paths_lib.atomic_write(path, write)

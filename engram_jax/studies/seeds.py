@@ -14,7 +14,6 @@ side) is a difference beyond the seed spread at about the 5% level.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from engram_jax import cli, config_files
-from engram_jax.studies import run_results
+from engram_jax.studies import reports, run_results
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -120,13 +119,7 @@ def run(config_spec: str, variants: Sequence[tuple[str, list[str]]], seeds: Sequ
                           f"`{config_spec}`, seeds {list(seeds)}\n\n" +
                           summarize(rows, metric))
   keys = sorted({k for row in rows for k in row} - {"variant", "seed"})
-
-  def write_csv(tmp):
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, ["variant", "seed", *keys])
-      writer.writeheader()
-      writer.writerows(rows)
-  paths.atomic_write(os.path.join(workdir, "summary.csv"), write_csv)
+  reports.write_csv(os.path.join(workdir, "summary.csv"), rows, ["variant", "seed", *keys])
   return rows
 
 
