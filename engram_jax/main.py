@@ -71,36 +71,11 @@ def _cluster_detected() -> bool:
           or "OMPI_MCA_orte_hnp_uri" in os.environ)
 
 
-# Seconds every process waits for all to join (`jax.distributed.initialize`); past
-# it jax ends the process itself (a fatal log, exit 134), as it does when a process
-# stops answering during the run.
+# Seconds every process waits for all to join: first the check-in with process 0
+# (`rendezvous`: a wrong count or id is one line), then `jax.distributed.initialize`,
+# which ends the process itself (a fatal log, exit 134) past it, as it does when a
+# process stops answering during the run.
 JOIN_TIMEOUT_S = 300
-
-
-def _check_port_free(address: str) -> None:
-  """Process 0 serves the coordinator on `address`'s port, on every interface: a port
-  already taken makes jax's RPC server fail inside C++ (a segmentation fault or a
-  traceback), so it is checked here first, as jax binds it (SO_REUSEADDR: a port
-  left in TIME_WAIT by a run that just ended is free)."""
-  import errno
-  import socket
-  _, _, port_text = address.rpartition(":")
-  try:
-    port = int(port_text)
-  except ValueError:
-    raise ValueError(f"--coordinator_address={address!r}: use HOST:PORT") from None
-  for family, anywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-    try:
-      with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((anywhere, port))
-      return
-    except OSError as err:
-      if err.errno == errno.EADDRINUSE:
-        raise ValueError(f"--coordinator_address={address}: port {port} is in use on "
-                         "this host (another run's coordinator?); choose another port "
-                         "for every process") from None
-      continue  # no IPv6 here: try IPv4
 
 
 def init_distributed(mode: str = "auto", coordinator_address=None, num_processes=None,
@@ -127,12 +102,16 @@ def init_distributed(mode: str = "auto", coordinator_address=None, num_processes
                      f"{num_processes})")
   if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if process_id == 0 and coordinator_address:
-    _check_port_free(coordinator_address)
   if num_processes is not None:  # the wait for the others is silent otherwise
     print(f"distributed: process {process_id} of {num_processes}, coordinator "
           f"{coordinator_address}; waiting up to {JOIN_TIMEOUT_S} s for all to join",
           file=sys.stderr, flush=True)
+  if None not in given:  # jax detects nothing here: the launch itself can be wrong
+    from engram_jax import rendezvous
+    if process_id == 0:
+      rendezvous.gather(coordinator_address, num_processes, JOIN_TIMEOUT_S)
+    else:
+      rendezvous.check_in(coordinator_address, num_processes, process_id, JOIN_TIMEOUT_S)
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=JOIN_TIMEOUT_S)
