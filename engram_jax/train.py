@@ -202,6 +202,16 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
                                  accept_data_change, int(state.step))
     train_iter.set_state(own)
   start = int(state.step)
+  if start >= t.steps:  # nothing to do: the workdir is left exactly as it was
+    if pidx == 0:
+      print(f"run complete: the checkpoint is at step {start} and train.steps={t.steps}; "
+            f"to train further, raise it (e.g. --config.train.steps={2 * t.steps})",
+            flush=True)
+    manager.close()
+    train_iter.close()
+    if store is not None:
+      store.close()
+    return {}
   # The restore succeeded (or there was nothing to restore): now the run's metadata
   # may describe this config, and the metrics log and TensorBoard files drop what the
   # last run logged after its last checkpoint (and a record torn by a kill).
@@ -231,15 +241,6 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
                   if param_groups.group(path) == "engram_tables"]
   if table_arrays:  # on the devices; host tables are in the overview
     say(sharding.describe_table_placement(table_arrays))
-  if start >= t.steps:
-    say(f"run complete: the checkpoint is at step {start} and train.steps={t.steps}; "
-        f"to train further, raise it (e.g. --config.train.steps={2 * t.steps})")
-    manager.close()
-    writer.close()
-    train_iter.close()
-    if store is not None:
-      store.close()
-    return {}
   feed = None
   if store is not None:
     say(f"Engram tables in host memory: {store.nbytes / 2**20:,.1f} MiB with their "

@@ -373,7 +373,10 @@ def check_resumable(run, workdir: str) -> None:
   from engram_jax import checkpoints
   saved, ckpts = (paths.join(workdir, name) for name in ("config.json",
                                                           checkpoints.CHECKPOINT_DIR))
-  if not (paths.exists(saved) and any(name.isdigit() for name in paths.listdir(ckpts))):
+  if not paths.exists(saved):
+    return
+  if not any(name.isdigit() for name in paths.listdir(ckpts)):
+    _check_config_is_a_run(workdir)  # a new run rewrites it
     return
   saved_config = _read_saved(workdir, f"{_RESTORE_CONFIG}, or move it aside to resume "
                                      "with this command's config (it must then give the "
@@ -404,6 +407,17 @@ def check_resumable(run, workdir: str) -> None:
     raise ValueError(f"data.vocab_size={data.vocab_size} but --workdir={workdir!r} trained "
                      f"its tokenizer with data.vocab_size={before} and resumes with it; "
                      f"resume with --config.data.vocab_size={before} or use a new --workdir")
+
+
+def _check_config_is_a_run(workdir: str) -> None:
+  """A `config.json` a new run would replace must be one a run wrote (one that stopped
+  before its first checkpoint): any other file of that name is the user's."""
+  fix = "training here would replace it: move it aside, or give another --workdir"
+  saved = _read_saved(workdir, fix)
+  if not (RESOLVED in saved or {"model", "train"} <= saved.keys()):
+    raise ValueError(f"--workdir={workdir!r}: its {CONFIG_FILE} is not a run's config (no "
+                     f"{RESOLVED}, model or train section) and there is no checkpoint; "
+                     f"{fix}")
 
 
 def restore_or_explain(manager, abstract, workdir, model_cfg, exclude=()):

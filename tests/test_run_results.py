@@ -61,3 +61,35 @@ def test_fields_of_another_code_version_are_not_compared(study):
   c = _config(str(study))
   c.model.added_knob = 3  # and one added since
   assert run_results.read(str(study / "run"), c) == {"eval_loss": 4.2}
+
+
+def test_a_run_the_study_did_not_start_is_refused(tmp_path):
+  """The user's own run under the study's root (README: `digits_baseline` under
+  `workdirs`) was trained on under the study's schedule, its config rewritten."""
+  run = tmp_path / "digits_baseline"
+  run.mkdir()
+  (run / "config.json").write_text('{"model": {}, "train": {"steps": 400}}')
+  with pytest.raises(ValueError, match=r"holds a run this study did not start \(no "
+                                       r"study_run.json\).*give the study its own --workdir"):
+    run_results.read(str(run), _config(str(tmp_path)))
+
+
+def test_a_claim_checks_an_interrupted_run_and_goes_with_a_failed_start(tmp_path):
+  run = str(tmp_path / "point")
+  config = _config(str(tmp_path))
+  with pytest.raises(RuntimeError):  # the trainer failed before writing anything
+    with run_results.claimed(run, config):
+      raise RuntimeError("bad field")
+  assert not os.path.exists(run)  # made for the claim, and gone with it
+  assert run_results.read(run, _config(str(tmp_path), gate=0.5)) is None  # starts afresh
+  with pytest.raises(KeyboardInterrupt):  # stopped mid-run: the run stays the study's
+    with run_results.claimed(run, config):
+      with open(os.path.join(run, "config.json"), "w") as f:
+        f.write("{}")  # what the trainer writes once it starts
+      raise KeyboardInterrupt
+  assert os.path.exists(os.path.join(run, run_results.STARTED))
+  assert run_results.read(run, config) is None  # resumes
+  assert run_results.read(run, _config(str(tmp_path), steps=20, warmup=2)) is None
+  with pytest.raises(ValueError, match=r"holds an unfinished run of another config "
+                                       r"\(model\.gate: 0\.1 -> 0\.5\)"):
+    run_results.read(run, _config(str(tmp_path), gate=0.5))

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("clu")
 pytest.importorskip("orbax.checkpoint")
 
-from engram_jax import train, workdir_lock, writers  # noqa: E402
+from engram_jax import library_log, train, workdir_lock, writers  # noqa: E402
 from engram_jax import workdir as workdir_lib  # noqa: E402
 
 from tests import runs  # noqa: E402
@@ -220,9 +220,37 @@ def test_resume_repairs_metrics_and_a_finished_run_says_so(stopped_run, tmp_path
   assert train_steps == [1, 2, 3, 4] and 123.0 not in [r.get("train_loss") for r in rows]
   out = capsys.readouterr().out
   assert "eval at step 4: eval_loss" in out
-  train.train_and_evaluate(_config(checkpoint_every=2), workdir)
+  before = _snapshot(workdir)
+  # a finished run asked again, with other train fields, changes nothing (it used to
+  # record this config in config.json and leave an empty TensorBoard file)
+  train.train_and_evaluate(_config(steps=3, checkpoint_every=2, learning_rate=0.5), workdir)
   assert "run complete" in capsys.readouterr().out
-  assert _steps(workdir) == [2, 4]
+  assert _snapshot(workdir) == before and _steps(workdir) == [2, 4]
+
+
+def _snapshot(workdir: str) -> dict:
+  """{path: bytes} of every file in `workdir` but the lock (rewritten by every run)
+  and the library log."""
+  found = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      if name not in (workdir_lock.LOCK_FILE, library_log.LOG_FILE):
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+          found[os.path.relpath(path, workdir)] = f.read()
+  return found
+
+
+def test_a_config_json_no_run_wrote_is_not_replaced(tmp_path):
+  """A directory holding the user's own config.json and no checkpoint: training there
+  used to replace the file with the run's config."""
+  workdir = tmp_path / "mine"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"my": "precious"}')
+  with pytest.raises(ValueError, match=r"config.json is not a run's config .* move it "
+                                       r"aside, or give another --workdir"):
+    train.train_and_evaluate(_config(), str(workdir))
+  assert (workdir / "config.json").read_text() == '{"my": "precious"}'
 
 
 @pytest.mark.parametrize("garbage", ["garbage{", "[1, 2]"])

@@ -70,7 +70,8 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
   print(f"rho {rho:g} seed {seed}: {config.model.moe.num_experts} experts, Engram layers "
         f"{tuple(config.model.engram.layers)} table_size "
         f"{tuple(config.model.engram.table_size)} -> {directory}", flush=True)
-  train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
+  with run_results.claimed(directory, config):
+    train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
   if not run_results.finished(directory, int(config.train.steps)):
     return None
   metrics = run_results.final_eval(directory, int(config.train.steps))

@@ -43,7 +43,8 @@ def train_point(variant: str, workdir: str, steps: int, overrides: Callable = No
   if run_results.read(workdir, config) is not None:
     print(f"{variant}: trained to step {steps} already, skipped", flush=True)
     return
-  train.train_and_evaluate(config, workdir)  # a signal's stop raises RunStopped
+  with run_results.claimed(workdir, config):
+    train.train_and_evaluate(config, workdir)  # a signal's stop raises RunStopped
   if not run_results.finished(workdir, steps):
     raise ValueError(f"--workdir: {variant} stopped before step {steps} "
                      "(train.stop_after_steps); run the same command again to train on")

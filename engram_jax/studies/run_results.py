@@ -9,14 +9,21 @@ intervals) trains on from the checkpoint; one with any other field changed is on
 naming the fields, rather than the old result reported as the answer to the new
 request. Fields that only one code version has are not compared, nor the spelling of a
 file's path (`FILE_FIELDS`).
+
+Before a study first trains in a directory it writes `study_run.json` there (`claim`),
+with the config: an interrupted run is then checked the same way before it resumes,
+and a directory holding a run the study did not start (the user's own run under the
+study's root) is refused rather than trained on under the study's schedule.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
 
 RESULT = "result.json"
+STARTED = "study_run.json"  # the config a study started (or extended) this run with
 CONFIG = "config"  # the key of the run's config (the ConfigDict as a dict) in a result
 # Fields a finished run may be extended over (the trainer resumes to the new length).
 EXTENDABLE = ("train.steps", "train.eval_every", "train.log_every",
@@ -31,13 +38,21 @@ def _flat(config_dict: dict) -> dict:
 
 def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
   """The result of the run in `directory` when it was made with `config`; None when
-  there is none, or its run may train on to `config` (a longer run, or a result from
-  before configs were recorded: the trainer then says it is complete). A result of
-  another config is a ValueError naming the fields that differ."""
+  there is none, or its run may train (on) to `config` (a longer run, an interrupted
+  one, or a result from before configs were recorded: the trainer then says it is
+  complete). A run of another config, or one no study started, is a ValueError."""
   from engram_jax import paths
-  from engram_jax.data import fingerprint
   path = os.path.join(directory, RESULT)
   if not os.path.exists(path):
+    if not _holds_a_run(directory):  # a claim whose training never began
+      return None
+    started = _saved_config(os.path.join(directory, STARTED))
+    if started is not None:
+      _differences(started, config, directory, flag, "an unfinished run")
+    else:
+      raise ValueError(f"{flag}: {directory} holds a run this study did not start (no "
+                       f"{STARTED}): training it would take it over; give the study its "
+                       f"own {flag} root, or move that run away")
     return None
   try:
     row = json.loads(paths.read_text(path))
@@ -46,19 +61,82 @@ def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
   saved = row.pop(CONFIG, None) if isinstance(row, dict) else None
   if saved is None:
     return None
+  return None if _differences(saved, config, directory, flag, "a finished run") else row
+
+
+@contextlib.contextmanager
+def claimed(directory: str, config):
+  """Trains the run in `directory` (the `with` body) as this study's, to `config`
+  (enter after `read` passed): `STARTED` records it first. A body that fails before
+  the trainer wrote anything takes the record (and a directory made here) with it, so
+  the next request starts afresh."""
+  from engram_jax import paths
+  made = not os.path.isdir(directory)
+  os.makedirs(directory, exist_ok=True)
+  paths.atomic_write_text(os.path.join(directory, STARTED), json.dumps({CONFIG: config.to_dict()}, indent=1,
+                                             default=repr))
+  try:
+    yield
+  except BaseException:
+    _unclaim(directory, made)
+    raise
+
+
+def _unclaim(directory: str, made: bool) -> None:
+  """The record of a claim whose training wrote no run (and the directory when it was
+  made for it and holds nothing else), under the workdir's lock: one held by another
+  trainer (the failure may be that it is in use) leaves everything as it is."""
+  from engram_jax import workdir as workdir_lib
+  from engram_jax import workdir_lock
+  lock = workdir_lock.WorkdirLock(directory)
+  try:
+    lock.acquire()
+  except (ValueError, OSError):
+    return
+  try:
+    if _holds_a_run(directory):
+      return
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(directory, STARTED))
+    if made:
+      workdir_lib.remove_if_only_lock(directory, lock)
+  finally:
+    lock.release()
+
+
+def _saved_config(path: str) -> Optional[dict]:
+  from engram_jax import paths
+  try:
+    saved = json.loads(paths.read_text(path))
+  except (OSError, ValueError):
+    return None
+  return saved.get(CONFIG) if isinstance(saved, dict) else None
+
+
+def _holds_a_run(directory: str) -> bool:
+  from engram_jax import checkpoints
+  return any(os.path.exists(os.path.join(directory, name))
+             for name in ("config.json", checkpoints.CHECKPOINT_DIR))
+
+
+def _differences(saved: dict, config, directory: str, flag: str, what: str) -> bool:
+  """Whether `config` differs from the `saved` one only in fields a run may train on
+  over (`EXTENDABLE`; False when none differ); any other difference is a ValueError
+  naming the fields."""
+  from engram_jax.data import fingerprint
   saved, now = _flat(saved), _flat(config.to_dict())
   both = saved.keys() & now.keys()  # fields added or removed since: another code version
   differing = [d for d in fingerprint.differences({k: saved[k] for k in both},
                                                   {k: now[k] for k in both})
                if not _same_file_field(d.split(":")[0], saved, now)]
   if not differing:
-    return row
+    return False
   fields = {d.split(":")[0] for d in differing}
   # `run_config.with_steps` (the studies' --steps) derives the warm-up from the steps
   extendable = set(EXTENDABLE) | ({"train.warmup_steps"} if "train.steps" in fields else set())
   if fields <= extendable:
-    return None
-  raise ValueError(f"{flag}: {directory} holds a finished run of another config "
+    return True
+  raise ValueError(f"{flag}: {directory} holds {what} of another config "
                    f"({'; '.join(differing)}); use a new {flag} for this request, or "
                    "move that run away to train it again")
 

@@ -50,7 +50,8 @@ def train_one(config_spec: str, variant: str, sets: Sequence[str], seed: int,
   if row is not None:
     return row
   print(f"seeds: {variant} seed {seed} -> {directory}", flush=True)
-  train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
+  with run_results.claimed(directory, config):
+    train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
   steps = int(config.train.steps)
   if not run_results.finished(directory, steps):
     return None
