@@ -119,8 +119,33 @@ def test_make_writes_whole_files(tmp_path, monkeypatch):
     raise KeyboardInterrupt
   monkeypatch.setattr(paths, "atomic_write", killed)
   with pytest.raises(KeyboardInterrupt):
-    niah.make_corpus(str(tmp_path), docs=2, val_docs=5, needles=2, queries=1)
+    niah.make_corpus(str(tmp_path), docs=2, val_docs=5, needles=2, queries=1,
+                     overwrite=True)
   assert (tmp_path / "val.jsonl").read_bytes() == before
+
+
+def test_make_into_a_corpus_of_other_parameters_needs_overwrite(tmp_path, capsys):
+  """It used to replace the parts it wrote and keep the old ones past them: training
+  on `train/*.txt` then mixed two corpora."""
+  out = tmp_path / "data"
+  small = ["--val_docs=2", "--needles=2", "--queries=1", "--filler_lines=1"]
+  assert niah.main(["make", f"--out={out}", "--docs=500", *small]) == 0  # 3 parts
+  parts = sorted((out / "train").iterdir())
+  first = [p.read_bytes() for p in parts]
+  capsys.readouterr()
+  assert niah.main(["make", f"--out={out}", "--docs=100", *small]) == 2
+  assert capsys.readouterr().err == (
+      f"error: --out={out} holds a NIAH corpus already (docs 500 -> 100); pass "
+      "--overwrite to replace it, or give another --out\n")
+  assert [p.read_bytes() for p in sorted((out / "train").iterdir())] == first
+  assert niah.main(["make", f"--out={out}", "--docs=500", *small]) == 0  # the same: fine
+  assert [p.read_bytes() for p in sorted((out / "train").iterdir())] == first
+  assert niah.main(["make", f"--out={out}", "--docs=100", "--overwrite", *small]) == 0
+  assert [p.name for p in (out / "train").iterdir()] == ["part-0000.txt"]
+  other = tmp_path / "other"
+  assert niah.main(["make", f"--out={other}", "--docs=100", *small]) == 0
+  assert (out / "train" / "part-0000.txt").read_bytes() == (
+      other / "train" / "part-0000.txt").read_bytes()
 
 
 def test_eval_rejects_a_negative_max_queries(tmp_path, capsys):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import sysconfig
 
@@ -80,20 +81,41 @@ def make_document(rng: np.random.Generator, filler: list[str], needles: int = 3,
   return {"text": text, "queries": prompts}
 
 
+CORPUS_FILE = "niah.json"  # the parameters `make` wrote the corpus in a directory with
+
+
 def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 3,
                 queries: int = 2, seed: int = 0, docs_per_file: int = 200,
                 filler_lines_per_doc: int = 6, key_letters: int = 3,
-                value_digits: int = 3) -> None:
+                value_digits: int = 3, overwrite: bool = False) -> None:
   """Writes `out/train/part-0000.txt`, `part-0001.txt`, ... (`docs_per_file` documents
-  each) and `out/val.jsonl`; the same files for the same seed."""
+  each) and `out/val.jsonl`; the same files for the same seed.
+
+  A corpus already in `out` is replaced only by the same request (a killed `make`
+  run again) or with `overwrite`: one of other parameters would otherwise keep the
+  old parts the new one has fewer of, and `train/*.txt` would mix the two."""
+  from engram_jax import paths
+  made = dict(docs=docs, val_docs=val_docs, needles=needles, queries=queries, seed=seed,
+              docs_per_file=docs_per_file, filler_lines_per_doc=filler_lines_per_doc,
+              key_letters=key_letters, value_digits=value_digits)
+  parts = -(-docs // docs_per_file)
+  before = _made_with(out)
+  if before is not None and before != made and not overwrite:
+    differing = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in made.items()
+                          if before.get(k) != v) if before else "parameters unknown"
+    raise ValueError(f"--out={out} holds a NIAH corpus already ({differing}); pass "
+                     "--overwrite to replace it, or give another --out")
   rng = np.random.default_rng(seed)
   filler = filler_lines()
   shape = dict(needles=needles, queries=queries, filler_lines_per_doc=filler_lines_per_doc,
                key_letters=key_letters, value_digits=value_digits)
-  from engram_jax import paths
   os.makedirs(os.path.join(out, "train"), exist_ok=True)
+  # first: a killed `make` is then taken up by the same request, refused for another
+  paths.atomic_write_text(os.path.join(out, CORPUS_FILE), json.dumps(made, indent=1))
+  for stale in _part_files(out)[parts:]:  # the replaced corpus's parts past this one's
+    os.remove(stale)
   # each file whole or not at all: a killed `make` leaves no truncated file behind
-  for part in range(-(-docs // docs_per_file)):
+  for part in range(parts):
     count = min(docs_per_file, docs - part * docs_per_file)
     texts = [make_document(rng, filler, **shape)["text"] for _ in range(count)]
     paths.atomic_write_text(os.path.join(out, "train", f"part-{part:04d}.txt"),
@@ -102,6 +124,28 @@ def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 
           for _ in range(val_docs)
           for prompt, value in make_document(rng, filler, **shape)["queries"]]
   paths.atomic_write_text(os.path.join(out, "val.jsonl"), "".join(rows))
+
+
+def _part_files(out: str) -> list[str]:
+  """`out/train/part-NNNN.txt` in order (what `make` writes; nothing else there)."""
+  train = os.path.join(out, "train")
+  names = os.listdir(train) if os.path.isdir(train) else []
+  return [os.path.join(train, n) for n in sorted(names)
+          if re.fullmatch(r"part-\d{4,}\.txt", n)]
+
+
+def _made_with(out: str):
+  """The parameters of the corpus in `out`: None when there is none, {} when they are
+  unknown (written before `CORPUS_FILE`, or it is damaged)."""
+  if not (_part_files(out) or os.path.exists(os.path.join(out, "val.jsonl"))
+          or os.path.exists(os.path.join(out, CORPUS_FILE))):
+    return None
+  try:
+    with open(os.path.join(out, CORPUS_FILE), encoding="utf-8") as f:
+      made = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return made if isinstance(made, dict) else {}
 
 
 def read_queries(data: str) -> list[dict]:
@@ -200,6 +244,8 @@ def main(argv=None) -> int:
   make.add_argument("--filler_lines", type=int, default=6, help="filler lines per document")
   make.add_argument("--key_letters", type=int, default=3, help="letters per key")
   make.add_argument("--value_digits", type=int, default=3, help="digits per value")
+  make.add_argument("--overwrite", action="store_true",
+                    help="replace a corpus of other parameters already in --out")
   ev = sub.add_parser("eval", help="exact recall of a trained workdir")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--data", required=True, help="a directory written by `make`")
@@ -219,7 +265,8 @@ def main(argv=None) -> int:
                          "each query asks a different needle")
       make_corpus(args.out, args.docs, args.val_docs, args.needles, args.queries,
                   args.seed, filler_lines_per_doc=args.filler_lines,
-                  key_letters=args.key_letters, value_digits=args.value_digits)
+                  key_letters=args.key_letters, value_digits=args.value_digits,
+                  overwrite=args.overwrite)
       print(f"wrote {args.out}/train/*.txt and {args.out}/val.jsonl")
     else:
       if args.max_queries < 0:
