@@ -51,16 +51,19 @@ def load(spec: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
-def overrides(items: Sequence[str], flag: str = "--set") -> Callable:
+def overrides(items: Sequence[str], flag: str = "--set", joiner: str = "=",
+              example: str = "data.train_path=/codes/train.npz") -> Callable:
   """`FIELD=VALUE` strings (e.g. `data.train_path=/codes/train.npz`) -> a function that
   applies them to a config; values are Python literals where they parse (`0.2`,
-  `(1, 3)`), else strings. An unknown field is a ValueError naming it."""
+  `(1, 3)`), else strings. An unknown field is a ValueError naming it. Errors spell an
+  item as the command line does: `{flag}{joiner}{item}` (`--set=` or
+  `--variant=NAME:`), with `example` as one right."""
   pairs = []
   for item in items:
     key, sep, text = item.partition("=")
     if not sep or not key or key.startswith(".") or key.endswith("."):
-      raise ValueError(f"{flag}={item!r}: use {flag}=section.field=value, e.g. "
-                       f"{flag}=data.train_path=/codes/train.npz")
+      raise ValueError(f"{flag}{joiner}{item}: use {flag}{joiner}section.field=value, "
+                       f"e.g. {flag}{joiner}{example}")
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -73,14 +76,14 @@ def overrides(items: Sequence[str], flag: str = "--set") -> Callable:
       node = config
       for depth, name in enumerate(path + [leaf]):
         if not hasattr(node, "keys") or name not in node.keys():
-          raise ValueError(f"{flag}={key}=...: the config has no field {key!r}")
+          raise ValueError(f"{flag}{joiner}{key}=...: the config has no field {key!r}")
         if depth < len(path):
           node = node[name]
       try:
         node[leaf] = value
       except TypeError as err:
         if not isinstance(node[leaf], str):  # e.g. engram.gate: "learned" or "0.1"
-          raise ValueError(f"{flag}={key}={value!r}: {err}") from None
+          raise ValueError(f"{flag}{joiner}{key}={value!r}: {err}") from None
         node[leaf] = text
     return config
   return apply

@@ -91,3 +91,19 @@ def test_a_changed_request_trains_on_or_is_refused(tmp_path, capsys):
   assert seeds.main(_args(workdir, longer)) == 0
   assert "resumed from step 2" in capsys.readouterr().out
   assert _results(workdir) != two_steps
+
+
+@pytest.mark.parametrize("variant,says", [
+    ("bad:model.engram.gate", "--variant=bad:model.engram.gate: use "
+     "--variant=bad:section.field=value, e.g. --variant=bad:model.engram.gate=0.1"),
+    ("g:model.engram.gat=0.1", "--variant=g:model.engram.gat=...: the config has no "
+     "field 'model.engram.gat'"),
+])
+def test_a_bad_variant_is_one_line_in_the_variant_syntax(tmp_path, capsys, variant, says):
+  """The lines used to spell it `--variant=bad=section.field=value` with an image
+  config's field as the example."""
+  args = [f"--config={os.path.join(ROOT, 'tests/lm_test_config.py')}:tiny",
+          f"--workdir={tmp_path / 'w'}", "--seeds=0", f"--variant={variant}"]
+  assert seeds.main(args) == 2
+  assert capsys.readouterr().err == f"error: {says}\n"
+  assert not (tmp_path / "w").exists()

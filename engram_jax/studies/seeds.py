@@ -32,6 +32,12 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
   return name, [item for item in rest.split(";") if item.strip()]
 
 
+def variant_overrides(name: str, sets: Sequence[str]):
+  """`config_files.overrides` of a variant, its errors spelled `--variant=NAME:FIELD=..`."""
+  return config_files.overrides(sets, flag=f"--variant={name}", joiner=":",
+                                example="model.engram.gate=0.1")
+
+
 def run_dir(workdir: str, variant: str, seed: int) -> str:
   return os.path.join(workdir, variant, f"seed_{seed}")
 
@@ -43,7 +49,7 @@ def train_one(config_spec: str, variant: str, sets: Sequence[str], seed: int,
   from engram_jax import train
   directory = run_dir(workdir, variant, seed)
   config = config_files.load(config_spec)
-  config_files.overrides(sets, flag=f"--variant={variant}")(config)
+  variant_overrides(variant, sets)(config)
   config.seed = seed
   config.data.seed = seed
   row = run_results.read(directory, config)
@@ -97,7 +103,7 @@ def run(config_spec: str, variants: Sequence[tuple[str, list[str]]], seeds: Sequ
   from engram_jax import paths
   paths.local_output(workdir, "--workdir")  # the sweep's root: local summaries
   for name, sets in variants:  # every override valid before anything trains
-    config_files.overrides(sets, flag=f"--variant={name}")(config_files.load(config_spec))
+    variant_overrides(name, sets)(config_files.load(config_spec))
   rows, unfinished = [], []
   total = len(variants) * len(seeds)
   for i, (name, sets) in enumerate(variants):
