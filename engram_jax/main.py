@@ -33,6 +33,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+_ABSL_FLAGS = frozenset(FLAGS)  # absl's own (logging) flags, defined on its import
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
 flags.DEFINE_bool("dry_run", False, "Print parameter counts and per-device bytes; no training.")
@@ -52,6 +53,7 @@ flags.DEFINE_bool("print_config", False,
                   "Print every field of --config (after overrides) and the variants of "
                   "its file, then exit: the fields any --config.FIELD=VALUE can set.")
 flags.mark_flags_as_required(["config"])
+COMMAND_FLAGS = sorted(frozenset(FLAGS) - _ABSL_FLAGS)  # this command's own
 
 
 def _env_int(name: str):
@@ -219,6 +221,9 @@ def parse_flags(argv):
   except flags.Error as err:
     message = _one_line(err)
     config_arg = next((a for a in argv if a.startswith("--config=")), "")
+    unknown = re.match(r"Unknown command line flag '([^']+)'", message)
+    if unknown:  # absl's guesses are its own flags (--stpes: "stderrthreshold")
+      message = _unknown_flag(unknown.group(1), config_arg.split("=", 1)[-1])
     variants = config_variants(config_arg.split("=", 1)[-1])
     if (str(err).startswith("flag --config=") and "unknown variant" not in message
         and variants):
@@ -237,6 +242,32 @@ def parse_flags(argv):
     message = _config_file_error(argv, err)
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def _unknown_flag(name: str, config_arg: str) -> str:
+  """One line for `--NAME`, no flag of this command: the config field it most likely
+  meant (a field is set as `--config.FIELD=VALUE`), else the command's own flags."""
+  import difflib
+  fields = []
+  try:
+    from engram_jax import config_files
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(config_files.load(config_arg).to_dict(), sep=".")
+    fields = sorted(flat)
+  except Exception:  # noqa: BLE001  no config (or a broken one): no field to suggest
+    pass
+  leaf = {field.rsplit(".", 1)[-1]: field for field in fields}
+  close = (difflib.get_close_matches(name, fields, n=1)
+           or [leaf[m] for m in difflib.get_close_matches(name, list(leaf), n=1)])
+  own = difflib.get_close_matches(name, COMMAND_FLAGS, n=1)
+  if close and not own:
+    return (f"--{name} is not a flag; did you mean --config.{close[0]}=...? (config "
+            "fields are set as --config.FIELD=VALUE; --print_config lists them)")
+  if own:
+    return f"--{name} is not a flag; did you mean --{own[0]}?"
+  return (f"--{name} is not a flag: this command takes --config, --workdir, --dry_run, "
+          "--print_config and the distributed flags; config fields are set as "
+          "--config.FIELD=VALUE (--print_config lists them)")
 
 
 def _config_file_error(argv, err: Exception) -> str:

@@ -328,6 +328,19 @@ def test_tfds_errors_name_the_field(tfds_dir, stdlib_tok):
     text.eval_batches(cfg, stdlib_tok, max_batches=1)
 
 
+def test_an_unprepared_tfds_folder_is_one_line_without_library_warnings(
+    tfds_dir, stdlib_tok, caplog):
+  """A version folder with no dataset_info.json (a build that never finished): tfds
+  logged an absl warning on the console before the one-line error."""
+  import tensorflow_datasets as tfds
+  version = str(tfds.builder_cls("lm1b").VERSION)  # a registered set, as a user names one
+  os.makedirs(os.path.join(tfds_dir, "lm1b", version))
+  cfg = text.TextDataConfig(source="tfds", tfds_name="lm1b", tfds_data_dir=tfds_dir)
+  with pytest.raises(ValueError, match="data.tfds_name='lm1b'.*array_record"):
+    text.eval_batches(cfg, stdlib_tok, max_batches=1)
+  assert not [r for r in caplog.records if r.levelno >= 30], caplog.records
+
+
 def test_site_packages_source_is_real_installed_code():
   import sysconfig
   from engram_jax.data import text

@@ -63,6 +63,19 @@ def test_bad_field_fails_before_any_work(tmp_path, capfd, override, field):
   assert not workdir.exists(), "nothing is left behind by a run that never started"
 
 
+@pytest.mark.parametrize("flag,says", [
+    ("--stpes=3", "--stpes is not a flag; did you mean --config.train.steps=...?"),
+    ("--learning_rate=0.1", "did you mean --config.train.learning_rate=...?"),
+    ("--workdri=/tmp/x", "--workdri is not a flag; did you mean --workdir?"),
+    ("--zzz=1", "--zzz is not a flag: this command takes --config, --workdir"),
+])
+def test_an_unknown_flag_names_the_config_field_it_meant(tmp_path, capfd, flag, says):
+  """absl guessed among its own logging flags (`--stpes`: "Did you mean:
+  stderrthreshold ?")."""
+  code, _, err = run_main(capfd, CONFIG_FLAG, f"--workdir={tmp_path / 'w'}", flag)
+  assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
 @pytest.mark.parametrize("config_flag,says", [
     ("--config=configs/lm.py:tinyy", "choose one of ('tiny', 'tiny_baseline'"),
     ("--config=configs/nope.py:tiny", "no config file 'configs/nope.py'"),

@@ -221,10 +221,12 @@ def _tfds_source(cfg: TextDataConfig, split: str):
   """A random-access tfds source over ArrayRecord files; never downloads."""
   import tensorflow_datasets as tfds  # only tfds runs pay for the import
 
+  from engram_jax import quiet
   data_dir = tfds_data_dir(cfg)
   try:
-    return tfds.data_source(cfg.tfds_name, split=split, data_dir=data_dir,
-                            download=False)
+    with quiet.quiet_library_logs():  # e.g. an absl warning ahead of the error below
+      return tfds.data_source(cfg.tfds_name, split=split, data_dir=data_dir,
+                              download=False)
   except Exception as err:  # tfds raises many types; all mean "not readable here"
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
     raise ValueError(
