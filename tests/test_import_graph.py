@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "engram_jax"
 LAYERS = (
     ("base", ("compressed_vocab", "hashing", "spatial_hashing", "config", "fp8", "errors",
               "quiet", "progress", "cli", "paths", "library_log", "config_files",
-              "workdir_lock", "sharding", "param_groups", "state_digest",
+              "workdir_lock", "rendezvous", "sharding", "param_groups", "state_digest",
               "data.fingerprint", "studies.npz")),
     ("layers", ("layers.", "tokenizer")),
     ("models", ("models.",)),
