@@ -38,6 +38,21 @@ LIBRARY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "etils",
 _FORMAT = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+class _Repeats:
+  """Which occurrences of a log line to write: the 1st, 10th, 100th, ... (with the
+  count), not every one: a failed restore's leftovers repeat one line per array, tens
+  to hundreds of `RuntimeError('Event loop is closed')`."""
+
+  def __init__(self):
+    self.counts: dict[str, int] = {}
+
+  def line(self, text: str) -> Optional[str]:
+    count = self.counts[text] = self.counts.get(text, 0) + 1
+    if count == 1:
+      return text
+    return f"{text} (seen {count} times)" if str(count).rstrip("0") == "1" else None
+
+
 class LibraryLogs:
   """What the libraries reported while quiet: messages and the exceptions behind them."""
 
@@ -46,14 +61,16 @@ class LibraryLogs:
     self.exceptions: list[BaseException] = []
     self.keep = False  # append the staged records to the log even without an exception
     self._file = log_file
+    self._repeats = _Repeats()
 
   def add(self, message: str, exc: Optional[BaseException] = None) -> None:
     self.messages.append(message)
     if exc is not None:
       self.exceptions.append(exc)
-    if self._file is not None:
+    line = self._repeats.line(message) if self._file is not None else None
+    if line is not None:
       try:
-        self._file.write(message + "\n")
+        self._file.write(line + "\n")
       except (OSError, ValueError):  # a full disk: the message stays in `messages`
         pass
 
@@ -247,15 +264,17 @@ class _LeftoverHook:
   def __init__(self, previous, path: Optional[str], when: str = "after a failed read"):
     self.previous, self.path, self.when = previous, path, when
     self.kept = False  # stays installed after the run that installed it (a failure)
+    self.repeats = _Repeats()
 
   def __call__(self, unraisable) -> None:
     if not _is_leftover(unraisable):
       self.previous(unraisable)
       return
-    log_file = _open(self.path)
+    line = self.repeats.line(f"{self.when}: {unraisable.exc_value!r}")
+    log_file = _open(self.path) if line is not None else None
     if log_file is not None:
       try:
-        log_file.write(f"{self.when}: {unraisable.exc_value!r}\n")
+        log_file.write(line + "\n")
       except OSError:  # a full disk: the failure was reported when it happened
         pass
       _close(log_file)
@@ -290,8 +309,8 @@ def _route_leftovers(path: Optional[str], when: str = "after a failed read") -> 
   replaces the earlier one) and silences the never-awaited warnings of the same
   coroutines (of any coroutine, from then on in this process)."""
   hook = sys.unraisablehook
-  if isinstance(hook, _LeftoverHook):
-    hook.path, hook.kept = path or hook.path, True
+  if isinstance(hook, _LeftoverHook):  # a new failure: its log gets each line afresh
+    hook.path, hook.kept, hook.repeats = path or hook.path, True, _Repeats()
   else:
     sys.unraisablehook = _LeftoverHook(hook, path, when)
   asyncio_logger = logging.getLogger("asyncio")

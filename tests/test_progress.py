@@ -107,3 +107,27 @@ def test_never_retrieved_tasks_after_a_failure_go_to_the_log(tmp_path, monkeypat
   asyncio_logger.error("something else")
   assert [r.getMessage() for r in printed] == ["something else"]
   assert "after a failure: Task exception was never retrieved" in log.read_text()
+
+
+def test_a_repeated_leftover_is_logged_at_1_10_100_occurrences(tmp_path, monkeypatch):
+  """A refused resume left one `Event loop is closed` line per array in the log (45 to
+  180 lines); a line is now written the 1st, 10th, 100th... time, with its count."""
+  import types
+
+  import pytest
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  log = tmp_path / "engram_jax.log"
+  with pytest.raises(OSError), quiet_library_logs(str(log)):
+    for _ in range(12):
+      sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"),
+                                               object=None))
+    raise OSError("OUT_OF_RANGE: torn")
+  for _ in range(120):  # later, at garbage collections, through the leftover hook
+    sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"),
+                                             object=None))
+  assert log.read_text().splitlines() == [
+      "unraisable: RuntimeError('Event loop is closed')",
+      "unraisable: RuntimeError('Event loop is closed') (seen 10 times)",
+      "after a failed read: RuntimeError('Event loop is closed')",
+      "after a failed read: RuntimeError('Event loop is closed') (seen 10 times)",
+      "after a failed read: RuntimeError('Event loop is closed') (seen 100 times)"]
