@@ -202,7 +202,9 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
                                  accept_data_change, int(state.step))
     train_iter.set_state(own)
   start = int(state.step)
-  if start >= t.steps:  # nothing to do: the workdir is left exactly as it was
+  if start >= t.steps:  # nothing to do: the workdir is left as it was
+    if not paths.exists(paths.join(workdir, workdir_lib.CONFIG_FILE)):
+      workdir_lib.write_run_metadata(workdir, config, task.model_cfg)  # moved aside
     if pidx == 0:
       print(f"run complete: the checkpoint is at step {start} and train.steps={t.steps}; "
             f"to train further, raise it (e.g. --config.train.steps={2 * t.steps})",

@@ -67,25 +67,41 @@ def test_a_run_the_study_did_not_start_is_refused(tmp_path):
   """The user's own run under the study's root (README: `digits_baseline` under
   `workdirs`) was trained on under the study's schedule, its config rewritten."""
   run = tmp_path / "digits_baseline"
-  run.mkdir()
+  (run / "checkpoints" / "400").mkdir(parents=True)
   (run / "config.json").write_text('{"model": {}, "train": {"steps": 400}}')
   with pytest.raises(ValueError, match=r"holds a run this study did not start \(no "
                                        r"study_run.json\).*give the study its own --workdir"):
     run_results.read(str(run), _config(str(tmp_path)))
+  (run / run_results.STARTED).write_text('{"config": ')  # torn: not "not started"
+  with pytest.raises(ValueError, match=r"study_run.json is damaged"):
+    run_results.read(str(run), _config(str(tmp_path)))
+
+
+def _trainer_started(run: str, checkpoint: bool) -> None:
+  """What the trainer leaves: config.json once it starts, a checkpoint later."""
+  with open(os.path.join(run, "config.json"), "w") as f:
+    f.write("{}")
+  if checkpoint:
+    os.makedirs(os.path.join(run, "checkpoints", "2"))
 
 
 def test_a_claim_checks_an_interrupted_run_and_goes_with_a_failed_start(tmp_path):
-  run = str(tmp_path / "point")
+  run = str(tmp_path / "variant" / "seed_0")
   config = _config(str(tmp_path))
   with pytest.raises(RuntimeError):  # the trainer failed before writing anything
     with run_results.claimed(run, config):
       raise RuntimeError("bad field")
-  assert not os.path.exists(run)  # made for the claim, and gone with it
-  assert run_results.read(run, _config(str(tmp_path), gate=0.5)) is None  # starts afresh
+  assert not os.path.exists(tmp_path / "variant")  # made for the claim, gone with it
+  with pytest.raises(RuntimeError):  # failed after starting, before any checkpoint
+    with run_results.claimed(run, config):
+      _trainer_started(run, checkpoint=False)
+      raise RuntimeError("out of memory at the first step")
+  assert not os.path.exists(os.path.join(run, run_results.STARTED))
+  # nothing to resume: another request (a smaller batch) starts afresh
+  assert run_results.read(run, _config(str(tmp_path), gate=0.5)) is None
   with pytest.raises(KeyboardInterrupt):  # stopped mid-run: the run stays the study's
     with run_results.claimed(run, config):
-      with open(os.path.join(run, "config.json"), "w") as f:
-        f.write("{}")  # what the trainer writes once it starts
+      _trainer_started(run, checkpoint=True)
       raise KeyboardInterrupt
   assert os.path.exists(os.path.join(run, run_results.STARTED))
   assert run_results.read(run, config) is None  # resumes
@@ -93,3 +109,26 @@ def test_a_claim_checks_an_interrupted_run_and_goes_with_a_failed_start(tmp_path
   with pytest.raises(ValueError, match=r"holds an unfinished run of another config "
                                        r"\(model\.gate: 0\.1 -> 0\.5\)"):
     run_results.read(run, _config(str(tmp_path), gate=0.5))
+
+
+def test_a_claim_refused_by_a_live_trainer_leaves_its_record(tmp_path):
+  """Two studies on one root: the second's claim, refused because the first's trainer
+  holds the directory, used to replace the first's record, and the first's resume
+  was then refused as "another config"."""
+  from engram_jax import workdir_lock
+  run = str(tmp_path / "point")
+  first, second = _config(str(tmp_path)), _config(str(tmp_path), gate=0.5)
+  with run_results.claimed(run, first), workdir_lock.WorkdirLock(run):
+    _trainer_started(run, checkpoint=True)
+    with pytest.raises(workdir_lock.WorkdirLocked):
+      with run_results.claimed(run, second):  # read() passes: no result yet
+        workdir_lock.WorkdirLock(run).acquire()  # what its trainer does first
+  assert run_results.read(run, first) is None
+
+
+def test_a_claim_on_a_dangling_link_is_one_line(tmp_path):
+  run = tmp_path / "point"
+  run.symlink_to(tmp_path / "gone")
+  with pytest.raises(ValueError, match=r"--workdir: .*point cannot be a run's directory"):
+    with run_results.claimed(str(run), _config(str(tmp_path))):
+      pass

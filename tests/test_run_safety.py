@@ -239,6 +239,9 @@ def test_resume_repairs_metrics_and_a_finished_run_says_so(stopped_run, tmp_path
   train.train_and_evaluate(_config(steps=3, checkpoint_every=2, learning_rate=0.5), workdir)
   assert "run complete" in capsys.readouterr().out
   assert _snapshot(workdir) == before and _steps(workdir) == [2, 4]
+  os.rename(os.path.join(workdir, "config.json"), os.path.join(workdir, "config.moved"))
+  train.train_and_evaluate(_config(checkpoint_every=2), workdir)  # moved aside: written
+  assert workdir_lib.load(workdir).step == 4
 
 
 def _snapshot(workdir: str) -> dict:

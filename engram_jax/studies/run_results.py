@@ -44,15 +44,14 @@ def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
   from engram_jax import paths
   path = os.path.join(directory, RESULT)
   if not os.path.exists(path):
-    if not _holds_a_run(directory):  # a claim whose training never began
+    if not _has_checkpoint(directory):  # nothing to resume: the trainer starts afresh
       return None
-    started = _saved_config(os.path.join(directory, STARTED))
-    if started is not None:
-      _differences(started, config, directory, flag, "an unfinished run")
-    else:
+    started = _saved_config(os.path.join(directory, STARTED), flag)
+    if started is None:
       raise ValueError(f"{flag}: {directory} holds a run this study did not start (no "
                        f"{STARTED}): training it would take it over; give the study its "
                        f"own {flag} root, or move that run away")
+    _differences(started, config, directory, flag, "an unfinished run")
     return None
   try:
     row = json.loads(paths.read_text(path))
@@ -65,27 +64,47 @@ def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
 
 
 @contextlib.contextmanager
-def claimed(directory: str, config):
+def claimed(directory: str, config, flag: str = "--workdir"):
   """Trains the run in `directory` (the `with` body) as this study's, to `config`
-  (enter after `read` passed): `STARTED` records it first. A body that fails before
-  the trainer wrote anything takes the record (and a directory made here) with it, so
-  the next request starts afresh."""
+  (enter after `read` passed): `STARTED` records it first. A body that fails with no
+  checkpoint written takes the record (and the directories made here) with it, so the
+  next request starts afresh; one refused because another trainer holds the directory
+  puts back the record that was there (that trainer's study's)."""
   from engram_jax import paths
+  from engram_jax import workdir_lock
+  marker = os.path.join(directory, STARTED)
   made = not os.path.isdir(directory)
-  os.makedirs(directory, exist_ok=True)
-  paths.atomic_write_text(os.path.join(directory, STARTED), json.dumps({CONFIG: config.to_dict()}, indent=1,
-                                             default=repr))
-  try:
-    yield
-  except BaseException:
-    _unclaim(directory, made)
-    raise
+  with paths.no_empty_dir_left(directory):
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as err:  # a file, or a dangling link, by that name
+      raise ValueError(f"{flag}: {directory} cannot be a run's directory "
+                       f"({err.strerror}); move what is there away") from None
+    try:
+      with open(marker, "rb") as f:
+        previous = f.read()
+    except FileNotFoundError:
+      previous = None
+    paths.atomic_write_text(marker, json.dumps({CONFIG: config.to_dict()}, indent=1,
+                                               default=repr))
+    try:
+      yield
+    except workdir_lock.WorkdirLocked:
+      if previous is None:
+        paths.remove(marker, missing_ok=True)
+      else:
+        paths.atomic_write_text(marker, previous.decode("utf-8", "replace"))
+      raise
+    except BaseException:
+      _unclaim(directory, made)
+      raise
 
 
 def _unclaim(directory: str, made: bool) -> None:
-  """The record of a claim whose training wrote no run (and the directory when it was
-  made for it and holds nothing else), under the workdir's lock: one held by another
-  trainer (the failure may be that it is in use) leaves everything as it is."""
+  """The record of a claim whose training wrote no checkpoint (and the lock file, when
+  the directory was made for it and holds nothing else), under the workdir's lock:
+  one held by another trainer leaves everything as it is."""
+  from engram_jax import paths
   from engram_jax import workdir as workdir_lib
   from engram_jax import workdir_lock
   lock = workdir_lock.WorkdirLock(directory)
@@ -94,29 +113,35 @@ def _unclaim(directory: str, made: bool) -> None:
   except (ValueError, OSError):
     return
   try:
-    if _holds_a_run(directory):
+    if _has_checkpoint(directory):
       return
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(os.path.join(directory, STARTED))
+    paths.remove(os.path.join(directory, STARTED), missing_ok=True)
     if made:
       workdir_lib.remove_if_only_lock(directory, lock)
   finally:
     lock.release()
 
 
-def _saved_config(path: str) -> Optional[dict]:
+def _saved_config(path: str, flag: str) -> Optional[dict]:
+  """The config in a `STARTED` record; None without one, a ValueError for a damaged one."""
   from engram_jax import paths
   try:
     saved = json.loads(paths.read_text(path))
-  except (OSError, ValueError):
+  except FileNotFoundError:
     return None
-  return saved.get(CONFIG) if isinstance(saved, dict) else None
+  except (OSError, ValueError) as err:
+    saved = err
+  if not (isinstance(saved, dict) and isinstance(saved.get(CONFIG), dict)):
+    raise ValueError(f"{flag}: {path} is damaged (it is written whole: an edit?), so "
+                     "whether this request may resume that run is unknown; restore it, "
+                     "or move the run away")
+  return saved[CONFIG]
 
 
-def _holds_a_run(directory: str) -> bool:
+def _has_checkpoint(directory: str) -> bool:
   from engram_jax import checkpoints
-  return any(os.path.exists(os.path.join(directory, name))
-             for name in ("config.json", checkpoints.CHECKPOINT_DIR))
+  return os.path.isdir(os.path.join(directory, checkpoints.CHECKPOINT_DIR)) and bool(
+      checkpoints.saved_steps(directory))
 
 
 def _differences(saved: dict, config, directory: str, flag: str, what: str) -> bool:
