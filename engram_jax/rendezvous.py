@@ -17,7 +17,8 @@ import time
 
 GREETING = "engram_jax-join/1"
 _LINE_BYTES = 256
-_READ_TIMEOUT_S = 10.0  # a connection that sends no greeting in this long is not ours
+_GREETING_TIMEOUT_S = 2.0  # a connection silent this long is not ours (they send at once)
+_CLOSE_TIMEOUT_S = 10.0  # for the released to close their end
 _POLL_S = 0.5
 
 
@@ -65,18 +66,20 @@ def listen(address: str) -> socket.socket:
 
 
 def _read_line(conn: socket.socket, timeout_s: float) -> str | None:
-  """One newline-terminated line, or None (closed, silent or too long)."""
+  """One line: up to its newline, or what came before the peer closed or went silent
+  (another protocol's bytes: jax's coordinator answers in HTTP/2); None when nothing
+  came at all."""
   conn.settimeout(max(timeout_s, 0.01))
   data = b""
   try:
     while b"\n" not in data and len(data) < _LINE_BYTES:
       chunk = conn.recv(_LINE_BYTES)
       if not chunk:
-        return None
+        break
       data += chunk
   except OSError:
-    return None
-  if b"\n" not in data:
+    pass
+  if not data:
     return None
   return data.split(b"\n", 1)[0].decode("utf-8", "replace")
 
@@ -136,7 +139,8 @@ def gather(address: str, num_processes: int, timeout_s: float, *,
         conn, _ = listener.accept()
       except (socket.timeout, InterruptedError):
         continue
-      fields = (_read_line(conn, _READ_TIMEOUT_S) or "").split()
+      fields = (_read_line(conn, min(_GREETING_TIMEOUT_S, max(
+          deadline - time.monotonic(), 0.1))) or "").split()
       if (len(fields) != 3 or fields[0] != GREETING
           or not all(f.isdigit() for f in fields[1:])):
         conn.close()  # not one of ours (a port scan, another tool): keep waiting
@@ -157,7 +161,7 @@ def gather(address: str, num_processes: int, timeout_s: float, *,
       log(f"distributed: process {pid} checked in ({len(members) + 1} of {num_processes})")
     released = [c for c in members.values() if _send(c, "go")]
     for conn in released:  # they close first: no TIME_WAIT on the port jax binds next
-      _read_line(conn, _READ_TIMEOUT_S)
+      _read_line(conn, _CLOSE_TIMEOUT_S)
   finally:
     for conn in members.values():
       conn.close()
@@ -167,24 +171,24 @@ def gather(address: str, num_processes: int, timeout_s: float, *,
 def check_in(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
   """Processes 1..N-1: checks in with process 0 and waits for its release.
 
-  Retries while process 0 is not yet listening; raises ValueError (one line) with
-  process 0's refusal, or when process 0 never answers within `timeout_s`."""
+  Retries while process 0 is not yet listening (or its host's name not yet known);
+  raises ValueError (one line) with process 0's refusal, or when no process 0 has
+  answered within `timeout_s`, saying what answered instead."""
   host, port = split_address(address)
   deadline = time.monotonic() + timeout_s
-  answered = False
+  last = "process 0 did not answer"
   while True:
     left = deadline - time.monotonic()
     if left <= 0:
-      raise ValueError(
-          f"--coordinator_address={address}: process 0 "
-          f"{'stopped answering' if answered else 'did not answer'} within "
-          f"{timeout_s:.0f} s; start process 0 (it listens there), or fix the address "
-          "on every process")
+      raise ValueError(f"--coordinator_address={address}: {last} within "
+                       f"{timeout_s:.0f} s; start process 0 there first, or fix the "
+                       "address on every process")
     try:
       conn = socket.create_connection((host, port), timeout=min(left, 5.0))
-    except socket.gaierror as err:
-      raise ValueError(f"--coordinator_address={address}: host {host!r} does not "
-                       f"resolve ({err.strerror}); give process 0's host") from None
+    except socket.gaierror as err:  # a name that may appear once process 0's host is up
+      last = f"host {host!r} did not resolve ({err.strerror})"
+      time.sleep(min(_POLL_S, max(left, 0)))
+      continue
     except OSError:
       time.sleep(min(_POLL_S, max(left, 0)))
       continue
@@ -192,10 +196,14 @@ def check_in(address: str, num_processes: int, process_id: int, timeout_s: float
       if not _send(conn, f"{GREETING} {process_id} {num_processes}"):
         continue
       # checked in: process 0 answers by its own deadline (or its connection ends)
-      reply = _read_line(conn, timeout_s + _READ_TIMEOUT_S)
+      reply = _read_line(conn, timeout_s + _CLOSE_TIMEOUT_S)
     if reply == "go":
       return
     if reply is not None and reply.startswith("refused "):
       raise ValueError(reply[len("refused "):])
-    answered = True  # process 0 went away (or another program holds the port): retry
+    if reply is None:  # process 0 went away (a restart?): try again
+      last = "process 0 stopped answering"
+    else:
+      last = ("the port is held by something other than a process 0 waiting for this "
+              "one (a run that already started without it, or another program)")
     time.sleep(_POLL_S)

@@ -93,9 +93,50 @@ def test_no_process_0_is_one_line_naming_the_address():
   address = f"127.0.0.1:{_free_port()}"
   started = time.monotonic()
   with pytest.raises(ValueError, match=rf"--coordinator_address={address}: process 0 did "
-                                       r"not answer within 1 s; start process 0"):
+                                       r"not answer within 1 s; start process 0 there"):
     rendezvous.check_in(address, 2, 1, 1.0)
   assert time.monotonic() - started < 10
+  # a name that does not resolve (yet: a host still starting) is retried, then named
+  with pytest.raises(ValueError, match=r"--coordinator_address=no-such-host.invalid:1234: "
+                                       r"host 'no-such-host.invalid' did not resolve .* "
+                                       r"within 1 s"):
+    rendezvous.check_in("no-such-host.invalid:1234", 2, 1, 1.0)
+
+
+def test_a_port_held_by_a_run_that_started_without_this_process_is_named():
+  """A process started late, or twice, used to knock on the running job's coordinator
+  (jax's, which answers in HTTP/2) for 300 s, then say "process 0 stopped answering"."""
+  with socket.socket() as other:
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    address = f"127.0.0.1:{other.getsockname()[1]}"
+
+    def answer_in_another_protocol():
+      other.settimeout(0.2)
+      for _ in range(20):
+        try:
+          conn, _ = other.accept()
+        except OSError:
+          continue
+        with conn:
+          conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00")  # an HTTP/2 frame
+    answering = threading.Thread(target=answer_in_another_protocol, daemon=True)
+    answering.start()
+    with pytest.raises(ValueError, match=r"the port is held by something other than a "
+                                         r"process 0 waiting for this one"):
+      rendezvous.check_in(address, 2, 1, 1.5)
+    answering.join()
+
+
+def test_a_silent_connection_does_not_hold_up_the_check_in():
+  address = f"127.0.0.1:{_free_port()}"
+  host, port = rendezvous.split_address(address)
+  server = _gather(address, 2, timeout_s=6)
+  time.sleep(0.3)
+  with socket.create_connection((host, port)):  # connects, says nothing
+    started = time.monotonic()
+    assert _outcomes(server, _check_in(address, 2, 1)) == [None, None]
+    assert time.monotonic() - started < 5
 
 
 def test_strangers_and_a_restarted_process_do_not_break_the_check_in():
