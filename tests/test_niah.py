@@ -1,5 +1,6 @@
 """NIAH: documents are deterministic per seed, every needle is recoverable, recall scores."""
 import json
+import os
 import re
 
 import numpy as np
@@ -144,6 +145,13 @@ def test_make_into_a_corpus_of_other_parameters_needs_overwrite(tmp_path, capsys
   assert [p.name for p in (out / "train").iterdir()] == ["part-0000.txt"]
   other = tmp_path / "other"
   assert niah.main(["make", f"--out={other}", "--docs=100", *small]) == 0
+  capsys.readouterr()
+  (out / "train" / "notes.txt").write_text("mine")
+  assert niah.main(["make", f"--out={out}", "--docs=100", *small]) == 2
+  assert "holds files `make` did not write (notes.txt)" in capsys.readouterr().err
+  (tmp_path / "a_file").write_text("x")
+  assert niah.main(["make", f"--out={tmp_path / 'a_file'}", "--docs=100", *small]) == 2
+  assert capsys.readouterr().err.startswith(f"error: --out={tmp_path / 'a_file'}: ")
   assert (out / "train" / "part-0000.txt").read_bytes() == (
       other / "train" / "part-0000.txt").read_bytes()
 
@@ -151,3 +159,14 @@ def test_make_into_a_corpus_of_other_parameters_needs_overwrite(tmp_path, capsys
 def test_eval_rejects_a_negative_max_queries(tmp_path, capsys):
   assert niah.main(["eval", "--workdir=W", f"--data={tmp_path}", "--max_queries=-1"]) == 2
   assert capsys.readouterr().err == ("error: --max_queries=-1: use 0 (all) or more\n")
+
+
+def test_stale_parts_are_found_past_part_9999(tmp_path):
+  """Sorted as text, part-10000.txt came before part-9999.txt and survived a smaller
+  corpus written over a bigger one."""
+  train = tmp_path / "train"
+  train.mkdir()
+  for n in (2, 9999, 10000, 10001):
+    (train / f"part-{n:04d}.txt").write_text("")
+  assert [os.path.basename(p) for p in niah._part_files(str(tmp_path))] == [
+      "part-0002.txt", "part-9999.txt", "part-10000.txt", "part-10001.txt"]

@@ -99,6 +99,7 @@ def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 
               docs_per_file=docs_per_file, filler_lines_per_doc=filler_lines_per_doc,
               key_letters=key_letters, value_digits=value_digits)
   parts = -(-docs // docs_per_file)
+  _check_out(out)
   before = _made_with(out)
   if before is not None and before != made and not overwrite:
     differing = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in made.items()
@@ -126,12 +127,31 @@ def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 
   paths.atomic_write_text(os.path.join(out, "val.jsonl"), "".join(rows))
 
 
+_PART = re.compile(r"part-(\d{4,})\.txt")
+
+
 def _part_files(out: str) -> list[str]:
-  """`out/train/part-NNNN.txt` in order (what `make` writes; nothing else there)."""
+  """`out/train/part-NNNN.txt` in the order of their numbers (what `make` writes)."""
   train = os.path.join(out, "train")
   names = os.listdir(train) if os.path.isdir(train) else []
-  return [os.path.join(train, n) for n in sorted(names)
-          if re.fullmatch(r"part-\d{4,}\.txt", n)]
+  return [os.path.join(train, n) for n in
+          sorted((n for n in names if _PART.fullmatch(n)),
+                 key=lambda n: int(_PART.fullmatch(n).group(1)))]
+
+
+def _check_out(out: str) -> None:
+  """`out` must be a directory (or not yet exist) whose `train/` holds only parts
+  `make` writes: the configs train on `train/*.txt`, so any other file would join them."""
+  train = os.path.join(out, "train")
+  for path in (out, train):
+    if os.path.lexists(path) and not os.path.isdir(path):
+      raise ValueError(f"--out={out}: {path} is not a directory; give another --out")
+  others = sorted(n for n in (os.listdir(train) if os.path.isdir(train) else [])
+                  if not _PART.fullmatch(n))
+  if others:
+    raise ValueError(f"--out={out}: {train} holds files `make` did not write "
+                     f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), which "
+                     "training on train/*.txt would mix in; give another --out")
 
 
 def _made_with(out: str):
