@@ -223,7 +223,9 @@ def parse_flags(argv):
     config_arg = next((a for a in argv if a.startswith("--config=")), "")
     unknown = re.match(r"Unknown command line flag '([^']+)'", message)
     if unknown:  # absl's guesses are its own flags (--stpes: "stderrthreshold")
-      message = _unknown_flag(unknown.group(1), config_arg.split("=", 1)[-1])
+      spelled_apart = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+      message = _unknown_flag(unknown.group(1), (spelled_apart or
+                                                 [config_arg.split("=", 1)[-1]])[0])
     variants = config_variants(config_arg.split("=", 1)[-1])
     if (str(err).startswith("flag --config=") and "unknown variant" not in message
         and variants):

@@ -74,6 +74,9 @@ def test_an_unknown_flag_names_the_config_field_it_meant(tmp_path, capfd, flag, 
   stderrthreshold ?")."""
   code, _, err = run_main(capfd, CONFIG_FLAG, f"--workdir={tmp_path / 'w'}", flag)
   assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+  code, _, err = run_main(capfd, *CONFIG_FLAG.split("="), f"--workdir={tmp_path / 'w'}",
+                          flag)  # --config PATH, spelled apart
+  assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
 
 
 @pytest.mark.parametrize("config_flag,says", [
