@@ -272,6 +272,30 @@ def test_generate_image_cli_writes_a_png_grid(workdir, capsys):
   with np.load(os.path.join(workdir, "grid", "s.npz")) as npz:
     assert npz["codes"].shape == (6, 8, 8)
     np.testing.assert_array_equal(npz["labels"], [0, 0, 0, 3, 3, 3])
+  # its own outputs are replaced by the same command again
+  assert generate_image.main([f"--workdir={workdir}", "--classes=0", "--samples_per_class=1",
+                              f"--out={out}"]) == 0
+
+
+def test_generate_image_never_replaces_files_it_did_not_write(workdir, tmp_path, capsys):
+  """`--out=mydata.png` replaced the user's dataset `mydata.npz` (codes and labels,
+  the samples' own format) with 4 samples; `--out=WORKDIR/config.json` wrote a PNG
+  over the run's config."""
+  data = tmp_path / "mydata.npz"
+  np.savez(data, codes=np.zeros((3, 8, 8), np.int32), labels=np.zeros(3, np.int32))
+  before = data.read_bytes()
+  cases = [(tmp_path / "mydata.png", "mydata.npz exists and was not written by `generate`"),
+           (os.path.join(workdir, "config.json"), "give a .png path"),
+           (tmp_path, "give a .png path"),
+           (tmp_path / "mydata.npz" / "a.png", "mydata.npz is not a directory")]
+  os.makedirs(tmp_path / "dir.png")
+  cases.append((tmp_path / "dir.png", "dir.png is a directory"))
+  for out, says in cases:
+    assert generate_image.main([f"--workdir={workdir}", "--classes=0", f"--out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out={out}: ") and says in err, err
+  assert data.read_bytes() == before
+  assert json.loads(open(os.path.join(workdir, "config.json")).read())
 
 
 @pytest.mark.parametrize("flags, match", [

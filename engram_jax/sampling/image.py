@@ -152,7 +152,49 @@ def save_grid_png(path: str, codes_CxIxHixWi, classes, vmax: int) -> None:
   ax.set_xticks([])
   from engram_jax import paths  # whole or not at all: a kill keeps the previous grid
   paths.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
-                                                   bbox_inches="tight"))
+                                                   bbox_inches="tight",
+                                                   metadata={"Software": SAMPLES_MARK}))
+
+
+# What `sample_grid` writes carries this (the PNG's Software text, a key of the npz):
+# a file without it at the output path is someone else's, and is not replaced.
+SAMPLES_MARK = "engram_jax generate"
+
+
+def _written_by_generate(path: str) -> bool:
+  if path.lower().endswith(".npz"):
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        return "sampled_by" in npz.files
+    except Exception:  # noqa: BLE001  unreadable: not ours either
+      return False
+  try:
+    with open(path, "rb") as f:
+      return SAMPLES_MARK.encode() in f.read(4096)
+  except OSError:
+    return False
+
+
+def check_out(out: str) -> str:
+  """The npz path beside `out` (a `.png`) once both may be written: neither a
+  directory, nor a file that `generate` did not write (a dataset of codes beside the
+  grid, a run's config.json) — those would be replaced."""
+  import os
+  if not out.lower().endswith(".png"):
+    raise ValueError(f"--out={out}: give a .png path (the codes are written beside it, "
+                     "as .npz)")
+  parent = os.path.dirname(os.path.abspath(out))
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise ValueError(f"--out={out}: {parent} is not a directory; give another --out")
+  npz = os.path.splitext(out)[0] + ".npz"
+  for path in (out, npz):
+    if os.path.isdir(path):
+      raise ValueError(f"--out={out}: {path} is a directory; give a file path")
+    if os.path.lexists(path) and not _written_by_generate(path):
+      raise ValueError(f"--out={out}: {path} exists and was not written by `generate` "
+                       "(the samples would replace it); give another --out, or move it "
+                       "away")
+  return npz
 
 
 SAMPLING_TYPES = dict(cfg_scale=float, temperature=float, top_k=int, top_p=float)
@@ -196,17 +238,18 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
     overrides = types.SimpleNamespace(**overrides)
   sampling = sampling_settings(run.config, overrides)
   check_sampling(sampling)
+  from engram_jax import paths
+  out = paths.local_output(out or os.path.join(run.workdir, f"samples_step{run.step}_seed{seed}.png"),
+                           "--out")
+  npz = check_out(out)  # before the sampling
   labels_B = np.repeat(np.asarray(classes, np.int32), samples_per_class)
   sample = jax.jit(generate_images, static_argnums=0, static_argnames=tuple(sampling))
   codes = np.asarray(sample(run.model, run.variables, labels_B, jax.random.key(seed),
                             **sampling))
-  from engram_jax import paths
-  out = paths.local_output(out or os.path.join(run.workdir, f"samples_step{run.step}_seed{seed}.png"),
-                           "--out")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   save_grid_png(out, codes.reshape(len(classes), samples_per_class, g.height, g.width),
                 classes, g.codebook_size - 1)
-  save_codes_npz(os.path.splitext(out)[0] + ".npz", codes, labels_B)
+  save_codes_npz(npz, codes, labels_B)
   return Grid(codes, labels_B, out, sampling)
 
 
@@ -217,7 +260,7 @@ def save_codes_npz(path: str, codes_BxHixWi, labels_B) -> None:
 
   def write(tmp: str) -> None:
     with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the temp name
-      np.savez(f, codes=codes_BxHixWi, labels=labels_B)
+      np.savez(f, codes=codes_BxHixWi, labels=labels_B, sampled_by=np.array(SAMPLES_MARK))
   paths.atomic_write(path, write)
 
 
