@@ -91,8 +91,8 @@ def _save_json(path: str, value) -> None:
     json.dump(value, f, indent=1)
 
 
-def _read_manifest(table_dir: str) -> tuple[dict, list[tuple[str, tuple]]]:
-  """(the manifest, its (file, shape) entries); anything else than what
+def _read_manifest(table_dir: str) -> tuple[dict, list[tuple[str, tuple, Optional[str]]]]:
+  """(the manifest, its (file, shape, dtype) entries); anything else than what
   `write_tables` writes is a one-line ValueError (a hand edit or another file)."""
   manifest_path = os.path.join(table_dir, TABLES_MANIFEST)
   fix = "export the tables again (`python -m engram_jax.workdir export_tables`)"
@@ -116,7 +116,8 @@ def _read_manifest(table_dir: str) -> tuple[dict, list[tuple[str, tuple]]]:
       raise ValueError(f"--table_dir={table_dir!r}: entry {i} of {manifest_path} needs a "
                        '"file" name in the directory and an integer "shape" (it holds '
                        f"{json.dumps(entry)[:100]}); " + fix)
-    out.append((name, tuple(shape)))
+    dtype = entry.get("dtype")  # recorded since the first export format
+    out.append((name, tuple(shape), dtype if isinstance(dtype, str) else None))
   return manifest, out
 
 
@@ -149,14 +150,19 @@ def disk_tables(cfg: config_lib.ModelConfig, table_dir: str,
     raise ValueError(f"--table_dir={table_dir!r} holds {len(entries)} tables; this model "
                      f"has engram.layers={e.layers}")
   tables_L = []
-  for i, (name, recorded) in enumerate(entries):
+  for i, (name, recorded, dtype) in enumerate(entries):
     path = os.path.join(table_dir, name)
     want = (e.padded_rows(spec.rows(i)), e.head_dim)
     try:
-      table = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:  # a truncated file does not map
-      raise ValueError(f"--table_dir: {path} is unreadable or truncated ({err}); "
+      table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # a truncated file does not map
+      reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else "empty"
+      raise ValueError(f"--table_dir: {path} is unreadable or truncated ({reason}); "
                        "export the tables again") from None
+    if not isinstance(table, np.ndarray) or (dtype and str(table.dtype) != dtype):
+      found = getattr(table, "dtype", type(table).__name__)
+      raise ValueError(f"--table_dir: {path} holds {found} but {TABLES_MANIFEST} records "
+                       f"{dtype} (a file replaced by hand); export the tables again")
     if table.shape != recorded:
       fits = "" if table.shape == want else f", and this model needs {want}"
       raise ValueError(f"--table_dir: {path} has shape {table.shape} but {TABLES_MANIFEST} "

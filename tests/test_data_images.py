@@ -246,6 +246,46 @@ def test_file_errors(codes):
           "record 0: codes have shape \\(1, 3, 6\\)")
 
 
+def test_damaged_files_are_one_line_naming_the_field(codes):
+  """Truncated, empty, corrupted or pickled npz files and damaged ArrayRecord files were
+  tracebacks (BadZipFile, EOFError, zlib.error, RuntimeError) or numpy's hint to load
+  pickles unsafely."""
+  root, npz, rec = codes["root"], codes["npz"], codes["array_record"]
+  good = (root / "train.npz").read_bytes()
+  codes_IxHixWi, labels_I = codes["arrays"]["train"]
+  np.savez_compressed(root / "compressed.npz", codes=codes_IxHixWi, labels=labels_I)
+  squeezed = bytearray((root / "compressed.npz").read_bytes())
+  squeezed[len(squeezed) // 3] ^= 0xFF
+  flipped = bytearray(good)
+  flipped[len(flipped) // 2] ^= 0xFF
+  np.savez(root / "objects.npz", codes=np.array([{"a": 1}], dtype=object), labels=labels_I)
+  for name, content in (("half.npz", good[:len(good) // 2]), ("empty.npz", b""),
+                        ("flipped.npz", bytes(flipped)), ("squeezed.npz", bytes(squeezed)),
+                        ("noise.npz", bytes(range(256)) * 4), ("objects.npz", None)):
+    if content is not None:
+      (root / name).write_bytes(content)
+    with pytest.raises(ValueError) as err:
+      images.eval_batches(dataclasses.replace(npz, train_path=str(root / name)), "train")
+    message = str(err.value)
+    assert message.startswith(f"data.train_path={str(root / name)!r}: cannot read it as an "
+                              "npz (") and "np.savez(path, codes=codes" in message, message
+    assert "allow_pickle=" not in message and "\n" not in message
+  shard = (root / "train-0.array_record").read_bytes()
+  for name, content in (("cut.array_record", shard[:len(shard) // 2]),
+                        ("empty.array_record", b"")):
+    (root / name).write_bytes(content)
+    _raises(dataclasses.replace(rec, train_path=str(root / name)),
+            rf"data.train_path: '{root / name}' is not a readable ArrayRecord file "
+            r"\(.*\); write it again")
+  damaged = bytearray(shard)
+  damaged[400] ^= 0xFF  # inside a chunk: found when its records are read
+  (root / "damaged.array_record").write_bytes(bytes(damaged))
+  with pytest.raises(ValueError, match=r"data.train_path record \d+ does not read back "
+                                       r"\(Corrupted .*\): the file is damaged; write it"):
+    cfg = dataclasses.replace(rec, train_path=str(root / "damaged.array_record"))
+    list(images.eval_batches(cfg, "train"))
+
+
 # ----------------------------------------------------------------------------------
 # Resume, seeds, process shards
 # ----------------------------------------------------------------------------------

@@ -173,6 +173,24 @@ def test_shape_errors_name_what_differs(exported):
     disk_tables.disk_tables(CFG, exported)
 
 
+def test_a_file_of_another_dtype_or_an_empty_one_is_one_line(exported):
+  """A float16 file of the right shape was read (other rows than exported); float64
+  failed inside jax; an empty file was a traceback (EOFError)."""
+  path = os.path.join(exported, "block_1.npy")
+  want = tuple(_manifest(exported)["tables"][0]["shape"])
+  for dtype in (np.float16, np.float64):
+    np.save(path, np.zeros(want, dtype))
+    with pytest.raises(ValueError) as err:
+      disk_tables.disk_tables(CFG, exported)
+    assert str(err.value) == (f"--table_dir: {path} holds {np.dtype(dtype)} but tables.json "
+                              "records float32 (a file replaced by hand); export the "
+                              "tables again")
+  open(path, "wb").close()
+  with pytest.raises(ValueError, match=r"block_1.npy is unreadable or truncated \(.*\); "
+                                       r"export the tables again"):
+    disk_tables.disk_tables(CFG, exported)
+
+
 def test_tables_of_another_run_or_step_are_one_warning(exported, tmp_path, capsys):
   run = str(tmp_path / "run")
   disk_tables.disk_tables(CFG, exported, workdir=run, step=3)

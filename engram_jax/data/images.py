@@ -202,12 +202,15 @@ def _npz_arrays(cfg: ImageDataConfig, split: str) -> tuple[np.ndarray, np.ndarra
   if not os.path.isfile(path):
     raise ValueError(f"{where} does not exist; point it at a `.npz` with codes "
                      f"[images, height, width] and labels [images].")
-  with np.load(path, allow_pickle=False) as npz:
-    missing = sorted({"codes", "labels"} - set(npz.files))
-    if missing:
-      raise ValueError(f"{where} lacks {missing} (it has {sorted(npz.files)}); save it "
-                       f"with np.savez(path, codes=codes, labels=labels).")
-    codes, labels = npz["codes"], npz["labels"]
+  from engram_jax.studies import npz as npz_lib
+  arrays = npz_lib.read_npz(path, where, "save it with np.savez(path, codes=codes, "
+                            "labels=labels): integer codes [images, height, width], "
+                            "labels [images]")
+  missing = sorted({"codes", "labels"} - set(arrays))
+  if missing:
+    raise ValueError(f"{where} lacks {missing} (it has {sorted(arrays)}); save it "
+                     f"with np.savez(path, codes=codes, labels=labels).")
+  codes, labels = arrays["codes"], arrays["labels"]
   _check_codes(cfg, where, codes, labels)
   return codes.astype(np.int32), labels.astype(np.int32)
 
@@ -258,14 +261,35 @@ class _RecordSource:
 
     self._cfg, self._split = cfg, split
     self._files = _record_files(cfg, split)
-    self._records = ArrayRecordDataSource(self._files)
+    try:
+      self._records = ArrayRecordDataSource(self._files)
+    except RuntimeError as err:  # the library's one error type for a bad file
+      raise ValueError(f"{_split_field(split)}: {self._unreadable()} is not a readable "
+                       f"ArrayRecord file ({_first_line(err)}); write it again with "
+                       "engram_jax.data.image_records.write_array_record") from None
+
+  def _unreadable(self) -> str:
+    """The first of the files that does not open on its own (all of them if each does)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    for path in self._files:
+      try:
+        ArrayRecordDataSource([path])
+      except RuntimeError:
+        return repr(path)
+    return f"one of {self._files!r}"
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    codes, label = decode_record(self._records[index])
     where = f"{_split_field(self._split)} record {index}"
+    try:
+      record = self._records[index]
+    except RuntimeError as err:  # a damaged chunk (hash mismatch, truncation)
+      raise ValueError(f"{where} does not read back ({_first_line(err)}): the file is "
+                       "damaged; write it again with "
+                       "engram_jax.data.image_records.write_array_record") from None
+    codes, label = decode_record(record)
     _check_codes(self._cfg, where, codes[None], np.array([label]))
     return {"codes": codes, "label": np.int32(label)}
 
@@ -274,6 +298,10 @@ class _RecordSource:
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__init__(state["cfg"], state["split"])
+
+
+def _first_line(err: BaseException) -> str:
+  return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
 
 
 def _check_split(split: str) -> None:

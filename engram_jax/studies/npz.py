@@ -1,7 +1,7 @@
 """npz files of the studies (feature-net weights, reference statistics, caches): read
 with a one-line error naming the file's role, written so a torn write leaves nothing."""
-import os
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -9,18 +9,35 @@ import numpy as np
 
 def read_npz(path: str, what: str, fix: str = "") -> dict[str, np.ndarray]:
   """Every array of an npz file; a ValueError naming `what` (a flag, a cache) if it is
-  not one, with `fix` appended."""
+  not one (empty, truncated, damaged, or holding pickled objects), with `fix` appended."""
   try:
     with np.load(path, allow_pickle=False) as npz:
+      if not hasattr(npz, "files"):  # a bare .npy
+        raise ValueError("a single .npy array, not an npz archive")
       return {k: npz[k] for k in npz.files}
-  except (OSError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as err:
-    raise ValueError(f"{what}: cannot read it as an npz (not an npz archive: {err})"
+  except (OSError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+          zlib.error) as err:
+    raise ValueError(f"{what}: cannot read it as an npz ({_why(err)})"
                      + (f"; {fix}" if fix else "")) from None
+
+
+def _why(err: BaseException) -> str:
+  """numpy's reason in a few words: its own text suggests unpickling untrusted bytes."""
+  text = (str(err).splitlines() or [""])[0]
+  if "pickle" in text:
+    return ("not an npz archive, or one holding object arrays, which are not read "
+            "(unpickling could run code)")
+  if isinstance(err, EOFError) or not text:
+    return "empty or truncated"
+  return f"damaged or not an npz: {text[:120]}"
 
 
 def save_npz(path: str, arrays: dict[str, Any]) -> None:
   """Writes `arrays` as an npz through a temporary file: a torn write never leaves a
   readable file (or a cache hit) behind."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  from engram_jax import paths
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the name
+      np.savez(f, **arrays)
+  paths.atomic_write(path, write)  # its own temp name: two writers do not collide
