@@ -73,6 +73,12 @@ def build(run: run_config.RunConfig, workdir: str) -> Task:
   from engram_jax.data import text
   from engram_jax.models.lm import EngramLM
   data_cfg = run.data
+  binary = text.binary_files(data_cfg) if pidx == 0 else []
+  if binary:
+    print(f"warning: {len(binary)} file(s) matched by data.files_glob look binary (NUL "
+          f"bytes in their first {text.BINARY_PROBE_BYTES // 1024} KiB), e.g. "
+          f"{', '.join(binary[:2])}: they are trained on as text; narrow the glob to text "
+          "files", flush=True)
   tok = text.build_tokenizer(data_cfg, workdir)
   model_cfg = run.with_tokenizer_vocab(tok.get_vocab_size()).model
   engram = model_cfg.engram

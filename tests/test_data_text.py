@@ -368,3 +368,18 @@ def test_compressed_vocab_is_cached_in_the_workdir(tmp_path):
   with pytest.raises(ValueError, match="compressed_vocab_size"):
     tokenizer_lib.workdir_compressed_vocab(str(tmp_path), tok, "published",
                                            int(want.max()) + 7)
+
+
+def test_binary_files_a_glob_caught_are_named(files_cfg, tmp_path):
+  """`data.files_glob` over a directory with an executable trained on its bytes as text
+  with no word (90% of one corpus tried); the trainer now warns, naming them."""
+  import shutil
+  root = tmp_path / "mixed"
+  shutil.copytree(os.path.dirname(os.path.dirname(files_cfg.files_glob)), root)
+  assert text.binary_files(dataclasses.replace(
+      files_cfg, files_glob=str(root / "**" / "*.txt"))) == []
+  (root / "a" / "tool.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00" + bytes(100))
+  (root / "a" / "late_nul.txt").write_bytes(b"x" * text.BINARY_PROBE_BYTES + b"\x00")
+  cfg = dataclasses.replace(files_cfg, files_glob=str(root / "**" / "*.txt"))
+  assert text.binary_files(cfg) == [str(root / "a" / "tool.txt")]
+  assert text.binary_files(dataclasses.replace(cfg, source="stdlib")) == []

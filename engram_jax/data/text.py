@@ -125,6 +125,26 @@ def fingerprint(cfg: TextDataConfig) -> dict:
                                               corpus.root)}
 
 
+BINARY_PROBE_BYTES = 8192  # how much of each file `binary_files` reads
+
+
+def binary_files(cfg: TextDataConfig) -> list[str]:
+  """Files of a `files` source (both splits) holding NUL bytes near their start: an
+  executable or a shared library a broad glob caught, which text never holds."""
+  if cfg.source != "files":
+    return []
+  corpus = _local_corpus(cfg)
+  found = []
+  for path in corpus.used("train", cfg.max_files) + corpus.used("val", cfg.max_files):
+    try:
+      with open(path, "rb") as f:
+        if b"\0" in f.read(BINARY_PROBE_BYTES):
+          found.append(path)
+    except OSError:  # unreadable now: reading it for training says so
+      continue
+  return found
+
+
 def describe_corpus(cfg: TextDataConfig) -> str:
   """One line saying which files a local source trains on (and what caps them)."""
   if cfg.source == "tfds":
