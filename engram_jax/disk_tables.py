@@ -134,6 +134,17 @@ def _check_source(table_dir: str, manifest: dict, workdir: str, step) -> None:
           "this run's tables if that is not meant)", file=sys.stderr, flush=True)
 
 
+def _as_recorded(table: np.ndarray, dtype: str) -> np.ndarray:
+  """`table` read as `dtype` (ml_dtypes' bfloat16, float8_*) when it names one of its
+  size; unchanged otherwise (then reported as another dtype)."""
+  import jax.numpy as jnp
+  try:
+    recorded = np.dtype(jnp.dtype(dtype))
+  except TypeError:
+    return table
+  return table.view(recorded) if recorded.itemsize == table.dtype.itemsize else table
+
+
 def disk_tables(cfg: config_lib.ModelConfig, table_dir: str,
                 workdir: Optional[str] = None, step: Optional[int] = None) -> HostTables:
   """`HostTables` over `np.memmap`s of `write_tables`' files: only the rows a lookup
@@ -159,6 +170,8 @@ def disk_tables(cfg: config_lib.ModelConfig, table_dir: str,
       reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else "empty"
       raise ValueError(f"--table_dir: {path} is unreadable or truncated ({reason}); "
                        "export the tables again") from None
+    if isinstance(table, np.ndarray) and table.dtype.kind == "V" and dtype:
+      table = _as_recorded(table, dtype)  # .npy keeps bfloat16 and fp8 as raw bytes
     if not isinstance(table, np.ndarray) or (dtype and str(table.dtype) != dtype):
       found = getattr(table, "dtype", type(table).__name__)
       raise ValueError(f"--table_dir: {path} holds {found} but {TABLES_MANIFEST} records "

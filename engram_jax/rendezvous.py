@@ -189,7 +189,8 @@ def check_in(address: str, num_processes: int, process_id: int, timeout_s: float
       last = f"host {host!r} did not resolve ({err.strerror})"
       time.sleep(min(_POLL_S, max(left, 0)))
       continue
-    except OSError:
+    except OSError:  # nothing listens (yet): what the deadline reports, unless it changes
+      last = "process 0 did not answer"
       time.sleep(min(_POLL_S, max(left, 0)))
       continue
     with conn:

@@ -73,7 +73,9 @@ def build(run: run_config.RunConfig, workdir: str) -> Task:
   from engram_jax.data import text
   from engram_jax.models.lm import EngramLM
   data_cfg = run.data
-  binary = text.binary_files(data_cfg) if pidx == 0 else []
+  from engram_jax import checkpoints  # said once, before a run's first checkpoint
+  first_start = pidx == 0 and not checkpoints.saved_steps(workdir)
+  binary = text.binary_files(data_cfg) if first_start else []
   if binary:
     print(f"warning: {len(binary)} file(s) matched by data.files_glob look binary (NUL "
           f"bytes in their first {text.BINARY_PROBE_BYTES // 1024} KiB), e.g. "

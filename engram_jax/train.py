@@ -203,12 +203,16 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     train_iter.set_state(own)
   start = int(state.step)
   if start >= t.steps:  # nothing to do: the workdir is left as it was
-    if not paths.exists(paths.join(workdir, workdir_lib.CONFIG_FILE)):
-      workdir_lib.write_run_metadata(workdir, config, task.model_cfg)  # moved aside
     if pidx == 0:
       print(f"run complete: the checkpoint is at step {start} and train.steps={t.steps}; "
-            f"to train further, raise it (e.g. --config.train.steps={2 * t.steps})",
+            f"to train further, raise it (e.g. --config.train.steps={2 * start})",
             flush=True)
+    if not paths.exists(paths.join(workdir, workdir_lib.CONFIG_FILE)):  # moved aside
+      workdir_lib.write_run_metadata(workdir, config, task.model_cfg)
+      if pidx == 0:
+        print(f"{workdir_lib.CONFIG_FILE} was missing: written from this command's "
+              "config (its model restored the checkpoint; its other fields are this "
+              "command's, not necessarily those the run trained with)", flush=True)
     manager.close()
     train_iter.close()
     if store is not None:

@@ -214,6 +214,10 @@ def test_file_errors(codes):
     return dataclasses.replace(npz, train_path=str(root / name))
 
   _raises(npz_with("keys.npz", codes=codes_IxHixWi), "lacks \\['labels'\\]")
+  # other arrays beside codes and labels are not read (object arrays included)
+  extra = npz_with("extra.npz", codes=codes_IxHixWi, labels=labels_I,
+                   meta=np.array([{"source": "mine"}], dtype=object))
+  assert len(list(images.eval_batches(extra, "train"))) > 0
   _raises(npz_with("shape.npz", codes=codes_IxHixWi[:, :, :4], labels=labels_I),
           "shape \\(42, 3, 4\\).*data.height x data.width is 3 x 5")
   _raises(npz_with("flat.npz", codes=codes_IxHixWi.reshape(42, -1), labels=labels_I),

@@ -202,3 +202,17 @@ def test_tables_of_another_run_or_step_are_one_warning(exported, tmp_path, capsy
     assert out == (f"warning: --table_dir={exported!r} holds tables exported from {run} "
                    f"at step 3; sampling {workdir} at step {step} (export this run's "
                    "tables if that is not meant)\n"), out
+
+
+def test_bfloat16_tables_read_back_as_bfloat16(tmp_path):
+  """`.npy` stores bfloat16 as raw 2-byte records (`|V2`): a bfloat16 run's export was
+  refused as "a file replaced by hand", and read as bytes before that."""
+  import jax.numpy as jnp
+  tables = _tables()
+  bf16 = HostTables(CFG, [t.astype(jnp.bfloat16) for t in tables.tables_L])
+  out = str(tmp_path / "bf16")
+  disk_tables.write_tables(bf16, out)
+  read = disk_tables.disk_tables(CFG, out)
+  for want, got in zip(bf16.tables_L, read.tables_L):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

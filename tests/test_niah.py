@@ -146,6 +146,9 @@ def test_make_into_a_corpus_of_other_parameters_needs_overwrite(tmp_path, capsys
   other = tmp_path / "other"
   assert niah.main(["make", f"--out={other}", "--docs=100", *small]) == 0
   capsys.readouterr()
+  (out / "train" / ".tmp-part-0000.txtab12").write_text("half")  # a kill -9's leftover
+  assert niah.main(["make", f"--out={out}", "--docs=100", *small]) == 0  # taken up
+  assert [p.name for p in (out / "train").iterdir()] == ["part-0000.txt"]
   (out / "train" / "notes.txt").write_text("mine")
   assert niah.main(["make", f"--out={out}", "--docs=100", *small]) == 2
   assert "holds files `make` did not write (notes.txt)" in capsys.readouterr().err

@@ -284,7 +284,7 @@ def test_generate_image_never_replaces_files_it_did_not_write(workdir, tmp_path,
   data = tmp_path / "mydata.npz"
   np.savez(data, codes=np.zeros((3, 8, 8), np.int32), labels=np.zeros(3, np.int32))
   before = data.read_bytes()
-  cases = [(tmp_path / "mydata.png", "mydata.npz exists and was not written by `generate`"),
+  cases = [(tmp_path / "mydata.png", "mydata.npz exists and is not a sample `generate` wrote"),
            (os.path.join(workdir, "config.json"), "give a .png path"),
            (tmp_path, "give a .png path"),
            (tmp_path / "mydata.npz" / "a.png", "mydata.npz is not a directory")]
@@ -296,6 +296,16 @@ def test_generate_image_never_replaces_files_it_did_not_write(workdir, tmp_path,
     assert err.startswith(f"error: --out={out}: ") and says in err, err
   assert data.read_bytes() == before
   assert json.loads(open(os.path.join(workdir, "config.json")).read())
+  # samples of a version before the mark: a matplotlib PNG beside codes and labels
+  from matplotlib.figure import Figure
+  old = tmp_path / "old_samples.png"
+  Figure().savefig(old, format="png")
+  np.savez(tmp_path / "old_samples.npz", codes=np.zeros((1, 8, 8), np.int32),
+           labels=np.zeros(1, np.int32))
+  assert generate_image.main([f"--workdir={workdir}", "--classes=0", "--samples_per_class=1",
+                              f"--out={old}"]) == 0
+  with np.load(tmp_path / "old_samples.npz") as npz:
+    assert "sampled_by" in npz.files
 
 
 @pytest.mark.parametrize("flags, match", [

@@ -205,10 +205,12 @@ def _npz_arrays(cfg: ImageDataConfig, split: str) -> tuple[np.ndarray, np.ndarra
   from engram_jax.studies import npz as npz_lib
   arrays = npz_lib.read_npz(path, where, "save it with np.savez(path, codes=codes, "
                             "labels=labels): integer codes [images, height, width], "
-                            "labels [images]")
+                            "labels [images]", keys=("codes", "labels"))
   missing = sorted({"codes", "labels"} - set(arrays))
   if missing:
-    raise ValueError(f"{where} lacks {missing} (it has {sorted(arrays)}); save it "
+    with np.load(path, allow_pickle=False) as npz:  # it read: name what it has
+      has = sorted(npz.files)
+    raise ValueError(f"{where} lacks {missing} (it has {has}); save it "
                      f"with np.savez(path, codes=codes, labels=labels).")
   codes, labels = arrays["codes"], arrays["labels"]
   _check_codes(cfg, where, codes, labels)

@@ -161,18 +161,31 @@ def save_grid_png(path: str, codes_CxIxHixWi, classes, vmax: int) -> None:
 SAMPLES_MARK = "engram_jax generate"
 
 
-def _written_by_generate(path: str) -> bool:
-  if path.lower().endswith(".npz"):
-    try:
-      with np.load(path, allow_pickle=False) as npz:
-        return "sampled_by" in npz.files
-    except Exception:  # noqa: BLE001  unreadable: not ours either
-      return False
+def _npz_keys(path: str) -> set:
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return set(npz.files)
+  except Exception:  # noqa: BLE001  unreadable: nobody's samples
+    return set()
+
+
+def _png_head(path: str) -> bytes:
   try:
     with open(path, "rb") as f:
-      return SAMPLES_MARK.encode() in f.read(4096)
+      return f.read(4096)  # the text chunks follow the header
   except OSError:
-    return False
+    return b""
+
+
+def _written_by_generate(png: str, npz: str, path: str) -> bool:
+  """Whether `path` (`png` or `npz`) is a sample grid or codes `generate` wrote: marked,
+  or an unmarked pair of an older version (a matplotlib PNG beside an npz of exactly
+  codes and labels; a dataset of codes alone, with no such PNG, is not one)."""
+  if path == npz and "sampled_by" in _npz_keys(npz):
+    return True
+  if path == png and SAMPLES_MARK.encode() in _png_head(png):
+    return True
+  return b"Matplotlib" in _png_head(png) and _npz_keys(npz) == {"codes", "labels"}
 
 
 def check_out(out: str) -> str:
@@ -190,8 +203,8 @@ def check_out(out: str) -> str:
   for path in (out, npz):
     if os.path.isdir(path):
       raise ValueError(f"--out={out}: {path} is a directory; give a file path")
-    if os.path.lexists(path) and not _written_by_generate(path):
-      raise ValueError(f"--out={out}: {path} exists and was not written by `generate` "
+    if os.path.lexists(path) and not _written_by_generate(out, npz, path):
+      raise ValueError(f"--out={out}: {path} exists and is not a sample `generate` wrote "
                        "(the samples would replace it); give another --out, or move it "
                        "away")
   return npz

@@ -115,6 +115,9 @@ def make_corpus(out: str, docs: int = 4000, val_docs: int = 200, needles: int = 
   paths.atomic_write_text(os.path.join(out, CORPUS_FILE), json.dumps(made, indent=1))
   for stale in _part_files(out)[parts:]:  # the replaced corpus's parts past this one's
     os.remove(stale)
+  for name in os.listdir(os.path.join(out, "train")):  # a killed make's partial writes
+    if name.startswith(".tmp-part-"):
+      os.remove(os.path.join(out, "train", name))
   # each file whole or not at all: a killed `make` leaves no truncated file behind
   for part in range(parts):
     count = min(docs_per_file, docs - part * docs_per_file)
@@ -147,7 +150,7 @@ def _check_out(out: str) -> None:
     if os.path.lexists(path) and not os.path.isdir(path):
       raise ValueError(f"--out={out}: {path} is not a directory; give another --out")
   others = sorted(n for n in (os.listdir(train) if os.path.isdir(train) else [])
-                  if not _PART.fullmatch(n))
+                  if not _PART.fullmatch(n) and not n.startswith("."))  # glob skips those
   if others:
     raise ValueError(f"--out={out}: {train} holds files `make` did not write "
                      f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), which "

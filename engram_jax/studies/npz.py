@@ -2,19 +2,21 @@
 with a one-line error naming the file's role, written so a torn write leaves nothing."""
 import zipfile
 import zlib
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 
-def read_npz(path: str, what: str, fix: str = "") -> dict[str, np.ndarray]:
-  """Every array of an npz file; a ValueError naming `what` (a flag, a cache) if it is
-  not one (empty, truncated, damaged, or holding pickled objects), with `fix` appended."""
+def read_npz(path: str, what: str, fix: str = "",
+             keys: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+  """The arrays of an npz file (only those of `keys` it has, when given: others are
+  not read); a ValueError naming `what` (a flag, a cache) if it is not one (empty,
+  truncated, damaged, or those arrays pickled objects), with `fix` appended."""
   try:
     with np.load(path, allow_pickle=False) as npz:
       if not hasattr(npz, "files"):  # a bare .npy
         raise ValueError("a single .npy array, not an npz archive")
-      return {k: npz[k] for k in npz.files}
+      return {k: npz[k] for k in npz.files if keys is None or k in keys}
   except (OSError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
           zlib.error) as err:
     raise ValueError(f"{what}: cannot read it as an npz ({_why(err)})"
