@@ -7,6 +7,7 @@ be static under `jit`) and validated before anything is traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Union
 
 from engram_jax import hashing, spatial_hashing
@@ -290,6 +291,11 @@ def validate(cfg: ModelConfig) -> ModelConfig:
   return cfg
 
 
+def _finite_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def validate_moe(m: MoEConfig, depth: int | None = None) -> MoEConfig:
   """The `moe` section; with num_experts 0 only the sign of the fields is checked.
 
@@ -300,8 +306,11 @@ def validate_moe(m: MoEConfig, depth: int | None = None) -> MoEConfig:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       _fail(f"moe.{name}", value, "must be an integer >= 0")
   for name in ("aux_loss_coef", "bias_rate", "capacity_factor"):
-    if getattr(m, name) < 0:
-      _fail(f"moe.{name}", getattr(m, name), "must be >= 0")
+    value = getattr(m, name)
+    if not _finite_number(value) or value < 0:
+      _fail(f"moe.{name}", value, "must be a finite number >= 0")
+  if not _finite_number(m.routed_scale) or m.routed_scale < 0:
+    _fail("moe.routed_scale", m.routed_scale, "must be a finite number >= 0")
   if not m.enabled:
     return m
   if m.expert_dim < 1:

@@ -105,7 +105,10 @@ def mesh_from_config(cfg: MeshConfig, abstract: bool = False):
   `abstract=True` gives a device-free `AbstractMesh` of `num_devices` devices, so a
   dry run can size a pod-scale mesh on a laptop.
   """
-  count = int(cfg.num_devices or 0)
+  count = cfg.num_devices or 0
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    raise ValueError(f"mesh.num_devices={count!r} is invalid: use a device count >= 1, or "
+                     "0 for all devices")
   if abstract:
     count = count or jax.device_count()
     return jax.sharding.AbstractMesh(cfg.shape(count), MESH_AXES,

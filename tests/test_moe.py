@@ -306,3 +306,15 @@ def test_errors_name_the_field():
     _moe(num_experts=0).init(jax.random.key(0), X)
   with pytest.raises(ValueError, match="moe.num_experts"):
     _moe(num_experts=6, mesh=_mesh((8,), ("expert",))).init(jax.random.key(0), X)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("capacity_factor", float("inf")),  # int(inf) in the capacity: a traceback
+    ("capacity_factor", float("nan")), ("routed_scale", float("nan")),  # nan: accepted
+    ("aux_loss_coef", -0.1), ("routed_scale", float("-inf"))])
+def test_non_finite_or_negative_factors_name_the_field(field, value):
+  from engram_jax import config as config_lib
+  m = config_lib.MoEConfig(num_experts=4, top_k=2, expert_dim=8, **{field: value})
+  with pytest.raises(ValueError, match=rf"moe.{field}={value} is invalid: must be a "
+                                       r"finite number >= 0"):
+    config_lib.validate_moe(m)

@@ -53,6 +53,7 @@ _steps = runs.checkpoint_steps
     # 2 orders x 2 heads of 10^9 rows: offsets past int32 would wrap and read row 0
     ("--config.model.engram.table_size=1000000000", "engram.table_size"),
     ("--config.data.files_glob=/nonexistent/*.txt", "data.files_glob"),
+    ("--config.mesh.num_devices=-4", "mesh.num_devices=-4"),  # sized -4 devices
 ], ids=lambda v: v if not v.startswith("--") else v.split("=")[0][9:])
 def test_bad_field_fails_before_any_work(tmp_path, capfd, override, field):
   workdir = tmp_path / "w"
