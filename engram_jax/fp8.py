@@ -62,6 +62,7 @@ def scale_of(scales_xEb):
   xp = _xp(scales_xEb)
   bits = scales_xEb.astype(xp.uint32) << xp.uint32(23)
   bits = xp.where(scales_xEb == 0, xp.uint32(0x00400000), bits)
+  bits = xp.where(scales_xEb == 255, xp.uint32(0x7FC00000), bits)  # E8M0's NaN, not inf
   if xp is np:
     return bits.view(np.float32)
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
@@ -104,6 +105,9 @@ def gather_rows(values_RxE, scales_RxEb, row_ids):
   xp = _xp(values_RxE)
   if xp is np:
     ids = np.asarray(row_ids, np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= values_RxE.shape[0]):
+      raise IndexError(f"FP8 row ids span [{ids.min()}, {ids.max()}], outside the "
+                       f"table's {values_RxE.shape[0]} rows")  # negative ones would wrap
     return dequantize(np.take(values_RxE, ids, axis=0), np.take(scales_RxEb, ids, axis=0))
   return dequantize(jnp.take(values_RxE, row_ids, axis=0, mode="clip"),
                     jnp.take(scales_RxEb, row_ids, axis=0, mode="clip"))
@@ -115,6 +119,10 @@ class Fp8Table:
 
   def __init__(self, values_RxE, scales_RxEb):
     _check_width(values_RxE.shape[1])
+    if values_RxE.dtype != E4M3 or scales_RxEb.dtype != np.uint8:
+      raise ValueError(f"FP8 table of {values_RxE.dtype} values and {scales_RxEb.dtype} "
+                       "scales: need float8_e4m3fn values and E8M0 scale bytes (uint8, as "
+                       "`quantize` returns them, not `scale_of`'s multipliers)")
     if scales_RxEb.shape != (values_RxE.shape[0], values_RxE.shape[1] // BLOCK):
       raise ValueError(f"FP8 scales of shape {scales_RxEb.shape} do not fit values of "
                        f"shape {values_RxE.shape}: need [rows, width / {BLOCK}].")

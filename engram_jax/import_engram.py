@@ -58,12 +58,50 @@ def read_config(path: str) -> dict[str, Any]:
       raw = json.load(f)
   except (OSError, ValueError) as err:
     raise CheckpointError(f"--config={path}: cannot read JSON ({err})") from None
-  text = raw.get("text_config", raw) if isinstance(raw, dict) else {}
+  text = raw.get("text_config", raw) if isinstance(raw, dict) else None
+  if not isinstance(text, dict):
+    raise CheckpointError(f"--config={path}: not a JSON object"
+                          f"{' (text_config)' if isinstance(raw, dict) else ''}; give a "
+                          "DeepSeek-V4.1 config.json")
   missing = [k for k in _REQUIRED if k not in text]
   if missing:
     raise CheckpointError(f"--config={path}: no {missing[0]} (not a DeepSeek-V4.1 config "
                        f"with Engram?)")
+  _check_fields(text, path)
   return text
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(text: dict[str, Any], path: str) -> None:
+  """The Engram fields' types and ranges, each a one-line error naming the field (they
+  were a TypeError deep in the layout, or silently a layout of nonsense)."""
+  def bad(key: str, want: str):
+    raise CheckpointError(f"--config={path}: {key}={json.dumps(text[key])[:60]} is "
+                          f"invalid: {want}")
+  for key, low in (("engram_max_ngram_size", 2), ("engram_n_heads", 1),
+                   ("engram_head_dim", 1), ("engram_compressed_vocab_size", 1),
+                   ("engram_seed", 0), ("engram_pad_token_id", 0)):
+    if key in text and not (_is_int(text[key]) and text[key] >= low):
+      bad(key, f"use an integer >= {low}")
+  layers = text["engram_layer_ids"]
+  if not (isinstance(layers, list) and layers and all(_is_int(l) and l >= 0 for l in layers)
+          and len(set(layers)) == len(layers)):
+    bad("engram_layer_ids", "use a list of distinct layer indices >= 0")
+  orders = text["engram_max_ngram_size"] - 1
+  vocab = text["engram_vocab_size"]
+  sizes = vocab if isinstance(vocab, list) else [vocab]
+  if not (all(_is_int(v) and v >= 2 for v in sizes) and len(sizes) in (1, orders)):
+    bad("engram_vocab_size", f"use an integer >= 2, or a list of {orders} (one per "
+        f"n-gram order 2..{orders + 1})")
+  declared = text.get("engram_num_embeddings")
+  if declared is not None:
+    rows = declared if isinstance(declared, list) else [declared]
+    if not (all(_is_int(r) and r >= 1 for r in rows) and len(rows) == len(layers)):
+      bad("engram_num_embeddings", f"use a list of {len(layers)} row counts, one per "
+          "Engram layer")
 
 
 # The pad token when a config has no `engram_pad_token_id`: the default of V4.1's model
@@ -118,7 +156,18 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
       header = json.loads(f.read(length))
     except ValueError as err:
       raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: its safetensors header is not a JSON object")
   header.pop("__metadata__", None)
+  for name, entry in header.items():
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+      raise CheckpointError(f"{path}: header entry {name!r} needs a dtype, a shape of "
+                            "sizes >= 0 and data_offsets [begin, end] with 0 <= begin <= "
+                            f"end (it holds {json.dumps(entry)[:80]}); the file is damaged")
   return header, 8 + length
 
 
@@ -146,6 +195,10 @@ def index_tensors(directory: str) -> dict[str, tuple[str, dict, int]]:
   files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if not files:
     raise CheckpointError(f"--safetensors={directory}: no *.safetensors files there")
+  for path in files:
+    if not os.path.isfile(path):
+      raise CheckpointError(f"--safetensors={directory}: {path} is not a file; move it "
+                            "out of that folder")
   out = {}
   for path in files:
     header, start = read_header(path)
@@ -272,7 +325,7 @@ def _load_tokenizer(path: str):
     path = os.path.join(path, "tokenizer.json")
   if not os.path.exists(path):
     raise CheckpointError(f"--tokenizer: no tokenizer.json at {path}")
-  return tok_lib.load_tokenizer(path)
+  return tok_lib.load_tokenizer(path, "--tokenizer", "give the checkpoint's tokenizer.json")
 
 
 def load(config_path: str, tokenizer_path: Optional[str] = None,

@@ -57,6 +57,23 @@ def test_bad_shapes_are_one_line_errors():
     fp8.Fp8Table(values, scales[:, :1])
 
 
+def test_scales_of_the_wrong_kind_nan_bytes_and_negative_ids_are_caught():
+  """Float multipliers as scales read as all-zero rows, f32 values ~128x too small,
+  a NaN scale byte (255) as +-inf rows, and a negative id wrapped to the last row."""
+  values, scales = fp8.quantize(_table(rows=4, width=64, seed=5))
+  for wrong in ((values, fp8.scale_of(scales)), (values.astype(np.float32), scales)):
+    with pytest.raises(ValueError, match=r"need float8_e4m3fn values and E8M0 scale "
+                                         r"bytes \(uint8"):
+      fp8.Fp8Table(*wrong)
+  nan_scales = scales.copy()
+  nan_scales[1, 0] = 255
+  rows = fp8.Fp8Table(values, nan_scales).take(np.array([0, 1]))
+  assert np.isnan(rows[1, :fp8.BLOCK]).all() and np.isfinite(rows[0]).all()
+  assert not np.isinf(rows).any()
+  with pytest.raises(IndexError, match=r"row ids span \[-1, 2\], outside the table's 4"):
+    fp8.Fp8Table(values, scales).take(np.array([2, -1]))
+
+
 def test_host_tables_gather_fp8_rows():
   from engram_jax import host_tables
   from tests.conftest import tiny_model_config

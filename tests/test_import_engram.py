@@ -242,3 +242,55 @@ def test_layer_weights_with_a_wrong_shape(tmp_path, capsys):
   write_safetensors(st / "c.safetensors", extra)
   err = _error(capsys, [f"--config={cfg_path}", f"--safetensors={st}"])
   assert "wkv.weight: shape [40, 256], expected [48, 256]" in err
+
+
+def test_malformed_fields_are_one_line_naming_them(tmp_path, capsys):
+  """Each was a TypeError traceback, a message naming no field, or accepted: a layout
+  of nonsense (negative vocab sizes, a layer twice, too many vocab sizes)."""
+  import pytest
+  for i, (overrides, says) in enumerate((
+      (dict(engram_layer_ids=1), "engram_layer_ids=1 is invalid: use a list of distinct"),
+      (dict(engram_layer_ids=None), "engram_layer_ids=null is invalid"),
+      (dict(engram_layer_ids=[1, 1]), "engram_layer_ids=[1, 1] is invalid"),
+      (dict(engram_vocab_size=[53, 53, 53]), "engram_vocab_size=[53, 53, 53] is invalid: "
+       "use an integer >= 2, or a list of 2"),
+      (dict(engram_vocab_size=-5), "engram_vocab_size=-5 is invalid"),
+      (dict(engram_n_heads="two"), 'engram_n_heads="two" is invalid: use an integer >= 1'),
+      (dict(engram_max_ngram_size=1), "engram_max_ngram_size=1 is invalid: use an integer >= 2"),
+      (dict(engram_compressed_vocab_size=0), "engram_compressed_vocab_size=0 is invalid"),
+      (dict(engram_num_embeddings=[5]), "engram_num_embeddings=[5] is invalid: use a list "
+       "of 2 row counts"))):
+    text, _ = _text_config(**overrides)
+    path = tmp_path / f"config_{i}.json"
+    path.write_text(json.dumps(text))
+    assert says in _error(capsys, [f"--config={path}"]), says
+  path = tmp_path / "nested.json"
+  path.write_text(json.dumps({"text_config": 5}))
+  assert "not a JSON object (text_config)" in _error(capsys, [f"--config={path}"])
+  with pytest.raises(import_engram.CheckpointError, match="engram_vocab_size"):
+    import_engram.read_config(str(tmp_path / "config_4.json"))
+
+
+def test_malformed_safetensors_headers_are_one_line(tmp_path, capsys):
+  cfg_path, st, _ = _checkpoint(tmp_path)
+  path = st / "a.safetensors"
+  data = path.read_bytes()
+  (length,) = struct.unpack("<Q", data[:8])
+  header, blobs = json.loads(data[8:8 + length]), data[8 + length:]
+  name = sorted(header)[0]
+
+  def write(new_header):
+    blob = json.dumps(new_header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + blobs)
+  argv = [f"--config={cfg_path}", f"--safetensors={st}"]
+  for broken, says in (([1, 2], "its safetensors header is not a JSON object"),
+                       ({**header, name: "x"}, f"header entry {name!r} needs a dtype"),
+                       ({**header, name: {**header[name], "shape": None}}, "needs a dtype"),
+                       ({**header, name: {**header[name], "data_offsets": [-100, 0]}},
+                        "0 <= begin <= end")):
+    write(broken)
+    assert says in _error(capsys, argv), says
+  write(header)
+  (st / "dir.safetensors").mkdir()
+  assert "dir.safetensors is not a file; move it out" in _error(capsys, argv)
+
