@@ -33,6 +33,11 @@ def continue_prompt(run, prompt: str, *, max_new_tokens: int = 64, num_samples: 
   check_request(max_new_tokens, num_samples, temperature, top_k, top_p)
   tok, max_len = run.tokenizer, run.model.cfg.max_len
   eos = tokenizer_lib.eos_id(tok)
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError:  # bytes a shell passed through that are not UTF-8
+    raise ValueError("--prompt holds bytes that are not UTF-8 text; give the prompt as "
+                     "UTF-8") from None
   ids = tok.encode(prompt, add_special_tokens=False).ids or [eos]
   if len(ids) + max_new_tokens > max_len:
     raise ValueError(f"--prompt is {len(ids)} tokens; with --max_new_tokens={max_new_tokens} "

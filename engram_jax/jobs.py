@@ -40,6 +40,9 @@ def with_overrides(c, overrides: Optional[Mapping[str, Any]] = None):
   """`c` with each dotted field of `overrides` set (values as Python objects; lists, as
   from json, become the tuples the configs hold)."""
   from engram_jax import config_files
+  if overrides is not None and not isinstance(overrides, Mapping):
+    raise ValueError(f"overrides={overrides!r}: give a dict of dotted field -> value, e.g. "
+                     "{'train.steps': 20}")
   items = [f"{key}={tuple(value) if isinstance(value, list) else value!r}"
            for key, value in (overrides or {}).items()]
   return config_files.overrides(items, flag="overrides")(c)
@@ -50,7 +53,12 @@ def train(spec_or_config, workdir: str, overrides: Optional[Mapping[str, Any]] =
           accept_data_change: bool = False) -> dict[str, float]:
   """Trains (or resumes) a run in `workdir`, printing progress; returns the final eval
   metrics. The same call as `python -m engram_jax.main --config=... --workdir=...`."""
+  import ml_collections
+
   from engram_jax import train as train_lib
+  if not isinstance(spec_or_config, (str, ml_collections.ConfigDict)):
+    raise ValueError(f"spec_or_config={spec_or_config!r}: give a config spec such as "
+                     "'configs/lm.py:tiny', or a ConfigDict (jobs.config)")
   c = (config(spec_or_config, overrides) if isinstance(spec_or_config, str)
        else with_overrides(spec_or_config, overrides))
   return train_lib.train_and_evaluate(c, workdir, accept_data_change=accept_data_change)
@@ -96,6 +104,13 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   from engram_jax.sampling import image
   known = dict.fromkeys(_LM_SETTINGS + _IMAGE_SETTINGS + ("tables", "table_dir"))
   _check_names("generate", settings, known)  # before a checkpoint is read
+  if not isinstance(prompt, str):
+    raise ValueError(f"prompt={prompt!r}: give a str")
+  for key, value in settings.items():
+    kind = _SETTING_TYPES.get(key)
+    if kind is not None and (isinstance(value, bool) or not isinstance(
+        value, int if kind is int else (int, float))):
+      raise ValueError(f"{key}={value!r}: give {'an int' if kind is int else 'a number'}")
   run = workdir_lib.load(workdir, settings.pop("tables", "device"),
                          settings.pop("table_dir", None))
   _check_names("generate", settings, _IMAGE_SETTINGS if run.kind == "image" else
@@ -106,6 +121,10 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
                                                          if k not in grid_keys},
                              **{k: v for k, v in settings.items() if k in grid_keys})
   return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
+
+
+_SETTING_TYPES = dict(max_new_tokens=int, num_samples=int, samples_per_class=int, top_k=int,
+                      temperature=float, top_p=float, cfg_scale=float)
 
 
 @_quiet

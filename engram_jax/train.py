@@ -217,7 +217,7 @@ def _train_loop(config, run: run_config.RunConfig, workdir, task: tasks.Task, tx
     train_iter.close()
     if store is not None:
       store.close()
-    return {}
+    return writers.logged_eval(paths.join(workdir, writers.METRICS_FILE), start)
   # The restore succeeded (or there was nothing to restore): now the run's metadata
   # may describe this config, and the metrics log and TensorBoard files drop what the
   # last run logged after its last checkpoint (and a record torn by a kill).

@@ -190,6 +190,23 @@ class TensorBoardWriter(_MetricsFile):
     self._event(step=int(step), summary=self._summary_pb2.Summary(value=values))
 
 
+def logged_eval(path: str, step: int) -> dict[str, float]:
+  """The eval metrics `metrics.jsonl` at `path` holds for `step` (its last eval line
+  there; {} when none, or no file)."""
+  found = {}
+  if not paths.exists(path):
+    return found
+  for line in paths.read_bytes(path).split(b"\n"):
+    try:
+      row = json.loads(line)
+    except ValueError:  # blank, or torn by a kill
+      continue
+    if (isinstance(row, dict) and row.get("step") == step
+        and any(k.startswith("eval_") for k in row)):
+      found = {k: v for k, v in row.items() if k != "step"}
+  return found
+
+
 def repair_metrics(path: str, resume_step: int) -> int:
   """Drops a torn last line and every line logged after `resume_step`; returns how many
   lines were dropped. Rewrites atomically (temp file + rename, or one object write),

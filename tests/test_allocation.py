@@ -267,3 +267,20 @@ def test_a_sweep_refused_leaves_no_workdir(tmp_path, capsys, monkeypatch):
                                 "--rhos=0", f"--workdir={workdir}"]) == 2
   assert capsys.readouterr().err == "error: no corpus\n"
   assert not (tmp_path / "new").exists()
+
+
+def test_a_damaged_result_is_left_out_of_the_report_with_a_warning(tmp_path, capsys):
+  """A truncated result.json of another point stopped the sweep's report ("Expecting
+  property name"), a JSON list made it a traceback."""
+  import json
+
+  from engram_jax.studies import allocation_sweep
+  good = dict(rho=0.0, seed=0, steps=20, eval_loss=4.5)
+  for name, text in (("rho_0_seed_0", json.dumps(good)), ("rho_1_seed_0", '{"rho": 1.0,'),
+                     ("rho_0.5_seed_0", "[1, 2]")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "result.json").write_text(text)
+  assert allocation_sweep.finished_points(str(tmp_path)) == [good]
+  warnings = capsys.readouterr().err.splitlines()
+  assert len(warnings) == 2 and all(w.startswith("warning: ") and "is damaged" in w
+                                    for w in warnings)

@@ -65,8 +65,8 @@ def test_a_second_export_to_the_same_out_is_refused_while_the_first_writes(
       assert workdir_lib.main(["export_tables", f"--workdir={stub_run}", f"--out={out}",
                                *extra]) == 2
       err = capsys.readouterr().err
-      assert err.startswith(f"error: --out={out!r} is in use by pid {os.getpid()} on "
-                            "host "), err
+      assert err.startswith(f"error: --out={out!r} is in use by this process (another "
+                            f"thread or notebook cell, pid {os.getpid()}) on host "), err
       assert "wait for that export to finish, stop it, or use another --out" in err
       assert len(err.splitlines()) == 1
   finally:

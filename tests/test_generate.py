@@ -145,6 +145,10 @@ def test_cli_errors_name_the_flag(trained_workdir, tmp_path, capsys):
   assert "model.max_len=32" in capsys.readouterr().err
   assert generate_cli.main([f"--workdir={trained_workdir}", "--top_p=0"]) == 2
   assert "--top_p" in capsys.readouterr().err
+  # bytes a shell passes through that are not UTF-8 arrive as lone surrogates
+  assert generate_cli.main([f"--workdir={trained_workdir}", "--prompt=\udcff\udcfe x"]) == 2
+  assert capsys.readouterr().err == ("error: --prompt holds bytes that are not UTF-8 text; "
+                                     "give the prompt as UTF-8\n")
 
 
 @pytest.mark.parametrize("flag, value", [

@@ -41,6 +41,13 @@ def test_a_missing_config_file_is_one_line(tmp_path):
     (lambda: jobs.evaluate("W", reference_stats="/no/such.npz"),
      r"^reference_stats='/no/such\.npz': no such file"),
     (lambda: jobs.generate("W", "x", nosuch=1), r"^nosuch: not an argument of jobs\.generate "),
+    (lambda: jobs.generate("W", b"def "), r"^prompt=b'def ': give a str$"),
+    (lambda: jobs.generate("W", "x", max_new_tokens="8"), r"^max_new_tokens='8': give an int$"),
+    (lambda: jobs.generate("W", "x", max_new_tokens=8.7), r"^max_new_tokens=8\.7: give an int"),
+    (lambda: jobs.generate("W", "x", temperature=None), r"^temperature=None: give a number$"),
+    (lambda: jobs.train("configs/lm.py:tiny", "W", [("train.steps", 20)]),
+     r"^overrides=\[\('train.steps', 20\)\]: give a dict of dotted field -> value"),
+    (lambda: jobs.train(5, "W"), r"^spec_or_config=5: give a config spec such as"),
 ])
 def test_a_bad_job_keyword_is_a_value_error_naming_it(call, match, capsys):
   """argparse would print usage and raise SystemExit(2); a job raises, printing nothing,

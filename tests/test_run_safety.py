@@ -160,7 +160,8 @@ def test_a_trainer_that_loses_the_race_for_a_new_workdir_leaves_the_lock(tmp_pat
     real_ensure(path)
     winner.append(workdir_lock.WorkdirLock(path).acquire())
   monkeypatch.setattr(workdir_lib, "ensure_writable", winner_arrives_first)
-  with pytest.raises(workdir_lock.WorkdirLocked, match="is in use by pid"):
+  with pytest.raises(workdir_lock.WorkdirLocked, match=r"is in use by this process "
+                                                       r"\(another thread or notebook cell"):
     train.train_and_evaluate(_config(), workdir)
   assert os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
   with pytest.raises(workdir_lock.WorkdirLocked):  # a third trainer is still refused
@@ -240,8 +241,11 @@ def test_resume_repairs_metrics_and_a_finished_run_says_so(stopped_run, tmp_path
   before = _snapshot(workdir)
   # a finished run asked again, with other train fields, changes nothing (it used to
   # record this config in config.json and leave an empty TensorBoard file)
-  train.train_and_evaluate(_config(steps=3, checkpoint_every=2, learning_rate=0.5), workdir)
+  again = train.train_and_evaluate(_config(steps=3, checkpoint_every=2, learning_rate=0.5),
+                                   workdir)
   assert "run complete" in capsys.readouterr().out
+  final = [r for r in rows if r["step"] == 4 and "eval_loss" in r][-1]
+  assert again == {k: v for k, v in final.items() if k != "step"}  # it returned {}
   assert _snapshot(workdir) == before and _steps(workdir) == [2, 4]
   os.rename(os.path.join(workdir, "config.json"), os.path.join(workdir, "config.moved"))
   train.train_and_evaluate(_config(checkpoint_every=2), workdir)  # moved aside: written

@@ -120,10 +120,19 @@ def finished_points(workdir: str) -> list[dict]:
   import glob
   import json
   import os
+  import sys
   rows = []
   for path in glob.glob(os.path.join(workdir, "rho_*_seed_*", run_results.RESULT)):
-    with open(path, encoding="utf-8") as f:
-      row = json.load(f)
+    try:
+      with open(path, encoding="utf-8") as f:
+        row = json.load(f)
+    except (OSError, ValueError):
+      row = None
+    if not isinstance(row, dict) or not {"rho", "seed"} <= row.keys():
+      print(f"warning: {path} is damaged (it is written whole: an edit?); that point is "
+            "left out of the report until the sweep trains it again (its --rhos and "
+            "--seeds)", file=sys.stderr, flush=True)
+      continue
     row.pop(run_results.CONFIG, None)
     if row.get("eval_loss") is not None:  # a stopped point of older code: not finished
       rows.append(row)

@@ -205,16 +205,11 @@ def final_eval(directory: str, steps: int) -> dict:
   """The eval metrics the run in `directory` logged at step `steps` (its last eval,
   as the trainer always evaluates at `train.steps`)."""
   from engram_jax import writers
-  rows = []
-  with open(os.path.join(directory, writers.METRICS_FILE), encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if row.get("step") == steps and any(k.startswith("eval_") for k in row):
-        rows.append(row)
-  if not rows:
+  found = writers.logged_eval(os.path.join(directory, writers.METRICS_FILE), steps)
+  if not found:
     raise ValueError(f"--workdir: the run in {directory} logged no eval at step {steps}; "
                      "use a new --workdir")
-  return {k: v for k, v in rows[-1].items() if k != "step"}
+  return found
 
 
 def write(directory: str, row: dict, config) -> None:
