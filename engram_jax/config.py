@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping, Union
 
 from engram_jax import hashing, spatial_hashing
@@ -292,7 +293,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
 
 
 def _finite_number(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
           and math.isfinite(value))
 
 

@@ -122,7 +122,8 @@ class Fp8Table:
     if values_RxE.dtype != E4M3 or scales_RxEb.dtype != np.uint8:
       raise ValueError(f"FP8 table of {values_RxE.dtype} values and {scales_RxEb.dtype} "
                        "scales: need float8_e4m3fn values and E8M0 scale bytes (uint8, as "
-                       "`quantize` returns them, not `scale_of`'s multipliers)")
+                       "`quantize` returns them, not `scale_of`'s multipliers; raw bytes: "
+                       "`.view(fp8.E4M3)`, `.view(np.uint8)`)")
     if scales_RxEb.shape != (values_RxE.shape[0], values_RxE.shape[1] // BLOCK):
       raise ValueError(f"FP8 scales of shape {scales_RxEb.shape} do not fit values of "
                        f"shape {values_RxE.shape}: need [rows, width / {BLOCK}].")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import numbers
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -106,11 +107,14 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   _check_names("generate", settings, known)  # before a checkpoint is read
   if not isinstance(prompt, str):
     raise ValueError(f"prompt={prompt!r}: give a str")
-  for key, value in settings.items():
+  for key, value in list(settings.items()):
     kind = _SETTING_TYPES.get(key)
-    if kind is not None and (isinstance(value, bool) or not isinstance(
-        value, int if kind is int else (int, float))):
+    if kind is None:
+      continue
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Integral if kind is int else numbers.Real):  # NumPy's too
       raise ValueError(f"{key}={value!r}: give {'an int' if kind is int else 'a number'}")
+    settings[key] = kind(value)
   run = workdir_lib.load(workdir, settings.pop("tables", "device"),
                          settings.pop("table_dir", None))
   _check_names("generate", settings, _IMAGE_SETTINGS if run.kind == "image" else
@@ -120,7 +124,14 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
     return image.sample_grid(run, seed=seed, overrides={k: v for k, v in settings.items()
                                                          if k not in grid_keys},
                              **{k: v for k, v in settings.items() if k in grid_keys})
-  return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
+  try:
+    return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
+  except ValueError as err:  # the command's `--flag` is the job's keyword here
+    names = "|".join(map(re.escape, _LM_SETTINGS + ("prompt", "seed")))
+    message = re.sub(rf"--({names})\b", r"\1", str(err))
+    if message == str(err):
+      raise
+    raise ValueError(message) from None
 
 
 _SETTING_TYPES = dict(max_new_tokens=int, num_samples=int, samples_per_class=int, top_k=int,

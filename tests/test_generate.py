@@ -388,3 +388,13 @@ def test_generation_with_sharded_params_equals_unsharded(lookup):
   plain = run(EngramLM(CFG), jax.device_get(params), prompt, lengths, jax.random.key(0),
               max_new_tokens=6, temperature=0.0)
   np.testing.assert_array_equal(np.asarray(sharded), np.asarray(plain))
+
+
+def test_jobs_generate_takes_numpy_numbers(trained_workdir):
+  """A notebook's loop over np.arange: the keyword checks must not refuse NumPy ints."""
+  from engram_jax import jobs
+  texts = jobs.generate(trained_workdir, "x", max_new_tokens=np.int64(2),
+                        num_samples=np.int32(2), temperature=np.float32(0.5))
+  assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+  with pytest.raises(ValueError, match=r"^prompt holds bytes that are not UTF-8 text"):
+    jobs.generate(trained_workdir, "\udcff")

@@ -2,6 +2,7 @@
 run end to end in tests/test_colab.py)."""
 import os
 
+import numpy as np
 import pytest
 
 from engram_jax import jobs
@@ -48,6 +49,7 @@ def test_a_missing_config_file_is_one_line(tmp_path):
     (lambda: jobs.train("configs/lm.py:tiny", "W", [("train.steps", 20)]),
      r"^overrides=\[\('train.steps', 20\)\]: give a dict of dotted field -> value"),
     (lambda: jobs.train(5, "W"), r"^spec_or_config=5: give a config spec such as"),
+    (lambda: jobs.generate("W", "x", max_new_tokens=np.float32(2)), r"give an int$"),
 ])
 def test_a_bad_job_keyword_is_a_value_error_naming_it(call, match, capsys):
   """argparse would print usage and raise SystemExit(2); a job raises, printing nothing,

@@ -318,3 +318,10 @@ def test_non_finite_or_negative_factors_name_the_field(field, value):
   with pytest.raises(ValueError, match=rf"moe.{field}={value} is invalid: must be a "
                                        r"finite number >= 0"):
     config_lib.validate_moe(m)
+
+
+def test_numpy_factors_are_numbers():
+  from engram_jax import config as config_lib
+  m = config_lib.MoEConfig(num_experts=4, top_k=2, expert_dim=8,
+                           routed_scale=np.float32(2.5), capacity_factor=np.float32(1.25))
+  assert config_lib.validate_moe(m) is m
