@@ -162,7 +162,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
   for name, entry in header.items():
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
     shape = entry.get("shape") if isinstance(entry, dict) else None
-    if not (isinstance(entry.get("dtype"), str)
+    if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
             and isinstance(offsets, list) and len(offsets) == 2
             and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):

@@ -286,6 +286,8 @@ def test_malformed_safetensors_headers_are_one_line(tmp_path, capsys):
   for broken, says in (([1, 2], "its safetensors header is not a JSON object"),
                        ({**header, name: "x"}, f"header entry {name!r} needs a dtype"),
                        ({**header, name: {**header[name], "shape": None}}, "needs a dtype"),
+                       ({**header, name: {k: v for k, v in header[name].items()
+                                          if k != "dtype"}}, "needs a dtype"),
                        ({**header, name: {**header[name], "data_offsets": [-100, 0]}},
                         "0 <= begin <= end")):
     write(broken)
