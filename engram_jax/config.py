@@ -306,12 +306,10 @@ def validate_moe(m: MoEConfig, depth: int | None = None) -> MoEConfig:
     value = getattr(m, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       _fail(f"moe.{name}", value, "must be an integer >= 0")
-  for name in ("aux_loss_coef", "bias_rate", "capacity_factor"):
+  for name in ("aux_loss_coef", "bias_rate", "capacity_factor", "routed_scale"):
     value = getattr(m, name)
     if not _finite_number(value) or value < 0:
       _fail(f"moe.{name}", value, "must be a finite number >= 0")
-  if not _finite_number(m.routed_scale) or m.routed_scale < 0:
-    _fail("moe.routed_scale", m.routed_scale, "must be a finite number >= 0")
   if not m.enabled:
     return m
   if m.expert_dim < 1:

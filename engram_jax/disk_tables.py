@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from engram_jax import config as config_lib
-from engram_jax import paths
+from engram_jax import errors, paths
 from engram_jax.host_tables import HostTables
 
 TABLES_MANIFEST = "tables.json"
@@ -167,7 +167,7 @@ def disk_tables(cfg: config_lib.ModelConfig, table_dir: str,
     try:
       table = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:  # a truncated file does not map
-      reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else "empty"
+      reason = errors.first_line(err, 160) if str(err).strip() else "empty"
       raise ValueError(f"--table_dir: {path} is unreadable or truncated ({reason}); "
                        "export the tables again") from None
     if isinstance(table, np.ndarray) and table.dtype.kind == "V" and dtype:

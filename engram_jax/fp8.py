@@ -107,7 +107,8 @@ def gather_rows(values_RxE, scales_RxEb, row_ids):
     ids = np.asarray(row_ids, np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= values_RxE.shape[0]):
       raise IndexError(f"FP8 row ids span [{ids.min()}, {ids.max()}], outside the "
-                       f"table's {values_RxE.shape[0]} rows")  # negative ones would wrap
+                       f"table's {values_RxE.shape[0]} rows; hash them with this "
+                       "table's layout (a negative id would wrap)")
     return dequantize(np.take(values_RxE, ids, axis=0), np.take(scales_RxEb, ids, axis=0))
   return dequantize(jnp.take(values_RxE, row_ids, axis=0, mode="clip"),
                     jnp.take(scales_RxEb, row_ids, axis=0, mode="clip"))

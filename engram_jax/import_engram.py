@@ -157,7 +157,8 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
     except ValueError as err:
       raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from None
   if not isinstance(header, dict):
-    raise CheckpointError(f"{path}: its safetensors header is not a JSON object")
+    raise CheckpointError(f"{path}: its safetensors header is not a JSON object; the "
+                          "file is damaged: copy or download it again")
   header.pop("__metadata__", None)
   for name, entry in header.items():
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
@@ -168,7 +169,8 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
             and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
       raise CheckpointError(f"{path}: header entry {name!r} needs a dtype, a shape of "
                             "sizes >= 0 and data_offsets [begin, end] with 0 <= begin <= "
-                            f"end (it holds {json.dumps(entry)[:80]}); the file is damaged")
+                            f"end (it holds {json.dumps(entry)[:80]}); the file is "
+                            "damaged: copy or download it again")
   return header, 8 + length
 
 

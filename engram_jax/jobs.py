@@ -124,14 +124,8 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
     return image.sample_grid(run, seed=seed, overrides={k: v for k, v in settings.items()
                                                          if k not in grid_keys},
                              **{k: v for k, v in settings.items() if k in grid_keys})
-  try:
+  with _as_keywords(_LM_SETTINGS + ("prompt", "seed")):
     return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
-  except ValueError as err:  # the command's `--flag` is the job's keyword here
-    names = "|".join(map(re.escape, _LM_SETTINGS + ("prompt", "seed")))
-    message = re.sub(rf"--({names})\b", r"\1", str(err))
-    if message == str(err):
-      raise
-    raise ValueError(message) from None
 
 
 _SETTING_TYPES = dict(max_new_tokens=int, num_samples=int, samples_per_class=int, top_k=int,
@@ -226,12 +220,15 @@ def _arguments(parser, job: str, values: Mapping[str, Any],
 
 
 @contextlib.contextmanager
-def _as_keywords(parser):
-  """The checks' `--flag` in a ValueError's message becomes the job's keyword `flag`."""
+def _as_keywords(parser_or_names):
+  """The checks' `--flag` in a ValueError's message becomes the job's keyword `flag`
+  (the flags of an argparse parser, or the names given)."""
   try:
     yield
   except ValueError as err:
-    dests = sorted((a.dest for a in parser._actions), key=len, reverse=True)
+    names = (parser_or_names if isinstance(parser_or_names, (tuple, list)) else
+             [a.dest for a in parser_or_names._actions])
+    dests = sorted(names, key=len, reverse=True)
     pattern = r"--(" + "|".join(map(re.escape, dests)) + r")\b"
     message = re.sub(pattern, r"\1", str(err))
     if message == str(err):

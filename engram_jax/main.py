@@ -267,8 +267,8 @@ def _unknown_flag(name: str, config_arg: str) -> str:
             "fields are set as --config.FIELD=VALUE; --print_config lists them)")
   if own:
     return f"--{name} is not a flag; did you mean --{own[0]}?"
-  return (f"--{name} is not a flag: this command takes --config, --workdir, --dry_run, "
-          "--print_config and the distributed flags; config fields are set as "
+  return (f"--{name} is not a flag: this command takes "
+          f"{', '.join('--' + f for f in COMMAND_FLAGS)}; config fields are set as "
           "--config.FIELD=VALUE (--print_config lists them)")
 
 

@@ -153,7 +153,11 @@ def gather(address: str, num_processes: int, timeout_s: float, *,
             f"process 0 has {num_processes}; give every process the same --num_processes"))
       if pid in members and not _alive(members[pid]):
         members.pop(pid).close()  # restarted after dying while it waited
-      if pid in members or not 0 < pid < num_processes:
+      if not 0 < pid < num_processes:
+        raise _refuse_all([*members.values(), conn], (
+            f"--process_id={pid} is outside 1..{num_processes - 1} for the processes "
+            f"other than process 0 (--num_processes={num_processes}); give each its own"))
+      if pid in members:
         raise _refuse_all([*members.values(), conn], (
             f"--process_id={pid} was given to two processes; give each process its own "
             f"id, 0..{num_processes - 1} (0 is the one at {address})"))
@@ -195,6 +199,7 @@ def check_in(address: str, num_processes: int, process_id: int, timeout_s: float
       continue
     with conn:
       if not _send(conn, f"{GREETING} {process_id} {num_processes}"):
+        time.sleep(_POLL_S)  # closed on us at once: try again, not in a busy loop
         continue
       # checked in: process 0 answers by its own deadline (or its connection ends)
       reply = _read_line(conn, timeout_s + _CLOSE_TIMEOUT_S)

@@ -51,10 +51,10 @@ def _describe(holder: dict) -> str:
   if not holder:
     return "an unknown process"
   since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-  mine = (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname())
-  who = "this process (another thread or notebook cell, pid " if mine else "pid "
-  return (f"{who}{holder.get('pid')}{')' if mine else ''} on host {holder.get('host')!r} "
-          f"(since {since})")
+  pid, host = holder.get("pid"), holder.get("host")
+  who = (f"this process (another thread or notebook cell, pid {pid})"
+         if pid == os.getpid() and host == socket.gethostname() else f"pid {pid}")
+  return f"{who} on host {host!r} (since {since})"
 
 
 class WorkdirLock:

@@ -68,7 +68,7 @@ def test_bad_field_fails_before_any_work(tmp_path, capfd, override, field):
     ("--stpes=3", "--stpes is not a flag; did you mean --config.train.steps=...?"),
     ("--learning_rate=0.1", "did you mean --config.train.learning_rate=...?"),
     ("--workdri=/tmp/x", "--workdri is not a flag; did you mean --workdir?"),
-    ("--zzz=1", "--zzz is not a flag: this command takes --config, --workdir"),
+    ("--zzz=1", "--zzz is not a flag: this command takes --accept_data_change, --config,"),
 ])
 def test_an_unknown_flag_names_the_config_field_it_meant(tmp_path, capfd, flag, says):
   """absl guessed among its own logging flags (`--stpes`: "Did you mean:

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from engram_jax import hashing, spatial_hashing
+from engram_jax import errors, hashing, spatial_hashing
 from engram_jax.data import digits
 from engram_jax.data import fingerprint as fingerprint_lib
 from engram_jax.data import iterators
@@ -267,7 +267,7 @@ class _RecordSource:
       self._records = ArrayRecordDataSource(self._files)
     except RuntimeError as err:  # the library's one error type for a bad file
       raise ValueError(f"{_split_field(split)}: {self._unreadable()} is not a readable "
-                       f"ArrayRecord file ({_first_line(err)}); write it again with "
+                       f"ArrayRecord file ({errors.first_line(err, 160)}); write it again with "
                        "engram_jax.data.image_records.write_array_record") from None
 
   def _unreadable(self) -> str:
@@ -288,7 +288,7 @@ class _RecordSource:
     try:
       record = self._records[index]
     except RuntimeError as err:  # a damaged chunk (hash mismatch, truncation)
-      raise ValueError(f"{where} does not read back ({_first_line(err)}): the file is "
+      raise ValueError(f"{where} does not read back ({errors.first_line(err, 160)}): the file is "
                        "damaged; write it again with "
                        "engram_jax.data.image_records.write_array_record") from None
     codes, label = decode_record(record)
@@ -300,10 +300,6 @@ class _RecordSource:
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__init__(state["cfg"], state["split"])
-
-
-def _first_line(err: BaseException) -> str:
-  return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
 
 
 def _check_split(split: str) -> None:

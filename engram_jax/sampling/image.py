@@ -134,6 +134,11 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
   return classes
 
 
+# What `sample_grid` writes carries this (the PNG's Software text, a key of the npz):
+# a file without it at the output path is someone else's, and is not replaced.
+SAMPLES_MARK = "engram_jax generate"
+
+
 def save_grid_png(path: str, codes_CxIxHixWi, classes, vmax: int) -> None:
   """One row of samples per class, each cell a grey level (0 light, `vmax` dark)."""
   from matplotlib.figure import Figure
@@ -154,11 +159,6 @@ def save_grid_png(path: str, codes_CxIxHixWi, classes, vmax: int) -> None:
   paths.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
                                                    bbox_inches="tight",
                                                    metadata={"Software": SAMPLES_MARK}))
-
-
-# What `sample_grid` writes carries this (the PNG's Software text, a key of the npz):
-# a file without it at the output path is someone else's, and is not replaced.
-SAMPLES_MARK = "engram_jax generate"
 
 
 def _npz_keys(path: str) -> set:
@@ -269,12 +269,9 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
 def save_codes_npz(path: str, codes_BxHixWi, labels_B) -> None:
   """The sampled codes and their labels as npz, whole or not at all (a kill keeps the
   previous file)."""
-  from engram_jax import paths
-
-  def write(tmp: str) -> None:
-    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the temp name
-      np.savez(f, codes=codes_BxHixWi, labels=labels_B, sampled_by=np.array(SAMPLES_MARK))
-  paths.atomic_write(path, write)
+  from engram_jax.studies import npz
+  npz.save_npz(path, dict(codes=codes_BxHixWi, labels=labels_B,
+                          sampled_by=np.array(SAMPLES_MARK)))
 
 
 def main(argv=None) -> int:

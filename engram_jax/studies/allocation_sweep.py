@@ -58,7 +58,6 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
   """Trains one point (resuming its workdir) and returns its row; a point with a
   result of this config is finished and only read back (`run_results`). None when
   the point stopped before `train.steps` (`train.stop_after_steps`)."""
-  from engram_jax import train
   from engram_jax import workdir as workdir_lib
   directory = point_dir(workdir, rho, seed)
   config = point_config(c, rho, seed, steps)
@@ -70,9 +69,7 @@ def run_point(c, rho: float, seed: int, workdir: str, steps: Optional[int] = Non
   print(f"rho {rho:g} seed {seed}: {config.model.moe.num_experts} experts, Engram layers "
         f"{tuple(config.model.engram.layers)} table_size "
         f"{tuple(config.model.engram.table_size)} -> {directory}", flush=True)
-  with run_results.claimed(directory, config):
-    train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
-  if not run_results.finished(directory, int(config.train.steps)):
+  if not run_results.train(directory, config):
     return None
   metrics = run_results.final_eval(directory, int(config.train.steps))
   trained = workdir_lib.model_config(directory)

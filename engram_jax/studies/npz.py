@@ -13,9 +13,10 @@ def read_npz(path: str, what: str, fix: str = "",
   not read); a ValueError naming `what` (a flag, a cache) if it is not one (empty,
   truncated, damaged, or those arrays pickled objects), with `fix` appended."""
   try:
-    with np.load(path, allow_pickle=False) as npz:
-      if not hasattr(npz, "files"):  # a bare .npy
-        raise ValueError("a single .npy array, not an npz archive")
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+      raise ValueError("a single .npy array, not an npz archive")
+    with loaded as npz:
       return {k: npz[k] for k in npz.files if keys is None or k in keys}
   except (OSError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
           zlib.error) as err:

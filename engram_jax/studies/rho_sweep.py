@@ -34,7 +34,6 @@ def variants(family: str, rhos: Sequence[float]) -> list[tuple[str, float]]:
 def train_point(variant: str, workdir: str, steps: int, overrides: Callable = None) -> None:
   """Trains one variant to `steps` (skipped when it was trained so with this config;
   one line when its workdir holds a run of another config: `run_results`)."""
-  from engram_jax import train
   from engram_jax.studies import run_results
   config = _image_configs().get_config(variant)
   run_config.with_steps(config.train, steps)
@@ -43,9 +42,7 @@ def train_point(variant: str, workdir: str, steps: int, overrides: Callable = No
   if run_results.read(workdir, config) is not None:
     print(f"{variant}: trained to step {steps} already, skipped", flush=True)
     return
-  with run_results.claimed(workdir, config):
-    train.train_and_evaluate(config, workdir)  # a signal's stop raises RunStopped
-  if not run_results.finished(workdir, steps):
+  if not run_results.train(workdir, config):
     raise ValueError(f"--workdir: {variant} stopped before step {steps} "
                      "(train.stop_after_steps); run the same command again to train on")
   run_results.write(workdir, {"variant": variant, "steps": steps}, config)

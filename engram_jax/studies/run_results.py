@@ -51,7 +51,7 @@ def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
       raise ValueError(f"{flag}: {directory} holds a run this study did not start (no "
                        f"{STARTED}): training it would take it over; give the study its "
                        f"own {flag} root, or move that run away")
-    _differences(started, config, directory, flag, "an unfinished run")
+    _only_extendable_differ(started, config, directory, flag, "an unfinished run")
     return None
   try:
     row = json.loads(paths.read_text(path))
@@ -60,7 +60,7 @@ def read(directory: str, config, flag: str = "--workdir") -> Optional[dict]:
   saved = row.pop(CONFIG, None) if isinstance(row, dict) else None
   if saved is None:
     return None
-  return None if _differences(saved, config, directory, flag, "a finished run") else row
+  return None if _only_extendable_differ(saved, config, directory, flag, "a finished run") else row
 
 
 @contextlib.contextmanager
@@ -93,11 +93,21 @@ def claimed(directory: str, config, flag: str = "--workdir"):
       if previous is None:
         paths.remove(marker, missing_ok=True)
       else:
-        paths.atomic_write_text(marker, previous.decode("utf-8", "replace"))
+        paths.atomic_write_bytes(marker, previous)
       raise
     except BaseException:
       _unclaim(directory, made)
       raise
+
+
+def train(directory: str, config) -> bool:
+  """Trains the run in `directory` to `config` as this study's (`claimed`); whether it
+  reached `train.steps` (one `train.stop_after_steps` stopped has not; a signal's
+  stop raises `errors.RunStopped`)."""
+  from engram_jax import train as train_lib
+  with claimed(directory, config):
+    train_lib.train_and_evaluate(config, directory)
+  return finished(directory, int(config.train.steps))
 
 
 def _unclaim(directory: str, made: bool) -> None:
@@ -144,7 +154,7 @@ def _has_checkpoint(directory: str) -> bool:
       checkpoints.saved_steps(directory))
 
 
-def _differences(saved: dict, config, directory: str, flag: str, what: str) -> bool:
+def _only_extendable_differ(saved: dict, config, directory: str, flag: str, what: str) -> bool:
   """Whether `config` differs from the `saved` one only in fields a run may train on
   over (`EXTENDABLE`; False when none differ); any other difference is a ValueError
   naming the fields."""

@@ -46,7 +46,6 @@ def train_one(config_spec: str, variant: str, sets: Sequence[str], seed: int,
               workdir: str) -> Optional[dict]:
   """Trains (or reads back) one (variant, seed) run; returns its final eval metrics,
   or None when it stopped before `train.steps` (`train.stop_after_steps`)."""
-  from engram_jax import train
   directory = run_dir(workdir, variant, seed)
   config = config_files.load(config_spec)
   variant_overrides(variant, sets)(config)
@@ -56,11 +55,9 @@ def train_one(config_spec: str, variant: str, sets: Sequence[str], seed: int,
   if row is not None:
     return row
   print(f"seeds: {variant} seed {seed} -> {directory}", flush=True)
-  with run_results.claimed(directory, config):
-    train.train_and_evaluate(config, directory)  # a signal's stop raises RunStopped
-  steps = int(config.train.steps)
-  if not run_results.finished(directory, steps):
+  if not run_results.train(directory, config):
     return None
+  steps = int(config.train.steps)
   row = {"variant": variant, "seed": seed,
          **{k: float(v) for k, v in run_results.final_eval(directory, steps).items()}}
   run_results.write(directory, row, config)
