@@ -77,7 +77,7 @@ def _read_line(conn: socket.socket, timeout_s: float) -> str | None:
       if not chunk:
         break
       data += chunk
-  except OSError:
+  except OSError:  # silent past the timeout, or reset: what came so far is the answer
     pass
   if not data:
     return None
