@@ -107,8 +107,10 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
   _check_names("generate", settings, known)  # before a checkpoint is read
   if not isinstance(prompt, str):
     raise ValueError(f"prompt={prompt!r}: give a str")
+  types = dict(image.SAMPLING_TYPES, max_new_tokens=int, num_samples=int,
+               samples_per_class=int)  # the numeric settings
   for key, value in list(settings.items()):
-    kind = _SETTING_TYPES.get(key)
+    kind = types.get(key)
     if kind is None:
       continue
     if isinstance(value, bool) or not isinstance(
@@ -128,8 +130,6 @@ def generate(workdir: str, prompt: str = "", *, seed: int = 0, **settings):
     return generate_lib.continue_prompt(run, prompt, seed=seed, **settings)
 
 
-_SETTING_TYPES = dict(max_new_tokens=int, num_samples=int, samples_per_class=int, top_k=int,
-                      temperature=float, top_p=float, cfg_scale=float)
 
 
 @_quiet

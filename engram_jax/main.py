@@ -142,11 +142,15 @@ def config_variants(config_arg: str) -> tuple[str, ...]:
   return tuple(re.findall(r'"([^"]+)"', found.group(1))) if found else ()
 
 
+def _config_fields(config) -> dict:
+  """{"train.steps": 300, ...}: every field of a ConfigDict by its dotted name."""
+  from flax import traverse_util
+  return traverse_util.flatten_dict(config.to_dict(), sep=".")
+
+
 def describe_config(config, config_arg: str) -> str:
   """Every field with its value, then the file's variants (`--print_config`)."""
-  from flax import traverse_util
-  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
-  lines = [f"--config.{k}={v!r}" for k, v in sorted(flat.items())]
+  lines = [f"--config.{k}={v!r}" for k, v in sorted(_config_fields(config).items())]
   variants = config_variants(config_arg)
   if variants:
     lines.append(f"variants of {config_arg.split(':')[0]}: {', '.join(variants)}")
@@ -250,14 +254,11 @@ def _unknown_flag(name: str, config_arg: str) -> str:
   """One line for `--NAME`, no flag of this command: the config field it most likely
   meant (a field is set as `--config.FIELD=VALUE`), else the command's own flags."""
   import difflib
-  fields = []
+  from engram_jax import config_files
   try:
-    from engram_jax import config_files
-    from flax import traverse_util
-    flat = traverse_util.flatten_dict(config_files.load(config_arg).to_dict(), sep=".")
-    fields = sorted(flat)
+    fields = sorted(_config_fields(config_files.load(config_arg)))
   except Exception:  # noqa: BLE001  no config (or a broken one): no field to suggest
-    pass
+    fields = []
   leaf = {field.rsplit(".", 1)[-1]: field for field in fields}
   close = (difflib.get_close_matches(name, fields, n=1)
            or [leaf[m] for m in difflib.get_close_matches(name, list(leaf), n=1)])

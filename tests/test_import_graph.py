@@ -11,7 +11,7 @@ LAYERS = (
     ("base", ("compressed_vocab", "hashing", "spatial_hashing", "config", "fp8", "errors",
               "quiet", "progress", "cli", "paths", "library_log", "config_files",
               "workdir_lock", "rendezvous", "sharding", "param_groups", "state_digest",
-              "data.fingerprint", "studies.npz")),
+              "data.fingerprint", "npz_files")),
     ("layers", ("layers.", "tokenizer")),
     ("models", ("models.",)),
     ("tables and data", ("tables", "host_tables", "disk_tables", "allocation",

@@ -202,7 +202,7 @@ def _npz_arrays(cfg: ImageDataConfig, split: str) -> tuple[np.ndarray, np.ndarra
   if not os.path.isfile(path):
     raise ValueError(f"{where} does not exist; point it at a `.npz` with codes "
                      f"[images, height, width] and labels [images].")
-  from engram_jax.studies import npz as npz_lib
+  from engram_jax import npz_files as npz_lib
   arrays = npz_lib.read_npz(path, where, "save it with np.savez(path, codes=codes, "
                             "labels=labels): integer codes [images, height, width], "
                             "labels [images]", keys=("codes", "labels"))

@@ -269,7 +269,7 @@ def sample_grid(run, classes="", samples_per_class: int = 8, *, seed: int = 0,
 def save_codes_npz(path: str, codes_BxHixWi, labels_B) -> None:
   """The sampled codes and their labels as npz, whole or not at all (a kill keeps the
   previous file)."""
-  from engram_jax.studies import npz
+  from engram_jax import npz_files as npz
   npz.save_npz(path, dict(codes=codes_BxHixWi, labels=labels_B,
                           sampled_by=np.array(SAMPLES_MARK)))
 

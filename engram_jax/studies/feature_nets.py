@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.progress import progress
-from engram_jax.studies import npz
+from engram_jax import npz_files as npz
 from engram_jax.studies.fid import FeatureNet
 
 # ----------------------------------------------------------------------------------

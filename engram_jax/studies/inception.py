@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from engram_jax.studies import npz
+from engram_jax import npz_files as npz
 from engram_jax import cli
 
 INPUT_SIZE = 299

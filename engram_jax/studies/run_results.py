@@ -150,8 +150,7 @@ def _saved_config(path: str, flag: str) -> Optional[dict]:
 
 def _has_checkpoint(directory: str) -> bool:
   from engram_jax import checkpoints
-  return os.path.isdir(os.path.join(directory, checkpoints.CHECKPOINT_DIR)) and bool(
-      checkpoints.saved_steps(directory))
+  return bool(checkpoints.saved_steps(directory))  # [] without a checkpoint directory
 
 
 def _only_extendable_differ(saved: dict, config, directory: str, flag: str, what: str) -> bool:

@@ -1,4 +1,4 @@
-"""npz files of the studies (feature-net weights, reference statistics, caches): read
+"""npz files (image codes, feature-net weights, reference statistics, caches, samples): read
 with a one-line error naming the file's role, written so a torn write leaves nothing."""
 import zipfile
 import zlib
